@@ -1,0 +1,287 @@
+"""Hugging Face checkpoints -> encdec parameter trees.
+
+Each family's tensor names are listed once in :func:`tensor_specs` with the expected HF shape
+and how to lay the tensor out for encdec (see ``encdec.models.transformer`` for the tree).
+Tensors are read one at a time (memory-mapped safetensors or ``torch.load(mmap=True)``), so
+loading needs about the checkpoint's size plus one tensor of host memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from encdec.config import ModelConfig
+from encdec.models.layers import sinusoidal_table
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, or does not match its config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    path: tuple[Any, ...]
+    """Where the tensor goes in the parameter tree."""
+    hf_shape: tuple[int, ...]
+    layout: Callable[[np.ndarray], np.ndarray]
+    aliases: tuple[str, ...] = ()
+    """Other names a tied tensor may be saved under."""
+
+
+def _as_is(x):
+    return x
+
+
+def _transpose(x):
+    return x.T
+
+
+def _row(x):
+    return x.reshape(-1)
+
+
+def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
+    """Every tensor the checkpoint must hold, by its HF name (without the ``model.`` prefix)."""
+    if cfg.is_t5:
+        return _t5_specs(cfg)
+    return _bart_specs(cfg)
+
+
+def _attn(specs, hf, path, cfg, heads, bias, names):
+    D, N, H = cfg.d_model, heads, cfg.head_dim
+
+    def qkv(x):
+        return x.T.reshape(D, N, H)
+
+    def out(x):
+        return x.T.reshape(N, H, D)
+
+    q, k, v, o = names
+    for ours, name in (("q", q), ("k", k), ("v", v)):
+        specs[f"{hf}.{name}.weight"] = TensorSpec((*path, ours, "w"), (N * H, D), qkv)
+        if bias:
+            specs[f"{hf}.{name}.bias"] = TensorSpec((*path, ours, "b"), (N * H,), lambda x: x.reshape(N, H))
+    specs[f"{hf}.{o}.weight"] = TensorSpec((*path, "o", "w"), (D, N * H), out)
+    if bias:
+        specs[f"{hf}.{o}.bias"] = TensorSpec((*path, "o", "b"), (D,), _as_is)
+
+
+def _norm(specs, hf, path, cfg):
+    specs[f"{hf}.weight"] = TensorSpec((*path, "scale"), (cfg.d_model,), _as_is)
+    if cfg.norm == "layer":
+        specs[f"{hf}.bias"] = TensorSpec((*path, "bias"), (cfg.d_model,), _as_is)
+
+
+def _linear(specs, hf, path, d_in, d_out, bias):
+    specs[f"{hf}.weight"] = TensorSpec((*path, "w"), (d_out, d_in), _transpose)
+    if bias:
+        specs[f"{hf}.bias"] = TensorSpec((*path, "b"), (d_out,), _as_is)
+
+
+def _t5_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
+    specs: dict[str, TensorSpec] = {}
+    V, D = cfg.vocab_size, cfg.d_model
+    specs["shared.weight"] = TensorSpec(
+        ("shared", "embedding_VD"), (V, D), _as_is, ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+    )
+    qkvo = ("q", "k", "v", "o")
+    for stack, n_layers, heads, ffn_dim in (
+        ("encoder", cfg.encoder_layers, cfg.encoder_heads, cfg.encoder_ffn_dim),
+        ("decoder", cfg.decoder_layers, cfg.decoder_heads, cfg.decoder_ffn_dim),
+    ):
+        specs[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = TensorSpec(
+            (stack, "rel_bias_NR"), (cfg.relative_num_buckets, heads), _transpose
+        )
+        for i in range(n_layers):
+            blk, path = f"{stack}.block.{i}.layer", (stack, "layers", i)
+            _attn(specs, f"{blk}.0.SelfAttention", (*path, "attn"), cfg, heads, False, qkvo)
+            _norm(specs, f"{blk}.0.layer_norm", (*path, "attn_norm"), cfg)
+            ffn = 1
+            if stack == "decoder":
+                _attn(specs, f"{blk}.1.EncDecAttention", (*path, "cross_attn"), cfg, heads, False, qkvo)
+                _norm(specs, f"{blk}.1.layer_norm", (*path, "cross_attn_norm"), cfg)
+                ffn = 2
+            names = ("wi_0", "wi_1") if cfg.gated_ffn else ("wi",)
+            for name in names:
+                _linear(specs, f"{blk}.{ffn}.DenseReluDense.{name}", (*path, "ffn", name), D, ffn_dim, False)
+            _linear(specs, f"{blk}.{ffn}.DenseReluDense.wo", (*path, "ffn", "wo"), ffn_dim, D, False)
+            _norm(specs, f"{blk}.{ffn}.layer_norm", (*path, "ffn_norm"), cfg)
+        _norm(specs, f"{stack}.final_layer_norm", (stack, "final_norm"), cfg)
+    if not cfg.tie_word_embeddings:
+        specs["lm_head.weight"] = TensorSpec(("lm_head", "w"), (V, D), _transpose)
+    return specs
+
+
+def _bart_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
+    specs: dict[str, TensorSpec] = {}
+    V, D = cfg.vocab_size, cfg.d_model
+    enc_alias = ("encoder.embed_tokens.weight",)
+    dec_alias = ("decoder.embed_tokens.weight",)
+    if cfg.shared_decoder_embeddings:
+        head_alias = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+        specs["shared.weight"] = TensorSpec(("shared", "embedding_VD"), (V, D), _as_is, enc_alias + dec_alias + head_alias)
+    else:
+        specs["encoder.embed_tokens.weight"] = TensorSpec(("shared", "embedding_VD"), (V, D), _as_is, ("shared.weight",))
+        head_alias = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+        specs["decoder.embed_tokens.weight"] = TensorSpec(
+            ("decoder", "embedding_VD"), (cfg.decoder_vocab_size, D), _as_is, head_alias
+        )
+    if not cfg.tie_word_embeddings:
+        specs["lm_head.weight"] = TensorSpec(("lm_head", "w"), (cfg.decoder_vocab_size, D), _transpose)
+    specs["final_logits_bias"] = TensorSpec(("final_logits_bias_V",), (1, cfg.decoder_vocab_size), _row)
+    qkvo = ("q_proj", "k_proj", "v_proj", "out_proj")
+    for stack, n_layers, heads, ffn_dim in (
+        ("encoder", cfg.encoder_layers, cfg.encoder_heads, cfg.encoder_ffn_dim),
+        ("decoder", cfg.decoder_layers, cfg.decoder_heads, cfg.decoder_ffn_dim),
+    ):
+        if cfg.position == "learned":
+            specs[f"{stack}.embed_positions.weight"] = TensorSpec(
+                (stack, "pos_embedding_KD"), (cfg.max_positions + 2, D), _as_is
+            )
+        if cfg.embedding_norm:
+            _norm(specs, f"{stack}.layernorm_embedding", (stack, "embed_norm"), cfg)
+        if cfg.final_norm:
+            _norm(specs, f"{stack}.layer_norm", (stack, "final_norm"), cfg)
+        for i in range(n_layers):
+            hf, path = f"{stack}.layers.{i}", (stack, "layers", i)
+            _attn(specs, f"{hf}.self_attn", (*path, "attn"), cfg, heads, True, qkvo)
+            _norm(specs, f"{hf}.self_attn_layer_norm", (*path, "attn_norm"), cfg)
+            if stack == "decoder":
+                _attn(specs, f"{hf}.encoder_attn", (*path, "cross_attn"), cfg, heads, True, qkvo)
+                _norm(specs, f"{hf}.encoder_attn_layer_norm", (*path, "cross_attn_norm"), cfg)
+            _linear(specs, f"{hf}.fc1", (*path, "ffn", "wi"), D, ffn_dim, True)
+            _linear(specs, f"{hf}.fc2", (*path, "ffn", "wo"), ffn_dim, D, True)
+            _norm(specs, f"{hf}.final_layer_norm", (*path, "ffn_norm"), cfg)
+    return specs
+
+
+# Tensors a checkpoint may carry that encdec recomputes or does not use.
+_IGNORED_SUFFIXES = ("embed_positions.weight", "embed_positions._float_tensor")
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.exists():
+        return [single]
+    if index.exists():
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+        return [path / s for s in shards]
+    bin_file = path / "pytorch_model.bin"
+    if bin_file.exists():
+        return [bin_file]
+    raise CheckpointError(
+        f"no weights in {path}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """``(name, load)`` pairs over every tensor of the checkpoint; ``load`` reads one tensor."""
+    for file in _checkpoint_files(path):
+        if file.suffix == ".safetensors":
+            yield from _iter_safetensors(file)
+        else:
+            yield from _iter_torch_bin(file)
+
+
+def _iter_safetensors(file: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(file), framework="numpy")
+        keys = list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or not a safetensors file?)") from e
+    with handle:
+        for key in keys:
+            yield key, _safetensors_reader(handle, key, file)
+
+
+def _safetensors_reader(handle, key, file):
+    def load():
+        try:
+            return handle.get_tensor(key)
+        except TypeError:  # bfloat16 has no numpy dtype: go through torch
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as pt:
+                return pt.get_tensor(key).float().numpy()
+        except Exception as e:  # noqa: BLE001 - any read failure is a bad file
+            raise CheckpointError(f"cannot read tensor {key!r} from {file}: {e}") from e
+
+    return load
+
+
+def _iter_torch_bin(file: Path):
+    import torch
+
+    try:
+        state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or not a PyTorch checkpoint?)") from e
+    for key, tensor in state.items():
+        yield key, (lambda t=tensor: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy())
+
+
+def _canonical(name: str) -> str:
+    return name[len("model.") :] if name.startswith("model.") else name
+
+
+def load_params(path: str | Path, cfg: ModelConfig, *, dtype: Any = np.float32) -> dict[str, Any]:
+    """Read and check every tensor; return the encdec tree as ``jax.Array``s of ``dtype``."""
+    import jax.numpy as jnp
+
+    path = Path(path)
+    specs = tensor_specs(cfg)
+    by_alias = {alias: name for name, spec in specs.items() for alias in spec.aliases}
+    params: dict[str, Any] = {}
+    found: set[str] = set()
+    for raw_name, load in iter_tensors(path):
+        name = _canonical(raw_name)
+        name = name if name in specs else by_alias.get(name, name)
+        if name not in specs:
+            if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            raise CheckpointError(f"unexpected tensor {raw_name!r} in {path} for a {cfg.model_type} config")
+        if name in found:
+            continue  # a tied alias of a tensor already read
+        spec = specs[name]
+        array = load()
+        if tuple(array.shape) != spec.hf_shape:
+            raise CheckpointError(
+                f"tensor {raw_name!r} has shape {tuple(array.shape)}, expected {spec.hf_shape} from the config"
+            )
+        _set(params, spec.path, jnp.asarray(spec.layout(array), dtype=dtype))
+        found.add(name)
+    missing = [n for n in specs if n not in found]
+    if missing:
+        shown = ", ".join(f"{n} {specs[n].hf_shape}" for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint {path} is missing tensor(s): {shown}{more}")
+    if cfg.position == "sinusoidal":
+        table = jnp.asarray(sinusoidal_table(cfg.max_positions, cfg.d_model), dtype=dtype)
+        params["encoder"]["pos_embedding_KD"] = table
+        params["decoder"]["pos_embedding_KD"] = table
+    return params
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    node = tree
+    for key, nxt in zip(path[:-1], path[1:], strict=False):
+        if isinstance(key, int):
+            while len(node) <= key:
+                node.append({} if not isinstance(nxt, int) else [])
+            node = node[key]
+        else:
+            node = node.setdefault(key, [] if isinstance(nxt, int) else {})
+    node[path[-1]] = value

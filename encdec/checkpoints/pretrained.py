@@ -1,0 +1,67 @@
+"""``load_pretrained``: config, parameters and tokenizer from one local HF directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from encdec.checkpoints.hf import CheckpointError, load_params
+from encdec.config import ModelConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: its config, a parameter tree and (when the directory has one) a tokenizer."""
+
+    config: ModelConfig
+    params: dict[str, Any]
+    tokenizer: Any = None
+    dtype: Any = jnp.float32
+    """Activation dtype; params are stored in it too."""
+    path: Path | None = None
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def load_pretrained(path: str | Path, dtype: Any = "float32", *, tokenizer: bool = True) -> Model:
+    """Load a Hugging Face-layout directory (``config.json`` + weights + optional tokenizer)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        with open(config_file) as f:
+            hf_config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    cfg = ModelConfig.from_hf(hf_config)
+    dtype = resolve_dtype(dtype)
+    params = load_params(path, cfg, dtype=dtype)
+    tok = load_tokenizer(path) if tokenizer else None
+    return Model(config=cfg, params=params, tokenizer=tok, dtype=dtype, path=path)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json", "source.spm")
+
+
+def load_tokenizer(path: Path):
+    """The directory's HF tokenizer, or None when it has no tokenizer files."""
+    if not any((path / f).exists() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,223 @@
+"""ModelConfig: one frozen description of every supported encoder-decoder family.
+
+Built from a Hugging Face ``config.json`` by :meth:`ModelConfig.from_hf`. The model code reads
+only these fields, never the family name, so a new family is a new ``from_hf`` branch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+Activation = Literal["relu", "gelu", "gelu_new", "silu"]
+
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "bart", "mbart", "marian")
+
+
+class UnsupportedModelError(ValueError):
+    """A checkpoint's ``model_type`` or one of its options is not supported."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of an encoder-decoder transformer (hashable: usable as a jit static arg)."""
+
+    model_type: str
+    """The Hugging Face ``model_type`` it came from (``t5``, ``mt5``, ``bart``, ``mbart``, ``marian``)."""
+    vocab_size: int
+    """Rows of the (encoder) embedding table."""
+    d_model: int
+    """Width of the residual stream (D)."""
+    head_dim: int
+    """Per-head width (H); T5's ``d_kv`` may differ from ``d_model / heads``."""
+    encoder_layers: int
+    decoder_layers: int
+    encoder_heads: int
+    decoder_heads: int
+    """Decoder self- and cross-attention heads (cross K/V are projected with these)."""
+    encoder_ffn_dim: int
+    decoder_ffn_dim: int
+    activation: Activation
+    """FFN nonlinearity: ``relu`` (T5 v1.0), ``gelu_new`` (tanh GELU, T5 v1.1), ``gelu`` (erf, BART), ``silu``."""
+    gated_ffn: bool
+    """Gated FFN (``act(x wi_0) * (x wi_1)``), as in T5 v1.1, mT5, UL2, Flan-T5, ByT5."""
+    norm: Literal["rms", "layer"]
+    """RMSNorm without bias (T5) or LayerNorm with bias (BART family)."""
+    norm_eps: float
+    pre_norm: bool
+    """Pre-LayerNorm residual blocks (T5, mBART) or post-LayerNorm (BART, Marian)."""
+    final_norm: bool
+    """A norm after the last encoder and decoder layer (T5, mBART)."""
+    embedding_norm: bool
+    """BART's ``layernorm_embedding`` after token + position embeddings."""
+    position: Literal["relative", "learned", "sinusoidal"]
+    """T5 relative bias, BART learned positions (offset 2), Marian sinusoidal positions."""
+    max_positions: int
+    """Positions the learned/sinusoidal table covers; unbounded (relative) is reported as a large value."""
+    relative_num_buckets: int
+    relative_max_distance: int
+    attention_scale: bool
+    """Scale queries by ``head_dim ** -0.5`` (BART family); T5 folds it into its init."""
+    projection_bias: bool
+    """Attention and FFN projections have biases (BART family)."""
+    embed_scale: float
+    """Multiplier on token embeddings (``sqrt(d_model)`` when ``scale_embedding``)."""
+    tie_word_embeddings: bool
+    """The LM head is the (decoder) embedding table."""
+    tied_output_rescale: bool
+    """Scale decoder output by ``d_model ** -0.5`` before a tied head (T5)."""
+    final_logits_bias: bool
+    """A learned bias on the logits (BART family)."""
+    shared_decoder_embeddings: bool
+    """Encoder and decoder share one embedding table (False only for some Marian models)."""
+    decoder_vocab_size: int
+    """Rows of the decoder embedding table and the LM head."""
+    pad_token_id: int
+    eos_token_id: int
+    decoder_start_token_id: int
+
+    @property
+    def is_t5(self) -> bool:
+        return self.position == "relative"
+
+    @property
+    def max_source_positions(self) -> int:
+        return self.max_positions
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face ``config.json`` dict; unsupported options raise."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if model_type in ("t5", "mt5"):
+            return _from_t5(hf)
+        return _from_bart_family(hf)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        with open(path) as f:
+            return cls.from_hf(json.load(f))
+
+
+def _first_id(value: Any) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def _from_t5(hf: dict[str, Any]) -> ModelConfig:
+    proj = hf.get("feed_forward_proj", "relu")
+    gated = proj.startswith("gated-")
+    act = proj.split("-", 1)[1] if gated else proj
+    act = {"gelu": "gelu_new" if gated else "gelu"}.get(act, act)
+    if act not in ("relu", "gelu", "gelu_new", "silu"):
+        raise UnsupportedModelError(f"T5 option feed_forward_proj={proj!r} is not supported")
+    if hf.get("is_gated_act") is not None and bool(hf["is_gated_act"]) != gated:
+        raise UnsupportedModelError(f"T5 option is_gated_act={hf['is_gated_act']} contradicts {proj!r}")
+    layers = int(hf["num_layers"])
+    tie = bool(hf.get("tie_word_embeddings", True))
+    # Original T5 rescales before its tied head, v1.1 (saved with tie_word_embeddings=false) does
+    # not; transformers 5 always ties and records the rescale as `scale_decoder_outputs`.
+    rescale = bool(hf.get("scale_decoder_outputs", tie)) and hf["model_type"] == "t5"
+    return ModelConfig(
+        model_type=hf["model_type"],
+        vocab_size=int(hf["vocab_size"]),
+        d_model=int(hf["d_model"]),
+        head_dim=int(hf["d_kv"]),
+        encoder_layers=layers,
+        decoder_layers=int(hf.get("num_decoder_layers") or layers),
+        encoder_heads=int(hf["num_heads"]),
+        decoder_heads=int(hf["num_heads"]),
+        encoder_ffn_dim=int(hf["d_ff"]),
+        decoder_ffn_dim=int(hf["d_ff"]),
+        activation=act,
+        gated_ffn=gated,
+        norm="rms",
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
+        pre_norm=True,
+        final_norm=True,
+        embedding_norm=False,
+        position="relative",
+        max_positions=1 << 20,
+        relative_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+        relative_max_distance=int(hf.get("relative_attention_max_distance", 128)),
+        attention_scale=False,
+        projection_bias=False,
+        embed_scale=1.0,
+        tie_word_embeddings=tie,
+        tied_output_rescale=rescale,
+        final_logits_bias=False,
+        shared_decoder_embeddings=True,
+        decoder_vocab_size=int(hf["vocab_size"]),
+        pad_token_id=int(hf.get("pad_token_id", 0)),
+        eos_token_id=_first_id(hf.get("eos_token_id", 1)),
+        decoder_start_token_id=int(hf.get("decoder_start_token_id", hf.get("pad_token_id", 0))),
+    )
+
+
+_BART_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "swish": "silu", "silu": "silu", "gelu_new": "gelu_new"}
+
+
+def _from_bart_family(hf: dict[str, Any]) -> ModelConfig:
+    model_type = hf["model_type"]
+    act = hf.get("activation_function", "gelu")
+    if act not in _BART_ACTIVATIONS:
+        raise UnsupportedModelError(f"{model_type} option activation_function={act!r} is not supported")
+    d_model = int(hf["d_model"])
+    enc_heads, dec_heads = int(hf["encoder_attention_heads"]), int(hf["decoder_attention_heads"])
+    if d_model % enc_heads or d_model % dec_heads:
+        raise UnsupportedModelError(f"{model_type}: d_model={d_model} is not divisible by the head counts")
+    if enc_heads != dec_heads:
+        # Cross-attention projects with decoder heads; both must share head_dim.
+        raise UnsupportedModelError(
+            f"{model_type}: encoder_attention_heads={enc_heads} != decoder_attention_heads={dec_heads}"
+        )
+    is_marian = model_type == "marian"
+    is_mbart = model_type == "mbart"
+    # HF's BART and Marian code is post-LN and mBART pre-LN whatever `normalize_before` says.
+    pre_norm = is_mbart
+    vocab = int(hf["vocab_size"])
+    shared = bool(hf.get("share_encoder_decoder_embeddings", True))
+    eos = _first_id(hf.get("eos_token_id", 2))
+    pad = int(hf.get("pad_token_id", 1))
+    start = hf.get("decoder_start_token_id")
+    if start is None:
+        start = pad if is_marian else eos
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=vocab,
+        d_model=d_model,
+        head_dim=d_model // dec_heads,
+        encoder_layers=int(hf["encoder_layers"]),
+        decoder_layers=int(hf["decoder_layers"]),
+        encoder_heads=enc_heads,
+        decoder_heads=dec_heads,
+        encoder_ffn_dim=int(hf["encoder_ffn_dim"]),
+        decoder_ffn_dim=int(hf["decoder_ffn_dim"]),
+        activation=_BART_ACTIVATIONS[act],
+        gated_ffn=False,
+        norm="layer",
+        norm_eps=1e-5,
+        pre_norm=pre_norm,
+        final_norm=pre_norm,
+        embedding_norm=not is_marian,
+        position="sinusoidal" if is_marian else "learned",
+        max_positions=int(hf.get("max_position_embeddings", 1024)),
+        relative_num_buckets=0,
+        relative_max_distance=0,
+        attention_scale=True,
+        projection_bias=True,
+        embed_scale=math.sqrt(d_model) if hf.get("scale_embedding", False) else 1.0,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        tied_output_rescale=False,
+        final_logits_bias=True,
+        shared_decoder_embeddings=shared,
+        decoder_vocab_size=int(hf.get("decoder_vocab_size") or vocab),
+        pad_token_id=pad,
+        eos_token_id=eos,
+        decoder_start_token_id=int(start),
+    )

@@ -1,0 +1,131 @@
+"""``reference_generate``: the simple, dense-cache generator every faster path is held against.
+
+It pads a batch, encodes it once, and runs one jitted decoder step per token over a
+:class:`~encdec.models.DenseKV`. No paging, no slots: obviously right, not fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from encdec.checkpoints.pretrained import Model
+from encdec.config import ModelConfig
+from encdec.models import decode, encode, init_dense_kv
+from encdec.sampling import sample, step_keys
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    token_ids: list[int]
+    """Generated tokens, without the decoder start token; ends with EOS when it stopped on one."""
+    finish_reason: str
+    """``"stop"`` (EOS or a stop token) or ``"length"`` (``max_new_tokens`` reached)."""
+    text: str | None = None
+
+
+def tokenize(model: Model, inputs: Sequence[str] | Sequence[Sequence[int]]) -> tuple[list[list[int]], bool]:
+    """Token ids per input (text goes through the model's tokenizer); also whether inputs were text."""
+    if len(inputs) == 0:
+        raise ValueError("inputs is empty")
+    is_text = isinstance(inputs[0], str)
+    if is_text:
+        if model.tokenizer is None:
+            raise ValueError("text inputs need a tokenizer; this model has none (pass token ids)")
+        ids = [list(model.tokenizer(s)["input_ids"]) for s in inputs]
+    else:
+        ids = [[int(t) for t in seq] for seq in inputs]
+    for i, seq in enumerate(ids):
+        if not seq:
+            raise ValueError(f"input {i} is empty")
+        bad = [t for t in seq if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"input {i} has token ids outside [0, {model.config.vocab_size}): {bad[:5]}")
+    return ids, is_text
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "max_len"))
+def _prefill(params, cfg: ModelConfig, ids_BS, mask_BS, *, dtype, max_len):
+    enc_BSD = encode(params, cfg, ids_BS, mask_BS, dtype=dtype)
+    return init_dense_kv(params, cfg, enc_BSD, mask_BS, max_len, dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("kv",))
+def _step(params, cfg: ModelConfig, tokens_B, kv, seeds_B, temperature_B, top_k_B, top_p_B, *, dtype):
+    positions_B1 = jnp.broadcast_to(kv.index, tokens_B.shape)[:, None]
+    logits_B1V, kv = decode(params, cfg, tokens_B[:, None], positions_B1, kv, dtype=dtype)
+    keys = step_keys(seeds_B, jnp.broadcast_to(positions_B1[:, 0], seeds_B.shape))
+    return sample(logits_B1V[:, 0], keys, temperature_B, top_k_B, top_p_B), logits_B1V[:, 0], kv
+
+
+def reference_generate(
+    model: Model,
+    inputs: Sequence[str] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | Sequence[int] = 0,
+    eos_token_id: int | None = None,
+    return_logits: bool = False,
+) -> list[GenerationOutput] | tuple[list[GenerationOutput], np.ndarray]:
+    """Generate for a batch of text or token-id inputs with a dense cache.
+
+    ``seed`` may be one int (row ``i`` then uses ``seed + i``) or one per input; a row's
+    samples depend only on its seed. ``return_logits`` also returns the per-step logits
+    ``[B, steps, V]`` (float32) for parity checks.
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    cfg = model.config
+    ids, is_text = tokenize(model, inputs)
+    B, S = len(ids), max(len(s) for s in ids)
+    if cfg.position != "relative" and S > cfg.max_positions:
+        raise ValueError(f"input of {S} tokens exceeds the model's {cfg.max_positions} positions")
+    ids_BS = np.full((B, S), cfg.pad_token_id, np.int32)
+    mask_BS = np.zeros((B, S), bool)
+    for i, seq in enumerate(ids):
+        ids_BS[i, : len(seq)] = seq
+        mask_BS[i, : len(seq)] = True
+    seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+
+    kv = _prefill(model.params, cfg, jnp.asarray(ids_BS), jnp.asarray(mask_BS), dtype=model.dtype, max_len=max_new_tokens)
+    tokens_B = jnp.full((B,), cfg.decoder_start_token_id, jnp.int32)
+    row_params = (
+        jnp.asarray(seeds, jnp.int32),
+        jnp.full((B,), temperature, jnp.float32),
+        jnp.full((B,), top_k, jnp.int32),
+        jnp.full((B,), top_p, jnp.float32),
+    )
+    out = [[] for _ in range(B)]
+    done = np.zeros(B, bool)
+    all_logits = []
+    for _ in range(max_new_tokens):
+        tokens_B, logits_BV, kv = _step(model.params, cfg, tokens_B, kv, *row_params, dtype=model.dtype)
+        if return_logits:
+            all_logits.append(np.asarray(logits_BV))
+        for i, t in enumerate(np.asarray(tokens_B).tolist()):
+            if not done[i]:
+                out[i].append(t)
+                done[i] = t == eos
+        if done.all():
+            break
+    results = []
+    for i, toks in enumerate(out):
+        reason = "stop" if toks and toks[-1] == eos else "length"
+        text = model.tokenizer.decode(toks, skip_special_tokens=True) if is_text and model.tokenizer else None
+        results.append(GenerationOutput(token_ids=toks, finish_reason=reason, text=text))
+    if return_logits:
+        return results, np.stack(all_logits, axis=1)
+    return results

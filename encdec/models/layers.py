@@ -1,0 +1,91 @@
+"""The model's primitives: one projection, norms, activations, position tables.
+
+Every projection in every family goes through :func:`project`, so LoRA (and later sharding or
+quantization) is added in one place.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from encdec.config import ModelConfig
+
+Params = Mapping[str, Any]
+
+
+def project(p: Params, x: jax.Array, eq: str, lora: Params | None = None) -> jax.Array:
+    """``einsum(eq, x, p["w"]) + p["b"]``, plus a low-rank update when ``lora`` is given.
+
+    ``lora`` holds ``a`` (input dims -> rank) and ``b`` (rank -> output dims) in the same
+    layout as ``w`` split at the rank, and ``scale`` (alpha / rank); see ``encdec.lora``.
+    """
+    y = jnp.einsum(eq, x, p["w"].astype(x.dtype))
+    if "b" in p:
+        y = y + p["b"].astype(y.dtype)
+    if lora is not None:
+        y = y + lora_delta(lora, x, eq).astype(y.dtype)
+    return y
+
+
+def lora_delta(lora: Params, x: jax.Array, eq: str) -> jax.Array:
+    """The low-rank term of :func:`project`: ``scale * (x A) B`` with per-row adapters.
+
+    ``lora["a"]`` is ``[*in, r]`` and ``lora["b"]`` is ``[r, *out]``; with a leading row axis
+    (``[B, *in, r]``) each batch row uses its own adapter.
+    """
+    lhs, rhs_out = eq.split("->")
+    x_spec, w_spec = lhs.split(",")
+    out_spec = rhs_out
+    in_letters = "".join(c for c in w_spec if c not in out_spec)
+    out_letters = "".join(c for c in w_spec if c in out_spec)
+    a, b, scale = lora["a"], lora["b"], lora["scale"]
+    per_row = a.ndim == len(in_letters) + 2
+    row = x_spec[0]
+    a_spec = (row if per_row else "") + in_letters + "r"
+    b_spec = (row if per_row else "") + "r" + out_letters
+    h = jnp.einsum(f"{x_spec},{a_spec}->{x_spec.replace(in_letters, '')}r", x, a.astype(x.dtype))
+    h_spec = x_spec.replace(in_letters, "") + "r"
+    delta = jnp.einsum(f"{h_spec},{b_spec}->{out_spec}", h, b.astype(x.dtype))
+    scale = jnp.asarray(scale, x.dtype)
+    if per_row and scale.ndim:
+        scale = scale.reshape((-1,) + (1,) * (delta.ndim - 1))
+    return delta * scale
+
+
+def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """RMSNorm (T5) or LayerNorm (BART family), computed in float32."""
+    x32 = x.astype(jnp.float32)
+    if cfg.norm == "rms":
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+        return (p["scale"].astype(jnp.float32) * x32).astype(x.dtype)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    x32 = x32 - mean
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+    return (x32 * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_new":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "silu":
+        return jax.nn.silu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def sinusoidal_table(num_positions: int, dim: int) -> np.ndarray:
+    """Marian's position table: sines in the first half of the features, cosines in the second."""
+    pos = np.arange(num_positions)[:, None]
+    j = np.arange(dim)[None, :]
+    angle = pos / np.power(10000, 2 * (j // 2) / dim)
+    table = np.zeros((num_positions, dim), dtype=np.float32)
+    half = dim // 2 + dim % 2
+    table[:, :half] = np.sin(angle[:, 0::2])
+    table[:, half:] = np.cos(angle[:, 1::2])
+    return table

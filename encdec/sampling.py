@@ -1,0 +1,47 @@
+"""On-device token sampling with per-row parameters (shared by the reference and the engine).
+
+Each row carries its own temperature, top-k, top-p and PRNG key, so a request samples the same
+tokens whatever else shares the batch: its key at step ``t`` is ``fold_in(PRNGKey(seed), t)``.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def step_keys(seeds_B: jax.Array, steps_B: jax.Array) -> jax.Array:
+    """Per-row PRNG keys for this step: a function of the row's seed and step only."""
+    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seeds_B, steps_B)
+
+
+def sample(
+    logits_BV: jax.Array,
+    keys_B: jax.Array,
+    temperature_B: jax.Array,
+    top_k_B: jax.Array,
+    top_p_B: jax.Array,
+) -> jax.Array:
+    """Next token per row: greedy where ``temperature == 0``, else top-k/top-p sampling.
+
+    ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    """
+    logits_BV = logits_BV.astype(jnp.float32)
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    sampled_B = jax.vmap(_sample_row)(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)
+    return jnp.where(temperature_B > 0, sampled_B, greedy_B)
+
+
+def _sample_row(logits_V, key, temperature, top_k, top_p):
+    V = logits_V.shape[-1]
+    logits_V = logits_V / jnp.maximum(temperature, 1e-6)
+    sorted_V = jnp.sort(logits_V)[::-1]
+    k = jnp.where((top_k > 0) & (top_k < V), top_k, V)
+    kth = sorted_V[k - 1]
+    # top-p on the top-k-filtered distribution: keep the smallest prefix whose mass reaches p.
+    sorted_V = jnp.where(sorted_V >= kth, sorted_V, -jnp.inf)
+    probs_V = jax.nn.softmax(sorted_V)
+    mass_before_V = jnp.cumsum(probs_V) - probs_V
+    keep_V = mass_before_V < top_p
+    cutoff = jnp.min(jnp.where(keep_V, sorted_V, jnp.inf))
+    threshold = jnp.maximum(kth, cutoff)
+    masked_V = jnp.where(logits_V >= threshold, logits_V, -jnp.inf)
+    return jax.random.categorical(key, masked_V).astype(jnp.int32)
