@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 Activation = Literal["relu", "gelu", "gelu_new", "silu"]
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5", "bart", "mbart", "marian")
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "bart", "mbart", "marian", "whisper")
 
 
 class UnsupportedModelError(ValueError):
@@ -26,7 +26,7 @@ class ModelConfig:
     """Architecture of an encoder-decoder transformer (hashable: usable as a jit static arg)."""
 
     model_type: str
-    """The Hugging Face ``model_type`` it came from (``t5``, ``mt5``, ``bart``, ``mbart``, ``marian``)."""
+    """The Hugging Face ``model_type`` it came from (``t5``, ``mt5``, ``bart``, ``mbart``, ``marian``, ``whisper``)."""
     vocab_size: int
     """Rows of the (encoder) embedding table."""
     d_model: int
@@ -78,14 +78,25 @@ class ModelConfig:
     pad_token_id: int
     eos_token_id: int
     decoder_start_token_id: int
+    learned_position_offset: int = 2
+    """Rows of a learned position table before position 0 (BART family 2, Whisper 0)."""
+    num_mel_bins: int = 0
+    """Audio encoders (Whisper): log-mel channels the conv stem reads; 0 for text encoders."""
+    audio_positions: int = 0
+    """Audio encoders: encoder positions after the stride-2 conv stem (Whisper: 1500 for 30 s); else 0."""
 
     @property
     def is_t5(self) -> bool:
         return self.position == "relative"
 
     @property
+    def is_audio(self) -> bool:
+        """The encoder reads log-mel features (``encdec.models.whisper.encode_audio``), not tokens."""
+        return self.num_mel_bins > 0
+
+    @property
     def max_source_positions(self) -> int:
-        return self.max_positions
+        return self.audio_positions or self.max_positions
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -97,6 +108,8 @@ class ModelConfig:
             )
         if model_type in ("t5", "mt5"):
             return _from_t5(hf)
+        if model_type == "whisper":
+            return _from_whisper(hf)
         return _from_bart_family(hf)
 
     @classmethod
@@ -220,4 +233,60 @@ def _from_bart_family(hf: dict[str, Any]) -> ModelConfig:
         pad_token_id=pad,
         eos_token_id=eos,
         decoder_start_token_id=int(start),
+    )
+
+
+def _from_whisper(hf: dict[str, Any]) -> ModelConfig:
+    """Whisper: pre-LN BART-like decoder (learned positions from row 0, no ``k`` bias, tied head)
+    over an audio encoder; the encoder itself is ``encdec.models.whisper.encode_audio``."""
+    act = hf.get("activation_function", "gelu")
+    if act not in _BART_ACTIVATIONS:
+        raise UnsupportedModelError(f"whisper option activation_function={act!r} is not supported")
+    d_model = int(hf["d_model"])
+    enc_heads, dec_heads = int(hf["encoder_attention_heads"]), int(hf["decoder_attention_heads"])
+    if d_model % enc_heads or d_model % dec_heads:
+        raise UnsupportedModelError(f"whisper: d_model={d_model} is not divisible by the head counts")
+    if enc_heads != dec_heads:
+        raise UnsupportedModelError(
+            f"whisper: encoder_attention_heads={enc_heads} != decoder_attention_heads={dec_heads}"
+        )
+    vocab = int(hf.get("vocab_size", 51865))
+    eos = _first_id(hf.get("eos_token_id", 50257))
+    return ModelConfig(
+        model_type="whisper",
+        vocab_size=vocab,
+        d_model=d_model,
+        head_dim=d_model // dec_heads,
+        encoder_layers=int(hf["encoder_layers"]),
+        decoder_layers=int(hf["decoder_layers"]),
+        encoder_heads=enc_heads,
+        decoder_heads=dec_heads,
+        encoder_ffn_dim=int(hf["encoder_ffn_dim"]),
+        decoder_ffn_dim=int(hf["decoder_ffn_dim"]),
+        activation=_BART_ACTIVATIONS[act],
+        gated_ffn=False,
+        norm="layer",
+        norm_eps=1e-5,
+        pre_norm=True,
+        final_norm=True,
+        embedding_norm=False,
+        position="learned",
+        max_positions=int(hf.get("max_target_positions", 448)),
+        relative_num_buckets=0,
+        relative_max_distance=0,
+        attention_scale=True,
+        projection_bias=True,
+        # HF computes `embed_scale` from `scale_embedding` but never applies it; neither do we.
+        embed_scale=1.0,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        tied_output_rescale=False,
+        final_logits_bias=False,
+        shared_decoder_embeddings=True,
+        decoder_vocab_size=vocab,
+        pad_token_id=int(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else eos),
+        eos_token_id=eos,
+        decoder_start_token_id=int(hf.get("decoder_start_token_id", 50258)),
+        learned_position_offset=0,
+        num_mel_bins=int(hf.get("num_mel_bins", 80)),
+        audio_positions=int(hf.get("max_source_positions", 1500)),
     )

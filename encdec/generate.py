@@ -17,7 +17,7 @@ import numpy as np
 from encdec.checkpoints.pretrained import Model
 from encdec.config import ModelConfig
 from encdec.models import decode, encode, init_dense_kv
-from encdec.sampling import sample, step_keys
+from encdec.sampling import ban_token, sample, step_keys
 
 
 @dataclasses.dataclass
@@ -50,17 +50,21 @@ def tokenize(model: Model, inputs: Sequence[str] | Sequence[Sequence[int]]) -> t
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "max_len"))
-def _prefill(params, cfg: ModelConfig, ids_BS, mask_BS, *, dtype, max_len):
-    enc_BSD = encode(params, cfg, ids_BS, mask_BS, dtype=dtype)
-    return init_dense_kv(params, cfg, enc_BSD, mask_BS, max_len, dtype=dtype)
+def _prefill(params, cfg: ModelConfig, ids_BS, mask_BS, *, dtype, max_len, lora=None):
+    enc_BSD = encode(params, cfg, ids_BS, mask_BS, dtype=dtype, lora=lora)
+    return init_dense_kv(params, cfg, enc_BSD, mask_BS, max_len, dtype=dtype, lora=lora)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("kv",))
-def _step(params, cfg: ModelConfig, tokens_B, kv, seeds_B, temperature_B, top_k_B, top_p_B, *, dtype):
+def _step(
+    params, cfg: ModelConfig, tokens_B, kv, seeds_B, temperature_B, top_k_B, top_p_B, ban_B, *, dtype,
+    lora=None,
+):
     positions_B1 = jnp.broadcast_to(kv.index, tokens_B.shape)[:, None]
-    logits_B1V, kv = decode(params, cfg, tokens_B[:, None], positions_B1, kv, dtype=dtype)
+    logits_B1V, kv = decode(params, cfg, tokens_B[:, None], positions_B1, kv, dtype=dtype, lora=lora)
+    logits_BV = ban_token(logits_B1V[:, 0], ban_B)
     keys = step_keys(seeds_B, jnp.broadcast_to(positions_B1[:, 0], seeds_B.shape))
-    return sample(logits_B1V[:, 0], keys, temperature_B, top_k_B, top_p_B), logits_B1V[:, 0], kv
+    return sample(logits_BV, keys, temperature_B, top_k_B, top_p_B), logits_B1V[:, 0], kv
 
 
 def reference_generate(
@@ -68,18 +72,22 @@ def reference_generate(
     inputs: Sequence[str] | Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
+    min_new_tokens: int = 0,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | Sequence[int] = 0,
     eos_token_id: int | None = None,
     return_logits: bool = False,
+    lora=None,
 ) -> list[GenerationOutput] | tuple[list[GenerationOutput], np.ndarray]:
     """Generate for a batch of text or token-id inputs with a dense cache.
 
     ``seed`` may be one int (row ``i`` then uses ``seed + i``) or one per input; a row's
-    samples depend only on its seed. ``return_logits`` also returns the per-step logits
-    ``[B, steps, V]`` (float32) for parity checks.
+    samples depend only on its seed. EOS is banned for the first ``min_new_tokens`` steps;
+    ``eos_token_id=-1`` never stops early. ``return_logits`` also returns the per-step logits
+    ``[B, steps, V]`` (float32) for parity checks. ``lora`` is an adapter tree (``encdec.lora``),
+    shared by every row or with a leading row axis.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -100,7 +108,10 @@ def reference_generate(
     seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
 
-    kv = _prefill(model.params, cfg, jnp.asarray(ids_BS), jnp.asarray(mask_BS), dtype=model.dtype, max_len=max_new_tokens)
+    kv = _prefill(
+        model.params, cfg, jnp.asarray(ids_BS), jnp.asarray(mask_BS), dtype=model.dtype,
+        max_len=max_new_tokens, lora=lora,
+    )
     tokens_B = jnp.full((B,), cfg.decoder_start_token_id, jnp.int32)
     row_params = (
         jnp.asarray(seeds, jnp.int32),
@@ -111,8 +122,11 @@ def reference_generate(
     out = [[] for _ in range(B)]
     done = np.zeros(B, bool)
     all_logits = []
-    for _ in range(max_new_tokens):
-        tokens_B, logits_BV, kv = _step(model.params, cfg, tokens_B, kv, *row_params, dtype=model.dtype)
+    for step in range(max_new_tokens):
+        ban_B = jnp.full((B,), eos if step < min_new_tokens else -1, jnp.int32)
+        tokens_B, logits_BV, kv = _step(
+            model.params, cfg, tokens_B, kv, *row_params, ban_B, dtype=model.dtype, lora=lora
+        )
         if return_logits:
             all_logits.append(np.asarray(logits_BV))
         for i, t in enumerate(np.asarray(tokens_B).tolist()):

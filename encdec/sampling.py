@@ -13,6 +13,12 @@ def step_keys(seeds_B: jax.Array, steps_B: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seeds_B, steps_B)
 
 
+def ban_token(logits_BV: jax.Array, token_B: jax.Array) -> jax.Array:
+    """Set one token's logit per row to -inf (``token == -1`` bans nothing): ``min_new_tokens``."""
+    vocab_V = jnp.arange(logits_BV.shape[-1], dtype=jnp.int32)
+    return jnp.where(vocab_V[None, :] == token_B[:, None], -jnp.inf, logits_BV)
+
+
 def sample(
     logits_BV: jax.Array,
     keys_B: jax.Array,

@@ -50,6 +50,10 @@ def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     """Every tensor the checkpoint must hold, by its HF name (without the ``model.`` prefix)."""
     if cfg.is_t5:
         return _t5_specs(cfg)
+    if cfg.model_type == "whisper":
+        from encdec.checkpoints.whisper_hf import whisper_specs
+
+        return whisper_specs(cfg)
     return _bart_specs(cfg)
 
 

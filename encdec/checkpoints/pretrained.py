@@ -36,10 +36,16 @@ def resolve_dtype(dtype: Any) -> Any:
 
 
 def load_pretrained(path: str | Path, dtype: Any = "float32", *, tokenizer: bool = True) -> Model:
-    """Load a Hugging Face-layout directory (``config.json`` + weights + optional tokenizer)."""
+    """Load a Hugging Face-layout directory (``config.json`` + weights + optional tokenizer).
+
+    A directory with a ``model.bin`` is read as a CTranslate2 model (Whisper only; see
+    ``encdec.checkpoints.ctranslate2``).
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
+    if (path / "model.bin").exists():
+        return _load_ctranslate2(path, resolve_dtype(dtype), tokenizer)
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json")
@@ -65,3 +71,15 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def _load_ctranslate2(path: Path, dtype: Any, tokenizer: bool) -> Model:
+    from encdec.checkpoints.ctranslate2 import load_ct2_whisper
+
+    cfg, params = load_ct2_whisper(path, dtype=dtype)
+    tok = None
+    if tokenizer and (path / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    return Model(config=cfg, params=params, tokenizer=tok, dtype=dtype, path=path)

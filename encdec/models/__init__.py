@@ -7,6 +7,8 @@ Letter key for shape suffixes used across encdec and pallas_kernels (``x_BSD``, 
 - ``D`` model width, ``N`` attention heads, ``H`` head width, ``F`` FFN width, ``V`` vocabulary
 - ``L`` layers, ``R`` T5 relative-position buckets
 - ``P`` pages in a pool, ``G`` tokens per page, ``M`` page-table width (pages per row)
+- audio (Whisper): ``C`` channels into a conv (log-mel bins for the first), ``A`` log-mel frames
+  (10 ms hops, twice the encoder positions ``S``), ``W`` conv kernel taps
 """
 
 from encdec.models.kv import DecoderKV, DenseKV

@@ -34,7 +34,8 @@ def lora_delta(lora: Params, x: jax.Array, eq: str) -> jax.Array:
     """The low-rank term of :func:`project`: ``scale * (x A) B`` with per-row adapters.
 
     ``lora["a"]`` is ``[*in, r]`` and ``lora["b"]`` is ``[r, *out]``; with a leading row axis
-    (``[B, *in, r]``) each batch row uses its own adapter.
+    (``[B, *in, r]``) each batch row uses its own adapter. During training ``lora`` may also hold
+    ``dropout_key`` (a PRNG key) and ``dropout_rate``: dropout on the adapter's input only, as PEFT does.
     """
     lhs, rhs_out = eq.split("->")
     x_spec, w_spec = lhs.split(",")
@@ -46,6 +47,10 @@ def lora_delta(lora: Params, x: jax.Array, eq: str) -> jax.Array:
     row = x_spec[0]
     a_spec = (row if per_row else "") + in_letters + "r"
     b_spec = (row if per_row else "") + "r" + out_letters
+    if "dropout_key" in lora:
+        keep = 1.0 - jnp.asarray(lora["dropout_rate"], jnp.float32)
+        mask = jax.random.bernoulli(lora["dropout_key"], keep, x.shape)
+        x = jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
     h = jnp.einsum(f"{x_spec},{a_spec}->{x_spec.replace(in_letters, '')}r", x, a.astype(x.dtype))
     h_spec = x_spec.replace(in_letters, "") + "r"
     delta = jnp.einsum(f"{h_spec},{b_spec}->{out_spec}", h, b.astype(x.dtype))

@@ -25,7 +25,7 @@ from encdec.models.attention import dot_product_attention, relative_bias
 from encdec.models.kv import DecoderKV, DenseKV
 from encdec.models.layers import Params, activation, norm, project
 
-# BART's learned position table reserves its first two rows.
+# BART's learned position table reserves its first two rows (``ModelConfig.learned_position_offset``).
 LEARNED_POSITION_OFFSET = 2
 
 
@@ -50,7 +50,7 @@ def _embed(stack: Params, params: Params, cfg: ModelConfig, ids_BT: jax.Array, p
     if cfg.embed_scale != 1.0:
         x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, dtype)
     if cfg.position == "learned":
-        x_BTD = x_BTD + stack["pos_embedding_KD"][positions_BT + LEARNED_POSITION_OFFSET].astype(dtype)
+        x_BTD = x_BTD + stack["pos_embedding_KD"][positions_BT + cfg.learned_position_offset].astype(dtype)
     elif cfg.position == "sinusoidal":
         x_BTD = x_BTD + stack["pos_embedding_KD"][positions_BT].astype(dtype)
     if cfg.embedding_norm:
@@ -94,12 +94,30 @@ def encode(
     S = input_ids_BS.shape[1]
     pos_S = jnp.arange(S, dtype=jnp.int32)
     x_BSD = _embed(enc, params, cfg, input_ids_BS, jnp.broadcast_to(pos_S, input_ids_BS.shape), dtype)
-    mask_BSS = jnp.broadcast_to(mask_BS[:, None, :], (mask_BS.shape[0], S, S))
     bias = None
     if cfg.is_t5:
         bias = relative_bias(
             enc["rel_bias_NR"], pos_S[None], pos_S, bidirectional=True, max_distance=cfg.relative_max_distance
         )
+    return encoder_layers(enc, cfg, x_BSD, mask_BS, bias_BNSS=bias, lora=enc_lora)
+
+
+def encoder_layers(
+    enc: Params,
+    cfg: ModelConfig,
+    x_BSD: jax.Array,
+    mask_BS: jax.Array,
+    *,
+    bias_BNSS: jax.Array | None = None,
+    lora: Params | None = None,
+) -> jax.Array:
+    """The encoder's layers and final norm over embedded inputs (shared by text and audio encoders).
+
+    ``enc`` and ``lora`` are the ``encoder`` subtrees of the parameters and adapters.
+    """
+    S = x_BSD.shape[1]
+    mask_BSS = jnp.broadcast_to(mask_BS[:, None, :], (mask_BS.shape[0], S, S))
+    bias, enc_lora = bias_BNSS, lora
     scale = attention_scale(cfg)
     for i, layer in enumerate(enc["layers"]):
         ll = _sub(enc_lora, "layers", i)

@@ -1,0 +1,165 @@
+"""What a run is scored on: throughput, latency percentiles, KV memory, parity with the reference.
+
+The reference is :func:`encdec.reference_generate` on the same inputs and exact lengths,
+computed once per model x workload and held against every system's greedy tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from encdec.bench.workloads import Trace
+
+
+@dataclasses.dataclass
+class SystemRun:
+    """What a system returns for one trace; lists are in trace order."""
+
+    system: str
+    token_ids: list[list[int]]
+    latency_s: list[float]
+    """Arrival to last token, per request."""
+    wall_s: float
+    """First arrival to last completion."""
+    ttft_s: list[float] | None = None
+    """Arrival to first token, per request, where the system streams."""
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """KV memory figures (see :func:`dense_kv_memory`, the engine's ``stats()``)."""
+
+
+def reference_outputs(model, trace: Trace, *, chunk: int = 64, progress: bool = False) -> list[list[int]]:
+    """Greedy tokens of ``reference_generate`` for every request, at its exact output length.
+
+    Requests are grouped by output length (longest first) into batches of ``chunk``; a batch runs
+    to its longest length with EOS banned throughout, and each row keeps its own prefix: with EOS
+    banned, the first ``n`` greedy tokens do not depend on how many more follow.
+    """
+    from encdec import reference_generate
+
+    order = sorted(range(len(trace)), key=lambda i: -trace.requests[i].output_len)
+    out: list[list[int]] = [[] for _ in range(len(trace))]
+    batches = [order[i : i + chunk] for i in range(0, len(order), chunk)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"reference {trace.name}", leave=False)
+    for idx in batches:
+        L = trace.requests[idx[0]].output_len
+        gens = reference_generate(
+            model, [list(trace.requests[i].input_ids) for i in idx], L, min_new_tokens=L
+        )
+        for i, g in zip(idx, gens, strict=True):
+            out[i] = list(g.token_ids[: trace.requests[i].output_len])
+    return out
+
+
+def compare_outputs(got: Sequence[Sequence[int]], expected: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Token-for-token comparison: whether all match, the fraction that do, the first mismatch."""
+    if len(got) != len(expected):
+        raise ValueError(f"{len(got)} outputs for {len(expected)} reference outputs")
+    matches = [list(g) == list(e) for g, e in zip(got, expected, strict=True)]
+    first = None
+    for i, ok in enumerate(matches):
+        if not ok:
+            g, e = list(got[i]), list(expected[i])
+            pos = next((k for k, (a, b) in enumerate(zip(g, e, strict=False)) if a != b), min(len(g), len(e)))
+            first = {
+                "request": i,
+                "position": pos,
+                "expected": e[max(0, pos - 2) : pos + 6],
+                "got": g[max(0, pos - 2) : pos + 6],
+                "expected_len": len(e),
+                "got_len": len(g),
+            }
+            break
+    return {
+        "outputs_match_reference": all(matches),
+        "match_fraction": float(np.mean(matches)) if matches else 1.0,
+        "first_mismatch": first,
+    }
+
+
+def _pct(x: Sequence[float] | None, q: float) -> float | None:
+    if not x:
+        return None
+    return float(np.percentile(np.asarray(x, np.float64), q))
+
+
+def summarize(run: SystemRun, trace: Trace, reference: Sequence[Sequence[int]] | None) -> dict[str, Any]:
+    """The scalar metrics of one run (plus per-request latencies for CDF plots)."""
+    tokens = sum(len(t) for t in run.token_ids)
+    lengths_ok = all(len(t) == r.output_len for t, r in zip(run.token_ids, trace.requests, strict=True))
+    row: dict[str, Any] = {
+        "system": run.system,
+        "num_requests": len(trace),
+        "output_tokens": tokens,
+        "lengths_exact": lengths_ok,
+        "wall_s": run.wall_s,
+        "output_tokens_per_s": tokens / run.wall_s if run.wall_s > 0 else None,
+        "requests_per_s": len(trace) / run.wall_s if run.wall_s > 0 else None,
+        "p50_latency_s": _pct(run.latency_s, 50),
+        "p99_latency_s": _pct(run.latency_s, 99),
+        "mean_latency_s": float(np.mean(run.latency_s)),
+        "ttft_p50_s": _pct(run.ttft_s, 50),
+        "ttft_p99_s": _pct(run.ttft_s, 99),
+    }
+    if reference is not None:
+        row.update(compare_outputs(run.token_ids, reference))
+    else:
+        row.update({"outputs_match_reference": None, "match_fraction": None, "first_mismatch": None})
+    for k in ("peak_kv_bytes", "kv_bytes_total", "kv_utilization", "slot_occupancy"):
+        row[k] = run.memory.get(k)
+    row["kv_estimated"] = bool(run.memory.get("estimated", False))
+    row["latencies_s"] = [float(x) for x in run.latency_s]
+    return row
+
+
+def kv_bytes_per_token(model_config, dtype_bytes: int) -> tuple[int, int]:
+    """Bytes of K+V per token over all decoder layers: (self-attention, cross-attention)."""
+    per_layer = 2 * model_config.decoder_heads * model_config.head_dim * dtype_bytes
+    return per_layer * model_config.decoder_layers, per_layer * model_config.decoder_layers
+
+
+def dense_kv_memory(
+    model_config, dtype_bytes: int, batches: Sequence[Sequence[tuple[int, int]]]
+) -> dict[str, Any]:
+    """KV memory of a dense padded cache (HF ``generate``), estimated from the batches it ran.
+
+    ``batches`` holds ``(input_len, output_len)`` per row. A batch holds ``B x S_max`` cross
+    and ``B x L_max`` self entries; utilization is the fraction of them that are real tokens,
+    at the batch with the largest cache.
+    """
+    self_b, cross_b = kv_bytes_per_token(model_config, dtype_bytes)
+    peak, util = 0, None
+    for rows in batches:
+        S, L = max(s for s, _ in rows), max(n for _, n in rows)
+        allocated = len(rows) * (S * cross_b + L * self_b)
+        used = sum(s * cross_b + n * self_b for s, n in rows)
+        if allocated > peak:
+            peak, util = allocated, used / allocated
+    return {"peak_kv_bytes": peak, "kv_bytes_total": peak, "kv_utilization": util, "estimated": True}
+
+
+def engine_memory(stats: dict[str, Any], num_slots: int, first_sample: int = 0) -> dict[str, Any]:
+    """KV figures from ``Engine.stats()``: peak bytes in use, pool bytes, their ratio, and the
+    time-weighted mean fraction of slots active over the occupancy samples from ``first_sample`` on."""
+    peak, total = stats.get("peak_kv_bytes"), stats.get("kv_bytes_total")
+    out: dict[str, Any] = {
+        "peak_kv_bytes": peak,
+        "kv_bytes_total": total,
+        "kv_utilization": peak / total if peak is not None and total else None,
+    }
+    occ = list(stats.get("slot_occupancy") or [])[first_sample:]
+    if len(occ) >= 2:
+        t = np.array([p[0] for p in occ], np.float64)
+        a = np.array([p[1] for p in occ], np.float64)
+        dt = np.diff(t)
+        mean = float((a[:-1] * dt).sum() / dt.sum()) if dt.sum() > 0 else float(a.mean())
+        out["slot_occupancy"] = mean / num_slots
+    elif occ:
+        out["slot_occupancy"] = float(occ[0][1]) / num_slots
+    return out

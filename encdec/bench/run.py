@@ -1,0 +1,270 @@
+"""Run an experiment: every model x workload x slot count x system, scored the same way.
+
+Writes ``results.json`` (rewritten after every run, so a cut-off run keeps what it measured),
+``results.csv``, ``throughput.png`` and ``latency_cdf.png`` to the output folder and prints a
+markdown table. ``encdec run experiments/<name>.yaml`` is :func:`run_experiment_cli`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from encdec.bench.config import ExperimentConfig, ModelSpec, load_experiment
+from encdec.bench.metrics import reference_outputs, summarize
+from encdec.bench.shapes import get_shape, write_shape
+from encdec.bench.systems import System, make_system
+from encdec.bench.workloads import make_trace
+
+TABLE_COLUMNS = (
+    ("model", "model"), ("workload", "workload"), ("num_slots", "slots"), ("system", "system"),
+    ("output_tokens_per_s", "tok/s"), ("p50_latency_s", "p50 s"), ("p99_latency_s", "p99 s"),
+    ("ttft_p50_s", "TTFT p50 s"), ("kv_utilization", "KV util"), ("outputs_match_reference", "match"),
+)
+CSV_SKIP = ("latencies_s", "first_mismatch", "repeat_wall_s")
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, the JAX device kind and library versions."""
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    devices = jax.devices()
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax_backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "versions": {"jax": jax.__version__},
+    }
+    for mod in ("torch", "transformers", "ctranslate2"):
+        try:
+            info["versions"][mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["torch_cuda_device"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def model_label(spec: ModelSpec) -> str:
+    label = spec.shape if spec.dtype == "float32" else f"{spec.shape}@{spec.dtype}"
+    return label if spec.seed == 0 else f"{label}#seed{spec.seed}"
+
+
+def _median_run(runs: list) -> Any:
+    by_wall = sorted(runs, key=lambda r: r.wall_s)
+    return by_wall[(len(by_wall) - 1) // 2]
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run every combination of ``cfg``, write results to ``out_dir``, return the results dict."""
+    from tqdm.auto import tqdm
+
+    import encdec
+
+    if "cuda" in (cfg.hf.device, cfg.ctranslate2.device):
+        # JAX would otherwise take most of the GPU before PyTorch / CTranslate2 get any of it.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [model_label(m) for m in cfg.models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"models: the same shape, dtype and seed are listed twice: {labels}")
+    results: dict[str, Any] = {
+        "experiment": cfg.name,
+        "description": cfg.description,
+        "config": cfg.to_dict(),
+        "machine": machine_info(),
+        "model": {},
+        "workload": {},
+        "runs": [],
+    }
+    total = len(cfg.models) * len(cfg.workloads) * len(cfg.num_slots) * len(cfg.systems)
+    bar = tqdm(total=total, desc=cfg.name, disable=not progress, file=sys.stderr)
+    for spec, label in zip(cfg.models, labels, strict=True):
+        shape = get_shape(spec.shape)
+        bar.set_postfix_str(f"writing {spec.shape}")
+        model_dir = write_shape(spec.shape, spec.seed, cfg.cache_dir)
+        loaded: dict[str, Any] = {}
+
+        def load_model(spec=spec, model_dir=model_dir, loaded=loaded):
+            if "model" not in loaded:
+                loaded["model"] = encdec.load_pretrained(model_dir, dtype=spec.dtype, tokenizer=False)
+            return loaded["model"]
+
+        model_cfg = load_model().config
+        results["model"][label] = {
+            "shape": spec.shape, "dtype": spec.dtype, "seed": spec.seed, "path": str(model_dir),
+            "family": shape.family, "hf_config": shape.hf_config,
+        }
+        max_in = None if model_cfg.position == "relative" else model_cfg.max_positions
+        systems: dict[str, System] = {}
+        try:
+            for wl in cfg.workloads:
+                trace = make_trace(wl, shape.token_range, max_input_len=max_in)
+                results["workload"][wl.name] = {**trace.summary(), "config": results["config"]["workloads"][
+                    cfg.workloads.index(wl)]}
+                reference = None
+                if cfg.check_outputs:
+                    bar.set_postfix_str(f"reference {label} {wl.name}")
+                    reference = reference_outputs(
+                        load_model(), trace, chunk=cfg.reference_batch, progress=progress
+                    )
+                for slots in cfg.num_slots:
+                    for name in cfg.systems:
+                        bar.set_postfix_str(f"{label} {wl.name} slots={slots} {name}")
+                        if name not in systems:
+                            systems[name] = make_system(
+                                name, spec, cfg, model_dir=model_dir, load_model=load_model
+                            )
+                        system = systems[name]
+                        system.prepare(trace, slots)
+                        warm = {"trace": trace, "short": trace.capped(4), "none": None}[cfg.warmup]
+                        if warm is not None:
+                            system.run(warm, slots)
+                        runs = [system.run(trace, slots) for _ in range(cfg.repeats)]
+                        row = summarize(_median_run(runs), trace, reference)
+                        where = {"model": label, "dtype": spec.dtype, "workload": wl.name, "num_slots": slots}
+                        row = {**where, **row}
+                        row["repeat_wall_s"] = [r.wall_s for r in runs]
+                        results["runs"].append(row)
+                        write_results(results, out_dir)
+                        bar.update()
+        finally:
+            for system in systems.values():
+                system.close()
+    bar.close()
+    write_results(results, out_dir, plots=True)
+    return results
+
+
+def write_results(results: dict[str, Any], out_dir: Path, *, plots: bool = False) -> None:
+    with open(out_dir / "results.json", "w") as f:
+        json.dump(results, f, indent=2)
+    write_csv(results["runs"], out_dir / "results.csv")
+    if plots and results["runs"]:
+        plot_results(results, out_dir)
+
+
+def write_csv(runs: list[dict[str, Any]], path: Path) -> None:
+    keys: list[str] = []
+    for row in runs:
+        keys += [k for k in row if k not in keys and k not in CSV_SKIP]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in runs:
+            writer.writerow({k: row.get(k) for k in keys})
+
+
+def _group(row: dict[str, Any]) -> str:
+    return f"{row['model']}\n{row['workload']}, {row['num_slots']} slots"
+
+
+def plot_results(results: dict[str, Any], out_dir: Path) -> None:
+    """``throughput.png`` (output tokens/s per system) and ``latency_cdf.png`` (one panel per group)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    groups = list(dict.fromkeys(_group(r) for r in runs))
+    systems = list(dict.fromkeys(r["system"] for r in runs))
+    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(systems)}
+    width = 0.8 / len(systems)
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) * max(1, len(systems)) / 2), 4.5))
+    for j, s in enumerate(systems):
+        xs, ys = [], []
+        for i, g in enumerate(groups):
+            row = next((r for r in runs if r["system"] == s and _group(r) == g), None)
+            if row is not None and row["output_tokens_per_s"] is not None:
+                xs.append(i + (j - (len(systems) - 1) / 2) * width)
+                ys.append(row["output_tokens_per_s"])
+        ax.bar(xs, ys, width, label=s, color=colors[s])
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"{results['experiment']}: throughput ({results['machine']['device_kind']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "throughput.png", dpi=120)
+    plt.close(fig)
+
+    cols = min(3, len(groups))
+    rows = (len(groups) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+    for ax, g in zip(axes.flat, groups, strict=False):
+        for r in runs:
+            if _group(r) == g and r["latencies_s"]:
+                lat = sorted(r["latencies_s"])
+                ax.step(lat, [(k + 1) / len(lat) for k in range(len(lat))], where="post", label=r["system"],
+                        color=colors[r["system"]])
+        ax.set_title(g.replace("\n", " "), fontsize=9)
+        ax.set_xlabel("latency (s)")
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_cdf.png", dpi=120)
+    plt.close(fig)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown_table(runs: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(h for _, h in TABLE_COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
+    lines = [head, sep]
+    for r in runs:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in TABLE_COLUMNS) + " |")
+    mismatches = [r for r in runs if r.get("outputs_match_reference") is False]
+    for r in mismatches:
+        m = r["first_mismatch"]
+        lines.append(
+            f"\n{r['system']} on {r['model']}/{r['workload']}: {r['match_fraction']:.1%} of requests match; "
+            f"first mismatch request {m['request']} at token {m['position']}: "
+            f"expected {m['expected']}, got {m['got']}"
+        )
+    return "\n".join(lines)
+
+
+def run_experiment_cli(experiment_path: str, overrides: list[str], out: str | None) -> int:
+    """``encdec run EXPERIMENT.yaml [--set key=value ...] [--out DIR]``."""
+    cfg = load_experiment(experiment_path, overrides)
+    out_dir = Path(out) if out else Path("results") / cfg.name
+    results = run_experiment(cfg, out_dir)
+    print(markdown_table(results["runs"]))
+    print(f"\nresults: {out_dir / 'results.json'}")
+    return 0
+

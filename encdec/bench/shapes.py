@@ -1,0 +1,214 @@
+"""Named model shapes with random weights, written once so every compared system loads the same ones.
+
+A *shape* is a real architecture (``t5-small``, ``bart-large``, ...) with its real dimensions and
+vocabulary size but seeded random weights: no downloads, and the throughput of a random model of
+a shape is the throughput of the trained one. :func:`write_shape` builds the Hugging Face PyTorch
+model, a tokenizer whose vocabulary names every id (CTranslate2 needs one to convert), and saves
+both as one HF checkpoint under a cache directory keyed by shape and seed. :func:`ct2_dir`
+converts that checkpoint to CTranslate2 once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+"""Bumped whenever what is written changes, so stale cache entries are not reused."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One named architecture: its family and the HF config fields that differ from the defaults."""
+
+    name: str
+    family: str
+    """``t5`` or ``bart``."""
+    hf_config: dict[str, Any]
+    """Keyword arguments of the family's transformers config class."""
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config["vocab_size"])
+
+    @property
+    def token_range(self) -> tuple[int, int]:
+        """``[low, high)`` ids that are ordinary tokens: no pad/eos/bos/unk/mask, no T5 sentinels."""
+        if self.family == "t5":
+            return 3, min(self.vocab_size, 32100)
+        return 4, self.vocab_size - 1
+
+
+def _t5(d_model, d_kv, d_ff, layers, heads, *, gated=False, vocab=32128) -> dict[str, Any]:
+    return dict(
+        vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_decoder_layers=layers,
+        num_heads=heads, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        dropout_rate=0.0, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu" if gated else "relu",
+        tie_word_embeddings=not gated, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+
+
+def _bart(d_model, layers, heads, ffn, *, vocab=50265, max_positions=1024) -> dict[str, Any]:
+    return dict(
+        vocab_size=vocab, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, max_position_embeddings=max_positions,
+        activation_function="gelu", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        scale_embedding=False, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        forced_bos_token_id=None, forced_eos_token_id=None,
+    )
+
+
+SHAPES: dict[str, Shape] = {
+    s.name: s
+    for s in (
+        Shape("t5-small", "t5", _t5(512, 64, 2048, 6, 8)),
+        Shape("t5-base", "t5", _t5(768, 64, 3072, 12, 12)),
+        Shape("flan-t5-large", "t5", _t5(1024, 64, 2816, 24, 16, gated=True)),
+        Shape("bart-base", "bart", _bart(768, 6, 12, 3072)),
+        Shape("bart-large", "bart", _bart(1024, 12, 16, 4096)),
+        # For tests: a few hundred kilobytes, same families and options.
+        Shape("tiny-t5", "t5", _t5(64, 16, 96, 2, 4, vocab=512)),
+        Shape("tiny-bart", "bart", _bart(64, 2, 4, 96, vocab=512, max_positions=1024)),
+    )
+}
+
+
+def get_shape(name: str) -> Shape:
+    if name not in SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
+    return SHAPES[name]
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else ``$ENCDEC_CACHE/shapes``, else ``~/.cache/encdec/shapes``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    base = os.environ.get("ENCDEC_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "encdec") / "shapes"
+
+
+def shape_dir(name: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+    return cache_root(cache_dir) / f"{name}-seed{seed}-v{FORMAT_VERSION}"
+
+
+def build_hf_model(name: str, seed: int = 0):
+    """The random-initialised transformers PyTorch model of a shape (eval mode, float32)."""
+    import torch
+    import transformers as tf
+
+    shape = get_shape(name)
+    torch.manual_seed(seed)
+    if shape.family == "t5":
+        model = tf.T5ForConditionalGeneration(tf.T5Config(**shape.hf_config))
+    else:
+        model = tf.BartForConditionalGeneration(tf.BartConfig(**shape.hf_config))
+    _randomize(model, seed)
+    return model.eval()
+
+
+def _randomize(model, seed: int) -> None:
+    """Re-draw every weight so greedy outputs depend on the input.
+
+    With Hugging Face's own init a tied random model copies its input embedding through the
+    residual stream and greedy decoding repeats one token (T5: ``<pad>`` for every input), so a
+    parity check would compare constants. Here matrices are ``N(0, 1/fan_in)``, embeddings
+    ``N(0, 0.1^2)``, norm scales 1 and biases 0. Speed does not depend on the values.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                std = 0.1 if ("embed" in name or "shared" in name) else p.shape[-1] ** -0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def build_tokenizer(name: str):
+    """A tokenizer naming every id ``0..vocab_size-1`` with the family's special tokens in place."""
+    import transformers as tf
+
+    shape = get_shape(name)
+    V = shape.vocab_size
+    if shape.family == "t5":
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+        pieces += [(f"\u2581t{i}", -i / V) for i in range(3, V)]
+        return tf.T5Tokenizer(vocab=pieces, extra_ids=0)
+    names = ["<s>", "<pad>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, V - 1)] + ["<mask>"]
+    return tf.BartTokenizer(vocab={n: i for i, n in enumerate(names)}, merges=[])
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished temp directory into place; another process may have won the race."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_shape(name: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+    """The HF checkpoint directory of a shape (safetensors + config.json + tokenizer), written once."""
+    final = shape_dir(name, seed, cache_dir)
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    model = build_hf_model(name, seed)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    build_tokenizer(name).save_pretrained(str(tmp))
+    _publish(tmp, final)
+    return final
+
+
+def ct2_dir(name: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+    """The CTranslate2 conversion (float32 weights) of a shape's checkpoint, converted once.
+
+    BART under transformers 5 lacks ``normalize_before``, which the converter reads: it converts
+    a copy whose ``config.json`` says ``"normalize_before": false`` (BART is post-LN).
+    """
+    from ctranslate2.converters import TransformersConverter
+
+    hf_dir = write_shape(name, seed, cache_dir)
+    final = hf_dir.parent / f"{hf_dir.name}-ct2"
+    if (final / "config.json").exists():
+        return final
+    with tempfile.TemporaryDirectory(dir=hf_dir.parent) as src_tmp:
+        src = Path(src_tmp)
+        for f in hf_dir.iterdir():
+            if f.name != "config.json":
+                os.symlink(f.resolve(), src / f.name)
+        with open(hf_dir / "config.json") as fh:
+            config = json.load(fh)
+        if get_shape(name).family == "bart":
+            config["normalize_before"] = False
+        with open(src / "config.json", "w") as fh:
+            json.dump(config, fh, indent=2)
+        out = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=hf_dir.parent))
+        TransformersConverter(str(src)).convert(str(out), force=True)
+    _publish(out, final)
+    return final
+
+
+def ct2_vocabulary(ct2_path: str | Path) -> list[str]:
+    """Token strings of a converted model, indexed by id."""
+    path = Path(ct2_path)
+    for fname in ("shared_vocabulary.json", "target_vocabulary.json"):
+        if (path / fname).exists():
+            with open(path / fname) as f:
+                return json.load(f)
+    for fname in ("shared_vocabulary.txt", "target_vocabulary.txt"):
+        if (path / fname).exists():
+            return (path / fname).read_text(encoding="utf-8").split("\n")[:-1]
+    raise FileNotFoundError(f"{path} has no CTranslate2 vocabulary file")

@@ -1,0 +1,288 @@
+"""Runners for every compared system, all driven by the same :class:`~encdec.bench.workloads.Trace`.
+
+- ``encdec-inflight`` / ``encdec-static``: the encdec engine in its two modes;
+- ``hf-generate``: transformers PyTorch ``generate``, greedy, static padded batches of
+  ``num_slots`` requests in trace order, each batch run to its longest output;
+- ``ctranslate2`` / ``ctranslate2-int8``: ``Translator.translate_batch`` on the CTranslate2
+  conversion of the same checkpoint, batched like ``hf-generate``.
+
+Every request's output length is exact (``min = max`` new tokens); the static baselines run a
+batch to its longest request and keep each row's prefix. They cannot stream a batch, so they
+report no time to first token, and a request's latency is its batch's completion.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from encdec.bench.config import BaselineSection, EngineSection, ExperimentConfig, ModelSpec
+from encdec.bench.metrics import SystemRun, dense_kv_memory, engine_memory
+from encdec.bench.workloads import Trace
+from encdec.config import ModelConfig
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+class System(Protocol):
+    name: str
+
+    def prepare(self, trace: Trace, num_slots: int) -> None:
+        """Build whatever is sized to the full trace (called before the warm-up and timed runs)."""
+
+    def run(self, trace: Trace, num_slots: int) -> SystemRun:
+        """Serve every request of ``trace``; blocking, results in trace order."""
+
+    def close(self) -> None: ...
+
+
+class SystemUnavailable(RuntimeError):
+    """A system's dependency is missing in this environment."""
+
+
+def available_systems() -> dict[str, str | None]:
+    """Each system name -> ``None`` when it can run here, else why not."""
+    reasons: dict[str, str | None] = {}
+    try:
+        import encdec.engine as eng
+
+        engine_reason = None if hasattr(eng, "Engine") else "encdec.engine has no Engine yet"
+    except ImportError as e:
+        engine_reason = f"encdec.engine cannot be imported: {e}"
+    reasons["encdec-inflight"] = reasons["encdec-static"] = engine_reason
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        reasons["hf-generate"] = None
+    except ImportError as e:
+        reasons["hf-generate"] = str(e)
+    try:
+        import ctranslate2  # noqa: F401
+
+        reasons["ctranslate2"] = reasons["ctranslate2-int8"] = None
+    except ImportError as e:
+        reasons["ctranslate2"] = reasons["ctranslate2-int8"] = str(e)
+    return reasons
+
+
+def _threads(n: int) -> int:
+    return n or os.cpu_count() or 1
+
+
+GenerateBatch = Callable[[list[list[int]], int], list[list[int]]]
+"""(inputs, length) -> ``length`` greedy tokens per input, EOS banned."""
+
+
+def run_static_batches(system: str, trace: Trace, num_slots: int, generate_batch: GenerateBatch) -> SystemRun:
+    """Static batching: batches of ``num_slots`` in trace order, one at a time.
+
+    A batch starts when its last request has arrived and the previous batch is done; it is
+    generated to its longest output length (EOS banned) and every row keeps its own prefix.
+    """
+    n = len(trace)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    latency = [0.0] * n
+    t0 = time.perf_counter()
+    t_end = t0
+    for start in range(0, n, num_slots):
+        chunk = trace.requests[start : start + num_slots]
+        delay = t0 + max(r.arrival_s for r in chunk) - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        L = max(r.output_len for r in chunk)
+        outs = generate_batch([list(r.input_ids) for r in chunk], L)
+        t_end = time.perf_counter()
+        for k, (r, out) in enumerate(zip(chunk, outs, strict=True)):
+            tokens[start + k] = [int(t) for t in out[: r.output_len]]
+            latency[start + k] = t_end - (t0 + r.arrival_s)
+    return SystemRun(system=system, token_ids=tokens, latency_s=latency, wall_s=t_end - t0)
+
+
+def _dense_batches(trace: Trace, num_slots: int) -> list[list[tuple[int, int]]]:
+    batches = [trace.requests[s : s + num_slots] for s in range(0, len(trace), num_slots)]
+    return [[(len(r.input_ids), max(x.output_len for x in b)) for r in b] for b in batches]
+
+
+class HFGenerate:
+    """transformers PyTorch ``generate``: greedy, explicit GenerationConfig, static padded batches."""
+
+    name = "hf-generate"
+
+    def __init__(self, model_dir: Path, dtype: str, options: BaselineSection):
+        import torch
+        import transformers as tf
+
+        tf.logging.set_verbosity_error()
+        self._torch = torch
+        if options.device == "cpu":
+            torch.set_num_threads(_threads(options.threads))
+        self.device = options.device
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        model = tf.AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=torch_dtype)
+        self.model = model.to(self.device).eval()
+        self.config = ModelConfig.from_json(Path(model_dir) / "config.json")
+        self.dtype_bytes = _DTYPE_BYTES[dtype]
+        c = self.model.config
+        # HF T5's cache update fails when encoder and decoder depths differ (FACTS).
+        self.use_cache = not (c.model_type in ("t5", "mt5") and c.num_layers != c.num_decoder_layers)
+
+    def generation_config(self, length: int):
+        import transformers as tf
+
+        c = self.model.config
+        return tf.GenerationConfig(
+            max_new_tokens=length, min_new_tokens=length, do_sample=False, num_beams=1,
+            eos_token_id=self.config.eos_token_id, pad_token_id=c.pad_token_id,
+            decoder_start_token_id=c.decoder_start_token_id, forced_bos_token_id=None,
+            forced_eos_token_id=None, use_cache=self.use_cache,
+        )
+
+    def generate_batch(self, inputs: Sequence[Sequence[int]], length: int) -> list[list[int]]:
+        torch = self._torch
+        S = max(len(x) for x in inputs)
+        ids = torch.full((len(inputs), S), self.model.config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(inputs), S), dtype=torch.long)
+        for i, x in enumerate(inputs):
+            ids[i, : len(x)] = torch.tensor(list(x))
+            mask[i, : len(x)] = 1
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                generation_config=self.generation_config(length),
+            )
+        return out[:, 1:].tolist()  # drop the decoder start token
+
+    def prepare(self, trace: Trace, num_slots: int) -> None:
+        pass
+
+    def run(self, trace: Trace, num_slots: int) -> SystemRun:
+        run = run_static_batches(self.name, trace, num_slots, self.generate_batch)
+        run.memory = dense_kv_memory(self.config, self.dtype_bytes, _dense_batches(trace, num_slots))
+        return run
+
+    def close(self) -> None:
+        del self.model
+        if self.device == "cuda":
+            self._torch.cuda.empty_cache()
+
+
+class CT2Translate:
+    """CTranslate2 ``Translator.translate_batch``, greedy, on token strings of the converted vocabulary."""
+
+    def __init__(self, name: str, ct2_path: Path, compute_type: str, options: BaselineSection):
+        import ctranslate2
+
+        from encdec.bench.shapes import ct2_vocabulary
+
+        self.name = name
+        self.compute_type = compute_type
+        self.translator = ctranslate2.Translator(
+            str(ct2_path), device=options.device, compute_type=compute_type,
+            intra_threads=_threads(options.threads) if options.device == "cpu" else 0, inter_threads=1,
+        )
+        self.vocab = ct2_vocabulary(ct2_path)
+        self.index = {tok: i for i, tok in enumerate(self.vocab)}
+
+    def generate_batch(self, inputs: Sequence[Sequence[int]], length: int) -> list[list[int]]:
+        source = [[self.vocab[i] for i in x] for x in inputs]
+        results = self.translator.translate_batch(
+            source, max_batch_size=len(source), beam_size=1, min_decoding_length=length,
+            max_decoding_length=length, return_scores=False,
+        )
+        return [[self.index[t] for t in r.hypotheses[0]] for r in results]
+
+    def prepare(self, trace: Trace, num_slots: int) -> None:
+        pass
+
+    def run(self, trace: Trace, num_slots: int) -> SystemRun:
+        return run_static_batches(self.name, trace, num_slots, self.generate_batch)
+
+    def close(self) -> None:
+        del self.translator
+
+
+class EncdecEngine:
+    """The encdec engine (``inflight`` or ``static`` mode), sized once per trace and slot count."""
+
+    def __init__(self, name: str, model: Any, mode: str, options: EngineSection):
+        from encdec.engine import Engine, EngineConfig, Request
+
+        self.name = name
+        self.model = model
+        self.mode = mode
+        self.options = options
+        self._classes = (Engine, EngineConfig, Request)
+        self._engines: dict[tuple[int, int, int], Any] = {}
+        self._engine: Any = None
+
+    def _config_for(self, trace: Trace, num_slots: int) -> tuple[int, int, int]:
+        enc = self.options.max_encoder_len or trace.max_input_len
+        new = self.options.max_new_tokens or trace.max_output_len
+        return num_slots, enc, new
+
+    def prepare(self, trace: Trace, num_slots: int) -> None:
+        key = self._config_for(trace, num_slots)
+        if key not in self._engines:
+            Engine, EngineConfig, _ = self._classes
+            try:
+                cfg = EngineConfig(
+                    num_slots=num_slots, page_size=self.options.page_size, max_encoder_len=key[1],
+                    max_new_tokens=key[2], mode=self.mode, **self.options.options,
+                )
+            except TypeError as e:
+                raise ValueError(f"engine.options: {e}") from e
+            self._engines = {key: Engine(self.model, cfg)}  # one engine at a time: pools are large
+        self._engine = self._engines[key]
+
+    def run(self, trace: Trace, num_slots: int) -> SystemRun:
+        if self._engine is None:
+            self.prepare(trace, num_slots)
+        _, _, Request = self._classes
+        requests = [
+            Request(
+                inputs=list(r.input_ids), max_new_tokens=r.output_len, min_new_tokens=r.output_len,
+                arrival_time=r.arrival_s,
+            )
+            for r in trace.requests
+        ]
+        first_sample = len(self._engine.stats().get("slot_occupancy") or [])
+        t0 = time.perf_counter()
+        outs = self._engine.generate(requests)
+        for r, o in zip(trace.requests, outs, strict=True):
+            if o.finish_reason == "error":
+                raise RuntimeError(f"{self.name}: request {r.index} was rejected: {o.error}")
+        # Latency from the scheduled arrival (as for the static baselines), not the submit stamp,
+        # which lags it by up to one dispatch.
+        arrival = [t0 + r.arrival_s for r in trace.requests]
+        latency = [o.timings["done"] - a for o, a in zip(outs, arrival, strict=True)]
+        ttft = [o.timings["first_token"] - a for o, a in zip(outs, arrival, strict=True)]
+        return SystemRun(
+            system=self.name, token_ids=[list(map(int, o.token_ids)) for o in outs], latency_s=latency,
+            wall_s=max(o.timings["done"] for o in outs) - t0, ttft_s=ttft,
+            memory=engine_memory(self._engine.stats(), num_slots, first_sample),
+        )
+
+    def close(self) -> None:
+        self._engines.clear()
+        self._engine = None
+
+
+def make_system(
+    name: str, spec: ModelSpec, cfg: ExperimentConfig, *, model_dir: Path, load_model: Callable[[], Any]
+) -> System:
+    """Build system ``name`` for one model; ``load_model`` returns the encdec ``Model`` (shared)."""
+    reason = available_systems().get(name, f"unknown system {name!r}")
+    if reason is not None:
+        raise SystemUnavailable(f"{name}: {reason}")
+    if name in ("encdec-inflight", "encdec-static"):
+        return EncdecEngine(name, load_model(), name.split("-", 1)[1], cfg.engine)
+    if name == "hf-generate":
+        return HFGenerate(model_dir, spec.dtype, cfg.hf)
+    from encdec.bench.shapes import ct2_dir
+
+    compute = spec.dtype if name == "ctranslate2" else f"int8_{spec.dtype}"
+    return CT2Translate(name, ct2_dir(spec.shape, spec.seed, cfg.cache_dir), compute, cfg.ctranslate2)

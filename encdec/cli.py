@@ -1,0 +1,91 @@
+"""``encdec generate | run | finetune | transcribe`` — thin wrappers over the library.
+
+Each subcommand parses its arguments and calls one library function; the logic lives there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import encdec
+
+    model = encdec.load_pretrained(args.model, dtype=args.dtype)
+    if args.ids:
+        inputs = [[int(t) for t in s.split()] for s in args.input]
+    else:
+        inputs = list(args.input)
+    outputs = encdec.reference_generate(
+        model, inputs, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed,
+    )
+    for out in outputs:
+        print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from encdec.bench.run import run_experiment_cli
+
+    return run_experiment_cli(args.experiment, overrides=args.set, out=args.out)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from encdec.lora.finetune import finetune_cli
+
+    return finetune_cli(args.experiment, overrides=args.set, out=args.out)
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    from encdec.whisper.transcribe import transcribe_cli
+
+    return transcribe_cli(args.files, model=args.model, language=args.language)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="encdec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate with the reference generator from a local HF checkpoint")
+    gen.add_argument("--model", required=True, help="directory in Hugging Face layout")
+    gen.add_argument("--input", action="append", required=True, help="input text (repeat for a batch)")
+    gen.add_argument("--ids", action="store_true", help="inputs are space-separated token ids")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.set_defaults(func=_generate)
+
+    for name, func, help_ in (
+        ("run", _run, "run an experiment config (benchmarks)"),
+        ("finetune", _finetune, "fine-tune a LoRA adapter from an experiment config"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("experiment", help="experiments/<name>.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+        p.add_argument("--out", default=None, help="output folder (default: results/<name>)")
+        p.set_defaults(func=func)
+
+    tr = sub.add_parser("transcribe", help="transcribe WAV files with Whisper")
+    tr.add_argument("files", nargs="+")
+    tr.add_argument("--model", default=None, help="HF or CTranslate2 Whisper directory (default: whisper-base)")
+    tr.add_argument("--language", default="en")
+    tr.set_defaults(func=_transcribe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"encdec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The host side of the engine: a request queue, admission, encoder batches and the decode loop.
+
+The loop never waits on the device except to read the previous decode dispatch's small result
+array: dispatch ``k`` is queued before the results of ``k - 1`` are read, so the device always
+has work while Python bookkeeps. Only this class changes page ownership.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from encdec.cache.allocator import PageAllocator, pages_for
+from encdec.cache.pools import PoolConfig, init_pools, pool_bytes
+from encdec.checkpoints.pretrained import Model
+from encdec.engine.config import EngineConfig
+from encdec.engine.request import Request, RequestError, RequestOutput, validate
+from encdec.engine.steps import FINISHED_BIT, SlotInit, decode_steps, encode_insert, init_state, release_slots
+
+
+@dataclasses.dataclass
+class _Live:
+    """Host bookkeeping of one request."""
+
+    rid: int
+    request: Request
+    ids: list[int]
+    is_text: bool
+    timings: dict[str, float]
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    slot: int | None = None
+    self_pages: list[int] = dataclasses.field(default_factory=list)
+    cross_pages: list[int] = dataclasses.field(default_factory=list)
+    output: RequestOutput | None = None
+    cancelled: bool = False
+
+
+class Engine:
+    """In-flight batching over a fixed number of decode slots with a dual paged KV cache.
+
+    ``submit`` queues a request and returns its handle; ``step`` does one round of admission,
+    encoding and decoding; ``generate`` and ``stream`` drive ``step`` for you.
+    """
+
+    def __init__(self, model: Model, config: EngineConfig | None = None, *, adapters=None):
+        self.model = model
+        self.config = config = config or EngineConfig()
+        cfg = model.config
+        if cfg.position != "relative":
+            if config.max_encoder_len > cfg.max_positions or config.max_new_tokens > cfg.max_positions:
+                raise ValueError(
+                    f"max_encoder_len={config.max_encoder_len} / max_new_tokens={config.max_new_tokens} exceed the "
+                    f"model's {cfg.max_positions} positions"
+                )
+        on_cpu = jax.default_backend() == "cpu"
+        cache_dtype = config.cache_dtype or ("float32" if on_cpu else jnp.dtype(model.dtype).name)
+        G = config.page_size
+        self._self_width = pages_for(config.max_new_tokens, G)
+        self._cross_width = pages_for(config.max_encoder_len, G)
+        self.pool_config = self._pool_config(cache_dtype)
+        self.self_alloc = PageAllocator(self.pool_config.num_self_pages)
+        self.cross_alloc = PageAllocator(self.pool_config.num_cross_pages)
+        self.adapters = adapters
+        self.state = init_state(
+            init_pools(self.pool_config), config.num_slots, self._self_width, self._cross_width, config.max_stop_tokens
+        )
+        lora_kw = {} if adapters is None else {"lora_gather": adapters.gather_fn}
+        self._encode = jax.jit(
+            functools.partial(encode_insert, cfg=cfg, dtype=model.dtype, **lora_kw), donate_argnames=("state",)
+        )
+        self._decode = jax.jit(
+            functools.partial(
+                decode_steps, cfg=cfg, dtype=model.dtype, num_steps=config.steps_per_dispatch,
+                implementation=config.attention_impl, **lora_kw,
+            ),
+            donate_argnames=("state",),
+        )
+        self._release = jax.jit(release_slots, donate_argnames=("state",))
+        self._next_id = 0
+        self._live: dict[int, _Live] = {}
+        self._queue: collections.deque[int] = collections.deque()
+        self._slots: list[int | None] = [None] * config.num_slots
+        self._pending: tuple[jax.Array, list[int | None]] | None = None
+        self.metrics = {"dispatches": 0, "encode_batches": 0, "peak_self_pages": 0, "peak_cross_pages": 0,
+                        "slot_fills": [0] * config.num_slots, "occupancy": []}
+        self._t0 = time.perf_counter()
+
+    # ---- construction helpers -------------------------------------------------------------
+
+    def _pool_config(self, dtype: str) -> PoolConfig:
+        c, cfg = self.config, self.model.config
+        if c.num_self_pages is None and c.num_cross_pages is None and c.memory_budget_bytes is not None:
+            return PoolConfig.from_budget(
+                cfg, memory_bytes=c.memory_budget_bytes, page_size=c.page_size,
+                cross_kv_fraction=c.cross_kv_fraction, dtype=dtype,
+            )
+        return PoolConfig.from_pages(
+            cfg,
+            page_size=c.page_size,
+            num_self_pages=c.num_self_pages or c.num_slots * self._self_width + 1,
+            num_cross_pages=c.num_cross_pages or c.num_slots * self._cross_width + 1,
+            dtype=dtype,
+        )
+
+    # ---- public API -----------------------------------------------------------------------
+
+    def submit(self, request: Request) -> int:
+        """Validate and queue a request; return its handle. Bad requests raise :class:`RequestError`."""
+        ids, is_text = self._tokenize(request)
+        ids = validate(request, ids, self.config, self.model.config.vocab_size, self.adapters)
+        need_self = pages_for(request.max_new_tokens, self.config.page_size)
+        need_cross = pages_for(len(ids), self.config.page_size)
+        if need_self > self.self_alloc.capacity or need_cross > self.cross_alloc.capacity:
+            raise RequestError(
+                f"request needs {need_self} self and {need_cross} cross pages; the cache has "
+                f"{self.self_alloc.capacity} and {self.cross_alloc.capacity}: it can never fit"
+            )
+        rid = self._next_id
+        self._next_id += 1
+        self._live[rid] = _Live(rid, request, ids, is_text, {"arrival": time.perf_counter()})
+        self._queue.append(rid)
+        return rid
+
+    def cancel(self, handle: int) -> None:
+        """Stop a request; its pages return to the pool. Finished requests are left as they are."""
+        live = self._live.get(handle)
+        if live is None or live.output is not None:
+            return
+        live.cancelled = True
+        if live.slot is None:
+            self._queue.remove(handle)
+        else:
+            release = np.zeros(self.config.num_slots, bool)
+            release[live.slot] = True
+            self.state = self._release(self.state, jnp.asarray(release))
+        self._finish(live, "cancelled")
+
+    def result(self, handle: int) -> RequestOutput | None:
+        """The output of a finished request (None while it runs)."""
+        return self._live[handle].output
+
+    def generate(self, requests: Sequence[Request]) -> list[RequestOutput]:
+        """Run requests to completion; outputs in request order. A bad request gets an
+        output with ``finish_reason="error"`` and the rest are served."""
+        start = time.perf_counter()
+        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_time or 0.0)
+        handles: dict[int, int] = {}
+        outputs: dict[int, RequestOutput] = {}
+        k = 0
+        while k < len(order) or any(self._live[h].output is None for h in handles.values()):
+            now = time.perf_counter() - start
+            while k < len(order) and (requests[order[k]].arrival_time or 0.0) <= now:
+                i = order[k]
+                try:
+                    handles[i] = self.submit(requests[i])
+                except RequestError as e:
+                    outputs[i] = RequestOutput(-1, [], "error", error=str(e))
+                k += 1
+            if not self.step() and k < len(order):
+                time.sleep(max(0.0, min(0.01, (requests[order[k]].arrival_time or 0.0) - now)))
+        for i, h in handles.items():
+            outputs[i] = self._live.pop(h).output
+        return [outputs[i] for i in range(len(requests))]
+
+    def stream(self, request: Request) -> Iterator[int]:
+        """Yield a request's tokens as they are produced (other queued requests progress too)."""
+        handle = self.submit(request)
+        live = self._live[handle]
+        sent = 0
+        while True:
+            busy = self.step()
+            while sent < len(live.tokens):
+                yield live.tokens[sent]
+                sent += 1
+            if live.output is not None:
+                return
+            if not busy:
+                raise RuntimeError("engine idle while a streamed request is unfinished")
+
+    def run_until_idle(self) -> None:
+        while self.step():
+            pass
+
+    def stats(self) -> dict:
+        """Cache, slot and compile figures since construction."""
+        page_bytes = self.pool_config.page_bytes
+        sizes = pool_bytes(self.pool_config)
+        return {
+            **{k: v for k, v in self.metrics.items() if k != "occupancy"},
+            "slot_occupancy": list(self.metrics["occupancy"]),
+            "self_pages_total": self.self_alloc.capacity,
+            "cross_pages_total": self.cross_alloc.capacity,
+            "self_pages_used": self.self_alloc.num_used,
+            "cross_pages_used": self.cross_alloc.num_used,
+            "peak_kv_bytes": (self.metrics["peak_self_pages"] + self.metrics["peak_cross_pages"]) * page_bytes,
+            "kv_bytes_total": sizes["total"],
+            "compiled": self.compile_counts(),
+        }
+
+    def compile_counts(self) -> dict[str, int]:
+        """Compiled variants of each jitted step (bounded: buckets + 1 decode + 1 release)."""
+        return {name: fn._cache_size() for name, fn in
+                (("encode", self._encode), ("decode", self._decode), ("release", self._release))}
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Dispatch one decode, read the previous one, admit and encode into freed slots.
+
+        Returns False when there is nothing left to do.
+        """
+        self._admit()
+        previous, self._pending = self._pending, None
+        if any(s is not None for s in self._slots):
+            self.state, results = self._decode(self.model.params, self.state, **self._bank_arg())
+            self._pending = (results, list(self._slots))
+            self.metrics["dispatches"] += 1
+            self.metrics["occupancy"].append(
+                (time.perf_counter() - self._t0, sum(s is not None for s in self._slots))
+            )
+        if previous is not None:
+            self._read(*previous)
+            self._admit()  # queued behind the decode just dispatched: the device never idles
+        return self._pending is not None or bool(self._queue) or any(s is not None for s in self._slots)
+
+    def _bank_arg(self) -> dict:
+        return {} if self.adapters is None else {"lora_bank": self.adapters.device_bank}
+
+    def _admit(self) -> None:
+        c = self.config
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        if c.mode == "static" and len(free) < c.num_slots:
+            return
+        admitted: list[_Live] = []
+        while free and self._queue:
+            live = self._live[self._queue[0]]
+            self_pages = self.self_alloc.allocate(pages_for(live.request.max_new_tokens, c.page_size))
+            if self_pages is None:
+                break  # FIFO: the head waits for pages, so nothing behind it can starve it
+            cross_pages = self.cross_alloc.allocate(pages_for(len(live.ids), c.page_size))
+            if cross_pages is None:
+                self.self_alloc.free(self_pages)
+                break
+            self._queue.popleft()
+            live.slot = free.pop(0)
+            live.self_pages, live.cross_pages = self_pages, cross_pages
+            live.timings["admitted"] = time.perf_counter()
+            self._slots[live.slot] = live.rid
+            self.metrics["slot_fills"][live.slot] += 1
+            admitted.append(live)
+        if not admitted:
+            return
+        self.metrics["peak_self_pages"] = max(self.metrics["peak_self_pages"], self.self_alloc.num_used)
+        self.metrics["peak_cross_pages"] = max(self.metrics["peak_cross_pages"], self.cross_alloc.num_used)
+        by_bucket: dict[int, list[_Live]] = collections.defaultdict(list)
+        for live in admitted:
+            by_bucket[c.bucket_for(len(live.ids))].append(live)
+        for bucket, group in sorted(by_bucket.items()):
+            rows = c.encoder_batch_rows(bucket)
+            for i in range(0, len(group), rows):
+                self._encode_batch(bucket, rows, group[i : i + rows])
+
+    def _encode_batch(self, bucket: int, rows: int, group: list[_Live]) -> None:
+        c, cfg = self.config, self.model.config
+        ids = np.full((rows, bucket), cfg.pad_token_id, np.int32)
+        init = {
+            "slot_b": np.full(rows, c.num_slots, np.int32),
+            "self_page_table_bM": np.zeros((rows, self._self_width), np.int32),
+            "cross_page_table_bM": np.zeros((rows, self._cross_width), np.int32),
+            "enc_len_b": np.zeros(rows, np.int32),
+            "max_new_b": np.zeros(rows, np.int32),
+            "min_new_b": np.zeros(rows, np.int32),
+            "stop_ids_bX": np.full((rows, c.max_stop_tokens), -1, np.int32),
+            "temperature_b": np.zeros(rows, np.float32),
+            "top_k_b": np.zeros(rows, np.int32),
+            "top_p_b": np.ones(rows, np.float32),
+            "seed_b": np.zeros(rows, np.int32),
+            "adapter_row_b": np.zeros(rows, np.int32),
+        }
+        for r, live in enumerate(group):
+            req = live.request
+            ids[r, : len(live.ids)] = live.ids
+            init["slot_b"][r] = live.slot
+            init["self_page_table_bM"][r, : len(live.self_pages)] = live.self_pages
+            init["cross_page_table_bM"][r, : len(live.cross_pages)] = live.cross_pages
+            init["enc_len_b"][r] = len(live.ids)
+            init["max_new_b"][r] = req.max_new_tokens
+            init["min_new_b"][r] = req.min_new_tokens
+            init["stop_ids_bX"][r, : len(req.stop_token_ids)] = list(req.stop_token_ids)
+            init["temperature_b"][r] = req.temperature
+            init["top_k_b"][r] = req.top_k
+            init["top_p_b"][r] = req.top_p
+            init["seed_b"][r] = req.seed
+            if req.adapter_id is not None:
+                init["adapter_row_b"][r] = self.adapters.row_of(req.adapter_id)
+        self.state = self._encode(
+            self.model.params, self.state, jnp.asarray(ids), SlotInit(**{k: jnp.asarray(v) for k, v in init.items()}),
+            **self._bank_arg(),
+        )
+        self.metrics["encode_batches"] += 1
+
+    def _read(self, results: jax.Array, owners: list[int | None]) -> None:
+        res = np.asarray(results)
+        now = time.perf_counter()
+        for step_row in res:
+            for slot in np.nonzero(step_row >= 0)[0]:
+                rid = owners[slot]
+                live = self._live.get(rid) if rid is not None else None
+                if live is None or live.output is not None or live.slot != slot:
+                    continue  # cancelled (or already finished) while this dispatch ran
+                value = int(step_row[slot])
+                token = value & (FINISHED_BIT - 1)
+                if not live.tokens:
+                    live.timings["first_token"] = now
+                live.tokens.append(token)
+                if value & FINISHED_BIT:
+                    req = live.request
+                    stop = token == self.model.config.eos_token_id or token in req.stop_token_ids
+                    self._finish(live, "stop" if stop else "length")
+
+    def _finish(self, live: _Live, reason: str) -> None:
+        if live.slot is not None:
+            self._slots[live.slot] = None
+            self.self_alloc.free(live.self_pages)
+            self.cross_alloc.free(live.cross_pages)
+            live.self_pages, live.cross_pages = [], []
+        live.timings["done"] = time.perf_counter()
+        text = None
+        tok = self.model.tokenizer
+        if live.is_text and tok is not None:
+            text = tok.decode(live.tokens, skip_special_tokens=True)
+        live.output = RequestOutput(live.rid, list(live.tokens), reason, text, dict(live.timings))
+
+    def _tokenize(self, request: Request) -> tuple[list[int], bool]:
+        if isinstance(request.inputs, str):
+            if self.model.tokenizer is None:
+                raise RequestError("text input needs a tokenizer; this model has none (pass token ids)")
+            return list(self.model.tokenizer(request.inputs)["input_ids"]), True
+        try:
+            return [int(t) for t in request.inputs], False
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"inputs must be text or a sequence of token ids: {e}") from e

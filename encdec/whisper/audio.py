@@ -1,0 +1,190 @@
+"""Audio in: WAV files (stdlib ``wave``), resampling to 16 kHz, Whisper's log-mel front end.
+
+The log-mel numerics are Whisper's reference (and ``transformers.WhisperFeatureExtractor``'s):
+a periodic Hann window of 400 samples, hop 160, centred frames with reflect padding, power
+spectrum, Slaney-normalised Slaney-scale mel filters up to 8 kHz, ``log10`` floored at 1e-10,
+clamped to 8 below the clip's maximum, then ``(x + 4) / 4``. Every window is 30 s (silence-padded),
+3,000 frames. Longer audio is split into consecutive 30 s windows by :func:`split_windows`
+(the caller transcribes each and joins the text); :func:`log_mel_spectrogram` itself refuses
+more than 30 s rather than silently truncating.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import wave
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_SECONDS = 30
+N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE
+N_FRAMES = N_SAMPLES // HOP_LENGTH
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 768_000
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: unreadable, empty, not convertible to 16 kHz mono, too long."""
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """Mono float32 samples in [-1, 1] and the file's sample rate (PCM 8/16/24/32-bit; channels averaged)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"audio file {path} does not exist")
+    try:
+        with wave.open(str(path), "rb") as f:
+            channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
+            raw = f.readframes(f.getnframes())
+    except (wave.Error, EOFError, OSError) as e:
+        raise AudioError(f"cannot read {path} as a PCM WAV file: {e}") from e
+    if width not in (1, 2, 3, 4) or channels < 1:
+        raise AudioError(f"{path}: unsupported WAV layout ({channels} channel(s), {8 * width}-bit samples)")
+    frame_bytes = width * channels
+    raw = raw[: len(raw) - len(raw) % frame_bytes]  # a truncated file keeps its whole frames
+    if not raw:
+        raise AudioError(f"{path} holds no audio samples")
+    samples = _pcm_to_float(raw, width).reshape(-1, channels).mean(axis=1, dtype=np.float32)
+    return samples, rate
+
+
+def _pcm_to_float(raw: bytes, width: int) -> np.ndarray:
+    if width == 1:  # 8-bit WAV is unsigned
+        return (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    if width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        ints = (b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8  # sign-extend 24 bits
+        return ints.astype(np.float32) / float(1 << 23)
+    dtype = {2: np.dtype("<i2"), 4: np.dtype("<i4")}[width]
+    return np.frombuffer(raw, dtype).astype(np.float32) / float(1 << (8 * width - 1))
+
+
+def resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLE_RATE, *, zero_crossings: int = 16):
+    """Band-limited resampling: Kaiser-windowed sinc interpolation, low-passed below both Nyquists.
+
+    Integer rates make the output's fractional input positions repeat with period ``up =
+    target / gcd``; those phases' taps are computed once (polyphase) when there are few of them.
+    """
+    if not MIN_SAMPLE_RATE <= orig_rate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"sample rate {orig_rate} Hz cannot be converted to {target_rate} Hz "
+            f"(supported: {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz)"
+        )
+    x = np.asarray(samples, np.float64)
+    if orig_rate == target_rate:
+        return x.astype(np.float32)
+    g = math.gcd(orig_rate, target_rate)
+    up, down = target_rate // g, orig_rate // g
+    n_out = int(round(len(x) * up / down))
+    cutoff = min(1.0, up / down)  # fraction of the input Nyquist that survives
+    half = int(np.ceil(zero_crossings / cutoff))
+    offsets = np.arange(-half + 1, half + 1)
+    padded = np.pad(x, (half, half + 1))
+    table = _sinc_taps(np.arange(up)[:, None] / up - offsets[None, :], half, cutoff) if up <= 4096 else None
+    out = np.empty(n_out, np.float64)
+    for start in range(0, n_out, 16_384):
+        j = np.arange(start, min(start + 16_384, n_out))
+        base, phase = np.divmod(j * down, up)
+        idx = base[:, None] + offsets[None, :] + half
+        taps = table[phase] if table is not None else _sinc_taps(phase[:, None] / up - offsets[None, :], half, cutoff)
+        out[j] = np.einsum("jk,jk->j", padded[idx], taps)
+    return out.astype(np.float32)
+
+
+def _sinc_taps(dist: np.ndarray, half: int, cutoff: float, beta: float = 8.6) -> np.ndarray:
+    window = np.i0(beta * np.sqrt(np.clip(1.0 - (dist / half) ** 2, 0.0, None))) / np.i0(beta)
+    return cutoff * np.sinc(cutoff * dist) * window
+
+
+def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) -> np.ndarray:
+    """16 kHz mono float32 samples from a WAV path or an array (``sample_rate`` defaults to 16 kHz).
+
+    Arrays are ``[n]`` or ``[n, channels]``. Empty, non-finite or unconvertible audio raises
+    :class:`AudioError`. Any length is returned; see :func:`split_windows` for > 30 s.
+    """
+    if isinstance(source, (str, Path)):
+        if sample_rate is not None:
+            raise ValueError("sample_rate is read from the WAV header; pass it only with an array")
+        samples, rate = read_wav(source)
+        name = str(source)
+    else:
+        samples, rate, name = np.asarray(source), sample_rate or SAMPLE_RATE, "audio array"
+        if samples.ndim == 2:
+            samples = samples.mean(axis=1)
+        if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.number):
+            raise AudioError(f"{name} must be a numeric [samples] or [samples, channels] array, got {samples.shape}")
+        if samples.size == 0:
+            raise AudioError(f"{name} is empty")
+    if not np.all(np.isfinite(samples)):
+        raise AudioError(f"{name} has non-finite samples (NaN or inf)")
+    out = resample(samples, int(rate))
+    if out.size == 0:
+        raise AudioError(f"{name} is shorter than one sample at {SAMPLE_RATE} Hz")
+    return out
+
+
+def split_windows(samples: np.ndarray) -> list[np.ndarray]:
+    """Consecutive 30 s windows of 16 kHz audio (the last one shorter); words at a cut may be lost."""
+    if len(samples) == 0:
+        raise AudioError("audio is empty")
+    return [samples[i : i + N_SAMPLES] for i in range(0, len(samples), N_SAMPLES)]
+
+
+def _hz_to_mel(hz):
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
+    hz = np.asarray(hz, np.float64)
+    log_step = np.log(6.4) / 27.0
+    return np.where(hz < 1000.0, 3.0 * hz / 200.0, 15.0 + np.log(np.maximum(hz, 1e-12) / 1000.0) / log_step)
+
+
+def _mel_to_hz(mel):
+    mel = np.asarray(mel, np.float64)
+    log_step = np.log(6.4) / 27.0
+    return np.where(mel < 15.0, 200.0 * mel / 3.0, 1000.0 * np.exp(log_step * (mel - 15.0)))
+
+
+@functools.lru_cache(maxsize=4)
+def mel_filters(n_mels: int, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """``[n_fft // 2 + 1, n_mels]`` triangular filters with Slaney's area normalisation."""
+    fft_hz = np.linspace(0.0, sample_rate // 2, n_fft // 2 + 1)
+    edges_hz = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2), n_mels + 2))
+    lower, centre, upper = edges_hz[:-2], edges_hz[1:-1], edges_hz[2:]
+    rising = (fft_hz[:, None] - lower[None]) / (centre - lower)[None]
+    falling = (upper[None] - fft_hz[:, None]) / (upper - centre)[None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= 2.0 / (upper - lower)[None]
+    weights.setflags(write=False)
+    return weights
+
+
+def log_mel_spectrogram(samples: np.ndarray, n_mels: int = 80) -> np.ndarray:
+    """Whisper's features ``[n_mels, 3000]`` (float32) for up to 30 s of 16 kHz audio."""
+    samples = np.asarray(samples, np.float64)
+    if samples.ndim != 1 or samples.size == 0:
+        raise AudioError(f"expected non-empty 1-D 16 kHz samples, got shape {samples.shape}")
+    if samples.size > N_SAMPLES:
+        raise AudioError(
+            f"audio is {samples.size / SAMPLE_RATE:.2f} s; one Whisper window holds {CHUNK_SECONDS} s "
+            "(split it with split_windows)"
+        )
+    x = np.pad(samples, (0, N_SAMPLES - samples.size))
+    x = np.pad(x, (N_FFT // 2, N_FFT // 2), mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP_LENGTH]
+    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic Hann
+    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2
+    mel = power[:-1] @ mel_filters(n_mels)
+    log_spec = np.log10(np.maximum(mel, 1e-10))
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    return np.ascontiguousarray(((log_spec + 4.0) / 4.0).T, dtype=np.float32)
+
+
+def features_for(source: str | Path | np.ndarray, n_mels: int = 80, sample_rate: int | None = None):
+    """Log-mel windows ``[windows, n_mels, 3000]`` and the audio's length in seconds."""
+    samples = load_audio(source, sample_rate)
+    windows = [log_mel_spectrogram(w, n_mels) for w in split_windows(samples)]
+    return np.stack(windows), samples.size / SAMPLE_RATE

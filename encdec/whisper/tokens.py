@@ -1,0 +1,124 @@
+"""Whisper's special tokens and suppression lists, read from an HF or a CTranslate2 directory.
+
+- CTranslate2 / faster-whisper: ``vocabulary.txt`` (or ``.json``) names every id; ``config.json`` holds
+  ``suppress_ids``, ``suppress_ids_begin`` and ``lang_ids``.
+- Hugging Face: ``generation_config.json`` holds ``suppress_tokens``, ``begin_suppress_tokens``,
+  ``lang_to_id``, ``task_to_id``, ``no_timestamps_token_id`` and ``decoder_start_token_id``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from encdec.checkpoints.ctranslate2 import has_vocabulary, read_config, read_vocabulary
+from encdec.checkpoints.hf import CheckpointError
+
+_LANGUAGE = re.compile(r"^<\|([a-z]{2,3}|haw|yue)\|>$")
+
+
+@dataclasses.dataclass(frozen=True)
+class WhisperTokens:
+    sot: int
+    """``<|startoftranscript|>``"""
+    eot: int
+    """``<|endoftext|>``: end of the transcript."""
+    no_timestamps: int
+    tasks: tuple[tuple[str, int], ...]
+    """``transcribe`` and ``translate`` ids (empty for English-only models without task tokens)."""
+    languages: tuple[tuple[str, int], ...]
+    """Language code -> id (``en`` -> ``<|en|>``); empty for English-only models."""
+    suppress: tuple[int, ...]
+    """Ids banned at every step."""
+    suppress_begin: tuple[int, ...]
+    """Ids also banned at the first generated step (blank, ``<|endoftext|>``)."""
+
+    def prompt(self, language: str = "en", task: str = "transcribe") -> list[int]:
+        """``<|startoftranscript|><|language|><|task|><|notimestamps|>`` (language/task if the model has them)."""
+        prompt = [self.sot]
+        if self.languages:
+            langs = dict(self.languages)
+            if language not in langs:
+                raise ValueError(f"language {language!r} is not one of the model's: {', '.join(sorted(langs))}")
+            prompt.append(langs[language])
+        if self.tasks:
+            tasks = dict(self.tasks)
+            if task not in tasks:
+                raise ValueError(f"task {task!r} is not one of {', '.join(sorted(tasks))}")
+            prompt.append(tasks[task])
+        return prompt + [self.no_timestamps]
+
+    def suppression_masks(self, vocab_size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Boolean ``[V]`` masks: banned at every step, and banned at the first step."""
+        every = np.zeros(vocab_size, bool)
+        every[[t for t in self.suppress if 0 <= t < vocab_size]] = True
+        first = every.copy()
+        first[[t for t in self.suppress_begin if 0 <= t < vocab_size]] = True
+        return jnp.asarray(every), jnp.asarray(first)
+
+    def decode(self, tokenizer: Any, ids: Sequence[int]) -> str:
+        if tokenizer is None:
+            return " ".join(map(str, ids))
+        return tokenizer.decode([t for t in ids if t < self.eot], skip_special_tokens=True).strip()
+
+    @classmethod
+    def from_vocabulary(
+        cls,
+        vocabulary: Sequence[str],
+        *,
+        suppress: Sequence[int],
+        suppress_begin: Sequence[int],
+        lang_ids: Sequence[int] | None = None,
+    ) -> WhisperTokens:
+        ids = {tok: i for i, tok in enumerate(vocabulary)}
+        try:
+            sot, eot, no_ts = ids["<|startoftranscript|>"], ids["<|endoftext|>"], ids["<|notimestamps|>"]
+        except KeyError as e:
+            raise CheckpointError(f"the vocabulary lacks Whisper's special token {e.args[0]}") from e
+        tasks = tuple((t, ids[f"<|{t}|>"]) for t in ("transcribe", "translate") if f"<|{t}|>" in ids)
+        if lang_ids is None:
+            lang_ids = [i for tok, i in ids.items() if _LANGUAGE.match(tok)]
+        languages = tuple((vocabulary[i][2:-2], int(i)) for i in lang_ids)
+        return cls(sot, eot, no_ts, tasks, languages, tuple(map(int, suppress)), tuple(map(int, suppress_begin)))
+
+    @classmethod
+    def from_dir(cls, path: str | Path | None, tokenizer: Any = None) -> WhisperTokens:
+        """Read from a CTranslate2 (``vocabulary.txt``) or Hugging Face (``generation_config.json``) directory."""
+        if path is None:
+            raise ValueError("the model has no directory to read Whisper's special tokens from; pass tokens=")
+        path = Path(path)
+        if has_vocabulary(path):
+            config = read_config(path / "config.json")
+            return cls.from_vocabulary(
+                read_vocabulary(path),
+                suppress=config.get("suppress_ids") or [],
+                suppress_begin=config.get("suppress_ids_begin") or [],
+                lang_ids=config.get("lang_ids"),
+            )
+        gen_file = path / "generation_config.json"
+        if not gen_file.exists():
+            raise CheckpointError(
+                f"{path} has neither a CTranslate2 vocabulary nor generation_config.json for Whisper's tokens"
+            )
+        gen = json.loads(gen_file.read_text())
+        cfg = json.loads((path / "config.json").read_text())
+        eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+        try:
+            return cls(
+                sot=int(gen.get("decoder_start_token_id", cfg.get("decoder_start_token_id"))),
+                eot=int(eos[0] if isinstance(eos, list) else eos),
+                no_timestamps=int(gen["no_timestamps_token_id"]),
+                tasks=tuple((k, int(v)) for k, v in (gen.get("task_to_id") or {}).items()),
+                languages=tuple((k[2:-2], int(v)) for k, v in (gen.get("lang_to_id") or {}).items()),
+                suppress=tuple(gen.get("suppress_tokens") or cfg.get("suppress_tokens") or ()),
+                suppress_begin=tuple(gen.get("begin_suppress_tokens") or cfg.get("begin_suppress_tokens") or ()),
+            )
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{gen_file} lacks Whisper's token ids: {e}") from e

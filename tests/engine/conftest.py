@@ -1,0 +1,15 @@
+import pytest
+
+import encdec
+from tests.tiny_models import save_hf_model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """One tiny random T5 and BART, loaded once for the engine tests."""
+    out = {}
+    for family in ("t5", "bart"):
+        d = tmp_path_factory.mktemp(f"engine_{family}")
+        save_hf_model(family, d)
+        out[family] = encdec.load_pretrained(d)
+    return out
