@@ -42,6 +42,21 @@ class _Live:
     cancelled: bool = False
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_steps(cfg, dtype: str, num_steps: int, implementation: str, lora_gather):
+    """The jitted steps, shared by engines of the same model config: a new engine (another mode,
+    another slot count) reuses compiled variants instead of compiling them again."""
+    lora_kw = {} if lora_gather is None else {"lora_gather": lora_gather}
+    encode = jax.jit(functools.partial(encode_insert, cfg=cfg, dtype=jnp.dtype(dtype), **lora_kw),
+                     donate_argnames=("state",))
+    decode = jax.jit(
+        functools.partial(decode_steps, cfg=cfg, dtype=jnp.dtype(dtype), num_steps=num_steps,
+                          implementation=implementation, **lora_kw),
+        donate_argnames=("state",),
+    )
+    return encode, decode, jax.jit(release_slots, donate_argnames=("state",))
+
+
 class Engine:
     """In-flight batching over a fixed number of decode slots with a dual paged KV cache.
 
@@ -71,18 +86,10 @@ class Engine:
         self.state = init_state(
             init_pools(self.pool_config), config.num_slots, self._self_width, self._cross_width, config.max_stop_tokens
         )
-        lora_kw = {} if adapters is None else {"lora_gather": adapters.gather_fn}
-        self._encode = jax.jit(
-            functools.partial(encode_insert, cfg=cfg, dtype=model.dtype, **lora_kw), donate_argnames=("state",)
+        self._encode, self._decode, self._release = _jitted_steps(
+            cfg, jnp.dtype(model.dtype).name, config.steps_per_dispatch, config.attention_impl,
+            None if adapters is None else adapters.gather_fn,
         )
-        self._decode = jax.jit(
-            functools.partial(
-                decode_steps, cfg=cfg, dtype=model.dtype, num_steps=config.steps_per_dispatch,
-                implementation=config.attention_impl, **lora_kw,
-            ),
-            donate_argnames=("state",),
-        )
-        self._release = jax.jit(release_slots, donate_argnames=("state",))
         self._next_id = 0
         self._live: dict[int, _Live] = {}
         self._queue: collections.deque[int] = collections.deque()
@@ -184,6 +191,22 @@ class Engine:
             if not busy:
                 raise RuntimeError("engine idle while a streamed request is unfinished")
 
+    def warmup(self) -> dict[str, int]:
+        """Compile every step variant now (no-op inputs), so serving never compiles; returns the counts."""
+        c = self.config
+        for bucket in c.encoder_buckets:
+            rows = 1
+            while rows <= c.encoder_batch_rows(bucket):
+                self._encode_batch(bucket, rows, [])  # padding rows only: writes nothing
+                rows *= 2
+            if rows // 2 != c.encoder_batch_rows(bucket):
+                self._encode_batch(bucket, c.encoder_batch_rows(bucket), [])
+        self.state, results = self._decode(self.model.params, self.state, **self._bank_arg())
+        self.state = self._release(self.state, jnp.zeros((c.num_slots,), bool))
+        jax.block_until_ready(results)
+        self.metrics["encode_batches"] = 0
+        return self.compile_counts()
+
     def run_until_idle(self) -> None:
         while self.step():
             pass
@@ -205,7 +228,11 @@ class Engine:
         }
 
     def compile_counts(self) -> dict[str, int]:
-        """Compiled variants of each jitted step (bounded: buckets + 1 decode + 1 release)."""
+        """Compiled variants of each jitted step.
+
+        Bounded: one decode, one release, and per encoder bucket one encode per power-of-two
+        batch size up to its row limit.
+        """
         return {name: fn._cache_size() for name, fn in
                 (("encode", self._encode), ("decode", self._decode), ("release", self._release))}
 
@@ -263,9 +290,13 @@ class Engine:
         for live in admitted:
             by_bucket[c.bucket_for(len(live.ids))].append(live)
         for bucket, group in sorted(by_bucket.items()):
-            rows = c.encoder_batch_rows(bucket)
-            for i in range(0, len(group), rows):
-                self._encode_batch(bucket, rows, group[i : i + rows])
+            limit = c.encoder_batch_rows(bucket)
+            for i in range(0, len(group), limit):
+                chunk = group[i : i + limit]
+                # Row counts are powers of two (capped): a lone refill does not pay for a full
+                # batch, and each bucket compiles at most log2(limit) + 1 variants.
+                rows = min(limit, 1 << (len(chunk) - 1).bit_length())
+                self._encode_batch(bucket, rows, chunk)
 
     def _encode_batch(self, bucket: int, rows: int, group: list[_Live]) -> None:
         c, cfg = self.config, self.model.config
