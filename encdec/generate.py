@@ -80,6 +80,7 @@ def reference_generate(
     eos_token_id: int | None = None,
     return_logits: bool = False,
     lora=None,
+    pad_to_multiple: int = 1,
 ) -> list[GenerationOutput] | tuple[list[GenerationOutput], np.ndarray]:
     """Generate for a batch of text or token-id inputs with a dense cache.
 
@@ -88,6 +89,8 @@ def reference_generate(
     ``eos_token_id=-1`` never stops early. ``return_logits`` also returns the per-step logits
     ``[B, steps, V]`` (float32) for parity checks. ``lora`` is an adapter tree (``encdec.lora``),
     shared by every row or with a leading row axis.
+    ``pad_to_multiple`` pads inputs (masked) to a multiple of it, which bounds recompilation
+    when called for many input lengths.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -100,6 +103,7 @@ def reference_generate(
     B, S = len(ids), max(len(s) for s in ids)
     if cfg.position != "relative" and S > cfg.max_positions:
         raise ValueError(f"input of {S} tokens exceeds the model's {cfg.max_positions} positions")
+    S = -(-S // pad_to_multiple) * pad_to_multiple
     ids_BS = np.full((B, S), cfg.pad_token_id, np.int32)
     mask_BS = np.zeros((B, S), bool)
     for i, seq in enumerate(ids):
