@@ -81,3 +81,17 @@ def hf_generation_config(model, max_new_tokens: int, eos_token_id: int | None):
         pad_token_id=cfg.pad_token_id, decoder_start_token_id=cfg.decoder_start_token_id,
         forced_bos_token_id=None, forced_eos_token_id=None,
     )
+
+
+def save_word_tokenizer(directory: Path, *, pad: str = "<pad>", eos: str = "</s>", unk: str = "<unk>") -> None:
+    """A whitespace word-level tokenizer over ``VOCAB`` ids (``w3``, ``w4``, ...), saved in HF layout."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials = [pad, eos, unk]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, vocab[eos])])
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token=unk)
+    fast.save_pretrained(str(directory))
