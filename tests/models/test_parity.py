@@ -76,11 +76,17 @@ def test_greedy_tokens_match_hf_for_32_steps(pair):
         hf_out = hf.generate(
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
             generation_config=hf_generation_config(hf, 32, VOCAB + 7), use_cache=use_cache,
+            output_logits=True, return_dict_in_generate=True,
         )
-    ours = encdec.reference_generate(model, [list(r[m > 0]) for r, m in zip(ids, mask, strict=True)], 32, eos_token_id=-1)
-    for row, out in zip(hf_out.numpy(), ours, strict=True):
+    inputs = [list(r[m > 0]) for r, m in zip(ids, mask, strict=True)]
+    ours, logits = encdec.reference_generate(model, inputs, 32, eos_token_id=-1, return_logits=True)
+    for row, out in zip(hf_out.sequences.numpy(), ours, strict=True):
         assert out.token_ids == row[1:].tolist()
         assert len(out.token_ids) == 32
+    # Tiny random models repeat themselves, so tokens alone prove little: every step's logits
+    # along the generated path must match too.
+    hf_logits = torch.stack(hf_out.logits, dim=1).numpy()
+    np.testing.assert_allclose(logits, hf_logits, atol=1e-4, rtol=0)
 
 
 def test_bfloat16_stays_close_to_float32(pair, tmp_path):
