@@ -16,6 +16,11 @@ from encdec.config import ModelConfig
 Params = Mapping[str, Any]
 
 
+def lead(x: jax.Array, ndim: int) -> jax.Array:
+    """``x`` with leading unit axes up to ``ndim`` (explicit broadcasting: no rank promotion)."""
+    return x.reshape((1,) * (ndim - x.ndim) + x.shape)
+
+
 def project(p: Params, x: jax.Array, eq: str, lora: Params | None = None) -> jax.Array:
     """``einsum(eq, x, p["w"]) + p["b"]``, plus a low-rank update when ``lora`` is given.
 
@@ -24,7 +29,7 @@ def project(p: Params, x: jax.Array, eq: str, lora: Params | None = None) -> jax
     """
     y = jnp.einsum(eq, x, p["w"].astype(x.dtype))
     if "b" in p:
-        y = y + p["b"].astype(y.dtype)
+        y = y + lead(p["b"].astype(y.dtype), y.ndim)
     if lora is not None:
         y = y + lora_delta(lora, x, eq).astype(y.dtype)
     return y
@@ -65,11 +70,12 @@ def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     x32 = x.astype(jnp.float32)
     if cfg.norm == "rms":
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
-        return (p["scale"].astype(jnp.float32) * x32).astype(x.dtype)
+        return (lead(p["scale"].astype(jnp.float32), x.ndim) * x32).astype(x.dtype)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     x32 = x32 - mean
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
-    return (x32 * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+    scale, bias = (lead(p[k].astype(jnp.float32), x.ndim) for k in ("scale", "bias"))
+    return (x32 * scale + bias).astype(x.dtype)
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from encdec.config import ModelConfig
 from encdec.models.attention import dot_product_attention, relative_bias
 from encdec.models.kv import DecoderKV, DenseKV
-from encdec.models.layers import Params, activation, norm, project
+from encdec.models.layers import Params, activation, lead, norm, project
 
 # BART's learned position table reserves its first two rows (``ModelConfig.learned_position_offset``).
 LEARNED_POSITION_OFFSET = 2
@@ -200,7 +200,7 @@ def logits(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
             "BTD,DV->BTV", x_BTD, params["lm_head"]["w"].astype(x_BTD.dtype), preferred_element_type=jnp.float32
         )
     if cfg.final_logits_bias:
-        out_BTV = out_BTV + params["final_logits_bias_V"].astype(jnp.float32)
+        out_BTV = out_BTV + lead(params["final_logits_bias_V"].astype(jnp.float32), 3)
     return out_BTV
 
 
