@@ -32,8 +32,23 @@ def sample(
     """
     logits_BV = logits_BV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    sampled_B = jax.vmap(_sample_row)(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)
+
+    # Sorting a vocabulary per row is the costliest op of a decode step on CPU: pay for it only
+    # when some row filters, and for sampling only when some row samples.
+    def sampled(_):
+        filtered = jnp.any((temperature_B > 0) & ((top_k_B > 0) | (top_p_B < 1)))
+        return jax.lax.cond(
+            filtered,
+            lambda: jax.vmap(_sample_row)(logits_BV, keys_B, temperature_B, top_k_B, top_p_B),
+            lambda: jax.vmap(_sample_unfiltered)(logits_BV, keys_B, temperature_B),
+        )
+
+    sampled_B = jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda _: greedy_B, None)
     return jnp.where(temperature_B > 0, sampled_B, greedy_B)
+
+
+def _sample_unfiltered(logits_V, key, temperature):
+    return jax.random.categorical(key, logits_V / jnp.maximum(temperature, 1e-6)).astype(jnp.int32)
 
 
 def _sample_row(logits_V, key, temperature, top_k, top_p):
@@ -49,5 +64,8 @@ def _sample_row(logits_V, key, temperature, top_k, top_p):
     keep_V = mass_before_V < top_p
     cutoff = jnp.min(jnp.where(keep_V, sorted_V, jnp.inf))
     threshold = jnp.maximum(kth, cutoff)
+    # A row without filters must sample exactly as in _sample_unfiltered (cumsum rounding could
+    # otherwise drop tail tokens): its draw may not depend on whether another row filters.
+    threshold = jnp.where((k < V) | (top_p < 1), threshold, -jnp.inf)
     masked_V = jnp.where(logits_V >= threshold, logits_V, -jnp.inf)
     return jax.random.categorical(key, masked_V).astype(jnp.int32)
