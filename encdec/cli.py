@@ -18,7 +18,12 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         inputs = list(args.input)
     outputs = encdec.reference_generate(
-        model, inputs, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        model,
+        inputs,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
         seed=args.seed,
     )
     for out in outputs:
@@ -66,13 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("experiment", help="experiments/<name>.yaml")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+        )
         p.add_argument("--out", default=None, help="output folder (default: results/<name>)")
         p.set_defaults(func=func)
 
     tr = sub.add_parser("transcribe", help="transcribe WAV files with Whisper")
     tr.add_argument("files", nargs="+")
-    tr.add_argument("--model", default=None, help="HF or CTranslate2 Whisper directory (default: whisper-base)")
+    tr.add_argument(
+        "--model", default=None, help="HF or CTranslate2 Whisper directory (default: whisper-base)"
+    )
     tr.add_argument("--language", default="en")
     tr.set_defaults(func=_transcribe)
     return parser

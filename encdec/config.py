@@ -26,7 +26,8 @@ class ModelConfig:
     """Architecture of an encoder-decoder transformer (hashable: usable as a jit static arg)."""
 
     model_type: str
-    """The Hugging Face ``model_type`` it came from (``t5``, ``mt5``, ``bart``, ``mbart``, ``marian``, ``whisper``)."""
+    """The Hugging Face ``model_type`` it came from (``t5``, ``mt5``, ``bart``, ``mbart``, ``marian``,
+    ``whisper``)."""
     vocab_size: int
     """Rows of the (encoder) embedding table."""
     d_model: int
@@ -41,7 +42,8 @@ class ModelConfig:
     encoder_ffn_dim: int
     decoder_ffn_dim: int
     activation: Activation
-    """FFN nonlinearity: ``relu`` (T5 v1.0), ``gelu_new`` (tanh GELU, T5 v1.1), ``gelu`` (erf, BART), ``silu``."""
+    """FFN nonlinearity: ``relu`` (T5 v1.0), ``gelu_new`` (tanh GELU, T5 v1.1), ``gelu`` (erf, BART),
+    ``silu``."""
     gated_ffn: bool
     """Gated FFN (``act(x wi_0) * (x wi_1)``), as in T5 v1.1, mT5, UL2, Flan-T5, ByT5."""
     norm: Literal["rms", "layer"]

@@ -57,7 +57,17 @@ def _prefill(params, cfg: ModelConfig, ids_BS, mask_BS, *, dtype, max_len, lora=
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("kv",))
 def _step(
-    params, cfg: ModelConfig, tokens_B, kv, seeds_B, temperature_B, top_k_B, top_p_B, ban_B, *, dtype,
+    params,
+    cfg: ModelConfig,
+    tokens_B,
+    kv,
+    seeds_B,
+    temperature_B,
+    top_k_B,
+    top_p_B,
+    ban_B,
+    *,
+    dtype,
     lora=None,
 ):
     positions_B1 = jnp.broadcast_to(kv.index, tokens_B.shape)[:, None]
@@ -113,8 +123,13 @@ def reference_generate(
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
 
     kv = _prefill(
-        model.params, cfg, jnp.asarray(ids_BS), jnp.asarray(mask_BS), dtype=model.dtype,
-        max_len=max_new_tokens, lora=lora,
+        model.params,
+        cfg,
+        jnp.asarray(ids_BS),
+        jnp.asarray(mask_BS),
+        dtype=model.dtype,
+        max_len=max_new_tokens,
+        lora=lora,
     )
     tokens_B = jnp.full((B,), cfg.decoder_start_token_id, jnp.int32)
     row_params = (
@@ -140,7 +155,7 @@ def reference_generate(
         if done.all():
             break
     results = []
-    for i, toks in enumerate(out):
+    for toks in out:
         reason = "stop" if toks and toks[-1] == eos else "length"
         text = model.tokenizer.decode(toks, skip_special_tokens=True) if is_text and model.tokenizer else None
         results.append(GenerationOutput(token_ids=toks, finish_reason=reason, text=text))

@@ -33,16 +33,39 @@ def _save(model, directory):
 
 def small_models(tmp):
     torch.manual_seed(0)
-    t5 = tf.T5ForConditionalGeneration(tf.T5Config(
-        vocab_size=512, d_model=128, d_kv=64, d_ff=256, num_layers=2, num_decoder_layers=3, num_heads=2,
-        relative_attention_num_buckets=32, relative_attention_max_distance=64, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
-    ))
-    bart = tf.BartForConditionalGeneration(tf.BartConfig(
-        vocab_size=512, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=1024,
-        init_std=0.2, dropout=0.0, forced_eos_token_id=None,
-    ))
+    t5 = tf.T5ForConditionalGeneration(
+        tf.T5Config(
+            vocab_size=512,
+            d_model=128,
+            d_kv=64,
+            d_ff=256,
+            num_layers=2,
+            num_decoder_layers=3,
+            num_heads=2,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=64,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+        )
+    )
+    bart = tf.BartForConditionalGeneration(
+        tf.BartConfig(
+            vocab_size=512,
+            d_model=128,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=256,
+            decoder_ffn_dim=256,
+            max_position_embeddings=1024,
+            init_std=0.2,
+            dropout=0.0,
+            forced_eos_token_id=None,
+        )
+    )
     return {name: _save(m.eval(), f"{tmp}/{name}") for name, m in (("t5", t5), ("bart", bart))}
 
 
@@ -53,8 +76,13 @@ def workload(n, max_in, max_new, vocab, seed=0, forced=False, few_shapes=False):
     for _ in range(n):
         s = int(rng.choice([1, max_in // 3, max_in]) if few_shapes else rng.integers(1, max_in + 1))
         m = int(rng.choice([1, max_new // 2, max_new]) if few_shapes else rng.integers(1, max_new + 1))
-        reqs.append(Request(inputs=rng.integers(3, vocab - 1, s).tolist(), max_new_tokens=m,
-                            min_new_tokens=m if forced else 0))
+        reqs.append(
+            Request(
+                inputs=rng.integers(3, vocab - 1, s).tolist(),
+                max_new_tokens=m,
+                min_new_tokens=m if forced else 0,
+            )
+        )
     return reqs
 
 
@@ -65,23 +93,50 @@ def correctness(dirs, quick):
         reqs = workload(12 if quick else 32, 100, 40, 512, seed=1, few_shapes=True)
         refs = [encdec.reference_generate(model, [r.inputs], r.max_new_tokens)[0].token_ids for r in reqs]
         for impl in ("xla",) if quick else ("pallas", "xla"):
-            cfg = EngineConfig(num_slots=8, page_size=16, max_encoder_len=128, max_new_tokens=48,
-                               encoder_buckets=(32, 64, 128), steps_per_dispatch=4, attention_impl=impl)
+            cfg = EngineConfig(
+                num_slots=8,
+                page_size=16,
+                max_encoder_len=128,
+                max_new_tokens=48,
+                encoder_buckets=(32, 64, 128),
+                steps_per_dispatch=4,
+                attention_impl=impl,
+            )
             outs = Engine(model, cfg).generate(reqs)
             same = sum(o.token_ids == r for o, r in zip(outs, refs, strict=True))
             report[f"{name}-{impl}"] = f"{same}/{len(reqs)}"
-            print(f"correctness {name} {impl}: {same}/{len(reqs)} requests equal reference_generate", flush=True)
+            print(
+                f"correctness {name} {impl}: {same}/{len(reqs)} requests equal reference_generate", flush=True
+            )
     return report
 
 
 def base_shape(tmp, quick):
     torch.manual_seed(0)
     if quick:
-        cfg = tf.T5Config(vocab_size=1024, d_model=128, d_kv=64, d_ff=256, num_layers=2, num_heads=2,
-                          feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)
+        cfg = tf.T5Config(
+            vocab_size=1024,
+            d_model=128,
+            d_kv=64,
+            d_ff=256,
+            num_layers=2,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            decoder_start_token_id=0,
+        )
     else:  # flan-t5-base
-        cfg = tf.T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
-                          feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)
+        cfg = tf.T5Config(
+            vocab_size=32128,
+            d_model=768,
+            d_kv=64,
+            d_ff=2048,
+            num_layers=12,
+            num_heads=12,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            decoder_start_token_id=0,
+        )
     return _save(tf.T5ForConditionalGeneration(cfg).eval(), f"{tmp}/base"), cfg
 
 
@@ -97,8 +152,15 @@ def hf_throughput(directory, reqs, batch, device, dtype):
             ids[j, : len(r.inputs)] = torch.tensor(r.inputs)
             mask[j, : len(r.inputs)] = 1
         n = max(r.max_new_tokens for r in group)
-        gc = tf.GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        gc = tf.GenerationConfig(
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
         with torch.no_grad():
             model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
         tokens += sum(r.max_new_tokens for r in group)  # useful tokens only
@@ -119,10 +181,18 @@ def throughput(tmp, quick):
     results = {}
     runs = [("inflight", "auto"), ("static", "auto")] + ([("inflight", "xla")] if on_gpu else [])
     for mode, impl in runs:
-        cfg = EngineConfig(num_slots=slots, page_size=16, max_encoder_len=64 if quick else 512,
-                           max_new_tokens=32 if quick else 128, encoder_buckets=(128, 512),
-                           max_encoder_batch=8, max_encoder_tokens=8192, steps_per_dispatch=8,
-                           attention_impl=impl, mode=mode)
+        cfg = EngineConfig(
+            num_slots=slots,
+            page_size=16,
+            max_encoder_len=64 if quick else 512,
+            max_new_tokens=32 if quick else 128,
+            encoder_buckets=(128, 512),
+            max_encoder_batch=8,
+            max_encoder_tokens=8192,
+            steps_per_dispatch=8,
+            attention_impl=impl,
+            mode=mode,
+        )
         engine = Engine(model, cfg)
         t0 = time.perf_counter()
         engine.warmup()  # compile every encode variant and the decode step
@@ -133,8 +203,12 @@ def throughput(tmp, quick):
         toks = sum(len(o.token_ids) for o in outs)
         lat = sorted(o.timings["done"] - t0 for o in outs)
         key = f"encdec-{mode}-{impl}"
-        results[key] = {"output_tokens_per_s": toks / wall, "wall_s": wall, "p50_latency_s": lat[len(lat) // 2],
-                        "compiled": engine.compile_counts()}
+        results[key] = {
+            "output_tokens_per_s": toks / wall,
+            "wall_s": wall,
+            "p50_latency_s": lat[len(lat) // 2],
+            "compiled": engine.compile_counts(),
+        }
         print(key, json.dumps(results[key]), flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = hf_throughput(directory, reqs, slots, device, torch.bfloat16 if device == "cuda" else torch.float32)

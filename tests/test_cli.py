@@ -23,16 +23,38 @@ def test_generate_command_prints_hf_greedy_text(tmp_path):
     ours = encdec.reference_generate(model, [text], 10)[0]
     assert ours.text == expected
     cli = subprocess.run(
-        [sys.executable, "-m", "encdec.cli", "generate", "--model", str(tmp_path), "--input", text,
-         "--max-new-tokens", "10"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "encdec.cli",
+            "generate",
+            "--model",
+            str(tmp_path),
+            "--input",
+            text,
+            "--max-new-tokens",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert cli.stdout.strip() == expected
 
 
 def test_generate_command_reports_a_bad_directory(tmp_path):
     cli = subprocess.run(
-        [sys.executable, "-m", "encdec.cli", "generate", "--model", str(tmp_path / "missing"), "--input", "x"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "encdec.cli",
+            "generate",
+            "--model",
+            str(tmp_path / "missing"),
+            "--input",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert cli.returncode == 2 and "does not exist" in cli.stderr

@@ -10,8 +10,12 @@ from encdec.sampling import ban_token, sample, step_keys
 def _draw(logits, temperature, top_k, top_p, seeds, step=0):
     B = logits.shape[0]
     keys = step_keys(jnp.asarray(seeds, jnp.int32), jnp.full((B,), step, jnp.int32))
-    return np.asarray(sample(logits, keys, jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
-                             jnp.asarray(top_p, jnp.float32)))
+    params = (
+        jnp.asarray(temperature, jnp.float32),
+        jnp.asarray(top_k, jnp.int32),
+        jnp.asarray(top_p, jnp.float32),
+    )
+    return np.asarray(sample(logits, keys, *params))
 
 
 def test_greedy_rows_take_the_argmax():

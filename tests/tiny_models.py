@@ -16,46 +16,108 @@ VOCAB = 96
 
 def _t5(**kw):
     base = dict(
-        vocab_size=VOCAB, d_model=32, d_kv=12, d_ff=48, num_layers=3, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=12, relative_attention_max_distance=20, dropout_rate=0.0,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, layer_norm_epsilon=1e-6,
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=12,
+        d_ff=48,
+        num_layers=3,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=12,
+        relative_attention_max_distance=20,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        layer_norm_epsilon=1e-6,
     )
     base.update(kw)
     return base
 
 
 FAMILIES = {
-    "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(**_t5(feed_forward_proj="relu", tie_word_embeddings=True))),
+    "t5": lambda: tf.T5ForConditionalGeneration(
+        tf.T5Config(**_t5(feed_forward_proj="relu", tie_word_embeddings=True))
+    ),
     "t5v1_1": lambda: tf.T5ForConditionalGeneration(
         tf.T5Config(**_t5(feed_forward_proj="gated-gelu", tie_word_embeddings=False))
     ),
     "mt5": lambda: tf.MT5ForConditionalGeneration(
-        tf.MT5Config(**_t5(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=1, num_decoder_layers=3))
+        tf.MT5Config(
+            **_t5(
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=1, num_decoder_layers=3
+            )
+        )
     ),
     "bart": lambda: tf.BartForConditionalGeneration(
         tf.BartConfig(
-            vocab_size=VOCAB, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=40, max_position_embeddings=64,
-            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.2, scale_embedding=False,
-            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=3,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=40,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            init_std=0.2,
+            scale_embedding=False,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=None,
         )
     ),
     "mbart": lambda: tf.MBartForConditionalGeneration(
         tf.MBartConfig(
-            vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=3, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=40, decoder_ffn_dim=48, max_position_embeddings=64,
-            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.2, scale_embedding=True,
-            activation_function="relu", pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=3,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=40,
+            decoder_ffn_dim=48,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            init_std=0.2,
+            scale_embedding=True,
+            activation_function="relu",
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
             forced_eos_token_id=None,
         )
     ),
     "marian": lambda: tf.MarianMTModel(
         tf.MarianConfig(
-            vocab_size=VOCAB, decoder_vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=3,
-            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
-            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.2,
-            scale_embedding=True, activation_function="swish", pad_token_id=VOCAB - 1, eos_token_id=0,
-            decoder_start_token_id=VOCAB - 1, forced_eos_token_id=None,
+            vocab_size=VOCAB,
+            decoder_vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=3,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            init_std=0.2,
+            scale_embedding=True,
+            activation_function="swish",
+            pad_token_id=VOCAB - 1,
+            eos_token_id=0,
+            decoder_start_token_id=VOCAB - 1,
+            forced_eos_token_id=None,
         )
     ),
 }
@@ -77,13 +139,20 @@ def hf_generation_config(model, max_new_tokens: int, eos_token_id: int | None):
     """Plain greedy: no forced BOS/EOS, no min length, so HF runs the algorithm encdec runs."""
     cfg = model.config
     return tf.GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_token_id,
-        pad_token_id=cfg.pad_token_id, decoder_start_token_id=cfg.decoder_start_token_id,
-        forced_bos_token_id=None, forced_eos_token_id=None,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        decoder_start_token_id=cfg.decoder_start_token_id,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
     )
 
 
-def save_word_tokenizer(directory: Path, *, pad: str = "<pad>", eos: str = "</s>", unk: str = "<unk>") -> None:
+def save_word_tokenizer(
+    directory: Path, *, pad: str = "<pad>", eos: str = "</s>", unk: str = "<unk>"
+) -> None:
     """A whitespace word-level tokenizer over ``VOCAB`` ids (``w3``, ``w4``, ...), saved in HF layout."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 

@@ -92,7 +92,10 @@ def _t5_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     specs: dict[str, TensorSpec] = {}
     V, D = cfg.vocab_size, cfg.d_model
     specs["shared.weight"] = TensorSpec(
-        ("shared", "embedding_VD"), (V, D), _as_is, ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+        ("shared", "embedding_VD"),
+        (V, D),
+        _as_is,
+        ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
     )
     qkvo = ("q", "k", "v", "o")
     for stack, n_layers, heads, ffn_dim in (
@@ -129,9 +132,13 @@ def _bart_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     dec_alias = ("decoder.embed_tokens.weight",)
     if cfg.shared_decoder_embeddings:
         head_alias = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
-        specs["shared.weight"] = TensorSpec(("shared", "embedding_VD"), (V, D), _as_is, enc_alias + dec_alias + head_alias)
+        specs["shared.weight"] = TensorSpec(
+            ("shared", "embedding_VD"), (V, D), _as_is, enc_alias + dec_alias + head_alias
+        )
     else:
-        specs["encoder.embed_tokens.weight"] = TensorSpec(("shared", "embedding_VD"), (V, D), _as_is, ("shared.weight",))
+        specs["encoder.embed_tokens.weight"] = TensorSpec(
+            ("shared", "embedding_VD"), (V, D), _as_is, ("shared.weight",)
+        )
         head_alias = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
         specs["decoder.embed_tokens.weight"] = TensorSpec(
             ("decoder", "embedding_VD"), (cfg.decoder_vocab_size, D), _as_is, head_alias
@@ -263,7 +270,8 @@ def load_params(path: str | Path, cfg: ModelConfig, *, dtype: Any = np.float32) 
         array = load()
         if tuple(array.shape) != spec.hf_shape:
             raise CheckpointError(
-                f"tensor {raw_name!r} has shape {tuple(array.shape)}, expected {spec.hf_shape} from the config"
+                f"tensor {raw_name!r} has shape {tuple(array.shape)}, "
+                f"expected {spec.hf_shape} from the config"
             )
         _set(params, spec.path, jnp.asarray(spec.layout(array), dtype=dtype))
         found.add(name)

@@ -55,17 +55,30 @@ class EngineConfig:
     """KV cache dtype; None: float32 on CPU (XLA:CPU scatters into bfloat16 slowly), else the model's."""
 
     def __post_init__(self):
-        for name in ("num_slots", "page_size", "max_encoder_len", "max_new_tokens", "max_encoder_batch",
-                     "max_encoder_tokens", "steps_per_dispatch"):
+        for name in (
+            "num_slots",
+            "page_size",
+            "max_encoder_len",
+            "max_new_tokens",
+            "max_encoder_batch",
+            "max_encoder_tokens",
+            "steps_per_dispatch",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.cross_kv_fraction < 1:
-            raise ValueError(f"EngineConfig.cross_kv_fraction must be in (0, 1), got {self.cross_kv_fraction}")
+            raise ValueError(
+                f"EngineConfig.cross_kv_fraction must be in (0, 1), got {self.cross_kv_fraction}"
+            )
         if self.mode not in ("inflight", "static"):
             raise ValueError(f"EngineConfig.mode must be 'inflight' or 'static', got {self.mode!r}")
         if self.attention_impl not in ("auto", "pallas", "xla"):
-            raise ValueError(f"EngineConfig.attention_impl must be auto, pallas or xla, got {self.attention_impl!r}")
-        buckets = sorted({b for b in self.encoder_buckets if 0 < b < self.max_encoder_len} | {self.max_encoder_len})
+            raise ValueError(
+                f"EngineConfig.attention_impl must be auto, pallas or xla, got {self.attention_impl!r}"
+            )
+        buckets = sorted(
+            {b for b in self.encoder_buckets if 0 < b < self.max_encoder_len} | {self.max_encoder_len}
+        )
         object.__setattr__(self, "encoder_buckets", tuple(buckets))
 
     def bucket_for(self, length: int) -> int:

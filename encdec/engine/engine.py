@@ -47,11 +47,19 @@ def _jitted_steps(cfg, dtype: str, num_steps: int, implementation: str, lora_gat
     """The jitted steps, shared by engines of the same model config: a new engine (another mode,
     another slot count) reuses compiled variants instead of compiling them again."""
     lora_kw = {} if lora_gather is None else {"lora_gather": lora_gather}
-    encode = jax.jit(functools.partial(encode_insert, cfg=cfg, dtype=jnp.dtype(dtype), **lora_kw),
-                     donate_argnames=("state",))
+    encode = jax.jit(
+        functools.partial(encode_insert, cfg=cfg, dtype=jnp.dtype(dtype), **lora_kw),
+        donate_argnames=("state",),
+    )
     decode = jax.jit(
-        functools.partial(decode_steps, cfg=cfg, dtype=jnp.dtype(dtype), num_steps=num_steps,
-                          implementation=implementation, **lora_kw),
+        functools.partial(
+            decode_steps,
+            cfg=cfg,
+            dtype=jnp.dtype(dtype),
+            num_steps=num_steps,
+            implementation=implementation,
+            **lora_kw,
+        ),
         donate_argnames=("state",),
     )
     return encode, decode, jax.jit(release_slots, donate_argnames=("state",))
@@ -71,8 +79,8 @@ class Engine:
         if cfg.position != "relative":
             if config.max_encoder_len > cfg.max_positions or config.max_new_tokens > cfg.max_positions:
                 raise ValueError(
-                    f"max_encoder_len={config.max_encoder_len} / max_new_tokens={config.max_new_tokens} exceed the "
-                    f"model's {cfg.max_positions} positions"
+                    f"max_encoder_len={config.max_encoder_len} / max_new_tokens={config.max_new_tokens} "
+                    f"exceed the model's {cfg.max_positions} positions"
                 )
         on_cpu = jax.default_backend() == "cpu"
         cache_dtype = config.cache_dtype or ("float32" if on_cpu else jnp.dtype(model.dtype).name)
@@ -84,10 +92,17 @@ class Engine:
         self.cross_alloc = PageAllocator(self.pool_config.num_cross_pages)
         self.adapters = adapters
         self.state = init_state(
-            init_pools(self.pool_config), config.num_slots, self._self_width, self._cross_width, config.max_stop_tokens
+            init_pools(self.pool_config),
+            config.num_slots,
+            self._self_width,
+            self._cross_width,
+            config.max_stop_tokens,
         )
         self._encode, self._decode, self._release = _jitted_steps(
-            cfg, jnp.dtype(model.dtype).name, config.steps_per_dispatch, config.attention_impl,
+            cfg,
+            jnp.dtype(model.dtype).name,
+            config.steps_per_dispatch,
+            config.attention_impl,
             None if adapters is None else adapters.gather_fn,
         )
         self._next_id = 0
@@ -95,8 +110,14 @@ class Engine:
         self._queue: collections.deque[int] = collections.deque()
         self._slots: list[int | None] = [None] * config.num_slots
         self._pending: tuple[jax.Array, list[int | None]] | None = None
-        self.metrics = {"dispatches": 0, "encode_batches": 0, "peak_self_pages": 0, "peak_cross_pages": 0,
-                        "slot_fills": [0] * config.num_slots, "occupancy": []}
+        self.metrics = {
+            "dispatches": 0,
+            "encode_batches": 0,
+            "peak_self_pages": 0,
+            "peak_cross_pages": 0,
+            "slot_fills": [0] * config.num_slots,
+            "occupancy": [],
+        }
         self._t0 = time.perf_counter()
 
     # ---- construction helpers -------------------------------------------------------------
@@ -105,8 +126,11 @@ class Engine:
         c, cfg = self.config, self.model.config
         if c.num_self_pages is None and c.num_cross_pages is None and c.memory_budget_bytes is not None:
             return PoolConfig.from_budget(
-                cfg, memory_bytes=c.memory_budget_bytes, page_size=c.page_size,
-                cross_kv_fraction=c.cross_kv_fraction, dtype=dtype,
+                cfg,
+                memory_bytes=c.memory_budget_bytes,
+                page_size=c.page_size,
+                cross_kv_fraction=c.cross_kv_fraction,
+                dtype=dtype,
             )
         return PoolConfig.from_pages(
             cfg,
@@ -222,7 +246,8 @@ class Engine:
             "cross_pages_total": self.cross_alloc.capacity,
             "self_pages_used": self.self_alloc.num_used,
             "cross_pages_used": self.cross_alloc.num_used,
-            "peak_kv_bytes": (self.metrics["peak_self_pages"] + self.metrics["peak_cross_pages"]) * page_bytes,
+            "peak_kv_bytes": (self.metrics["peak_self_pages"] + self.metrics["peak_cross_pages"])
+            * page_bytes,
             "kv_bytes_total": sizes["total"],
             "compiled": self.compile_counts(),
         }
@@ -233,8 +258,10 @@ class Engine:
         Bounded: one decode, one release, and per encoder bucket one encode per power-of-two
         batch size up to its row limit.
         """
-        return {name: fn._cache_size() for name, fn in
-                (("encode", self._encode), ("decode", self._decode), ("release", self._release))}
+        return {
+            name: fn._cache_size()
+            for name, fn in (("encode", self._encode), ("decode", self._decode), ("release", self._release))
+        }
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -332,7 +359,10 @@ class Engine:
             if req.adapter_id is not None:
                 init["adapter_row_b"][r] = self.adapters.row_of(req.adapter_id)
         self.state = self._encode(
-            self.model.params, self.state, jnp.asarray(ids), SlotInit(**{k: jnp.asarray(v) for k, v in init.items()}),
+            self.model.params,
+            self.state,
+            jnp.asarray(ids),
+            SlotInit(**{k: jnp.asarray(v) for k, v in init.items()}),
             **self._bank_arg(),
         )
         self.metrics["encode_batches"] += 1

@@ -63,7 +63,9 @@ def validate(request: Request, ids: list[int], config: EngineConfig, vocab_size:
     if bad:
         raise RequestError(f"token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     if not 0 < request.max_new_tokens <= config.max_new_tokens:
-        raise RequestError(f"max_new_tokens must be in [1, {config.max_new_tokens}], got {request.max_new_tokens}")
+        raise RequestError(
+            f"max_new_tokens must be in [1, {config.max_new_tokens}], got {request.max_new_tokens}"
+        )
     if not 0 <= request.min_new_tokens <= request.max_new_tokens:
         raise RequestError(f"min_new_tokens must be in [0, max_new_tokens], got {request.min_new_tokens}")
     if not request.temperature >= 0:
@@ -73,7 +75,9 @@ def validate(request: Request, ids: list[int], config: EngineConfig, vocab_size:
     if request.top_k < 0:
         raise RequestError(f"top_k must be >= 0, got {request.top_k}")
     if len(request.stop_token_ids) > config.max_stop_tokens:
-        raise RequestError(f"at most {config.max_stop_tokens} stop_token_ids, got {len(request.stop_token_ids)}")
+        raise RequestError(
+            f"at most {config.max_stop_tokens} stop_token_ids, got {len(request.stop_token_ids)}"
+        )
     if request.adapter_id is not None and (adapters is None or request.adapter_id not in adapters):
         raise RequestError(f"unknown adapter id {request.adapter_id!r}")
     return ids

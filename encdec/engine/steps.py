@@ -65,7 +65,9 @@ class SlotInit:
     adapter_row_b: jax.Array
 
 
-def init_state(pools: PagePools, num_slots: int, self_pages: int, cross_pages: int, max_stop: int) -> DecodeState:
+def init_state(
+    pools: PagePools, num_slots: int, self_pages: int, cross_pages: int, max_stop: int
+) -> DecodeState:
     B = num_slots
 
     def zeros():  # a fresh buffer per field: donated fields must not alias
@@ -114,7 +116,11 @@ def encode_insert(
     k_LbSNH, v_LbSNH = project_cross_kv(params, cfg, enc_bSD, lora=lora)
     pool_dtype = state.pools.cross_k_LNPGH.dtype
     pools = write_cross(
-        state.pools, k_LbSNH.astype(pool_dtype), v_LbSNH.astype(pool_dtype), init.cross_page_table_bM, init.enc_len_b
+        state.pools,
+        k_LbSNH.astype(pool_dtype),
+        v_LbSNH.astype(pool_dtype),
+        init.cross_page_table_bM,
+        init.enc_len_b,
     )
     slot_b = init.slot_b
 
@@ -168,7 +174,13 @@ def decode_steps(
             implementation=implementation,
         )
         logits_B1V, kv = decode(
-            params, cfg, state.last_token_B[:, None], state.self_lengths_B[:, None], kv, dtype=dtype, lora=lora
+            params,
+            cfg,
+            state.last_token_B[:, None],
+            state.self_lengths_B[:, None],
+            kv,
+            dtype=dtype,
+            lora=lora,
         )
         n_B = state.num_generated_B
         logits_BV = ban_token(logits_B1V[:, 0], jnp.where(n_B < state.min_new_B, cfg.eos_token_id, -1))

@@ -56,13 +56,19 @@ class DenseKV:
 
     def self_attention(self, layer, q_BTNH, k_BTNH, v_BTNH, positions_BT, *, scale, bias_NR, max_distance):
         start = (layer, 0, self.index, 0, 0)
-        k_LBKNH = jax.lax.dynamic_update_slice(self.self_k_LBKNH, k_BTNH[None].astype(self.self_k_LBKNH.dtype), start)
-        v_LBKNH = jax.lax.dynamic_update_slice(self.self_v_LBKNH, v_BTNH[None].astype(self.self_v_LBKNH.dtype), start)
+        k_LBKNH = jax.lax.dynamic_update_slice(
+            self.self_k_LBKNH, k_BTNH[None].astype(self.self_k_LBKNH.dtype), start
+        )
+        v_LBKNH = jax.lax.dynamic_update_slice(
+            self.self_v_LBKNH, v_BTNH[None].astype(self.self_v_LBKNH.dtype), start
+        )
         k_pos_K = jnp.arange(k_LBKNH.shape[2], dtype=jnp.int32)
         mask_BTK = k_pos_K[None, None, :] <= positions_BT[:, :, None]
         bias = None
         if bias_NR is not None:
-            bias = relative_bias(bias_NR, positions_BT, k_pos_K, bidirectional=False, max_distance=max_distance)
+            bias = relative_bias(
+                bias_NR, positions_BT, k_pos_K, bidirectional=False, max_distance=max_distance
+            )
         out = dot_product_attention(
             q_BTNH, k_LBKNH[layer], v_LBKNH[layer], scale=scale, mask_BTK=mask_BTK, bias_BNTK=bias
         )
@@ -70,7 +76,9 @@ class DenseKV:
 
     def cross_attention(self, layer, q_BTNH, *, scale):
         T = q_BTNH.shape[1]
-        mask_BTS = jnp.broadcast_to(self.cross_mask_BS[:, None, :], (q_BTNH.shape[0], T, self.cross_mask_BS.shape[1]))
+        mask_BTS = jnp.broadcast_to(
+            self.cross_mask_BS[:, None, :], (q_BTNH.shape[0], T, self.cross_mask_BS.shape[1])
+        )
         return dot_product_attention(
             q_BTNH, self.cross_k_LBSNH[layer], self.cross_v_LBSNH[layer], scale=scale, mask_BTK=mask_BTS
         )

@@ -44,7 +44,9 @@ def attention_scale(cfg: ModelConfig) -> float:
     return cfg.head_dim**-0.5 if cfg.attention_scale else 1.0
 
 
-def _embed(stack: Params, params: Params, cfg: ModelConfig, ids_BT: jax.Array, positions_BT: jax.Array, dtype):
+def _embed(
+    stack: Params, params: Params, cfg: ModelConfig, ids_BT: jax.Array, positions_BT: jax.Array, dtype
+):
     table_VD = stack.get("embedding_VD", params["shared"]["embedding_VD"])
     x_BTD = table_VD[ids_BT].astype(dtype)
     if cfg.embed_scale != 1.0:
@@ -129,7 +131,10 @@ def encoder_layers(
 
         x_BSD, _ = _block(layer["attn_norm"], x_BSD, cfg, self_attn)
         x_BSD, _ = _block(
-            layer["ffn_norm"], x_BSD, cfg, lambda h, layer=layer, ll=ll: (_ffn(layer["ffn"], h, cfg, _sub(ll, "ffn")), None)
+            layer["ffn_norm"],
+            x_BSD,
+            cfg,
+            lambda h, layer=layer, ll=ll: (_ffn(layer["ffn"], h, cfg, _sub(ll, "ffn")), None),
         )
     if cfg.final_norm:
         x_BSD = norm(enc["final_norm"], x_BSD, cfg)
@@ -142,7 +147,9 @@ def project_cross_kv(
     """Every decoder layer's cross-attention K and V, stacked: ``[L, B, S, N, H]`` each."""
     ks, vs = [], []
     for i, layer in enumerate(params["decoder"]["layers"]):
-        k, v = _qkv(layer["cross_attn"], enc_BSD, _sub(lora, "decoder", "layers", i, "cross_attn"), ("k", "v"))
+        k, v = _qkv(
+            layer["cross_attn"], enc_BSD, _sub(lora, "decoder", "layers", i, "cross_attn"), ("k", "v")
+        )
         ks.append(k)
         vs.append(v)
     return jnp.stack(ks), jnp.stack(vs)
@@ -166,23 +173,24 @@ def decode(
     for i, layer in enumerate(dec["layers"]):
         ll = _sub(dec_lora, "layers", i)
 
-        def self_attn(h_BTD, kv, layer=layer, ll=ll, i=i):
+        def self_attn(h_BTD, layer=layer, ll=ll, i=i, kv=kv):
             q, k, v = _qkv(layer["attn"], h_BTD, _sub(ll, "attn"))
             out, kv = kv.self_attention(
                 i, q, k, v, positions_BT, scale=scale, bias_NR=bias_NR, max_distance=cfg.relative_max_distance
             )
             return project(layer["attn"]["o"], out, "BTNH,NHD->BTD", _sub(ll, "attn", "o")), kv
 
-        def cross_attn(h_BTD, layer=layer, ll=ll, i=i):
+        def cross_attn(h_BTD, layer=layer, ll=ll, i=i, kv=kv):
             (q,) = _qkv(layer["cross_attn"], h_BTD, _sub(ll, "cross_attn"), ("q",))
             out = kv.cross_attention(i, q, scale=scale)
             return project(layer["cross_attn"]["o"], out, "BTNH,NHD->BTD", _sub(ll, "cross_attn", "o")), None
 
-        x_BTD, kv = _block(layer["attn_norm"], x_BTD, cfg, lambda h, f=self_attn: f(h, kv))
+        def ffn(h_BTD, layer=layer, ll=ll):
+            return _ffn(layer["ffn"], h_BTD, cfg, _sub(ll, "ffn")), None
+
+        x_BTD, kv = _block(layer["attn_norm"], x_BTD, cfg, self_attn)
         x_BTD, _ = _block(layer["cross_attn_norm"], x_BTD, cfg, cross_attn)
-        x_BTD, _ = _block(
-            layer["ffn_norm"], x_BTD, cfg, lambda h, layer=layer, ll=ll: (_ffn(layer["ffn"], h, cfg, _sub(ll, "ffn")), None)
-        )
+        x_BTD, _ = _block(layer["ffn_norm"], x_BTD, cfg, ffn)
     if cfg.final_norm:
         x_BTD = norm(dec["final_norm"], x_BTD, cfg)
     return logits(params, cfg, x_BTD), kv.advance(tokens_BT.shape[1])
@@ -194,10 +202,15 @@ def logits(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
         x_BTD = x_BTD * jnp.asarray(cfg.d_model**-0.5, x_BTD.dtype)
     if cfg.tie_word_embeddings:
         table_VD = params["decoder"].get("embedding_VD", params["shared"]["embedding_VD"])
-        out_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, table_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+        out_BTV = jnp.einsum(
+            "BTD,VD->BTV", x_BTD, table_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32
+        )
     else:
         out_BTV = jnp.einsum(
-            "BTD,DV->BTV", x_BTD, params["lm_head"]["w"].astype(x_BTD.dtype), preferred_element_type=jnp.float32
+            "BTD,DV->BTV",
+            x_BTD,
+            params["lm_head"]["w"].astype(x_BTD.dtype),
+            preferred_element_type=jnp.float32,
         )
     if cfg.final_logits_bias:
         out_BTV = out_BTV + lead(params["final_logits_bias_V"].astype(jnp.float32), 3)

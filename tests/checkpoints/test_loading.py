@@ -73,14 +73,21 @@ def test_bfloat16_params(t5_dir):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda t: t.pop("decoder.block.1.layer.2.DenseReluDense.wo.weight"), "missing tensor.*DenseReluDense.wo"),
         (
-            lambda t: t.__setitem__("encoder.block.0.layer.0.SelfAttention.qq.weight", t.pop(
-                "encoder.block.0.layer.0.SelfAttention.q.weight")),
+            lambda t: t.pop("decoder.block.1.layer.2.DenseReluDense.wo.weight"),
+            "missing tensor.*DenseReluDense.wo",
+        ),
+        (
+            lambda t: t.__setitem__(
+                "encoder.block.0.layer.0.SelfAttention.qq.weight",
+                t.pop("encoder.block.0.layer.0.SelfAttention.q.weight"),
+            ),
             "unexpected tensor 'encoder.block.0.layer.0.SelfAttention.qq.weight'",
         ),
         (
-            lambda t: t.__setitem__("encoder.block.0.layer.0.SelfAttention.k.weight", np.zeros((48, 33), np.float32)),
+            lambda t: t.__setitem__(
+                "encoder.block.0.layer.0.SelfAttention.k.weight", np.zeros((48, 33), np.float32)
+            ),
             r"SelfAttention.k.weight' has shape \(48, 33\), expected \(48, 32\)",
         ),
     ],
@@ -121,6 +128,14 @@ def test_missing_files_and_unknown_model_type(t5_dir, tmp_path):
 def test_unsupported_option_is_named():
     with pytest.raises(encdec.UnsupportedModelError, match="feed_forward_proj='gated-tanhshrink'"):
         encdec.ModelConfig.from_hf(
-            {"model_type": "t5", "feed_forward_proj": "gated-tanhshrink", "num_layers": 1, "vocab_size": 8,
-             "d_model": 4, "d_kv": 2, "d_ff": 4, "num_heads": 2}
+            {
+                "model_type": "t5",
+                "feed_forward_proj": "gated-tanhshrink",
+                "num_layers": 1,
+                "vocab_size": 8,
+                "d_model": 4,
+                "d_kv": 2,
+                "d_ff": 4,
+                "num_heads": 2,
+            }
         )

@@ -11,8 +11,14 @@ MAX_IN, MAX_NEW = 20, 12
 
 def _config(**kw):
     base = dict(
-        num_slots=8, page_size=4, max_encoder_len=MAX_IN, max_new_tokens=MAX_NEW, encoder_buckets=(8, 16),
-        steps_per_dispatch=2, attention_impl="xla", max_encoder_batch=4,
+        num_slots=8,
+        page_size=4,
+        max_encoder_len=MAX_IN,
+        max_new_tokens=MAX_NEW,
+        encoder_buckets=(8, 16),
+        steps_per_dispatch=2,
+        attention_impl="xla",
+        max_encoder_batch=4,
     )
     base.update(kw)
     return EngineConfig(**base)
@@ -54,7 +60,12 @@ def test_64_mixed_requests_through_8_slots_equal_reference_alone(tiny_models, fa
     for req, out in zip(requests, outputs, strict=True):
         assert out.token_ids == _reference(family, model, tuple(req.inputs), req.max_new_tokens), req
         assert out.finish_reason in ("stop", "length")
-        assert out.timings["arrival"] <= out.timings["admitted"] <= out.timings["first_token"] <= out.timings["done"]
+        assert (
+            out.timings["arrival"]
+            <= out.timings["admitted"]
+            <= out.timings["first_token"]
+            <= out.timings["done"]
+        )
     stats = engine.stats()
     assert stats["self_pages_used"] == 0 and stats["cross_pages_used"] == 0
     assert min(stats["slot_fills"]) >= 4  # every slot reused many times
@@ -64,7 +75,9 @@ def test_64_mixed_requests_through_8_slots_equal_reference_alone(tiny_models, fa
 
 def test_sampling_is_batch_invariant(tiny_models):
     model = tiny_models["t5"]
-    target = Request(inputs=[5, 9, 17, 33, 2], max_new_tokens=MAX_NEW, temperature=1.3, top_k=20, top_p=0.9, seed=7)
+    target = Request(
+        inputs=[5, 9, 17, 33, 2], max_new_tokens=MAX_NEW, temperature=1.3, top_k=20, top_p=0.9, seed=7
+    )
     alone = Engine(model, _config()).generate([target])[0].token_ids
     crowd = _requests(20, 3, temperature=0.8, seed=11)
     mixed = Engine(model, _config()).generate(crowd[:9] + [target] + crowd[9:])[9].token_ids

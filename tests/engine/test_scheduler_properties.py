@@ -8,7 +8,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from encdec.engine import Engine, EngineConfig, Request
 from tests.engine.test_engine import MAX_IN, MAX_NEW, _reference
 
-INPUTS = [tuple(np.random.default_rng(i).integers(3, 90, n).tolist()) for i, n in enumerate((1, 4, 9, 15, MAX_IN))]
+INPUTS = [
+    tuple(np.random.default_rng(i).integers(3, 90, n).tolist()) for i, n in enumerate((1, 4, 9, 15, MAX_IN))
+]
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -16,11 +18,25 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @initialize(slots=st.integers(1, 4), tight=st.booleans())
     def start(self, slots, tight):
-        pages = dict(num_self_pages=1 + 2 * -(-MAX_NEW // 4), num_cross_pages=1 + 2 * -(-MAX_IN // 4)) if tight else {}
-        self.engine = Engine(self.model, EngineConfig(
-            num_slots=slots, page_size=4, max_encoder_len=MAX_IN, max_new_tokens=MAX_NEW, encoder_buckets=(8, 16),
-            steps_per_dispatch=2, attention_impl="xla", max_encoder_batch=4, **pages,
-        ))
+        pages = (
+            dict(num_self_pages=1 + 2 * -(-MAX_NEW // 4), num_cross_pages=1 + 2 * -(-MAX_IN // 4))
+            if tight
+            else {}
+        )
+        self.engine = Engine(
+            self.model,
+            EngineConfig(
+                num_slots=slots,
+                page_size=4,
+                max_encoder_len=MAX_IN,
+                max_new_tokens=MAX_NEW,
+                encoder_buckets=(8, 16),
+                steps_per_dispatch=2,
+                attention_impl="xla",
+                max_encoder_batch=4,
+                **pages,
+            ),
+        )
         self.requests: dict[int, Request] = {}
         self.cancelled: set[int] = set()
 
@@ -74,6 +90,10 @@ class SchedulerMachine(RuleBasedStateMachine):
 def test_scheduler_invariants_under_random_traffic(tiny_models):
     SchedulerMachine.model = tiny_models["t5"]
     SchedulerMachine.TestCase.settings = settings(
-        max_examples=12, stateful_step_count=20, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        max_examples=12,
+        stateful_step_count=20,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
     )
     SchedulerMachine.TestCase().runTest()

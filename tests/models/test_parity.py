@@ -39,10 +39,14 @@ def test_encoder_and_decoder_logits_match_hf(pair):
     dec_ids[:, 0] = cfg.decoder_start_token_id
     with torch.no_grad():
         out = hf(
-            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), decoder_input_ids=torch.tensor(dec_ids),
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            decoder_input_ids=torch.tensor(dec_ids),
             output_hidden_states=False,
         )
-        hf_enc = hf.get_encoder()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+        hf_enc = hf.get_encoder()(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
+        ).last_hidden_state
     enc = encode(model.params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
     np.testing.assert_allclose(np.asarray(enc), hf_enc.numpy(), atol=1e-4, rtol=0)
 
@@ -74,9 +78,12 @@ def test_greedy_tokens_match_hf_for_32_steps(pair):
     use_cache = hf.config.model_type not in ("t5", "mt5") or cfg.encoder_layers == cfg.decoder_layers
     with torch.no_grad():
         hf_out = hf.generate(
-            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-            generation_config=hf_generation_config(hf, 32, VOCAB + 7), use_cache=use_cache,
-            output_logits=True, return_dict_in_generate=True,
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            generation_config=hf_generation_config(hf, 32, VOCAB + 7),
+            use_cache=use_cache,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     inputs = [list(r[m > 0]) for r, m in zip(ids, mask, strict=True)]
     ours, logits = encdec.reference_generate(model, inputs, 32, eos_token_id=-1, return_logits=True)
@@ -95,7 +102,9 @@ def test_bfloat16_stays_close_to_float32(pair, tmp_path):
     cfg = model32.config
     ids, mask = _batch(cfg.pad_token_id)
     enc32 = encode(model32.params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
-    enc16 = encode(model16.params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool), dtype=jnp.bfloat16)
+    enc16 = encode(
+        model16.params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool), dtype=jnp.bfloat16
+    )
     assert enc16.dtype == jnp.bfloat16
     # bfloat16 keeps 8 mantissa bits (~0.4% relative); a few layers compound it: allow 5% of
     # the activations' scale, which a wrong cast or missed float32 accumulation would exceed.
