@@ -131,7 +131,8 @@ class BaselineSection:
     device: Literal["cpu", "cuda"] = "cpu"
     """Device of the baseline."""
     threads: int = 0
-    """CPU threads (torch threads, CTranslate2 ``intra_threads``); 0 = every core."""
+    """CPU threads (torch threads, CTranslate2 ``intra_threads``); 0 = every core. On a machine
+    shared with other jobs, torch with every core can be several times slower than with one."""
 
     def __post_init__(self):
         _require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
@@ -165,8 +166,11 @@ class ExperimentConfig:
     """Timed runs per system; the run with the median throughput is reported."""
     check_outputs: bool = True
     """Compare every system's tokens with ``reference_generate`` (computed once per model x workload)."""
-    reference_batch: int = 64
-    """Requests per ``reference_generate`` batch (larger: fewer compiles, more memory)."""
+    tie_checks: int = 32
+    """Diverging requests per run whose first divergence is checked for a numerical tie (0: none)."""
+    reference_batch: int = 16
+    """Requests per ``reference_generate`` batch, grouped by output length. On CPU a step costs
+    about rows x steps, so small batches waste less on padding; on GPU make it large (fewer compiles)."""
     cache_dir: str | None = None
     """Where shape checkpoints are cached; default ``$ENCDEC_CACHE/shapes`` or ``~/.cache/encdec/shapes``."""
 
@@ -180,17 +184,19 @@ class ExperimentConfig:
         for i, n in enumerate(self.num_slots):
             _require(n >= 1, f"num_slots[{i}]", f"must be >= 1, got {n}")
         _require(self.repeats >= 1, "repeats", f"must be >= 1, got {self.repeats}")
+        _require(self.tie_checks >= 0, "tie_checks", f"must be >= 0, got {self.tie_checks}")
         _require(self.reference_batch >= 1, "reference_batch", f"must be >= 1, got {self.reference_batch}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
 
-def _plain(x: Any) -> Any:
+def plain(x: Any) -> Any:
+    """Tuples to lists, recursively: what YAML and JSON hold."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     return x
 
 
@@ -311,7 +317,7 @@ def _set(node: Any, parts: list[str], value: Any, prefix: str) -> None:
 
 
 def load_experiment_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
-    data = _plain(data or {})
+    data = plain(data or {})
     for assignment in overrides:
         apply_override(data, assignment)
     return from_dict(ExperimentConfig, data)

@@ -8,6 +8,8 @@ markdown table. ``encdec run experiments/<name>.yaml`` is :func:`run_experiment_
 from __future__ import annotations
 
 import csv
+import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -15,18 +17,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from encdec.bench.config import ExperimentConfig, ModelSpec, load_experiment
-from encdec.bench.metrics import reference_outputs, summarize
+from encdec.bench.config import ExperimentConfig, ModelSpec, load_experiment, plain
+from encdec.bench.metrics import SystemRun, TieCheck, reference_outputs, summarize
 from encdec.bench.shapes import get_shape, write_shape
 from encdec.bench.systems import System, make_system
-from encdec.bench.workloads import make_trace
+from encdec.bench.workloads import Trace, make_trace
 
 TABLE_COLUMNS = (
     ("model", "model"), ("workload", "workload"), ("num_slots", "slots"), ("system", "system"),
     ("output_tokens_per_s", "tok/s"), ("p50_latency_s", "p50 s"), ("p99_latency_s", "p99 s"),
     ("ttft_p50_s", "TTFT p50 s"), ("kv_utilization", "KV util"), ("outputs_match_reference", "match"),
 )
-CSV_SKIP = ("latencies_s", "first_mismatch", "repeat_wall_s")
+CSV_SKIP = ("latencies_s", "first_mismatch", "repeat_wall_s", "compiled")
 
 
 def machine_info() -> dict[str, Any]:
@@ -76,6 +78,15 @@ def _median_run(runs: list) -> Any:
     return by_wall[(len(by_wall) - 1) // 2]
 
 
+def _timed_runs(system: System, trace: Trace, slots: int, cfg: ExperimentConfig) -> list[SystemRun]:
+    """Size the system to the trace, warm it up (untimed), then ``cfg.repeats`` timed runs."""
+    system.prepare(trace, slots)
+    warm = {"trace": trace, "short": trace.capped(4), "none": None}[cfg.warmup]
+    if warm is not None:
+        system.run(warm, slots)
+    return [system.run(trace, slots) for _ in range(cfg.repeats)]
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Run every combination of ``cfg``, write results to ``out_dir``, return the results dict."""
     from tqdm.auto import tqdm
@@ -105,51 +116,32 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
         shape = get_shape(spec.shape)
         bar.set_postfix_str(f"writing {spec.shape}")
         model_dir = write_shape(spec.shape, spec.seed, cfg.cache_dir)
-        loaded: dict[str, Any] = {}
-
-        def load_model(spec=spec, model_dir=model_dir, loaded=loaded):
-            if "model" not in loaded:
-                loaded["model"] = encdec.load_pretrained(model_dir, dtype=spec.dtype, tokenizer=False)
-            return loaded["model"]
-
-        model_cfg = load_model().config
+        model = encdec.load_pretrained(model_dir, dtype=spec.dtype, tokenizer=False)
         results["model"][label] = {
             "shape": spec.shape, "dtype": spec.dtype, "seed": spec.seed, "path": str(model_dir),
             "family": shape.family, "hf_config": shape.hf_config,
         }
-        max_in = None if model_cfg.position == "relative" else model_cfg.max_positions
+        max_in = None if model.config.position == "relative" else model.config.max_positions
         systems: dict[str, System] = {}
         try:
             for wl in cfg.workloads:
                 trace = make_trace(wl, shape.token_range, max_input_len=max_in)
-                results["workload"][wl.name] = {**trace.summary(), "config": results["config"]["workloads"][
-                    cfg.workloads.index(wl)]}
-                reference = None
+                results["workload"][wl.name] = {**trace.summary(), "config": plain(dataclasses.asdict(wl))}
+                reference, tie_check = None, None
                 if cfg.check_outputs:
                     bar.set_postfix_str(f"reference {label} {wl.name}")
-                    reference = reference_outputs(
-                        load_model(), trace, chunk=cfg.reference_batch, progress=progress
-                    )
-                for slots in cfg.num_slots:
-                    for name in cfg.systems:
-                        bar.set_postfix_str(f"{label} {wl.name} slots={slots} {name}")
-                        if name not in systems:
-                            systems[name] = make_system(
-                                name, spec, cfg, model_dir=model_dir, load_model=load_model
-                            )
-                        system = systems[name]
-                        system.prepare(trace, slots)
-                        warm = {"trace": trace, "short": trace.capped(4), "none": None}[cfg.warmup]
-                        if warm is not None:
-                            system.run(warm, slots)
-                        runs = [system.run(trace, slots) for _ in range(cfg.repeats)]
-                        row = summarize(_median_run(runs), trace, reference)
-                        where = {"model": label, "dtype": spec.dtype, "workload": wl.name, "num_slots": slots}
-                        row = {**where, **row}
-                        row["repeat_wall_s"] = [r.wall_s for r in runs]
-                        results["runs"].append(row)
-                        write_results(results, out_dir)
-                        bar.update()
+                    reference = reference_outputs(model, trace, chunk=cfg.reference_batch, progress=progress)
+                    tie_check = TieCheck(model, trace)
+                for slots, name in itertools.product(cfg.num_slots, cfg.systems):
+                    bar.set_postfix_str(f"{label} {wl.name} slots={slots} {name}")
+                    if name not in systems:
+                        systems[name] = make_system(name, spec, cfg, model_dir=model_dir, model=model)
+                    runs = _timed_runs(systems[name], trace, slots, cfg)
+                    row = summarize(_median_run(runs), trace, reference, tie_check, cfg.tie_checks)
+                    where = {"model": label, "dtype": spec.dtype, "workload": wl.name, "num_slots": slots}
+                    results["runs"].append({**where, **row, "repeat_wall_s": [r.wall_s for r in runs]})
+                    write_results(results, out_dir)
+                    bar.update()
         finally:
             for system in systems.values():
                 system.close()
@@ -248,13 +240,17 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
     lines = [head, sep]
     for r in runs:
         lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in TABLE_COLUMNS) + " |")
-    mismatches = [r for r in runs if r.get("outputs_match_reference") is False]
-    for r in mismatches:
-        m = r["first_mismatch"]
+    for r in runs:
+        m = r.get("first_mismatch")
+        if m is None:
+            continue
+        kind = "numerical tie" if m.get("numerical_tie") else "MISMATCH"
         lines.append(
-            f"\n{r['system']} on {r['model']}/{r['workload']}: {r['match_fraction']:.1%} of requests match; "
-            f"first mismatch request {m['request']} at token {m['position']}: "
-            f"expected {m['expected']}, got {m['got']}"
+            f"\n{r['system']} on {r['model']}/{r['workload']}: "
+            f"{r['match_fraction']:.1%} of requests match exactly, "
+            f"{r['tie_divergences']} diverge at a numerical tie; first {kind}: request {m['request']} "
+            f"token {m['position']}: expected {m['expected']}, got {m['got']}"
+            + (f" (logit gap {m['logit_gap_rel']:.1e} of the logits' std)" if "logit_gap_rel" in m else "")
         )
     return "\n".join(lines)
 

@@ -110,15 +110,7 @@ class Engine:
         self._queue: collections.deque[int] = collections.deque()
         self._slots: list[int | None] = [None] * config.num_slots
         self._pending: tuple[jax.Array, list[int | None]] | None = None
-        self.metrics = {
-            "dispatches": 0,
-            "encode_batches": 0,
-            "peak_self_pages": 0,
-            "peak_cross_pages": 0,
-            "slot_fills": [0] * config.num_slots,
-            "occupancy": [],
-        }
-        self._t0 = time.perf_counter()
+        self.reset_stats()
 
     # ---- construction helpers -------------------------------------------------------------
 
@@ -142,8 +134,11 @@ class Engine:
 
     # ---- public API -----------------------------------------------------------------------
 
-    def submit(self, request: Request) -> int:
-        """Validate and queue a request; return its handle. Bad requests raise :class:`RequestError`."""
+    def submit(self, request: Request, *, arrival: float | None = None) -> int:
+        """Validate and queue a request; return its handle. Bad requests raise :class:`RequestError`.
+
+        ``arrival`` (a ``time.perf_counter()`` stamp) is when it arrived, if before now.
+        """
         ids, is_text = self._tokenize(request)
         ids = validate(request, ids, self.config, self.model.config.vocab_size, self.adapters)
         need_self = pages_for(request.max_new_tokens, self.config.page_size)
@@ -155,7 +150,7 @@ class Engine:
             )
         rid = self._next_id
         self._next_id += 1
-        self._live[rid] = _Live(rid, request, ids, is_text, {"arrival": time.perf_counter()})
+        self._live[rid] = _Live(rid, request, ids, is_text, {"arrival": arrival or time.perf_counter()})
         self._queue.append(rid)
         return rid
 
@@ -190,7 +185,7 @@ class Engine:
             while k < len(order) and (requests[order[k]].arrival_time or 0.0) <= now:
                 i = order[k]
                 try:
-                    handles[i] = self.submit(requests[i])
+                    handles[i] = self.submit(requests[i], arrival=start + (requests[i].arrival_time or 0.0))
                 except RequestError as e:
                     outputs[i] = RequestOutput(-1, [], "error", error=str(e))
                 k += 1
@@ -215,10 +210,14 @@ class Engine:
             if not busy:
                 raise RuntimeError("engine idle while a streamed request is unfinished")
 
-    def warmup(self) -> dict[str, int]:
-        """Compile every step variant now (no-op inputs), so serving never compiles; returns the counts."""
+    def warmup(self, max_input_len: int | None = None) -> dict[str, int]:
+        """Compile every step variant now (no-op inputs), so serving never compiles; returns the counts.
+
+        ``max_input_len`` limits it to the buckets inputs up to that length use.
+        """
         c = self.config
-        for bucket in c.encoder_buckets:
+        top = c.bucket_for(min(max_input_len or c.max_encoder_len, c.max_encoder_len))
+        for bucket in (b for b in c.encoder_buckets if b <= top):
             rows = 1
             while rows <= c.encoder_batch_rows(bucket):
                 self._encode_batch(bucket, rows, [])  # padding rows only: writes nothing
@@ -228,12 +227,23 @@ class Engine:
         self.state, results = self._decode(self.model.params, self.state, **self._bank_arg())
         self.state = self._release(self.state, jnp.zeros((c.num_slots,), bool))
         jax.block_until_ready(results)
-        self.metrics["encode_batches"] = 0
+        self.reset_stats()
         return self.compile_counts()
 
     def run_until_idle(self) -> None:
         while self.step():
             pass
+
+    def reset_stats(self) -> None:
+        """Start the figures of :meth:`stats` afresh (e.g. after a warm-up run)."""
+        self.metrics = {
+            "dispatches": 0,
+            "encode_batches": 0,
+            "peak_self_pages": self.self_alloc.num_used,
+            "peak_cross_pages": self.cross_alloc.num_used,
+            "slot_fills": [0] * self.config.num_slots,
+            "occupancy": [],
+        }
 
     def stats(self) -> dict:
         """Cache, slot and compile figures since construction."""
@@ -241,7 +251,7 @@ class Engine:
         sizes = pool_bytes(self.pool_config)
         return {
             **{k: v for k, v in self.metrics.items() if k != "occupancy"},
-            "slot_occupancy": list(self.metrics["occupancy"]),
+            "slot_occupancy": list(self.metrics["occupancy"]),  # (perf_counter time, busy slots)
             "self_pages_total": self.self_alloc.capacity,
             "cross_pages_total": self.cross_alloc.capacity,
             "self_pages_used": self.self_alloc.num_used,
@@ -277,7 +287,7 @@ class Engine:
             self._pending = (results, list(self._slots))
             self.metrics["dispatches"] += 1
             self.metrics["occupancy"].append(
-                (time.perf_counter() - self._t0, sum(s is not None for s in self._slots))
+                (time.perf_counter(), sum(s is not None for s in self._slots))
             )
         if previous is not None:
             self._read(*previous)

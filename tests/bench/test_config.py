@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from encdec.bench.config import ConfigError, ExperimentConfig, LengthDist, load_experiment, load_experiment_dict
+from encdec.bench.config import ConfigError, ExperimentConfig, LengthDist, load_experiment
+from encdec.bench.config import load_experiment_dict as load_dict
 
-EXPERIMENTS = sorted((Path(__file__).parents[2] / "experiments").glob("*.yaml"))
+BENCH_EXPERIMENTS = ("quickstart", "bench_cpu", "bench_gpu")
+EXPERIMENTS = [Path(__file__).parents[2] / "experiments" / f"{n}.yaml" for n in BENCH_EXPERIMENTS]
 
 
 def _base(**kw):
@@ -20,14 +22,20 @@ def _base(**kw):
     return data
 
 
+def _wl(**kw):
+    """A config whose one workload has the mixed profile plus ``kw`` (None removes a key)."""
+    workload = {"name": "w", "profile": "mixed", **kw}
+    return _base(workloads=[{k: v for k, v in workload.items() if v is not None}])
+
+
 def _error(data, overrides=()):
     with pytest.raises(ConfigError) as info:
-        load_experiment_dict(data, overrides)
+        load_dict(data, overrides)
     return info.value
 
 
 def test_minimal_config_gets_defaults():
-    cfg = load_experiment_dict(_base())
+    cfg = load_dict(_base())
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.num_slots == (8,)
     assert cfg.workloads[0].output_len == LengthDist("uniform", low=2, high=6)
@@ -53,15 +61,13 @@ def test_unknown_keys_are_errors_naming_the_key(data, key):
 @pytest.mark.parametrize(
     ("data", "key", "words"),
     [
-        (_base(workloads=[{"name": "w", "profile": "mixed", "arrival": "poison"}]), "workloads[0].arrival", "poison"),
-        (_base(workloads=[{"name": "w", "profile": "mixed", "num_requests": 0}]), "workloads[0].num_requests", ">= 1"),
-        (_base(workloads=[{"name": "w", "profile": "mixed", "num_requests": "many"}]), "workloads[0].num_requests",
-         "integer"),
-        (_base(workloads=[{"name": "w", "profile": "mixed", "rate": -1}]), "workloads[0].rate", "> 0"),
-        (_base(workloads=[{"name": "w", "profile": "sprint"}]), "workloads[0].profile", "sprint"),
-        (_base(workloads=[{"name": "w"}]), "workloads[0].input_len", "required"),
-        (_base(workloads=[{"name": "w", "profile": "mixed", "output_len": {"kind": "uniform", "low": 9, "high": 3}}]),
-         "workloads[0].output_len.high", ">= low"),
+        (_wl(arrival="poison"), "workloads[0].arrival", "poison"),
+        (_wl(num_requests=0), "workloads[0].num_requests", ">= 1"),
+        (_wl(num_requests="many"), "workloads[0].num_requests", "integer"),
+        (_wl(rate=-1), "workloads[0].rate", "> 0"),
+        (_wl(profile="sprint"), "workloads[0].profile", "sprint"),
+        (_wl(profile=None), "workloads[0].input_len", "required"),
+        (_wl(output_len={"kind": "uniform", "low": 9, "high": 3}), "workloads[0].output_len.high", ">= low"),
         (_base(models=[{"shape": "t5-huge"}]), "models[0].shape", "t5-huge"),
         (_base(models=[{"shape": "tiny-t5", "dtype": "float64"}]), "models[0].dtype", "float64"),
         (_base(models=[]), "models", "at least one"),
@@ -72,7 +78,8 @@ def test_unknown_keys_are_errors_naming_the_key(data, key):
         (_base(warmup="always"), "warmup", "always"),
         (_base(hf={"device": "tpu"}), "hf.device", "tpu"),
         (_base(engine={"options": [1]}), "engine.options", "mapping"),
-        ({"models": [{"shape": "tiny-t5"}], "workloads": [{"name": "w", "profile": "mixed"}]}, "name", "required"),
+        ({"models": [{"shape": "tiny-t5"}], "workloads": [{"name": "w", "profile": "mixed"}]}, "name",
+         "required"),
     ],
 )
 def test_bad_values_are_errors_naming_the_key(data, key, words):
@@ -82,7 +89,7 @@ def test_bad_values_are_errors_naming_the_key(data, key, words):
 
 
 def test_overrides_are_yaml_typed():
-    cfg = load_experiment_dict(
+    cfg = load_dict(
         _base(),
         [
             "num_slots=[2, 4]", "workloads.0.arrival=poisson", "workloads.0.rate=2.5", "check_outputs=false",
@@ -99,7 +106,7 @@ def test_overrides_are_yaml_typed():
 
 def test_scalar_for_a_list_field_and_broadcast_over_list_items():
     data = _base(workloads=[{"name": "a", "profile": "mixed"}, {"name": "b", "profile": "translation"}])
-    cfg = load_experiment_dict(data, ["num_slots=16", "workloads.num_requests=3"])
+    cfg = load_dict(data, ["num_slots=16", "workloads.num_requests=3"])
     assert cfg.num_slots == (16,)
     assert [w.num_requests for w in cfg.workloads] == [3, 3]
 

@@ -38,7 +38,8 @@ def test_input_ids_are_ordinary_tokens():
 
 
 def test_fixed_lengths_are_exact():
-    trace = make_trace(_wl(input_len=LengthDist("fixed", value=7), output_len=LengthDist("fixed", value=11)), RANGE)
+    cfg = _wl(input_len=LengthDist("fixed", value=7), output_len=LengthDist("fixed", value=11))
+    trace = make_trace(cfg, RANGE)
     assert {len(r.input_ids) for r in trace.requests} == {7}
     assert {r.output_len for r in trace.requests} == {11}
     assert trace.output_tokens == 11 * 400
@@ -52,7 +53,8 @@ def test_uniform_lengths_cover_their_inclusive_range():
 
 def test_loguniform_is_skewed_towards_short_with_a_long_tail():
     dist = LengthDist("loguniform", low=4, high=256)
-    outs = np.array([r.output_len for r in make_trace(_wl(num_requests=4000, output_len=dist), RANGE).requests])
+    trace = make_trace(_wl(num_requests=4000, output_len=dist), RANGE)
+    outs = np.array([r.output_len for r in trace.requests])
     assert outs.min() >= 4 and outs.max() <= 256 and outs.max() > 200
     assert np.median(outs) < 50 < outs.mean() + 20  # median near sqrt(4 * 256) = 32
     assert np.mean(outs < 16) == pytest.approx(np.log(16 / 4) / np.log(257 / 4), abs=0.03)

@@ -1,0 +1,89 @@
+"""One-step smoke runs of every experiment file, shrunk to tiny shapes, with the systems that exist."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from encdec.bench.config import load_experiment
+from encdec.bench.run import markdown_table, run_experiment
+from encdec.bench.shapes import get_shape
+from encdec.bench.systems import available_systems
+from encdec.cli import main
+
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
+RUN_KEYS = {
+    "system", "model", "workload", "num_slots", "output_tokens_per_s", "p50_latency_s", "p99_latency_s",
+    "ttft_p50_s", "outputs_match_reference", "match_fraction", "first_mismatch", "wall_s", "output_tokens",
+    "latencies_s", "peak_kv_bytes", "kv_utilization",
+}
+
+
+def shrink(path: Path, cache: Path) -> list[str]:
+    """Overrides that make an experiment tiny: tiny shapes of the same family, three requests of a
+    few tokens, two slots, no warm-up, CPU, and only the systems this environment has."""
+    raw = yaml.safe_load(path.read_text())
+    out = [f"models.{i}.shape=tiny-{get_shape(m['shape']).family}" for i, m in enumerate(raw["models"])]
+    out += [f"models.{i}.seed={i}" for i in range(len(raw["models"]))]  # keep labels distinct
+    ok = available_systems()
+    systems = [s for s in raw.get("systems", load_experiment(path).systems) if ok[s] is None]
+    out += [
+        f"systems=[{', '.join(systems)}]", "num_slots=[2]", "warmup=none", "workloads.num_requests=3",
+        "workloads.input_len={kind: uniform, low: 2, high: 9}",
+        "workloads.output_len={kind: uniform, low: 1, high: 5}",
+        "hf.device=cpu", "ctranslate2.device=cpu", f"cache_dir={cache}",
+        "engine.options.max_encoder_batch=2",  # few encoder variants to compile
+    ]
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("shapes")
+
+
+@pytest.mark.parametrize("name", ["quickstart", "bench_cpu", "bench_gpu"])
+def test_experiment_smoke_run_writes_results(name, cache, tmp_path):
+    path = EXPERIMENTS / f"{name}.yaml"
+    cfg = load_experiment(path, shrink(path, cache))
+    results = run_experiment(cfg, tmp_path, progress=False)
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert {"experiment", "config", "machine", "model", "workload", "runs"} <= set(saved)
+    assert {"cpu", "cores", "device_kind", "jax_backend"} <= set(saved["machine"])
+    expected = len(cfg.models) * len(cfg.workloads) * len(cfg.num_slots) * len(cfg.systems)
+    assert len(saved["runs"]) == expected
+    for run in saved["runs"]:
+        assert RUN_KEYS <= set(run), RUN_KEYS - set(run)
+        assert run["model"] in saved["model"] and run["workload"] in saved["workload"]
+        assert run["output_tokens"] == saved["workload"][run["workload"]]["output_tokens"]
+        assert run["output_tokens_per_s"] > 0 and run["p50_latency_s"] <= run["p99_latency_s"]
+        assert len(run["latencies_s"]) == 3
+        if cfg.models[0].dtype == "float32" and not run["system"].endswith("int8"):
+            assert run["outputs_match_reference"] is True, run["first_mismatch"]
+        if run["system"].startswith("encdec"):
+            assert run["ttft_p50_s"] is not None and 0 < run["kv_utilization"] <= 1
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == expected
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+    assert (tmp_path / "latency_cdf.png").stat().st_size > 0
+    assert markdown_table(saved["runs"]).count("\n") == expected + 1
+
+
+def test_cli_runs_an_experiment_and_prints_a_table(cache, tmp_path, capsys):
+    path = EXPERIMENTS / "quickstart.yaml"
+    args = ["run", str(path), "--out", str(tmp_path)]
+    for override in shrink(path, cache) + ["systems=[hf-generate]", "check_outputs=false"]:
+        args += ["--set", override]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| hf-generate |" in out and "results.json" in out
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["outputs_match_reference"] is None
+
+
+def test_cli_reports_config_errors_by_key(tmp_path, capsys):
+    assert main(["run", str(EXPERIMENTS / "quickstart.yaml"), "--set", "workloads.0.arival=poisson"]) == 2
+    assert "workloads[0].arival" in capsys.readouterr().err
