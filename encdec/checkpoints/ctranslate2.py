@@ -28,7 +28,12 @@ from encdec.config import ModelConfig, UnsupportedModelError
 
 BINARY_VERSION = 6
 _DTYPES: tuple[np.dtype | None, ...] = (
-    np.dtype("<f4"), np.dtype("i1"), np.dtype("<i2"), np.dtype("<i4"), np.dtype("<f2"), None,  # None: bfloat16
+    np.dtype("<f4"),
+    np.dtype("i1"),
+    np.dtype("<i2"),
+    np.dtype("<i4"),
+    np.dtype("<f2"),
+    None,  # None: bfloat16
 )
 _DTYPE_NAMES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
 _MAX_RANK = 8
@@ -93,7 +98,9 @@ class _Cursor:
         start = self.take(n, what)
         raw = bytes(self.buf[start : start + n])
         if n == 0 or raw[-1] != 0:
-            raise CheckpointError(f"{self.path} is corrupt: {what} at offset {start} is not a NUL-terminated string")
+            raise CheckpointError(
+                f"{self.path} is corrupt: {what} at offset {start} is not a NUL-terminated string"
+            )
         try:
             text = raw[:-1].decode("utf-8")
         except UnicodeDecodeError as e:
@@ -115,8 +122,8 @@ def read_model_bin(path: str | Path) -> Ct2File:
     version = cur.unpack("I", "the binary version")
     if version != BINARY_VERSION:
         raise CheckpointError(
-            f"{path} has binary version {version}; this reader supports CTranslate2's version {BINARY_VERSION} "
-            "(a corrupt file, or one written by another CTranslate2 version)"
+            f"{path} has binary version {version}; this reader supports CTranslate2's version "
+            f"{BINARY_VERSION} (a corrupt file, or one written by another CTranslate2 version)"
         )
     spec = cur.string("the spec name")
     revision = cur.unpack("I", "the spec revision")
@@ -152,7 +159,9 @@ def read_model_bin(path: str | Path) -> Ct2File:
             raise CheckpointError(f"{path} is corrupt: alias {alias!r} points to missing variable {target!r}")
         aliases[alias] = target
     if cur.pos != len(buf):
-        raise CheckpointError(f"{path} is corrupt: {len(buf) - cur.pos} unexpected bytes after the last alias")
+        raise CheckpointError(
+            f"{path} is corrupt: {len(buf) - cur.pos} unexpected bytes after the last alias"
+        )
     return Ct2File(spec=spec, revision=revision, variables=variables, dtypes=dtypes, aliases=aliases)
 
 
@@ -171,7 +180,7 @@ def read_vocabulary(directory: str | Path) -> list[str]:
         return tokens
     if not txt_file.is_file():
         raise CheckpointError(f"{directory} has no vocabulary.json or vocabulary.txt")
-    tokens = txt_file.read_text(encoding="utf-8").split("\n")
+    tokens = txt_file.read_bytes().decode("utf-8").split("\n")
     if tokens and tokens[-1] == "":
         tokens.pop()
     return tokens
@@ -208,7 +217,9 @@ def whisper_hf_config(ct2: Ct2File, vocabulary: list[str]) -> dict[str, Any]:
         raise UnsupportedModelError(f"CTranslate2 spec {ct2.spec!r} is not supported (only WhisperSpec)")
     for name, want in (("decoder/pre_norm", 1), ("decoder/scale_embeddings", 0), ("decoder/alibi", 0)):
         if ct2.scalar(name, want) != want:
-            raise UnsupportedModelError(f"CTranslate2 Whisper with {name}={ct2.scalar(name)} is not supported")
+            raise UnsupportedModelError(
+                f"CTranslate2 Whisper with {name}={ct2.scalar(name)} is not supported"
+            )
     act = ct2.scalar("decoder/activation", 3)
     if act not in _CT2_ACTIVATIONS:
         raise UnsupportedModelError(f"CTranslate2 activation id {act} is not supported")
@@ -233,7 +244,8 @@ def whisper_hf_config(ct2: Ct2File, vocabulary: list[str]) -> dict[str, Any]:
             "pad_token_id": eot,
             "eos_token_id": eot,
             "decoder_start_token_id": sot,
-            "tie_word_embeddings": ct2.aliases.get("decoder/projection/weight") == "decoder/embeddings/weight",
+            "tie_word_embeddings": ct2.aliases.get("decoder/projection/weight")
+            == "decoder/embeddings/weight",
         }
     except KeyError as e:
         raise CheckpointError(f"CTranslate2 Whisper model lacks {e.args[0]!r}") from e
@@ -287,7 +299,9 @@ def whisper_params(ct2: Ct2File, cfg: ModelConfig, *, dtype: Any = np.float32) -
     for name, c_in in (("conv1", cfg.num_mel_bins), ("conv2", D)):
         put(("encoder", name, "w"), get(f"encoder/{name}/weight", (D, c_in, 3)).transpose(2, 1, 0))
         put(("encoder", name, "b"), get(f"encoder/{name}/bias", (D,)))
-    put(("encoder", "pos_embedding_KD"), get("encoder/position_encodings/encodings", (cfg.audio_positions, D)))
+    put(
+        ("encoder", "pos_embedding_KD"), get("encoder/position_encodings/encodings", (cfg.audio_positions, D))
+    )
     put(("decoder", "pos_embedding_KD"), get("decoder/position_encodings/encodings", (cfg.max_positions, D)))
     for stack, n_layers, ffn_dim in (
         ("encoder", cfg.encoder_layers, cfg.encoder_ffn_dim),

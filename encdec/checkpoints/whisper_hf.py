@@ -28,7 +28,9 @@ def whisper_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     specs["encoder.embed_positions.weight"] = TensorSpec(
         ("encoder", "pos_embedding_KD"), (cfg.audio_positions, D), _as_is
     )
-    specs["decoder.embed_positions.weight"] = TensorSpec(("decoder", "pos_embedding_KD"), (cfg.max_positions, D), _as_is)
+    specs["decoder.embed_positions.weight"] = TensorSpec(
+        ("decoder", "pos_embedding_KD"), (cfg.max_positions, D), _as_is
+    )
     qkvo = ("q_proj", "k_proj", "v_proj", "out_proj")
     for stack, n_layers, heads, ffn_dim in (
         ("encoder", cfg.encoder_layers, cfg.encoder_heads, cfg.encoder_ffn_dim),
@@ -37,7 +39,9 @@ def whisper_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
         _norm(specs, f"{stack}.layer_norm", (stack, "final_norm"), cfg)
         for i in range(n_layers):
             hf, path = f"{stack}.layers.{i}", (stack, "layers", i)
-            blocks = [("self_attn", "attn")] + ([("encoder_attn", "cross_attn")] if stack == "decoder" else [])
+            blocks = [("self_attn", "attn")] + (
+                [("encoder_attn", "cross_attn")] if stack == "decoder" else []
+            )
             for hf_block, ours in blocks:
                 _attn(specs, f"{hf}.{hf_block}", (*path, ours), cfg, heads, True, qkvo)
                 del specs[f"{hf}.{hf_block}.k_proj.bias"]  # Whisper's keys have no bias

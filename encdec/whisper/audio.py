@@ -64,7 +64,9 @@ def _pcm_to_float(raw: bytes, width: int) -> np.ndarray:
     return np.frombuffer(raw, dtype).astype(np.float32) / float(1 << (8 * width - 1))
 
 
-def resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLE_RATE, *, zero_crossings: int = 16):
+def resample(
+    samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLE_RATE, *, zero_crossings: int = 16
+):
     """Band-limited resampling: Kaiser-windowed sinc interpolation, low-passed below both Nyquists.
 
     Integer rates make the output's fractional input positions repeat with period ``up =
@@ -91,7 +93,11 @@ def resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLE_RATE
         j = np.arange(start, min(start + 16_384, n_out))
         base, phase = np.divmod(j * down, up)
         idx = base[:, None] + offsets[None, :] + half
-        taps = table[phase] if table is not None else _sinc_taps(phase[:, None] / up - offsets[None, :], half, cutoff)
+        taps = (
+            table[phase]
+            if table is not None
+            else _sinc_taps(phase[:, None] / up - offsets[None, :], half, cutoff)
+        )
         out[j] = np.einsum("jk,jk->j", padded[idx], taps)
     return out.astype(np.float32)
 
@@ -104,7 +110,8 @@ def _sinc_taps(dist: np.ndarray, half: int, cutoff: float, beta: float = 8.6) ->
 def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) -> np.ndarray:
     """16 kHz mono float32 samples from a WAV path or an array (``sample_rate`` defaults to 16 kHz).
 
-    Arrays are ``[n]`` or ``[n, channels]``. Empty, non-finite or unconvertible audio raises
+    Arrays are float samples in [-1, 1], ``[n]`` or ``[n, channels]``. Empty, non-finite or
+    unconvertible audio raises
     :class:`AudioError`. Any length is returned; see :func:`split_windows` for > 30 s.
     """
     if isinstance(source, (str, Path)):
@@ -117,7 +124,9 @@ def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) 
         if samples.ndim == 2:
             samples = samples.mean(axis=1)
         if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.number):
-            raise AudioError(f"{name} must be a numeric [samples] or [samples, channels] array, got {samples.shape}")
+            raise AudioError(
+                f"{name} must be a numeric [samples] or [samples, channels] array, got {samples.shape}"
+            )
         if samples.size == 0:
             raise AudioError(f"{name} is empty")
     if not np.all(np.isfinite(samples)):

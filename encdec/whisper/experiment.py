@@ -1,0 +1,251 @@
+"""Whisper experiment: encdec vs CTranslate2 on the same weights, features and espeak-ng clips.
+
+Measures throughput (audio seconds per wall second, all clips in one batch; best of
+``repeats``), the process CPU seconds per audio second of that run (steadier than wall time on
+shared cores), latency (one clip at a time; median), word error rate against the sentences,
+and whether the two systems' greedy tokens agree. Timed runs of the systems are interleaved.
+Both systems are timed from WAV files to text and share encdec's log-mel front end, so the
+comparison is of the models' runtimes. Writes ``results.json``, ``results.md`` and
+``results.png`` to the output folder.
+
+    python -m encdec.whisper.experiment experiments/whisper_base.yaml [--set key=value] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from encdec.whisper.audio import features_for
+from encdec.whisper.clips import load_sentences, synthesize, wer
+from encdec.whisper.tokens import WhisperTokens
+from encdec.whisper.transcribe import load_whisper, transcribe
+
+
+@dataclasses.dataclass(frozen=True)
+class WhisperExperimentConfig:
+    name: str = "whisper_base"
+    """Names the default output folder ``results/<name>``."""
+    model: str | None = None
+    """HF or CTranslate2 Whisper directory; ``None`` fetches Whisper-base into the cache."""
+    sentences: str | None = None
+    """Sentence file (default ``encdec/whisper/sentences.txt``); the first ``num_clips`` are spoken."""
+    num_clips: int = 16
+    voice: str = "en-us"
+    """espeak-ng voice."""
+    speed: int = 160
+    """espeak-ng words per minute."""
+    language: str = "en"
+    batch_size: int = 16
+    """Clips per batch in the throughput runs (both systems)."""
+    encoder_batch: int = 4
+    """encdec: windows per encoder call (bounds the encoder's attention memory)."""
+    repeats: int = 2
+    """Timed throughput runs per system (after one warm-up run); the best is reported."""
+    latency_clips: int = 4
+    """Clips transcribed one at a time for the latency figure (median)."""
+    ct2_threads: int = 2
+    """CTranslate2 ``intra_threads`` (match the cores JAX uses)."""
+    ct2_compute_type: str = "float32"
+    systems: tuple[str, ...] = ("encdec", "ctranslate2")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> WhisperExperimentConfig:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if raw.pop("kind", "whisper") != "whisper":
+            raise ValueError(f"{path} is not a whisper experiment (kind: whisper)")
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} is not KEY=VALUE")
+            raw[key] = yaml.safe_load(value)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise ValueError(
+                f"unknown experiment key(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
+            )
+        if "systems" in raw:
+            raw["systems"] = tuple(raw["systems"])
+        return cls(**raw)
+
+
+class _Ct2:
+    """CTranslate2's Whisper on encdec's features: greedy, Whisper's suppression, no timestamps."""
+
+    def __init__(self, model_dir: Path, cfg: WhisperExperimentConfig, model_cfg: Any, tokenizer: Any):
+        import ctranslate2
+
+        self.ct2 = ctranslate2
+        self.model = ctranslate2.models.Whisper(
+            str(model_dir), device="cpu", compute_type=cfg.ct2_compute_type, intra_threads=cfg.ct2_threads
+        )
+        self.tokens = WhisperTokens.from_dir(model_dir)
+        self.prompt = self.tokens.prompt(cfg.language)
+        # CTranslate2 decodes min(max_length / 2, max_length - prompt) tokens: encdec's default.
+        self.max_length = model_cfg.max_positions
+        self.n_mels = model_cfg.num_mel_bins
+        self.tokenizer = tokenizer
+
+    def __call__(self, paths: list[Path]) -> list[tuple[list[int], str]]:
+        mel = np.stack([features_for(p, self.n_mels)[0][0] for p in paths])
+        results = self.model.generate(
+            self.ct2.StorageView.from_array(mel),
+            [self.prompt] * len(paths),
+            beam_size=1,
+            max_length=self.max_length,
+        )
+        return [(r.sequences_ids[0], self.tokens.decode(self.tokenizer, r.sequences_ids[0])) for r in results]
+
+
+def _timed(fn, *args) -> tuple[Any, tuple[float, float]]:
+    """The result, and the wall and process CPU (all threads) seconds it took."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return out, (time.perf_counter() - start, time.process_time() - cpu)
+
+
+def run(cfg: WhisperExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sentences = load_sentences(cfg.sentences)[: cfg.num_clips]
+    if len(sentences) < cfg.num_clips:
+        raise ValueError(f"only {len(sentences)} sentences for num_clips={cfg.num_clips}")
+    paths = synthesize(sentences, out_dir / "clips", voice=cfg.voice, speed=cfg.speed)
+    model = load_whisper(cfg.model)
+    audio_seconds = sum(features_for(p)[1] for p in paths)
+
+    def encdec_run(batch):
+        results = transcribe(
+            model, batch, language=cfg.language, batch_size=cfg.batch_size, encoder_batch=cfg.encoder_batch
+        )
+        return [(r.token_ids, r.text) for r in results]
+
+    runners = {"encdec": encdec_run}
+    if "ctranslate2" in cfg.systems:
+        peer = _Ct2(model.path, cfg, model.config, model.tokenizer)
+        runners["ctranslate2"] = lambda batch: [
+            x for i in range(0, len(batch), cfg.batch_size) for x in peer(batch[i : i + cfg.batch_size])
+        ]
+    outputs = {name: runners[name](paths) for name in cfg.systems}  # warm-up: compiles encdec's steps
+    for name in cfg.systems:
+        runners[name](paths[:1])  # and its batch-1 steps
+    # Interleaved, so a noisy machine (shared cores) burdens both systems alike.
+    batch = {name: [] for name in cfg.systems}
+    latency = {name: [] for name in cfg.systems}
+    for _ in range(cfg.repeats):
+        for name in cfg.systems:
+            batch[name].append(_timed(runners[name], paths)[1])
+    for path in paths[: cfg.latency_clips]:
+        for name in cfg.systems:
+            latency[name].append(_timed(runners[name], [path])[1][0])
+    systems: dict[str, dict[str, Any]] = {}
+    for name in cfg.systems:
+        texts = [text for _, text in outputs[name]]
+        best = min(batch[name], key=lambda t: t[0])
+        systems[name] = {
+            "throughput_audio_s_per_s": audio_seconds / best[0],
+            "batch_seconds": [t[0] for t in batch[name]],
+            "batch_cpu_seconds": [t[1] for t in batch[name]],
+            "cpu_s_per_audio_s": best[1] / audio_seconds,
+            "latency_median_s": statistics.median(latency[name]),
+            "latency_seconds": latency[name],
+            "wer": wer(sentences, texts),
+            "texts": texts,
+            "token_ids": [ids for ids, _ in outputs[name]],
+        }
+    results = {
+        "config": dataclasses.asdict(cfg),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
+        "clips": len(paths),
+        "audio_seconds": audio_seconds,
+        "sentences": sentences,
+        "systems": systems,
+    }
+    if {"encdec", "ctranslate2"} <= set(systems):
+        pairs = zip(systems["encdec"]["token_ids"], systems["ctranslate2"]["token_ids"], strict=True)
+        results["clips_with_identical_tokens"] = sum(a == b for a, b in pairs)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.md").write_text(table(results))
+    plot(results, out_dir / "results.png")
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        f"{results['clips']} clips, {results['audio_seconds']:.1f} s of audio; "
+        f"machine: {results['machine']['platform']}, {results['machine']['cpus']} CPUs",
+        "",
+        "| system | throughput (audio s / s) | batch (s) | CPU s per audio s | latency, 1 clip (s) | WER |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in results["systems"].items():
+        lines.append(
+            f"| {name} | {s['throughput_audio_s_per_s']:.2f} | {min(s['batch_seconds']):.2f} | "
+            f"{s['cpu_s_per_audio_s']:.2f} | {s['latency_median_s']:.2f} | {100 * s['wer']:.1f}% |"
+        )
+    if "clips_with_identical_tokens" in results:
+        lines += [
+            "",
+            f"Greedy tokens identical on {results['clips_with_identical_tokens']}/{results['clips']} clips.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["systems"])
+    metrics = [
+        ("throughput_audio_s_per_s", "throughput (audio s / s)", 1.0),
+        ("latency_median_s", "latency, one clip (s)", 1.0),
+        ("wer", "word error rate (%)", 100.0),
+    ]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
+    for ax, (key, label, scale) in zip(axes, metrics, strict=True):
+        ax.bar(
+            names,
+            [scale * results["systems"][n][key] for n in names],
+            color=["tab:blue", "tab:orange"][: len(names)],
+        )
+        ax.set_title(label)
+    fig.suptitle(f"Whisper on {results['clips']} espeak-ng clips ({results['audio_seconds']:.0f} s of audio)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("experiment")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    cfg = WhisperExperimentConfig.load(args.experiment, args.set)
+    results = run(cfg, args.out or Path("results") / cfg.name)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

