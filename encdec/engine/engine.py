@@ -23,6 +23,7 @@ from encdec.checkpoints.pretrained import Model
 from encdec.engine.config import EngineConfig
 from encdec.engine.request import Request, RequestError, RequestOutput, validate
 from encdec.engine.steps import FINISHED_BIT, SlotInit, decode_steps, encode_insert, init_state, release_slots
+from encdec.lora.bank import AdapterBank, gather_rows
 
 
 @dataclasses.dataclass
@@ -72,7 +73,9 @@ class Engine:
     encoding and decoding; ``generate`` and ``stream`` drive ``step`` for you.
     """
 
-    def __init__(self, model: Model, config: EngineConfig | None = None, *, adapters=None):
+    def __init__(
+        self, model: Model, config: EngineConfig | None = None, *, adapters: AdapterBank | None = None
+    ):
         self.model = model
         self.config = config = config or EngineConfig()
         cfg = model.config
@@ -103,7 +106,7 @@ class Engine:
             jnp.dtype(model.dtype).name,
             config.steps_per_dispatch,
             config.attention_impl,
-            None if adapters is None else adapters.gather_fn,
+            None if adapters is None else gather_rows,
         )
         self._next_id = 0
         self._live: dict[int, _Live] = {}
@@ -167,6 +170,29 @@ class Engine:
             release[live.slot] = True
             self.state = self._release(self.state, jnp.asarray(release))
         self._finish(live, "cancelled")
+
+    def load_adapter(self, adapter_id: str, lora) -> None:
+        """Put a LoRA adapter in the bank (or replace one); requests may use it from now on.
+
+        The bank's shapes never change, so nothing recompiles; requests already running keep the
+        adapter they were admitted with unless it is replaced under the same id.
+        """
+        if self.adapters is None:
+            raise ValueError("this engine has no adapter bank (pass adapters=AdapterBank(...))")
+        self.adapters.load(adapter_id, lora)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Remove an adapter; refused while a queued or running request uses it."""
+        if self.adapters is None:
+            raise ValueError("this engine has no adapter bank")
+        users = [
+            live.rid
+            for live in self._live.values()
+            if live.output is None and live.request.adapter_id == adapter_id
+        ]
+        if users:
+            raise ValueError(f"adapter {adapter_id!r} is in use by {len(users)} unfinished request(s)")
+        self.adapters.unload(adapter_id)
 
     def result(self, handle: int) -> RequestOutput | None:
         """The output of a finished request (None while it runs)."""
@@ -286,16 +312,14 @@ class Engine:
             self.state, results = self._decode(self.model.params, self.state, **self._bank_arg())
             self._pending = (results, list(self._slots))
             self.metrics["dispatches"] += 1
-            self.metrics["occupancy"].append(
-                (time.perf_counter(), sum(s is not None for s in self._slots))
-            )
+            self.metrics["occupancy"].append((time.perf_counter(), sum(s is not None for s in self._slots)))
         if previous is not None:
             self._read(*previous)
             self._admit()  # queued behind the decode just dispatched: the device never idles
         return self._pending is not None or bool(self._queue) or any(s is not None for s in self._slots)
 
     def _bank_arg(self) -> dict:
-        return {} if self.adapters is None else {"lora_bank": self.adapters.device_bank}
+        return {} if self.adapters is None else {"lora_bank": self.adapters.stacked}
 
     def _admit(self) -> None:
         c = self.config
