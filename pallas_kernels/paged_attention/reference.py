@@ -47,25 +47,29 @@ def paged_attention_reference(
     v_NBKH = v_pages_NPGH[:, page_table_BM].reshape(N, B, K, H)
     valid_BK = jnp.arange(K, dtype=jnp.int32)[None, :] < lengths_B[:, None]
 
-    logits_BNK = jnp.float32(scale) * jnp.einsum(
-        "BNH,NBKH->BNK", q_BNH, k_NBKH, precision=_HIGHEST, preferred_element_type=jnp.float32
+    # Heads lead every operand (N, B, ...), matching the gathered pages: XLA then runs batched
+    # matrix-vector products without transposing the gathered K/V (a full copy per layer on CPU).
+    q_NBH = jnp.transpose(q_BNH, (1, 0, 2))
+    logits_NBK = jnp.float32(scale) * jnp.einsum(
+        "NBH,NBKH->NBK", q_NBH, k_NBKH, precision=_HIGHEST, preferred_element_type=jnp.float32
     )
     if bias_NR is not None:
-        logits_BNK = logits_BNK + relative_bias_BNK(bias_NR, lengths_B, K, max_distance=max_distance)
-    valid_B1K = valid_BK[:, None, :]
-    logits_BNK = jnp.where(valid_B1K, logits_BNK, MASK_VALUE)
+        bias_BNK = relative_bias_BNK(bias_NR, lengths_B, K, max_distance=max_distance)
+        logits_NBK = logits_NBK + jnp.transpose(bias_BNK, (1, 0, 2))
+    valid_1BK = valid_BK[None]
+    logits_NBK = jnp.where(valid_1BK, logits_NBK, MASK_VALUE)
 
-    max_BN1 = jnp.max(logits_BNK, axis=-1, keepdims=True)
-    p_BNK = jnp.where(valid_B1K, jnp.exp(logits_BNK - max_BN1), 0.0)
-    denom_BN1 = jnp.sum(p_BNK, axis=-1, keepdims=True)
+    max_NB1 = jnp.max(logits_NBK, axis=-1, keepdims=True)
+    p_NBK = jnp.where(valid_1BK, jnp.exp(logits_NBK - max_NB1), 0.0)
+    denom_NB1 = jnp.sum(p_NBK, axis=-1, keepdims=True)
     # Stale rows past a slot's length may hold anything, NaN included: 0 * NaN = NaN.
     v_NBKH = jnp.where(valid_BK[None, :, :, None], v_NBKH, jnp.zeros((), v_NBKH.dtype))
-    out_BNH = jnp.einsum(
-        "BNK,NBKH->BNH",
-        p_BNK,
+    out_NBH = jnp.einsum(
+        "NBK,NBKH->NBH",
+        p_NBK,
         v_NBKH.astype(jnp.float32),
         precision=_HIGHEST,
         preferred_element_type=jnp.float32,
     )
-    out_BNH = out_BNH / jnp.where(denom_BN1 > 0, denom_BN1, 1.0)
+    out_BNH = jnp.transpose(out_NBH / jnp.where(denom_NB1 > 0, denom_NB1, 1.0), (1, 0, 2))
     return out_BNH.astype(q_BNH.dtype)
