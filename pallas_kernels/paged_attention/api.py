@@ -104,7 +104,8 @@ def paged_attention(
         L, N_pool = k_pages_NPGH.shape[:2]
         if not 0 <= layer < L:
             raise ValueError(f"layer {layer} is outside the stacked pools' {L} layers")
-        if _resolve_implementation(implementation) == "xla" or _next_power_of_2(q_BNH.shape[2]) != q_BNH.shape[2]:
+        padded_heads = _next_power_of_2(q_BNH.shape[2]) != q_BNH.shape[2]
+        if _resolve_implementation(implementation) == "xla" or padded_heads:
             k_pages_NPGH, v_pages_NPGH = k_pages_NPGH[layer], v_pages_NPGH[layer]
         else:
             head_offset, stacked_layers = layer * N_pool, L
