@@ -175,18 +175,18 @@ def _group(row: dict[str, Any]) -> str:
 
 def plot_results(results: dict[str, Any], out_dir: Path) -> None:
     """``throughput.png`` (output tokens/s per system) and ``latency_cdf.png`` (one panel per group)."""
+    # Figure objects, not pyplot: a notebook's inline backend is left alone.
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     runs = results["runs"]
     groups = list(dict.fromkeys(_group(r) for r in runs))
     systems = list(dict.fromkeys(r["system"] for r in runs))
-    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(systems)}
+    colors = {s: matplotlib.colormaps["tab10"](i % 10) for i, s in enumerate(systems)}
     width = 0.8 / len(systems)
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) * max(1, len(systems)) / 2), 4.5))
+    fig = Figure(figsize=(max(6.0, 1.6 * len(groups) * max(1, len(systems)) / 2), 4.5))
+    ax = fig.subplots()
     for j, s in enumerate(systems):
         xs, ys = [], []
         for i, g in enumerate(groups):
@@ -201,11 +201,11 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "throughput.png", dpi=120)
-    plt.close(fig)
 
     cols = min(3, len(groups))
     rows = (len(groups) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+    fig = Figure(figsize=(4.5 * cols, 3.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, g in zip(axes.flat, groups, strict=False):
         for r in runs:
             if _group(r) == g and r["latencies_s"]:
@@ -221,7 +221,6 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> None:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_dir / "latency_cdf.png", dpi=120)
-    plt.close(fig)
 
 
 def _fmt(v: Any) -> str:
