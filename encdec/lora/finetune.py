@@ -97,12 +97,11 @@ class ExperimentConfig:
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in args:
             try:
                 return _coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
     if hint is type(None):
         if value is None:
@@ -143,9 +142,8 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            raise ConfigError(
-                f"unknown key {prefix}{key!r} (known keys: {', '.join(prefix + n for n in names)})"
-            )
+            known = ", ".join(prefix + n for n in names)
+            raise ConfigError(f"unknown key '{prefix}{key}' (known keys: {known})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, f"{prefix}{key}.")
@@ -171,7 +169,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+                raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
         node[parts[-1]] = yaml.safe_load(text)
     return raw
 

@@ -119,9 +119,12 @@ def init_state(params: Mapping[str, Any], cfg: ModelConfig, lc: LoraConfig, tc: 
     init_key, rng = jax.random.split(jax.random.PRNGKey(tc.seed))
     weights, scales = split_trainable(init_lora(init_key, params, cfg, lc), params)
     opt, _ = make_optimizer(tc)
-    return TrainState(
+    state = TrainState(
         step=jnp.zeros((), jnp.int32), weights=weights, opt_state=opt.init(weights), scales=scales, rng=rng
     )
+    # Committed to a device like a state restored by orbax: jit keys its cache on commitment, and
+    # fresh and resumed runs then share one compiled step.
+    return jax.device_put(state, jax.local_devices()[0])
 
 
 def token_nll(params, cfg: ModelConfig, lora, batch: Mapping[str, jax.Array], dtype=jnp.float32):
@@ -150,8 +153,14 @@ def _dropout_entries(weights: Any, key: jax.Array, rate: float) -> dict:
 def make_train_step(cfg: ModelConfig, lc: LoraConfig, tc: TrainConfig, *, dtype=jnp.float32) -> Callable:
     """``step(state, params, batch) -> (state, metrics)``, jitted, ``state`` donated.
 
-    ``batch`` arrays are ``[grad_accum, B, ...]`` (:func:`encdec.lora.data.train_batch`).
+    ``batch`` arrays are ``[grad_accum, B, ...]`` (:func:`encdec.lora.data.train_batch`). Cached on
+    the (hashable) configs, so runs with the same configs share one compilation.
     """
+    return _train_step(cfg, lc, tc, jnp.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(cfg: ModelConfig, lc: LoraConfig, tc: TrainConfig, dtype) -> Callable:
     opt, schedule = make_optimizer(tc)
 
     def micro_loss(weights, scales, params, mb, key):
@@ -184,7 +193,7 @@ def make_train_step(cfg: ModelConfig, lc: LoraConfig, tc: TrainConfig, *, dtype=
         )
         metrics = {
             "loss": nll_sum / tokens,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
         }
         return new, metrics

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +13,9 @@ from encdec.lora.adapters import iter_adapters, map_adapters
 from encdec.models import decode, encode, init_dense_kv
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def strict_rank_promotion():
-    """For tests of LoRA code alone (the model's norms broadcast ``[D]`` against ``[B, T, D]``)."""
+    """Imported by every LoRA test module: no implicit rank promotion anywhere (STYLE 13)."""
     with jax.numpy_rank_promotion("raise"):
         yield
 
@@ -33,13 +35,18 @@ def random_batch(cfg, lengths=(5, 3, 7), target_len=6, seed=1, low=3, high=40):
 
 
 def forward(params, cfg, ids, mask, dec, lora=None):
-    """Teacher-forced float32 logits ``[B, T, V]`` through encode -> init_dense_kv -> decode."""
+    """Teacher-forced float32 logits ``[B, T, V]`` through encode -> init_dense_kv -> decode (jitted)."""
     ids, mask, dec = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool), jnp.asarray(dec, jnp.int32)
+    return np.asarray(_forward(params, cfg, ids, mask, dec, lora))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _forward(params, cfg, ids, mask, dec, lora):
     enc = encode(params, cfg, ids, mask, lora=lora)
     kv = init_dense_kv(params, cfg, enc, mask, dec.shape[1], lora=lora)
     positions = jnp.broadcast_to(jnp.arange(dec.shape[1], dtype=jnp.int32), dec.shape)
     logits, _ = decode(params, cfg, dec, positions, kv, lora=lora)
-    return np.asarray(logits)
+    return logits
 
 
 def randomize_b(lora, params, seed=0, std=0.3):

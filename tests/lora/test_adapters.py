@@ -9,7 +9,7 @@ import encdec
 from encdec.lora import AdapterError, LoraConfig, check_adapter, init_lora, merge_adapter, unmerge_adapter
 from encdec.lora.adapters import iter_adapters, join_trainable, split_trainable
 from encdec.models.layers import lora_delta
-from tests.lora import forward, random_batch, randomize_b, strict_rank_promotion  # noqa: F401
+from tests.lora import forward, random_batch, randomize_b, strict_rank_promotion  # noqa: F401 (autouse)
 from tests.tiny_models import save_hf_model
 
 
@@ -55,16 +55,17 @@ def test_fresh_adapter_starts_as_the_base_model_with_peft_init(models):
 )
 def test_target_modules_pick_projections(models, family, targets, expected):
     model = models[family]
-    lora = init_lora(jax.random.PRNGKey(0), model.params, model.config, LoraConfig(rank=2, target_modules=targets))
+    lora = init_lora(
+        jax.random.PRNGKey(0), model.params, model.config, LoraConfig(rank=2, target_modules=targets)
+    )
     paths = [p for p, _ in iter_adapters(lora)]
     assert {p[-1] for p in paths} == expected
     cfg = model.config
-    attn_blocks = 2 if "q" in expected else 0
-    per_layer = {"q": 1, "v": 1, "wo": 1}
-    if targets == ("q", "v"):  # self- and cross-attention of every layer
-        assert len(paths) == cfg.encoder_layers * 2 + cfg.decoder_layers * 2 * attn_blocks
-    if family == "bart":
-        assert len(paths) == (cfg.encoder_layers + cfg.decoder_layers) * per_layer["wo"] + cfg.encoder_layers + 2 * cfg.decoder_layers
+    attention_blocks = cfg.encoder_layers + 2 * cfg.decoder_layers  # self- and cross-attention
+    if targets == ("q", "v"):
+        assert len(paths) == 2 * attention_blocks
+    if targets == ("q_proj", "fc2"):
+        assert len(paths) == attention_blocks + cfg.encoder_layers + cfg.decoder_layers
 
 
 def test_unknown_target_modules_are_named(models):
@@ -75,7 +76,7 @@ def test_unknown_target_modules_are_named(models):
         LoraConfig(rank=0)
 
 
-@pytest.mark.parametrize("family", ["t5", "t5v1_1", "bart"])
+@pytest.mark.parametrize("family", ["t5v1_1", "bart"])
 def test_merged_adapter_equals_unmerged(models, family):
     model = models[family]
     lora = init_lora(jax.random.PRNGKey(1), model.params, model.config, LoraConfig(rank=3, alpha=5))
@@ -115,11 +116,14 @@ def test_split_and_join_round_trip(models):
     assert jax.tree.structure(join_trainable(weights, scales)) == jax.tree.structure(lora)
 
 
-def test_dropout_touches_only_the_adapter_input(strict_rank_promotion):
+def test_dropout_touches_only_the_adapter_input():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
-    ad = {"a": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(2, 4, 5))),
-          "scale": jnp.float32(2.0)}
+    ad = {
+        "a": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(2, 4, 5))),
+        "scale": jnp.float32(2.0),
+    }
     plain = lora_delta(ad, x, "BTD,DNH->BTNH")
     key = jax.random.PRNGKey(3)
     dropped = lora_delta({**ad, "dropout_key": key, "dropout_rate": 0.5}, x, "BTD,DNH->BTNH")
@@ -134,8 +138,10 @@ def test_dropout_touches_only_the_adapter_input(strict_rank_promotion):
     np.testing.assert_allclose(np.asarray(dropped), np.asarray(by_hand), rtol=1e-6)
 
 
-@pytest.mark.parametrize("eq,in_shape,out_shape", [("BTD,DNH->BTNH", (8,), (4, 5)), ("BTNH,NHD->BTD", (4, 5), (8,))])
-def test_per_row_delta_equals_each_rows_own_adapter(eq, in_shape, out_shape, strict_rank_promotion):
+@pytest.mark.parametrize(
+    "eq,in_shape,out_shape", [("BTD,DNH->BTNH", (8,), (4, 5)), ("BTNH,NHD->BTD", (4, 5), (8,))]
+)
+def test_per_row_delta_equals_each_rows_own_adapter(eq, in_shape, out_shape):
     rng = np.random.default_rng(1)
     B, T, r = 3, 4, 2
     x = jnp.asarray(rng.normal(size=(B, T, *in_shape)), jnp.float32)
