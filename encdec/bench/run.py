@@ -24,9 +24,16 @@ from encdec.bench.systems import System, make_system
 from encdec.bench.workloads import Trace, make_trace
 
 TABLE_COLUMNS = (
-    ("model", "model"), ("workload", "workload"), ("num_slots", "slots"), ("system", "system"),
-    ("output_tokens_per_s", "tok/s"), ("p50_latency_s", "p50 s"), ("p99_latency_s", "p99 s"),
-    ("ttft_p50_s", "TTFT p50 s"), ("kv_utilization", "KV util"), ("outputs_match_reference", "match"),
+    ("model", "model"),
+    ("workload", "workload"),
+    ("num_slots", "slots"),
+    ("system", "system"),
+    ("output_tokens_per_s", "tok/s"),
+    ("p50_latency_s", "p50 s"),
+    ("p99_latency_s", "p99 s"),
+    ("ttft_p50_s", "TTFT p50 s"),
+    ("kv_utilization", "KV util"),
+    ("outputs_match_reference", "match"),
 )
 CSV_SKIP = ("latencies_s", "first_mismatch", "repeat_wall_s", "compiled")
 
@@ -118,8 +125,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
         model_dir = write_shape(spec.shape, spec.seed, cfg.cache_dir)
         model = encdec.load_pretrained(model_dir, dtype=spec.dtype, tokenizer=False)
         results["model"][label] = {
-            "shape": spec.shape, "dtype": spec.dtype, "seed": spec.seed, "path": str(model_dir),
-            "family": shape.family, "hf_config": shape.hf_config,
+            "shape": spec.shape,
+            "dtype": spec.dtype,
+            "seed": spec.seed,
+            "path": str(model_dir),
+            "family": shape.family,
+            "hf_config": shape.hf_config,
         }
         max_in = None if model.config.position == "relative" else model.config.max_positions
         systems: dict[str, System] = {}
@@ -210,8 +221,13 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> None:
         for r in runs:
             if _group(r) == g and r["latencies_s"]:
                 lat = sorted(r["latencies_s"])
-                ax.step(lat, [(k + 1) / len(lat) for k in range(len(lat))], where="post", label=r["system"],
-                        color=colors[r["system"]])
+                ax.step(
+                    lat,
+                    [(k + 1) / len(lat) for k in range(len(lat))],
+                    where="post",
+                    label=r["system"],
+                    color=colors[r["system"]],
+                )
         ax.set_title(g.replace("\n", " "), fontsize=9)
         ax.set_xlabel("latency (s)")
         ax.set_ylabel("fraction of requests")
@@ -255,11 +271,21 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
 
 
 def run_experiment_cli(experiment_path: str, overrides: list[str], out: str | None) -> int:
-    """``encdec run EXPERIMENT.yaml [--set key=value ...] [--out DIR]``."""
+    """``encdec run EXPERIMENT.yaml [--set key=value ...] [--out DIR]``; ``kind: whisper`` files go
+    to the Whisper experiment."""
+    import yaml
+
+    with open(experiment_path) as f:
+        kind = (yaml.safe_load(f) or {}).get("kind")
+    if kind == "whisper":
+        from encdec.whisper import experiment as whisper_experiment
+
+        return whisper_experiment.main(
+            [experiment_path, *sum((["--set", o] for o in overrides), []), *(["--out", out] if out else [])]
+        )
     cfg = load_experiment(experiment_path, overrides)
     out_dir = Path(out) if out else Path("results") / cfg.name
     results = run_experiment(cfg, out_dir)
     print(markdown_table(results["runs"]))
     print(f"\nresults: {out_dir / 'results.json'}")
     return 0
-
