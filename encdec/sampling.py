@@ -19,6 +19,11 @@ def ban_token(logits_BV: jax.Array, token_B: jax.Array) -> jax.Array:
     return jnp.where(vocab_V[None, :] == token_B[:, None], -jnp.inf, logits_BV)
 
 
+def ban_tokens(logits_BV: jax.Array, banned_BV: jax.Array) -> jax.Array:
+    """Set the logits where ``banned_BV`` is true to -inf (a vocabulary mask, e.g. Whisper's suppression)."""
+    return jnp.where(banned_BV, -jnp.inf, logits_BV)
+
+
 def sample(
     logits_BV: jax.Array,
     keys_B: jax.Array,

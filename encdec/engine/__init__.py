@@ -2,6 +2,6 @@
 
 from encdec.engine.config import EngineConfig
 from encdec.engine.engine import Engine
-from encdec.engine.request import Request, RequestError, RequestOutput
+from encdec.engine.request import AudioInput, Request, RequestError, RequestOutput
 
-__all__ = ["Engine", "EngineConfig", "Request", "RequestError", "RequestOutput"]
+__all__ = ["AudioInput", "Engine", "EngineConfig", "Request", "RequestError", "RequestOutput"]

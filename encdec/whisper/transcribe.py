@@ -41,7 +41,11 @@ class Transcript:
     """Generated text tokens of every window, without prompt and ``<|endoftext|>``."""
     audio_seconds: float
     finish_reason: str
-    """``"stop"`` when every window ended on ``<|endoftext|>``, else ``"length"``."""
+    """``"stop"`` when every window ended on ``<|endoftext|>``, else ``"length"`` (``"error"``:
+    the engine could not serve it, see ``error``)."""
+    error: str | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Engine transcription only: ``time.perf_counter()`` stamps (see ``RequestOutput.timings``)."""
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
@@ -186,13 +190,33 @@ def load_whisper(model: str | Path | None = None, dtype: str = "float32") -> Mod
 
 
 def transcribe_cli(files: list[str], model: str | None, language: str) -> int:
-    """``encdec transcribe FILE.wav ...``: one ``file<TAB>text`` line per file."""
+    """``encdec transcribe FILE.wav ...``: all files through the engine, one ``file<TAB>text`` line
+    each; per-file timings and errors on stderr (exit status 2 if any file failed)."""
+    from encdec.whisper.serving import transcribe_with_engine, whisper_engine
+
     loaded = load_whisper(model)
     start = time.perf_counter()
-    results = transcribe(loaded, files, language=language)
+    engine = whisper_engine(loaded, num_slots=min(16, len(files)))
+    results = transcribe_with_engine(engine, files, language=language)
     elapsed = time.perf_counter() - start
+    failed = 0
     for file, result in zip(files, results, strict=True):
+        if result.error is not None:
+            failed += 1
+            print(f"encdec transcribe: error: {file}: {result.error}", file=sys.stderr)
+            continue
         print(f"{file}\t{result.text}")
+        t = result.timings
+        first, done = t["first_token"] - t["arrival"], t["done"] - t["arrival"]
+        print(
+            f"{file}: {result.audio_seconds:.1f} s of audio, first token after {first:.2f} s, "
+            f"done after {done:.2f} s",
+            file=sys.stderr,
+        )
     seconds = sum(r.audio_seconds for r in results)
-    print(f"{len(files)} file(s), {seconds:.1f} s of audio in {elapsed:.1f} s", file=sys.stderr)
-    return 0
+    print(
+        f"{len(files) - failed} file(s), {seconds:.1f} s of audio in {elapsed:.1f} s "
+        f"(engine compile included)",
+        file=sys.stderr,
+    )
+    return 2 if failed else 0

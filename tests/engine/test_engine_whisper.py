@@ -148,8 +148,9 @@ def test_bad_audio_requests_fail_alone(model, tmp_path):
 def test_no_recompilation_after_warmup(model):
     engine = Engine(model, _config(num_slots=4, steps_per_dispatch=2))  # its own jitted steps
     warm = engine.warmup()
-    # One decode, one release; the one audio bucket compiles one encode per batch size 1, 2, 4.
-    assert warm == {"decode": 1, "release": 1, "encode": 3}
+    # One decode; the one audio bucket compiles one encode per batch size 1, 2, 4. (``release``
+    # is one jitted function for every engine: its count includes other tests' state shapes.)
+    assert (warm["decode"], warm["encode"]) == (1, 3)
     rng = np.random.default_rng(0)
     requests = [
         Request(

@@ -16,6 +16,8 @@ def test_config_loads_and_rejects_unknown_keys():
     assert (cfg.num_clips, cfg.systems, cfg.batch_size) == (3, ("encdec",), 16)
     with pytest.raises(ValueError, match="unknown experiment key"):
         WhisperExperimentConfig.load(EXPERIMENT, ["num_clip=3"])
+    with pytest.raises(ValueError, match="unknown system"):
+        WhisperExperimentConfig.load(EXPERIMENT, ["systems=[encdec, whisper.cpp]"])
 
 
 def test_word_error_rate():

@@ -1,0 +1,114 @@
+"""Whisper transcription through the in-flight batching engine (``encdec transcribe``).
+
+Every file's audio is split into 30 s windows, each window is one engine request (log-mel at
+submit, encoder in the engine's encoder batches, cross K/V in the cross page pool, Whisper's
+prompt as a forced decoder prefix), and the window texts are joined, as :func:`transcribe`
+does on its dense cache. A file that cannot be read fails alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from encdec.checkpoints.pretrained import Model
+from encdec.engine import AudioInput, Engine, EngineConfig, Request, RequestOutput
+from encdec.whisper.audio import AudioError, load_audio, split_windows
+from encdec.whisper.tokens import WhisperTokens
+from encdec.whisper.transcribe import Transcript, default_max_new_tokens
+
+
+def whisper_engine_config(
+    model: Model,
+    *,
+    num_slots: int = 16,
+    encoder_batch: int = 4,
+    steps_per_dispatch: int = 4,
+    page_size: int = 16,
+    prompt_len: int = 4,
+) -> EngineConfig:
+    """An engine config for a Whisper model: ``num_slots`` windows decoded together, at most
+    ``encoder_batch`` windows per encoder call, the model's token limit, a cross pool for
+    ``num_slots`` windows."""
+    cfg = model.config
+    return EngineConfig(
+        num_slots=num_slots,
+        page_size=page_size,
+        max_new_tokens=default_max_new_tokens(cfg, prompt_len),
+        max_encoder_batch=encoder_batch,
+        max_encoder_tokens=encoder_batch * cfg.audio_positions,
+        steps_per_dispatch=steps_per_dispatch,
+    )
+
+
+def whisper_engine(model: Model, **config) -> Engine:
+    """An :class:`Engine` for ``model`` with :func:`whisper_engine_config` (keyword overrides)."""
+    return Engine(model, whisper_engine_config(model, **config))
+
+
+def transcribe_with_engine(
+    engine: Engine,
+    audio: Sequence[str | Path | np.ndarray],
+    *,
+    language: str = "en",
+    task: str = "transcribe",
+    max_new_tokens: int | None = None,
+) -> list[Transcript]:
+    """Transcribe WAV paths or 16 kHz arrays, every 30 s window an engine request.
+
+    Unreadable or empty audio gives a transcript with ``finish_reason="error"`` and its
+    ``error``; the other files are served. ``timings`` are the engine's stamps, earliest
+    ``arrival``/``admitted``/``first_token`` and latest ``done`` over the file's windows.
+    """
+    if engine.audio is None:
+        raise ValueError(f"{engine.model.config.model_type} is not a Whisper model")
+    tokens: WhisperTokens = engine.audio.tokens
+    tokens.prompt(language, task)  # an unknown language or task fails the whole call, up front
+    windows: list[list[np.ndarray] | str] = []
+    for source in audio:
+        try:
+            samples = load_audio(source)
+            windows.append(split_windows(samples))
+        except AudioError as e:
+            windows.append(str(e))
+    requests = [
+        Request(inputs=AudioInput(w, language=language, task=task), max_new_tokens=max_new_tokens)
+        for ws in windows
+        if not isinstance(ws, str)
+        for w in ws
+    ]
+    outputs = iter(engine.generate(requests))
+    results = []
+    for ws in windows:
+        if isinstance(ws, str):
+            results.append(Transcript("", [], 0.0, "error", error=ws))
+            continue
+        results.append(_join(tokens, engine.model.tokenizer, [next(outputs) for _ in ws]))
+    return results
+
+
+def _join(tokens: WhisperTokens, tokenizer, outputs: list[RequestOutput]) -> Transcript:
+    seconds = sum(o.audio_seconds or 0.0 for o in outputs)
+    errors = [o.error for o in outputs if o.finish_reason == "error"]
+    if errors:
+        return Transcript("", [], seconds, "error", error=errors[0])
+    ids = [[t for t in o.token_ids if t != tokens.eot] for o in outputs]
+    texts = [
+        tokens.decode(tokenizer, w) if o.text is None else o.text for o, w in zip(outputs, ids, strict=True)
+    ]
+    stamps = [o.timings for o in outputs]
+    timings = {
+        k: min(s[k] for s in stamps)
+        for k in ("arrival", "admitted", "first_token")
+        if all(k in s for s in stamps)
+    }
+    timings["done"] = max(s["done"] for s in stamps)
+    return Transcript(
+        text=" ".join(t for t in texts if t),
+        token_ids=[t for w in ids for t in w],
+        audio_seconds=seconds,
+        finish_reason="stop" if all(o.finish_reason == "stop" for o in outputs) else "length",
+        timings=timings,
+    )
