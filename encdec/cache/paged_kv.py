@@ -51,7 +51,17 @@ class PagedKV:
         return self.pools.page_size
 
     def _attend(
-        self, q_BTNH, k_LNPGH, v_LNPGH, layer, page_table_BM, lengths_B, *, scale, bias_NR=None, max_distance=128
+        self,
+        q_BTNH,
+        k_LNPGH,
+        v_LNPGH,
+        layer,
+        page_table_BM,
+        lengths_B,
+        *,
+        scale,
+        bias_NR=None,
+        max_distance=128,
     ):
         # The stacked pools go in whole with ``layer``: slicing a layer out here would copy its
         # pool on every call wherever the kernel cannot fuse the slice (Pallas on GPU).

@@ -206,10 +206,17 @@ class PagedAttentionTest:
         others = [make_inputs(case, seed=s)[1:3] for s in (1, 2)]
         pools = others[:layer] + [(k_pool, v_pool)] + others[layer:]
         k_stack, v_stack = (jnp.stack([p[i] for p in pools]) for i in (0, 1))
-        stacked = run(case, (q, k_stack, v_stack, table, lengths, bias), implementation="pallas",
-                      interpret=self.INTERPRET, layer=layer)
+        stacked = run(
+            case,
+            (q, k_stack, v_stack, table, lengths, bias),
+            implementation="pallas",
+            interpret=self.INTERPRET,
+            layer=layer,
+        )
         single = run(case, (q, k_pool, v_pool, table, lengths, bias), implementation="xla")
-        np.testing.assert_allclose(np.asarray(stacked), np.asarray(single), **TOLERANCES[jnp.dtype(case.dtype)])
+        np.testing.assert_allclose(
+            np.asarray(stacked), np.asarray(single), **TOLERANCES[jnp.dtype(case.dtype)]
+        )
 
 
 class PagedAttentionInterpretTest(PagedAttentionTest):
