@@ -94,9 +94,12 @@ def test_sampling_is_batch_invariant(tiny_models):
 def test_no_recompilation_after_warmup(tiny_models):
     model = tiny_models["bart"]
     engine = Engine(model, _config(steps_per_dispatch=3))
+    before = engine.compile_counts()  # the jitted steps are shared by engines of one model config
     warm = engine.warmup()
-    # One decode and one release; per bucket (8, 16, 20) one encode per batch size 1, 2, 4.
-    assert warm == {"decode": 1, "release": 1, "encode": 3 * len(engine.config.encoder_buckets)}
+    # At most one decode and one release; per bucket (8, 16, 20) one encode per batch size 1, 2, 4.
+    assert warm["decode"] - before["decode"] <= 1 and warm["decode"] >= 1
+    assert warm["release"] - before["release"] <= 1
+    assert warm["encode"] - before["encode"] <= 3 * len(engine.config.encoder_buckets)
     engine.generate(_requests(300, 5))
     assert engine.compile_counts() == warm
     assert min(engine.stats()["slot_fills"]) >= 30
