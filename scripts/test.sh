@@ -12,6 +12,6 @@ status=0
 for group in tests/test_*.py tests/models tests/checkpoints tests/cache tests/pallas_kernels tests/engine \
              tests/lora tests/bench tests/whisper tests/notebooks; do
   echo "== pytest $group"
-  python -m pytest -q -p no:cacheprovider $group "$@" || status=$?
+  python -m pytest -p no:cacheprovider $group "$@" || status=$?
 done
 exit $status
