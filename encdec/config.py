@@ -241,53 +241,21 @@ def _from_bart_family(hf: dict[str, Any]) -> ModelConfig:
 def _from_whisper(hf: dict[str, Any]) -> ModelConfig:
     """Whisper: pre-LN BART-like decoder (learned positions from row 0, no ``k`` bias, tied head)
     over an audio encoder; the encoder itself is ``encdec.models.whisper.encode_audio``."""
-    act = hf.get("activation_function", "gelu")
-    if act not in _BART_ACTIVATIONS:
-        raise UnsupportedModelError(f"whisper option activation_function={act!r} is not supported")
-    d_model = int(hf["d_model"])
-    enc_heads, dec_heads = int(hf["encoder_attention_heads"]), int(hf["decoder_attention_heads"])
-    if d_model % enc_heads or d_model % dec_heads:
-        raise UnsupportedModelError(f"whisper: d_model={d_model} is not divisible by the head counts")
-    if enc_heads != dec_heads:
-        raise UnsupportedModelError(
-            f"whisper: encoder_attention_heads={enc_heads} != decoder_attention_heads={dec_heads}"
-        )
-    vocab = int(hf.get("vocab_size", 51865))
-    eos = _first_id(hf.get("eos_token_id", 50257))
-    return ModelConfig(
-        model_type="whisper",
-        vocab_size=vocab,
-        d_model=d_model,
-        head_dim=d_model // dec_heads,
-        encoder_layers=int(hf["encoder_layers"]),
-        decoder_layers=int(hf["decoder_layers"]),
-        encoder_heads=enc_heads,
-        decoder_heads=dec_heads,
-        encoder_ffn_dim=int(hf["encoder_ffn_dim"]),
-        decoder_ffn_dim=int(hf["decoder_ffn_dim"]),
-        activation=_BART_ACTIVATIONS[act],
-        gated_ffn=False,
-        norm="layer",
-        norm_eps=1e-5,
+    hf = {"vocab_size": 51865, "eos_token_id": 50257, "decoder_start_token_id": 50258, **hf}
+    base = _from_bart_family(hf)  # the shared checks and dimensions
+    pad = hf.get("pad_token_id")
+    return dataclasses.replace(
+        base,
         pre_norm=True,
         final_norm=True,
         embedding_norm=False,
-        position="learned",
         max_positions=int(hf.get("max_target_positions", 448)),
-        relative_num_buckets=0,
-        relative_max_distance=0,
-        attention_scale=True,
-        projection_bias=True,
         # HF computes `embed_scale` from `scale_embedding` but never applies it; neither do we.
         embed_scale=1.0,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        tied_output_rescale=False,
         final_logits_bias=False,
         shared_decoder_embeddings=True,
-        decoder_vocab_size=vocab,
-        pad_token_id=int(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else eos),
-        eos_token_id=eos,
-        decoder_start_token_id=int(hf.get("decoder_start_token_id", 50258)),
+        decoder_vocab_size=base.vocab_size,
+        pad_token_id=int(pad if pad is not None else base.eos_token_id),
         learned_position_offset=0,
         num_mel_bins=int(hf.get("num_mel_bins", 80)),
         audio_positions=int(hf.get("max_source_positions", 1500)),
