@@ -272,14 +272,13 @@ def write_metrics(out: Path, history: list[dict[str, float]], summary: dict) -> 
 
 
 def plot_curves(out: Path, history: list[dict[str, float]], title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure objects, not pyplot: a notebook's inline backend is left alone.
+    from matplotlib.figure import Figure
 
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     evals = [r for r in history if "exact_match" in r]
-    fig, (ax_loss, ax_em) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_em = fig.subplots(1, 2)
     if train:
         ax_loss.plot(*zip(*train, strict=True), label="train loss", lw=1)
     if evals:
@@ -292,7 +291,6 @@ def plot_curves(out: Path, history: list[dict[str, float]], title: str) -> Path:
     fig.tight_layout()
     path = out / "curve.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -234,10 +234,8 @@ def table(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure objects, not pyplot: a notebook's inline backend is left alone.
+    from matplotlib.figure import Figure
 
     names = list(results["systems"])
     metrics = [
@@ -245,7 +243,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ("latency_median_s", "latency, one clip (s)", 1.0),
         ("wer", "word error rate (%)", 100.0),
     ]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
+    fig = Figure(figsize=(4 * len(metrics), 3.2))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, (key, label, scale) in zip(axes, metrics, strict=True):
         ax.bar(
             names,
@@ -256,7 +255,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"Whisper on {results['clips']} espeak-ng clips ({results['audio_seconds']:.0f} s of audio)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
