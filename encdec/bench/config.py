@@ -4,36 +4,26 @@ An experiment file only chooses values; what each value means is the docstring u
 :func:`load_experiment` reads a YAML file, applies ``--set a.b=value`` overrides (the value is
 parsed as YAML, so ``--set num_slots=[8,16]`` is a list), and builds an :class:`ExperimentConfig`.
 An unknown key, a value of the wrong type or out of range is a :class:`ConfigError` naming the
-key (``workloads[1].arrival: ...``).
+key (``workloads[1].arrival: ...``). The loading itself is :mod:`encdec.experiment_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from encdec.experiment_config import (
+    ConfigError,  # noqa: F401 (re-exported for older imports)
+    build,
+    plain,
+    read_yaml,
+)
+from encdec.experiment_config import require as _require
 
 SYSTEMS = ("encdec-inflight", "encdec-static", "hf-generate", "ctranslate2", "ctranslate2-int8")
 PROFILES = ("translation", "summarization", "mixed")
-
-
-class ConfigError(ValueError):
-    """An experiment config is invalid; the message starts with the offending key."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        self.message = message
-        super().__init__(f"{key}: {message}" if key else message)
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(key, message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,19 +80,36 @@ class WorkloadConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """One model: a named shape with seeded random weights."""
+    """One model: a named shape with seeded random weights, or a local HF checkpoint."""
 
-    shape: str
+    shape: str | None = None
     """A name from :data:`encdec.bench.shapes.SHAPES` (``t5-small``, ``bart-large``, ...)."""
+    path: str | None = None
+    """A local Hugging Face checkpoint directory (``config.json`` + safetensors or
+    ``pytorch_model.bin``, and a tokenizer for CTranslate2) instead of a shape."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights and activations for every system (CTranslate2's ``compute_type``)."""
     seed: int = 0
-    """Seed of the random weights; the checkpoint is cached per shape and seed."""
+    """Seed of a shape's random weights; the checkpoint is cached per shape and seed."""
 
     def __post_init__(self):
         from encdec.bench.shapes import SHAPES
 
-        _require(self.shape in SHAPES, "shape", f"unknown shape {self.shape!r}; known: {', '.join(SHAPES)}")
+        _require((self.shape is None) != (self.path is None), "shape", "give exactly one of shape and path")
+        if self.shape is not None:
+            known = ", ".join(SHAPES)
+            _require(self.shape in SHAPES, "shape", f"unknown shape {self.shape!r}; known: {known}")
+        else:
+            where = Path(self.path).expanduser()
+            _require(where.is_dir(), "path", f"{self.path} is not a directory")
+            _require((where / "config.json").exists(), "path", f"{self.path} has no config.json")
+
+    @property
+    def label(self) -> str:
+        """Name in results: the shape or the checkpoint folder, with dtype and seed when not default."""
+        label = self.shape if self.shape is not None else Path(self.path).expanduser().resolve().name
+        label = label if self.dtype == "float32" else f"{label}@{self.dtype}"
+        return label if self.seed == 0 or self.path is not None else f"{label}#seed{self.seed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,150 +198,12 @@ class ExperimentConfig:
         return plain(dataclasses.asdict(self))
 
 
-def plain(x: Any) -> Any:
-    """Tuples to lists, recursively: what YAML and JSON hold."""
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    return x
-
-
-# --- building dataclasses from plain data -------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        _require(value is not None, key, f"must be {_type_name(inner)}, got null")
-        return _convert(inner, value, key)
-    if origin is Literal:
-        choices = args[0] if len(args) == 1 and isinstance(args[0], tuple) else args
-        _require(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
-        return value
-    if origin is tuple:
-        items = value if isinstance(value, list) else [value]
-        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(items))
-    if origin is dict:
-        _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if tp is bool:
-        _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        _require(ok, key, f"must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _require(ok, key, f"must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        _require(isinstance(value, str), key, f"must be a string, got {value!r}")
-        return value
-    raise TypeError(f"{key}: unsupported config type {tp!r}")
-
-
-def from_dict(cls: type, data: Any, key: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys, types and each class's own rules."""
-    where = key or "config"
-    _require(isinstance(data, dict), where, f"must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        sub = f"{key}.{unknown[0]}" if key else str(unknown[0])
-        raise ConfigError(sub, f"unknown key (known: {', '.join(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        sub = f"{key}.{name}" if key else name
-        if name in data:
-            kwargs[name] = _convert(hints[name], data[name], sub)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(sub, "is required")
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:  # a class's own rule: its key is relative to the class
-        if not key:
-            raise
-        raise ConfigError(f"{key}.{e.key}" if e.key else key, e.message) from None
-
-
-# --- overrides and loading ----------------------------------------------------------------------
-
-
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` to raw config data in place.
-
-    The value is YAML. A numeric part indexes a list (``workloads.0.rate=2``); any other part
-    applied to a list sets it in every element (``workloads.num_requests=8``).
-    """
-    if "=" not in assignment:
-        raise ConfigError(assignment, "an override must look like key=value")
-    path, raw = assignment.split("=", 1)
-    parts = path.strip().split(".")
-    _require(all(parts), path, "empty key in override")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    _set(data, parts, value, "")
-
-
-def _set(node: Any, parts: list[str], value: Any, prefix: str) -> None:
-    head, rest = parts[0], parts[1:]
-    if isinstance(node, list):
-        if head.lstrip("-").isdigit():
-            i = int(head)
-            ok = -len(node) <= i < len(node)
-            _require(ok, f"{prefix}[{head}]", f"index out of range ({len(node)} items)")
-            if rest:
-                _set(node[i], rest, value, f"{prefix}[{i}]")
-            else:
-                node[i] = value
-        else:
-            for i, item in enumerate(node):
-                _set(item, parts, value, f"{prefix}[{i}]")
-        return
-    key = f"{prefix}.{head}" if prefix else head
-    _require(isinstance(node, dict), prefix or key, f"cannot set {head!r} inside {node!r}")
-    if not rest:
-        node[head] = value
-        return
-    if head not in node or node[head] is None:
-        node[head] = {}
-    _set(node[head], rest, value, key)
-
-
 def load_experiment_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
-    data = plain(data or {})
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return from_dict(ExperimentConfig, data)
+    return build(ExperimentConfig, data, overrides)
 
 
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read an experiment YAML file and apply ``--set`` overrides."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"experiment file {path} does not exist")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError("", f"{path} is not valid YAML: {e}") from e
-    if data is None:
-        data = {}
-    _require(isinstance(data, dict), str(path), "must be a mapping at the top level")
-    data.setdefault("name", path.stem)
-    return load_experiment_dict(data, overrides)
+    data = read_yaml(path)
+    data.setdefault("name", Path(path).stem)
+    return build(ExperimentConfig, data, overrides)

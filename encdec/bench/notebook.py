@@ -320,19 +320,19 @@ def slot_occupancy(
     ``engine`` sizes the engine as the benchmark does (0 = the trace's longest input / output).
     """
     import encdec
-    from encdec.bench.shapes import get_shape, write_shape
+    from encdec.bench.models import resolve_model
     from encdec.bench.workloads import make_trace
     from encdec.engine import Engine, EngineConfig, Request
 
     engine = engine or EngineSection()
     spec = ModelSpec(model) if isinstance(model, str) else model
-    model_dir = write_shape(spec.shape, spec.seed, cache_dir)
-    loaded = encdec.load_pretrained(model_dir, dtype=spec.dtype, tokenizer=False)
+    bench_model = resolve_model(spec, cache_dir)
+    loaded = encdec.load_pretrained(bench_model.hf_dir, dtype=spec.dtype, tokenizer=False)
     trace = workload
     if isinstance(workload, WorkloadConfig):
         c = loaded.config
         max_in = None if c.position == "relative" else c.max_positions
-        trace = make_trace(workload, get_shape(spec.shape).token_range, max_input_len=max_in)
+        trace = make_trace(workload, bench_model.token_range, max_input_len=max_in)
     requests = [
         Request(inputs=list(r.input_ids), max_new_tokens=r.output_len, min_new_tokens=r.output_len,
                 arrival_time=r.arrival_s)

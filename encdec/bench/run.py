@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from encdec.bench.config import ExperimentConfig, ModelSpec, load_experiment, plain
+from encdec.bench.config import ExperimentConfig, load_experiment, plain
 from encdec.bench.metrics import SystemRun, TieCheck, reference_outputs, summarize
-from encdec.bench.shapes import get_shape, write_shape
+from encdec.bench.models import resolve_model
 from encdec.bench.systems import System, make_system
 from encdec.bench.workloads import Trace, make_trace
 
@@ -75,11 +75,6 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def model_label(spec: ModelSpec) -> str:
-    label = spec.shape if spec.dtype == "float32" else f"{spec.shape}@{spec.dtype}"
-    return label if spec.seed == 0 else f"{label}#seed{spec.seed}"
-
-
 def _median_run(runs: list) -> Any:
     by_wall = sorted(runs, key=lambda r: r.wall_s)
     return by_wall[(len(by_wall) - 1) // 2]
@@ -105,9 +100,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = [model_label(m) for m in cfg.models]
+    labels = [m.label for m in cfg.models]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"models: the same shape, dtype and seed are listed twice: {labels}")
+        raise ValueError(f"models: the same model, dtype and seed are listed twice: {labels}")
     results: dict[str, Any] = {
         "experiment": cfg.name,
         "description": cfg.description,
@@ -120,23 +115,16 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
     total = len(cfg.models) * len(cfg.workloads) * len(cfg.num_slots) * len(cfg.systems)
     bar = tqdm(total=total, desc=cfg.name, disable=not progress, file=sys.stderr)
     for spec, label in zip(cfg.models, labels, strict=True):
-        shape = get_shape(spec.shape)
-        bar.set_postfix_str(f"writing {spec.shape}")
-        model_dir = write_shape(spec.shape, spec.seed, cfg.cache_dir)
+        bar.set_postfix_str(f"preparing {label}")
+        bench_model = resolve_model(spec, cfg.cache_dir)
+        model_dir = bench_model.hf_dir
         model = encdec.load_pretrained(model_dir, dtype=spec.dtype, tokenizer=False)
-        results["model"][label] = {
-            "shape": spec.shape,
-            "dtype": spec.dtype,
-            "seed": spec.seed,
-            "path": str(model_dir),
-            "family": shape.family,
-            "hf_config": shape.hf_config,
-        }
+        results["model"][label] = bench_model.info
         max_in = None if model.config.position == "relative" else model.config.max_positions
         systems: dict[str, System] = {}
         try:
             for wl in cfg.workloads:
-                trace = make_trace(wl, shape.token_range, max_input_len=max_in)
+                trace = make_trace(wl, bench_model.token_range, max_input_len=max_in)
                 results["workload"][wl.name] = {**trace.summary(), "config": plain(dataclasses.asdict(wl))}
                 reference, tie_check = None, None
                 if cfg.check_outputs:

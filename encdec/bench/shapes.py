@@ -173,30 +173,39 @@ def write_shape(name: str, seed: int = 0, cache_dir: str | Path | None = None) -
 
 
 def ct2_dir(name: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """The CTranslate2 conversion (float32 weights) of a shape's checkpoint, converted once.
+    """The CTranslate2 conversion (float32 weights) of a shape's checkpoint, converted once."""
+    hf_dir = write_shape(name, seed, cache_dir)
+    return convert_ct2(hf_dir, hf_dir.parent / f"{hf_dir.name}-ct2")
+
+
+def convert_ct2(hf_dir: Path, final: Path) -> Path:
+    """Convert the HF checkpoint ``hf_dir`` to CTranslate2 (float32) at ``final``, unless it is there.
 
     BART under transformers 5 lacks ``normalize_before``, which the converter reads: it converts
     a copy whose ``config.json`` says ``"normalize_before": false`` (BART is post-LN).
     """
     from ctranslate2.converters import TransformersConverter
 
-    hf_dir = write_shape(name, seed, cache_dir)
-    final = hf_dir.parent / f"{hf_dir.name}-ct2"
     if (final / "config.json").exists():
         return final
-    with tempfile.TemporaryDirectory(dir=hf_dir.parent) as src_tmp:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as src_tmp:
         src = Path(src_tmp)
         for f in hf_dir.iterdir():
             if f.name != "config.json":
                 os.symlink(f.resolve(), src / f.name)
         with open(hf_dir / "config.json") as fh:
             config = json.load(fh)
-        if get_shape(name).family == "bart":
-            config["normalize_before"] = False
+        if config.get("model_type") == "bart":
+            config.setdefault("normalize_before", False)
         with open(src / "config.json", "w") as fh:
             json.dump(config, fh, indent=2)
-        out = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=hf_dir.parent))
-        TransformersConverter(str(src)).convert(str(out), force=True)
+        out = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            TransformersConverter(str(src)).convert(str(out), force=True)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
     _publish(out, final)
     return final
 

@@ -284,7 +284,7 @@ def make_system(name: str, spec: ModelSpec, cfg: ExperimentConfig, *, model_dir:
         return EncdecEngine(name, model, name.split("-", 1)[1], cfg.engine)
     if name == "hf-generate":
         return HFGenerate(model_dir, spec.dtype, cfg.hf)
-    from encdec.bench.shapes import ct2_dir
+    from encdec.bench.models import ct2_model_dir
 
     compute = spec.dtype if name == "ctranslate2" else f"int8_{spec.dtype}"
-    return CT2Translate(name, ct2_dir(spec.shape, spec.seed, cfg.cache_dir), compute, cfg.ctranslate2)
+    return CT2Translate(name, ct2_model_dir(spec, cfg.cache_dir), compute, cfg.ctranslate2)

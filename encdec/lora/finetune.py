@@ -13,21 +13,16 @@ import csv
 import dataclasses
 import json
 import sys
-import types
-import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import yaml
 
+from encdec.experiment_config import ConfigError, build, plain, read_yaml
 from encdec.lora.adapters import LoraConfig
 from encdec.lora.data import DataConfig
 from encdec.lora.train import TrainConfig
-
-
-class ConfigError(ValueError):
-    """An experiment config has an unknown key or a bad value (the message names the key)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,103 +86,12 @@ class ExperimentConfig:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)!r}")
 
 
-# ---- loading and validation -----------------------------------------------------------------
+# ---- loading -------------------------------------------------------------------------------
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in args:
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
-    if hint is type(None):
-        if value is None:
-            return None
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(v, args[0], key) for v in value)
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a YAML mapping; unknown keys and bad values raise :class:`ConfigError`."""
-    where = prefix.rstrip(".") or "config"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            known = ", ".join(prefix + n for n in names)
-            raise ConfigError(f"unknown key '{prefix}{key}' (known keys: {known})")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{prefix}{e}") from None
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``["train.steps=10", "lora.target_modules=[q, v]"]``: values are parsed as YAML."""
-    raw = json.loads(json.dumps(raw))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
-    return raw
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"experiment file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    return from_dict(ExperimentConfig, apply_overrides(raw, list(overrides)))
-
-
-def to_dict(config: Any) -> dict:
-    out = dataclasses.asdict(config)
-    return json.loads(json.dumps(out))  # tuples -> lists, for YAML and comparison
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read an experiment YAML file and apply ``--set`` overrides."""
+    return build(ExperimentConfig, read_yaml(path), overrides)
 
 
 # ---- the embedded tiny model ----------------------------------------------------------------
@@ -308,12 +212,13 @@ def finetune(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = to_dict(config)
+    resolved = plain(dataclasses.asdict(config))
     config_file = out / "config.yaml"
     if config_file.exists() and (out / "checkpoints").exists():
         previous = yaml.safe_load(config_file.read_text())
         if previous != resolved:
-            raise ConfigError(f"{out} holds a run with a different config; choose another --out or delete it")
+            message = f"{out} holds a run with a different config; choose another --out or delete it"
+            raise ConfigError("", message)
     config_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     model_dir = (

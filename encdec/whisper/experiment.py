@@ -26,12 +26,13 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from encdec.experiment_config import ConfigError, build, read_yaml
 from encdec.whisper.audio import features_for
 from encdec.whisper.clips import load_sentences, synthesize, wer
 from encdec.whisper.serving import transcribe_with_engine, whisper_engine
@@ -74,27 +75,16 @@ class WhisperExperimentConfig:
     def __post_init__(self):
         unknown = sorted(set(self.systems) - set(SYSTEMS))
         if unknown:
-            raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+            raise ValueError(f"systems: unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] = ()) -> WhisperExperimentConfig:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if raw.pop("kind", "whisper") != "whisper":
-            raise ValueError(f"{path} is not a whisper experiment (kind: whisper)")
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r} is not KEY=VALUE")
-            raw[key] = yaml.safe_load(value)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - fields)
-        if unknown:
-            raise ValueError(
-                f"unknown experiment key(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
-            )
-        if "systems" in raw:
-            raw["systems"] = tuple(raw["systems"])
-        return cls(**raw)
+    def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> WhisperExperimentConfig:
+        """Read an experiment YAML file (``kind: whisper``) and apply ``--set`` overrides."""
+        raw = read_yaml(path)
+        kind = raw.pop("kind", "whisper")
+        if kind != "whisper":
+            raise ConfigError("kind", f"{path} is not a whisper experiment (kind: {kind!r})")
+        return build(cls, raw, overrides)
 
 
 class _Ct2:

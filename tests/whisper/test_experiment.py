@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from encdec.experiment_config import ConfigError
 from encdec.whisper.clips import espeak_available, normalize, wer, word_errors
 from encdec.whisper.experiment import WhisperExperimentConfig, main
 
@@ -14,9 +15,11 @@ EXPERIMENT = Path(__file__).parents[2] / "experiments" / "whisper_base.yaml"
 def test_config_loads_and_rejects_unknown_keys():
     cfg = WhisperExperimentConfig.load(EXPERIMENT, ["num_clips=3", "systems=[encdec]"])
     assert (cfg.num_clips, cfg.systems, cfg.batch_size) == (3, ("encdec",), 16)
-    with pytest.raises(ValueError, match="unknown experiment key"):
+    with pytest.raises(ConfigError, match="^num_clip: unknown key"):
         WhisperExperimentConfig.load(EXPERIMENT, ["num_clip=3"])
-    with pytest.raises(ValueError, match="unknown system"):
+    with pytest.raises(ConfigError, match="^num_clips: must be an integer"):
+        WhisperExperimentConfig.load(EXPERIMENT, ["num_clips=many"])
+    with pytest.raises(ConfigError, match="^systems: unknown system"):
         WhisperExperimentConfig.load(EXPERIMENT, ["systems=[encdec, whisper.cpp]"])
 
 
