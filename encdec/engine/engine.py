@@ -63,6 +63,11 @@ class _Live:
     cross_pages: list[int] = dataclasses.field(default_factory=list)
     output: RequestOutput | None = None
     cancelled: bool = False
+    steps_dispatched: int = 0
+    """Decode steps dispatched since admission (forced prefix steps included)."""
+    draining: bool = False
+    """Its slot and pages were handed on before its last tokens were read: the dispatch in
+    flight is certain to end it (see :meth:`Engine._release_bounded`)."""
 
 
 @functools.lru_cache(maxsize=32)
@@ -205,7 +210,9 @@ class Engine:
         if live is None or live.output is not None:
             return
         live.cancelled = True
-        if live.slot is None:
+        if live.draining:
+            pass  # ends on device within the dispatch in flight; its slot already serves another
+        elif live.slot is None:
             self._queue.remove(handle)
         else:
             release = np.zeros(self.config.num_slots, bool)
@@ -307,6 +314,7 @@ class Engine:
         self.metrics = {
             "dispatches": 0,
             "encode_batches": 0,
+            "early_releases": 0,
             "peak_self_pages": self.self_alloc.num_used,
             "peak_cross_pages": self.cross_alloc.num_used,
             "slot_fills": [0] * self.config.num_slots,
@@ -355,10 +363,37 @@ class Engine:
             self._pending = (results, list(self._slots))
             self.metrics["dispatches"] += 1
             self.metrics["occupancy"].append((time.perf_counter(), sum(s is not None for s in self._slots)))
+            self._release_bounded()
         if previous is not None:
             self._read(*previous)
             self._admit()  # queued behind the decode just dispatched: the device never idles
         return self._pending is not None or bool(self._queue) or any(s is not None for s in self._slots)
+
+    def _release_bounded(self) -> None:
+        """Hand on the slots whose requests reach ``max_new_tokens`` within the dispatch just issued.
+
+        Without this a slot whose request ends in dispatch ``k`` idles through dispatch ``k + 1``
+        too, as its end is only read after ``k + 1`` is queued. A request's token budget bounds
+        its end, so its slot and pages can go to the next request now: that request's encode is
+        queued behind dispatch ``k`` (the state it takes is dispatch ``k``'s output) and it
+        decodes from dispatch ``k + 1``. Requests ending early at EOS or a stop token are
+        found when read, as before.
+        """
+        for rid in self._slots:
+            if rid is None:
+                continue
+            live = self._live[rid]
+            live.steps_dispatched += self.config.steps_per_dispatch
+            if live.steps_dispatched - (len(live.prefix) - 1) >= live.max_new:
+                self._free_slot(live)
+                live.draining = True
+                self.metrics["early_releases"] += 1
+
+    def _free_slot(self, live: _Live) -> None:
+        self._slots[live.slot] = None
+        self.self_alloc.free(live.self_pages)
+        self.cross_alloc.free(live.cross_pages)
+        live.slot, live.self_pages, live.cross_pages = None, [], []
 
     def _bank_arg(self) -> dict:
         return {} if self.adapters is None else {"lora_bank": self.adapters.stacked}
@@ -473,7 +508,7 @@ class Engine:
             for slot in np.nonzero(step_row >= 0)[0]:
                 rid = owners[slot]
                 live = self._live.get(rid) if rid is not None else None
-                if live is None or live.output is not None or live.slot != slot:
+                if live is None or live.output is not None:
                     continue  # cancelled (or already finished) while this dispatch ran
                 value = int(step_row[slot])
                 token = value & (FINISHED_BIT - 1)
@@ -487,10 +522,7 @@ class Engine:
 
     def _finish(self, live: _Live, reason: str) -> None:
         if live.slot is not None:
-            self._slots[live.slot] = None
-            self.self_alloc.free(live.self_pages)
-            self.cross_alloc.free(live.cross_pages)
-            live.self_pages, live.cross_pages = [], []
+            self._free_slot(live)
         live.timings["done"] = time.perf_counter()
         text = None
         tok = self.model.tokenizer
