@@ -27,12 +27,28 @@ def project(p: Params, x: jax.Array, eq: str, lora: Params | None = None) -> jax
     ``lora`` holds ``a`` (input dims -> rank) and ``b`` (rank -> output dims) in the same
     layout as ``w`` split at the rank, and ``scale`` (alpha / rank); see ``encdec.lora``.
     """
-    y = jnp.einsum(eq, x, p["w"].astype(x.dtype))
+    y = _as_matmul(eq, x, p["w"].astype(x.dtype))
     if "b" in p:
         y = y + lead(p["b"].astype(y.dtype), y.ndim)
     if lora is not None:
         y = y + lora_delta(lora, x, eq).astype(y.dtype)
     return y
+
+
+def _as_matmul(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``einsum(eq, x, w)`` as one 2-D matrix product when ``x`` ends and ``w`` starts with the
+    contracted axes (every projection here): the reshapes are free, and XLA:CPU otherwise picked
+    layouts that transposed the attention output weight ``[N, H, D]`` on every decode step."""
+    lhs, out = eq.split("->")
+    x_spec, w_spec = lhs.split(",")
+    contracted = "".join(c for c in w_spec if c not in out)
+    n = len(contracted)
+    matmul_shaped = x_spec.endswith(contracted) and w_spec.startswith(contracted)
+    if not (matmul_shaped and out == x_spec[:-n] + w_spec[n:]):
+        return jnp.einsum(eq, x, w)
+    size = int(np.prod(w.shape[:n]))
+    y = jnp.dot(x.reshape(-1, size), w.reshape(size, -1))
+    return y.reshape(x.shape[:-n] + w.shape[n:])
 
 
 def lora_delta(lora: Params, x: jax.Array, eq: str) -> jax.Array:
