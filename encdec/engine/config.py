@@ -44,8 +44,10 @@ class EngineConfig:
     steps_per_dispatch: int = 4
     """Decode steps per jitted call (a ``lax.scan``): fewer host round trips, but a finished
     slot idles until the dispatch ends."""
-    attention_impl: Literal["auto", "pallas", "xla"] = "auto"
-    """Paged attention: ``auto`` is the Pallas kernel on GPU and the pure-JAX reference elsewhere."""
+    attention_impl: Literal["auto", "pallas", "xla", "window"] = "auto"
+    """Decode attention: ``pallas`` (the paged kernel), ``xla`` (its pure-JAX reference, pages
+    gathered every step) or ``window`` (pages gathered once per dispatch into a dense copy,
+    :mod:`encdec.cache.window_kv`). ``auto`` is ``pallas`` on GPU and ``window`` elsewhere."""
     mode: Literal["inflight", "static"] = "inflight"
     """``inflight`` refills a slot as soon as its sequence ends; ``static`` starts a batch only
     when every slot is free, so the batch ends with its longest member (for comparison)."""
@@ -82,9 +84,10 @@ class EngineConfig:
             )
         if self.mode not in ("inflight", "static"):
             raise ValueError(f"EngineConfig.mode must be 'inflight' or 'static', got {self.mode!r}")
-        if self.attention_impl not in ("auto", "pallas", "xla"):
+        if self.attention_impl not in ("auto", "pallas", "xla", "window"):
             raise ValueError(
-                f"EngineConfig.attention_impl must be auto, pallas or xla, got {self.attention_impl!r}"
+                "EngineConfig.attention_impl must be auto, pallas, xla or window, "
+                f"got {self.attention_impl!r}"
             )
         buckets = sorted(
             {b for b in self.encoder_buckets if 0 < b < self.max_encoder_len} | {self.max_encoder_len}

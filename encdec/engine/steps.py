@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from encdec.cache.paged_kv import PagedKV, write_cross
 from encdec.cache.pools import PagePools
+from encdec.cache.window_kv import WindowKV, open_window
 from encdec.config import ModelConfig
 from encdec.models import decode, encode, project_cross_kv
 from encdec.models.whisper import encode_audio
@@ -189,20 +190,43 @@ def decode_steps(
     ``suppress_V`` / ``suppress_first_V``: the model's banned tokens (Whisper's
     ``suppress_tokens``) at every sampled step and, besides, at a slot's first sampled step
     (``begin_suppress_tokens``); boolean ``[V]`` masks, or None for models without them.
+
+    ``implementation``: ``"window"`` attends over a dense copy of the pages made once per
+    dispatch (:mod:`encdec.cache.window_kv`); else paged attention with that implementation.
+    ``"auto"`` is the Pallas kernel on GPU and the window elsewhere.
     """
     lora = _lora_rows(lora_bank, lora_gather, state.adapter_row_B)
-
-    def one(state: DecodeState, _):
-        active_B = state.active_B
-        kv = PagedKV(
-            pools=state.pools,
-            self_page_table_BM=state.self_page_table_BM,
-            self_lengths_B=state.self_lengths_B,
-            cross_page_table_BM=state.cross_page_table_BM,
-            cross_lengths_B=state.cross_lengths_B,
-            active_B=active_B,
-            implementation=implementation,
+    if implementation == "auto" and jax.default_backend() != "gpu":
+        implementation = "window"
+    window = None
+    if implementation == "window":
+        window = open_window(
+            state.pools, state.self_page_table_BM, state.self_lengths_B,
+            state.cross_page_table_BM, state.cross_lengths_B,
         )
+
+    def one(carry, _):
+        state, window = carry
+        active_B = state.active_B
+        if window is not None:
+            kv = WindowKV(
+                pools=state.pools,
+                window=window,
+                self_page_table_BM=state.self_page_table_BM,
+                self_lengths_B=state.self_lengths_B,
+                cross_lengths_B=state.cross_lengths_B,
+                active_B=active_B,
+            )
+        else:
+            kv = PagedKV(
+                pools=state.pools,
+                self_page_table_BM=state.self_page_table_BM,
+                self_lengths_B=state.self_lengths_B,
+                cross_page_table_BM=state.cross_page_table_BM,
+                cross_lengths_B=state.cross_lengths_B,
+                active_B=active_B,
+                implementation=implementation,
+            )
         logits_B1V, kv = decode(
             params,
             cfg,
@@ -237,9 +261,10 @@ def decode_steps(
             num_generated_B=n_B + emits_B.astype(jnp.int32),
             active_B=active_B & ~finished_B,
         )
-        return state, result_B.astype(jnp.int32)
+        return (state, None if window is None else kv.window), result_B.astype(jnp.int32)
 
-    return jax.lax.scan(one, state, None, length=num_steps)
+    (state, _), results = jax.lax.scan(one, (state, window), None, length=num_steps)
+    return state, results
 
 
 def release_slots(state: DecodeState, release_B: jax.Array) -> DecodeState:

@@ -42,9 +42,30 @@ def paged_attention_reference(
     """Attention of each slot's query over its ``lengths[b]`` paged keys; see ``api.paged_attention``."""
     N, _, G, H = k_pages_NPGH.shape
     B, M = page_table_BM.shape
-    K = M * G
-    k_NBKH = k_pages_NPGH[:, page_table_BM].reshape(N, B, K, H)
-    v_NBKH = v_pages_NPGH[:, page_table_BM].reshape(N, B, K, H)
+    k_NBKH = k_pages_NPGH[:, page_table_BM].reshape(N, B, M * G, H)
+    v_NBKH = v_pages_NPGH[:, page_table_BM].reshape(N, B, M * G, H)
+    return attention_over_keys(
+        q_BNH, k_NBKH, v_NBKH, lengths_B, scale=scale, bias_NR=bias_NR, max_distance=max_distance
+    )
+
+
+def attention_over_keys(
+    q_BNH: jax.Array,
+    k_NBKH: jax.Array,
+    v_NBKH: jax.Array,
+    lengths_B: jax.Array,
+    *,
+    scale: float = 1.0,
+    bias_NR: jax.Array | None = None,
+    max_distance: int = 128,
+    stale_v: bool = True,
+) -> jax.Array:
+    """Decode attention of each slot over the first ``lengths[b]`` of its dense keys.
+
+    ``stale_v=False`` promises that values past each length are finite (zeros, say), which
+    saves masking them: 0 * NaN would otherwise be NaN.
+    """
+    K = k_NBKH.shape[2]
     valid_BK = jnp.arange(K, dtype=jnp.int32)[None, :] < lengths_B[:, None]
 
     # Heads lead every operand (N, B, ...), matching the gathered pages: XLA then runs batched
@@ -62,8 +83,8 @@ def paged_attention_reference(
     max_NB1 = jnp.max(logits_NBK, axis=-1, keepdims=True)
     p_NBK = jnp.where(valid_1BK, jnp.exp(logits_NBK - max_NB1), 0.0)
     denom_NB1 = jnp.sum(p_NBK, axis=-1, keepdims=True)
-    # Stale rows past a slot's length may hold anything, NaN included: 0 * NaN = NaN.
-    v_NBKH = jnp.where(valid_BK[None, :, :, None], v_NBKH, jnp.zeros((), v_NBKH.dtype))
+    if stale_v:  # stale rows past a slot's length may hold anything, NaN included
+        v_NBKH = jnp.where(valid_BK[None, :, :, None], v_NBKH, jnp.zeros((), v_NBKH.dtype))
     out_NBH = jnp.einsum(
         "NBK,NBKH->NBH",
         p_NBK,

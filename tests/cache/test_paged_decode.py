@@ -15,6 +15,7 @@ import pytest
 
 import encdec
 from encdec.cache import SENTINEL_PAGE, PageAllocator, PagedKV, PoolConfig, init_pools, pages_for, write_cross
+from encdec.cache.window_kv import WindowKV, open_window
 from encdec.models import decode, encode, init_dense_kv, project_cross_kv
 from tests.cache.test_pools import full_size_values
 from tests.tiny_models import VOCAB, save_hf_model
@@ -176,3 +177,56 @@ def test_paged_kv_rejects_more_than_one_token(model):
     tokens = jnp.zeros((4, 2), jnp.int32)
     with pytest.raises(ValueError, match="one token per step"):
         decode(model.params, cfg, tokens, jnp.zeros((4, 2), jnp.int32), kv)
+
+
+def test_window_greedy_equals_dense_greedy_over_nan_stale_rows(model):
+    """``WindowKV``: a window opened every ``DISPATCH`` steps, pools written through it.
+
+    Stale self rows hold NaN, as a crashed request could leave them: the window masks them once
+    when it opens, and nothing stale may reach the logits.
+    """
+    DISPATCH = 3
+    cfg = model.config
+    ids, mask = _encoder_batch(cfg)
+    enc = encode(model.params, cfg, ids, mask)
+    dense_logits, dense_tokens = _dense_greedy(model, enc, mask)
+    kv = _paged_setup(model, enc, "xla", False)
+    poison = jnp.full_like(kv.pools.self_v_LNPGH, jnp.nan).at[:, :, SENTINEL_PAGE].set(0)
+    kv = kv.replace(pools=kv.pools.replace(self_k_LNPGH=poison, self_v_LNPGH=poison + 0))
+    params = model.params
+
+    @jax.jit
+    def step(wkv, tok_B):
+        logits, wkv = decode(params, cfg, tok_B[:, None], wkv.self_lengths_B[:, None], wkv)
+        return logits[:, 0], wkv
+
+    B = kv.active_B.shape[0]
+    start = cfg.decoder_start_token_id
+    tok = np.full((B,), start, np.int32)
+    done = np.zeros(len(LENGTHS), int)
+    wkv = None
+    for t in range(max(STARTS) + STEPS):
+        active = np.array([STARTS[r] <= t < STARTS[r] + STEPS for r in range(len(LENGTHS))] + [False])
+        if t % DISPATCH == 0:
+            if wkv is not None:  # the dispatch ends: the pools keep what it wrote
+                kv = kv.replace(pools=wkv.pools, self_lengths_B=wkv.self_lengths_B)
+            window = open_window(
+                kv.pools, kv.self_page_table_BM, kv.self_lengths_B, kv.cross_page_table_BM, kv.cross_lengths_B
+            )
+            wkv = WindowKV(
+                pools=kv.pools, window=window, self_page_table_BM=kv.self_page_table_BM,
+                self_lengths_B=kv.self_lengths_B, cross_lengths_B=kv.cross_lengths_B, active_B=kv.active_B,
+            )
+        logits, wkv = step(wkv.replace(active_B=jnp.asarray(active)), jnp.asarray(tok))
+        logits = np.asarray(logits)
+        new_tok = logits.argmax(-1).astype(np.int32)
+        for r in np.flatnonzero(active[: len(LENGTHS)]):
+            i = t - STARTS[r]
+            np.testing.assert_allclose(
+                logits[r], dense_logits[r, i], atol=1e-4, rtol=0, err_msg=f"row {r} step {i}"
+            )
+            assert new_tok[r] == dense_tokens[r, i], f"row {r} step {i}"
+            done[r] += 1
+        tok = np.where(active, new_tok, start)
+    assert list(done) == [STEPS] * len(LENGTHS)
+    assert not np.asarray(wkv.pools.self_k_LNPGH[:, :, SENTINEL_PAGE]).any()

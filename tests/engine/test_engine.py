@@ -51,11 +51,12 @@ def _reference(model_key, model, inputs, max_new):
     return _REFERENCE_CACHE[key][:max_new]
 
 
+@pytest.mark.parametrize("impl", ["xla", "window"])
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_64_mixed_requests_through_8_slots_equal_reference_alone(tiny_models, family):
+def test_64_mixed_requests_through_8_slots_equal_reference_alone(tiny_models, family, impl):
     model = tiny_models[family]
     requests = _requests(64, 1)
-    engine = Engine(model, _config())
+    engine = Engine(model, _config(attention_impl=impl))
     outputs = engine.generate(requests)
     for req, out in zip(requests, outputs, strict=True):
         assert out.token_ids == _reference(family, model, tuple(req.inputs), req.max_new_tokens), req
@@ -114,6 +115,39 @@ def test_static_mode_matches_and_waits_for_the_whole_batch(tiny_models):
     assert [o.token_ids for o in static] == [o.token_ids for o in inflight]
     # Static batches start together: 24 requests / 8 slots = 3 fills of every slot, no more.
     assert static_engine.stats()["slot_fills"] == [3] * 8
+
+
+def test_slots_ending_by_length_are_refilled_without_an_idle_dispatch(tiny_models):
+    # Each request decodes exactly 4 tokens = 2 dispatches of 2 steps. Its slot is handed on when
+    # its last dispatch is issued, so 6 requests through 2 slots take 3 x 2 = 6 dispatches; waiting
+    # to read the end first would cost a third, empty dispatch per request.
+    model = tiny_models["t5"]
+    requests = [Request(inputs=r.inputs, max_new_tokens=4, min_new_tokens=4) for r in _requests(6, 12)]
+    engine = Engine(model, _config(num_slots=2))
+    outputs = engine.generate(requests)
+    stats = engine.stats()
+    assert stats["dispatches"] == 6 and stats["early_releases"] == 6
+    assert stats["slot_fills"] == [3, 3]
+    for req, out in zip(requests, outputs, strict=True):
+        assert out.finish_reason == "length" and len(out.token_ids) == 4
+        ref = encdec.reference_generate(model, [req.inputs], 4, min_new_tokens=4)[0].token_ids
+        assert out.token_ids == ref
+    assert engine.self_alloc.num_used == 0 and engine.cross_alloc.num_used == 0
+
+
+def test_cancelling_a_draining_request_leaves_its_successor_alone(tiny_models):
+    model = tiny_models["t5"]
+    first, second = (Request(inputs=r.inputs, max_new_tokens=2, min_new_tokens=2) for r in _requests(2, 13))
+    engine = Engine(model, _config(num_slots=1))
+    h1, h2 = engine.submit(first), engine.submit(second)
+    engine.step()  # first's only dispatch is issued: its slot is free for second already
+    assert engine._live[h1].draining and engine._slots == [None]
+    engine.cancel(h1)  # neither queued nor holding a slot
+    engine.run_until_idle()
+    assert engine.result(h1).finish_reason == "cancelled"
+    ref = encdec.reference_generate(model, [second.inputs], 2, min_new_tokens=2)[0].token_ids
+    assert engine.result(h2).token_ids == ref
+    assert engine.self_alloc.num_used == 0 and engine.cross_alloc.num_used == 0
 
 
 def test_cancel_returns_pages_and_keeps_others_going(tiny_models):
