@@ -42,8 +42,9 @@ class EngineConfig:
     max_encoder_tokens: int = 4096
     """Most padded tokens (rows x bucket) in one encoder batch."""
     steps_per_dispatch: int = 4
-    """Decode steps per jitted call (a ``lax.scan``): fewer host round trips, but a finished
-    slot idles until the dispatch ends."""
+    """Most decode steps per jitted call (a device-side loop): fewer host round trips. A dispatch
+    is cut short where a slot's ``max_new_tokens`` ends while requests wait, so such a slot is
+    refilled at once; a slot ending at EOS idles until the next dispatch ends."""
     attention_impl: Literal["auto", "pallas", "xla", "window"] = "auto"
     """Decode attention: ``pallas`` (the paged kernel), ``xla`` (its pure-JAX reference, pages
     gathered every step) or ``window`` (pages gathered once per dispatch into a dense copy,

@@ -299,7 +299,8 @@ class Engine:
                 rows *= 2
             if rows // 2 != c.encoder_batch_rows(bucket):
                 self._encode_batch(bucket, c.encoder_batch_rows(bucket), [])
-        self.state, results = self._decode(self.model.params, self.state, **self._decode_args())
+        steps = np.int32(c.steps_per_dispatch)
+        self.state, results = self._decode(self.model.params, self.state, steps, **self._decode_args())
         self.state = self._release(self.state, jnp.zeros((c.num_slots,), bool))
         jax.block_until_ready(results)
         self.reset_stats()
@@ -315,6 +316,7 @@ class Engine:
             "dispatches": 0,
             "encode_batches": 0,
             "early_releases": 0,
+            "decode_steps": 0,
             "peak_self_pages": self.self_alloc.num_used,
             "peak_cross_pages": self.cross_alloc.num_used,
             "slot_fills": [0] * self.config.num_slots,
@@ -359,17 +361,35 @@ class Engine:
         self._admit()
         previous, self._pending = self._pending, None
         if any(s is not None for s in self._slots):
-            self.state, results = self._decode(self.model.params, self.state, **self._decode_args())
+            steps = self._dispatch_steps()
+            self.state, results = self._decode(
+                self.model.params, self.state, np.int32(steps), **self._decode_args()
+            )
             self._pending = (results, list(self._slots))
             self.metrics["dispatches"] += 1
+            self.metrics["decode_steps"] += steps
             self.metrics["occupancy"].append((time.perf_counter(), sum(s is not None for s in self._slots)))
-            self._release_bounded()
+            self._release_bounded(steps)
         if previous is not None:
             self._read(*previous)
             self._admit()  # queued behind the decode just dispatched: the device never idles
         return self._pending is not None or bool(self._queue) or any(s is not None for s in self._slots)
 
-    def _release_bounded(self) -> None:
+    def _remaining_steps(self, live: _Live) -> int:
+        """Decode steps until ``live``'s token budget is spent (its forced prefix counts)."""
+        return live.max_new + len(live.prefix) - 1 - live.steps_dispatched
+
+    def _dispatch_steps(self) -> int:
+        """Steps of the next dispatch: ``steps_per_dispatch``, cut short where the last slot's
+        budget ends and, while requests wait for a slot (in-flight), where the first one's does."""
+        c = self.config
+        remaining = [self._remaining_steps(self._live[rid]) for rid in self._slots if rid is not None]
+        steps = min(c.steps_per_dispatch, max(remaining))
+        if c.mode == "inflight" and self._queue:
+            steps = min(steps, min(remaining))
+        return max(1, steps)
+
+    def _release_bounded(self, steps: int) -> None:
         """Hand on the slots whose requests reach ``max_new_tokens`` within the dispatch just issued.
 
         Without this a slot whose request ends in dispatch ``k`` idles through dispatch ``k + 1``
@@ -383,8 +403,8 @@ class Engine:
             if rid is None:
                 continue
             live = self._live[rid]
-            live.steps_dispatched += self.config.steps_per_dispatch
-            if live.steps_dispatched - (len(live.prefix) - 1) >= live.max_new:
+            live.steps_dispatched += steps
+            if self._remaining_steps(live) <= 0:
                 self._free_slot(live)
                 live.draining = True
                 self.metrics["early_releases"] += 1

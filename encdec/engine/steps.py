@@ -175,6 +175,7 @@ def encode_insert(
 def decode_steps(
     params,
     state: DecodeState,
+    steps: jax.Array | int | None = None,
     lora_bank=None,
     suppress_V: jax.Array | None = None,
     suppress_first_V: jax.Array | None = None,
@@ -185,7 +186,11 @@ def decode_steps(
     implementation: str,
     lora_gather=None,
 ) -> tuple[DecodeState, jax.Array]:
-    """Advance every active slot ``num_steps`` tokens; return the state and ``[num_steps, B]`` results.
+    """Advance every active slot ``steps`` tokens (traced, at most the static ``num_steps``; None:
+    ``num_steps``); return the state and ``[num_steps, B]`` results, rows from ``steps`` on -1.
+
+    One compiled step serves every dispatch length, so the host can end a dispatch exactly
+    where a slot's token budget ends.
 
     ``suppress_V`` / ``suppress_first_V``: the model's banned tokens (Whisper's
     ``suppress_tokens``) at every sampled step and, besides, at a slot's first sampled step
@@ -263,8 +268,16 @@ def decode_steps(
         )
         return (state, None if window is None else kv.window), result_B.astype(jnp.int32)
 
-    (state, _), results = jax.lax.scan(one, (state, window), None, length=num_steps)
-    return state, results
+    def body(i, carry):
+        state, window, results_SB = carry
+        (state, window), result_B = one((state, window), None)
+        return state, window, jax.lax.dynamic_update_slice(results_SB, result_B[None], (i, 0))
+
+    B = state.active_B.shape[0]
+    steps = num_steps if steps is None else jnp.clip(jnp.asarray(steps, jnp.int32), 0, num_steps)
+    results_SB = jnp.full((num_steps, B), -1, jnp.int32)
+    state, _, results_SB = jax.lax.fori_loop(0, steps, body, (state, window, results_SB))
+    return state, results_SB
 
 
 def release_slots(state: DecodeState, release_B: jax.Array) -> DecodeState:

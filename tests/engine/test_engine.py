@@ -135,6 +135,24 @@ def test_slots_ending_by_length_are_refilled_without_an_idle_dispatch(tiny_model
     assert engine.self_alloc.num_used == 0 and engine.cross_alloc.num_used == 0
 
 
+def test_dispatches_end_where_a_budget_ends_so_no_slot_idles(tiny_models):
+    # FIFO list scheduling on 2 slots, lengths 3 5 2 4 6 1: slot A runs r0 (0-3), r2 (3-5),
+    # r3 (5-9), r5 (9-10); slot B runs r1 (0-5), r4 (5-11). Dispatches of at most 4 steps cut
+    # at every budget end take exactly 11 steps; fixed 4-step dispatches would take 16.
+    model = tiny_models["bart"]
+    lengths = [3, 5, 2, 4, 6, 1]
+    requests = [
+        Request(inputs=r.inputs, max_new_tokens=n, min_new_tokens=n)
+        for r, n in zip(_requests(6, 14), lengths, strict=True)
+    ]
+    engine = Engine(model, _config(num_slots=2, steps_per_dispatch=4))
+    outputs = engine.generate(requests)
+    assert engine.stats()["decode_steps"] == 11
+    for req, out, n in zip(requests, outputs, lengths, strict=True):
+        ref = encdec.reference_generate(model, [req.inputs], n, min_new_tokens=n)[0].token_ids
+        assert out.token_ids == ref
+
+
 def test_cancelling_a_draining_request_leaves_its_successor_alone(tiny_models):
     model = tiny_models["t5"]
     first, second = (Request(inputs=r.inputs, max_new_tokens=2, min_new_tokens=2) for r in _requests(2, 13))
