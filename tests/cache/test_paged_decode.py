@@ -114,6 +114,19 @@ def _make_step(model):
     return jax.jit(step, donate_argnums=0)
 
 
+def _check_step(logits, t, active, dense_logits, dense_tokens, done, start):
+    """Active rows' logits and greedy tokens at step ``t`` equal the dense run's; the next tokens."""
+    logits = np.asarray(logits)
+    new_tok = logits.argmax(-1).astype(np.int32)
+    for r in np.flatnonzero(active[: len(LENGTHS)]):
+        i = t - STARTS[r]
+        err = f"row {r} step {i}"
+        np.testing.assert_allclose(logits[r], dense_logits[r, i], atol=1e-4, rtol=0, err_msg=err)
+        assert new_tok[r] == dense_tokens[r, i], err
+        done[r] += 1
+    return np.where(active, new_tok, start)
+
+
 @pytest.mark.parametrize(
     "implementation, interpret", [("xla", False), pytest.param("pallas", True, id="pallas-interpret")]
 )
@@ -136,16 +149,7 @@ def test_paged_greedy_equals_dense_greedy(model, implementation, interpret):
             old_pools = kv.pools
             logits, kv = step(kv.replace(active_B=jnp.asarray(active)), jnp.asarray(tok))
             assert old_pools.self_k_LNPGH.is_deleted() and old_pools.cross_v_LNPGH.is_deleted()
-            logits = np.asarray(logits)
-            new_tok = logits.argmax(-1).astype(np.int32)
-            for r in np.flatnonzero(active[: len(LENGTHS)]):
-                i = t - STARTS[r]
-                np.testing.assert_allclose(
-                    logits[r], dense_logits[r, i], atol=1e-4, rtol=0, err_msg=f"row {r} step {i}"
-                )
-                assert new_tok[r] == dense_tokens[r, i], f"row {r} step {i}"
-                done[r] += 1
-            tok = np.where(active, new_tok, start)
+            tok = _check_step(logits, t, active, dense_logits, dense_tokens, done, start)
             np.testing.assert_array_equal(np.asarray(kv.self_lengths_B), [*done, 0])
     assert list(done) == [STEPS] * len(LENGTHS)
     for pool in (
@@ -218,15 +222,6 @@ def test_window_greedy_equals_dense_greedy_over_nan_stale_rows(model):
                 self_lengths_B=kv.self_lengths_B, cross_lengths_B=kv.cross_lengths_B, active_B=kv.active_B,
             )
         logits, wkv = step(wkv.replace(active_B=jnp.asarray(active)), jnp.asarray(tok))
-        logits = np.asarray(logits)
-        new_tok = logits.argmax(-1).astype(np.int32)
-        for r in np.flatnonzero(active[: len(LENGTHS)]):
-            i = t - STARTS[r]
-            np.testing.assert_allclose(
-                logits[r], dense_logits[r, i], atol=1e-4, rtol=0, err_msg=f"row {r} step {i}"
-            )
-            assert new_tok[r] == dense_tokens[r, i], f"row {r} step {i}"
-            done[r] += 1
-        tok = np.where(active, new_tok, start)
+        tok = _check_step(logits, t, active, dense_logits, dense_tokens, done, start)
     assert list(done) == [STEPS] * len(LENGTHS)
     assert not np.asarray(wkv.pools.self_k_LNPGH[:, :, SENTINEL_PAGE]).any()
