@@ -106,26 +106,27 @@ def run_benchmark(cfg: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
 
 def system_color(system: str) -> Any:
     """The same color for a system in every plot."""
-    import matplotlib.pyplot as plt
+    import matplotlib
 
     i = SYSTEMS.index(system) if system in SYSTEMS else len(SYSTEMS)
-    return plt.get_cmap("tab10")(i % 10)
+    return matplotlib.colormaps["tab10"](i % 10)
 
 
-def _group(run: dict[str, Any]) -> str:
+def run_group(run: dict[str, Any]) -> str:
+    """What a run is compared within: model, workload and slot count."""
     return f"{run['model']} / {run['workload']} / {run['num_slots']} slots"
 
 
 def plot_tokens_per_s(results: dict[str, Any], ax) -> None:
     """Output tokens per second, one bar per system, grouped by model x workload x slot count."""
     runs = results["runs"]
-    groups = list(dict.fromkeys(_group(r) for r in runs))
+    groups = list(dict.fromkeys(run_group(r) for r in runs))
     systems = list(dict.fromkeys(r["system"] for r in runs))
     width = 0.8 / len(systems)
     for j, system in enumerate(systems):
         xs, ys = [], []
         for i, g in enumerate(groups):
-            row = next((r for r in runs if r["system"] == system and _group(r) == g), None)
+            row = next((r for r in runs if r["system"] == system and run_group(r) == g), None)
             if row is not None and row["output_tokens_per_s"] is not None:
                 xs.append(i + (j - (len(systems) - 1) / 2) * width)
                 ys.append(row["output_tokens_per_s"])
@@ -147,12 +148,12 @@ def latency_cdf(latencies_s: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
 def plot_latency_cdf(results: dict[str, Any], ax) -> None:
     """Per system, the fraction of requests finished within each latency (a step per request)."""
     runs = [r for r in results["runs"] if r.get("latencies_s")]
-    several = len({_group(r) for r in runs}) > 1
+    several = len({run_group(r) for r in runs}) > 1
     for r in runs:
         x, y = latency_cdf(r["latencies_s"])
         label = f"{r['system']} (p50 {r['p50_latency_s']:.3g} s, p99 {r['p99_latency_s']:.3g} s)"
         ax.step(np.r_[x[0], x], np.r_[0.0, y], where="post", color=system_color(r["system"]),
-                label=f"{label}\n{_group(r)}" if several else label)
+                label=f"{label}\n{run_group(r)}" if several else label)
     lat = [x for r in runs for x in r["latencies_s"]]
     log = bool(lat) and min(lat) > 0 and max(lat) / min(lat) > 30  # systems far apart: log scale
     if log:

@@ -168,36 +168,19 @@ def write_csv(runs: list[dict[str, Any]], path: Path) -> None:
             writer.writerow({k: row.get(k) for k in keys})
 
 
-def _group(row: dict[str, Any]) -> str:
-    return f"{row['model']}\n{row['workload']}, {row['num_slots']} slots"
-
-
 def plot_results(results: dict[str, Any], out_dir: Path) -> None:
-    """``throughput.png`` (output tokens/s per system) and ``latency_cdf.png`` (one panel per group)."""
+    """``throughput.png`` (output tokens/s per system) and ``latency_cdf.png`` (one panel per
+    model x workload x slot count), drawn by the notebook's plot functions."""
     # Figure objects, not pyplot: a notebook's inline backend is left alone.
-    import matplotlib
     from matplotlib.figure import Figure
 
-    runs = results["runs"]
-    groups = list(dict.fromkeys(_group(r) for r in runs))
-    systems = list(dict.fromkeys(r["system"] for r in runs))
-    colors = {s: matplotlib.colormaps["tab10"](i % 10) for i, s in enumerate(systems)}
-    width = 0.8 / len(systems)
+    from encdec.bench.notebook import plot_latency_cdf, plot_tokens_per_s, run_group
 
+    runs = results["runs"]
+    groups = list(dict.fromkeys(run_group(r) for r in runs))
+    systems = {r["system"] for r in runs}
     fig = Figure(figsize=(max(6.0, 1.6 * len(groups) * max(1, len(systems)) / 2), 4.5))
-    ax = fig.subplots()
-    for j, s in enumerate(systems):
-        xs, ys = [], []
-        for i, g in enumerate(groups):
-            row = next((r for r in runs if r["system"] == s and _group(r) == g), None)
-            if row is not None and row["output_tokens_per_s"] is not None:
-                xs.append(i + (j - (len(systems) - 1) / 2) * width)
-                ys.append(row["output_tokens_per_s"])
-        ax.bar(xs, ys, width, label=s, color=colors[s])
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
-    ax.set_ylabel("output tokens / s")
-    ax.set_title(f"{results['experiment']}: throughput ({results['machine']['device_kind']})")
-    ax.legend(fontsize=8)
+    plot_tokens_per_s(results, fig.subplots())
     fig.tight_layout()
     fig.savefig(out_dir / "throughput.png", dpi=120)
 
@@ -206,21 +189,8 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> None:
     fig = Figure(figsize=(4.5 * cols, 3.5 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, g in zip(axes.flat, groups, strict=False):
-        for r in runs:
-            if _group(r) == g and r["latencies_s"]:
-                lat = sorted(r["latencies_s"])
-                ax.step(
-                    lat,
-                    [(k + 1) / len(lat) for k in range(len(lat))],
-                    where="post",
-                    label=r["system"],
-                    color=colors[r["system"]],
-                )
-        ax.set_title(g.replace("\n", " "), fontsize=9)
-        ax.set_xlabel("latency (s)")
-        ax.set_ylabel("fraction of requests")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        plot_latency_cdf({**results, "runs": [r for r in runs if run_group(r) == g]}, ax)
+        ax.set_title(g, fontsize=9)
     for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     fig.tight_layout()

@@ -86,20 +86,11 @@ class PagedKV:
         """Store the new K/V row at ``self_lengths`` and attend over ``self_lengths + 1`` keys."""
         if k_BTNH.shape[1] != 1:
             raise ValueError(f"PagedKV decodes one token per step; got T={k_BTNH.shape[1]}")
-        G = self.page_size
-        M = self.self_page_table_BM.shape[1]
-        pos_B = self.self_lengths_B.astype(jnp.int32)
-        # A slot past its page table's end writes nothing (it would otherwise clobber a page).
-        writes_B = self.active_B & (pos_B < M * G)
-        page_slot_B = jnp.clip(pos_B // G, 0, M - 1)
-        page_B = jnp.take_along_axis(self.self_page_table_BM, page_slot_B[:, None], axis=1)[:, 0]
-        page_B = jnp.where(writes_B, page_B, SENTINEL_PAGE)
-        offset_B = pos_B % G
-        pools = self.pools.replace(
-            self_k_LNPGH=write_layer_rows(self.pools.self_k_LNPGH, layer, page_B, offset_B, k_BTNH[:, 0]),
-            self_v_LNPGH=write_layer_rows(self.pools.self_v_LNPGH, layer, page_B, offset_B, v_BTNH[:, 0]),
+        pools, _ = store_self_row(
+            self.pools, layer, self.self_page_table_BM, self.self_lengths_B, self.active_B,
+            k_BTNH[:, 0], v_BTNH[:, 0],
         )
-        lengths_B = jnp.where(self.active_B, pos_B + 1, 0)
+        lengths_B = jnp.where(self.active_B, self.self_lengths_B.astype(jnp.int32) + 1, 0)
         out_BTNH = self._attend(
             q_BTNH,
             pools.self_k_LNPGH,
@@ -133,6 +124,35 @@ class PagedKV:
         return self.replace(
             self_lengths_B=self.self_lengths_B + self.active_B.astype(self.self_lengths_B.dtype)
         )
+
+
+def store_self_row(
+    pools: PagePools,
+    layer: int,
+    page_table_BM: jax.Array,
+    lengths_B: jax.Array,
+    active_B: jax.Array,
+    k_BNH: jax.Array,
+    v_BNH: jax.Array,
+) -> tuple[PagePools, jax.Array]:
+    """Write each active slot's new K/V row at position ``lengths[b]`` of its self pages.
+
+    Returns the pools and which slots wrote: a slot past its page table's end writes nothing
+    (it would otherwise clobber a page).
+    """
+    G = pools.page_size
+    M = page_table_BM.shape[1]
+    pos_B = lengths_B.astype(jnp.int32)
+    writes_B = active_B & (pos_B < M * G)
+    page_slot_B1 = jnp.clip(pos_B // G, 0, M - 1)[:, None]
+    page_B = jnp.take_along_axis(page_table_BM, page_slot_B1, axis=1)[:, 0]
+    page_B = jnp.where(writes_B, page_B, SENTINEL_PAGE)
+    offset_B = pos_B % G
+    pools = pools.replace(
+        self_k_LNPGH=write_layer_rows(pools.self_k_LNPGH, layer, page_B, offset_B, k_BNH),
+        self_v_LNPGH=write_layer_rows(pools.self_v_LNPGH, layer, page_B, offset_B, v_BNH),
+    )
+    return pools, writes_B
 
 
 def write_cross(

@@ -19,8 +19,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from encdec.cache.allocator import SENTINEL_PAGE
-from encdec.cache.pools import PagePools, write_layer_rows
+from encdec.cache.paged_kv import store_self_row
+from encdec.cache.pools import PagePools
+from encdec.models.kv import replace_at
 from pallas_kernels.paged_attention.reference import attention_over_keys
 
 
@@ -84,18 +85,13 @@ class WindowKV:
         """Store the new K/V row at ``self_lengths`` (pools and window); attend over ``self_lengths + 1``."""
         if k_BTNH.shape[1] != 1:
             raise ValueError(f"WindowKV decodes one token per step; got T={k_BTNH.shape[1]}")
-        G = self.pools.page_size
-        B, M = self.self_page_table_BM.shape
-        pos_B = self.self_lengths_B.astype(jnp.int32)
-        writes_B = self.active_B & (pos_B < M * G)  # past the page table's end nothing is written
-        page_slot_B1 = jnp.clip(pos_B // G, 0, M - 1)[:, None]
-        page_B = jnp.take_along_axis(self.self_page_table_BM, page_slot_B1, axis=1)[:, 0]
-        page_B = jnp.where(writes_B, page_B, SENTINEL_PAGE)
-        pools = self.pools.replace(
-            self_k_LNPGH=write_layer_rows(self.pools.self_k_LNPGH, layer, page_B, pos_B % G, k_BTNH[:, 0]),
-            self_v_LNPGH=write_layer_rows(self.pools.self_v_LNPGH, layer, page_B, pos_B % G, v_BTNH[:, 0]),
+        pools, writes_B = store_self_row(
+            self.pools, layer, self.self_page_table_BM, self.self_lengths_B, self.active_B,
+            k_BTNH[:, 0], v_BTNH[:, 0],
         )
-        row_B = jnp.where(writes_B, pos_B, M * G)  # out of range: dropped
+        B, K = self.self_page_table_BM.shape[0], self.window.self_k_NBKH[layer].shape[2]
+        pos_B = self.self_lengths_B.astype(jnp.int32)
+        row_B = jnp.where(writes_B, pos_B, K)  # out of range: dropped
         slot_B = jnp.arange(B)
 
         def append(window_NBKH, new_BNH):
@@ -109,8 +105,8 @@ class WindowKV:
             scale=scale, bias_NR=bias_NR, max_distance=max_distance, stale_v=False,
         )
         window = self.window.replace(
-            self_k_NBKH=_replace_at(self.window.self_k_NBKH, layer, k_NBKH),
-            self_v_NBKH=_replace_at(self.window.self_v_NBKH, layer, v_NBKH),
+            self_k_NBKH=replace_at(self.window.self_k_NBKH, layer, k_NBKH),
+            self_v_NBKH=replace_at(self.window.self_v_NBKH, layer, v_NBKH),
         )
         return out_BNH[:, None], self.replace(pools=pools, window=window)
 
@@ -129,6 +125,3 @@ class WindowKV:
         step_B = self.active_B.astype(self.self_lengths_B.dtype)
         return self.replace(self_lengths_B=self.self_lengths_B + step_B)
 
-
-def _replace_at(items: tuple, i: int, value) -> tuple:
-    return items[:i] + (value,) + items[i + 1 :]

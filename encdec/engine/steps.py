@@ -175,7 +175,7 @@ def encode_insert(
 def decode_steps(
     params,
     state: DecodeState,
-    steps: jax.Array | int | None = None,
+    steps: jax.Array | int,
     lora_bank=None,
     suppress_V: jax.Array | None = None,
     suppress_first_V: jax.Array | None = None,
@@ -186,8 +186,8 @@ def decode_steps(
     implementation: str,
     lora_gather=None,
 ) -> tuple[DecodeState, jax.Array]:
-    """Advance every active slot ``steps`` tokens (traced, at most the static ``num_steps``; None:
-    ``num_steps``); return the state and ``[num_steps, B]`` results, rows from ``steps`` on -1.
+    """Advance every active slot ``steps`` tokens (traced, at most the static ``num_steps``);
+    return the state and ``[num_steps, B]`` results, rows from ``steps`` on -1.
 
     One compiled step serves every dispatch length, so the host can end a dispatch exactly
     where a slot's token budget ends.
@@ -210,8 +210,8 @@ def decode_steps(
             state.cross_page_table_BM, state.cross_lengths_B,
         )
 
-    def one(carry, _):
-        state, window = carry
+    def body(i, carry):
+        state, window, results_SB = carry
         active_B = state.active_B
         if window is not None:
             kv = WindowKV(
@@ -266,15 +266,11 @@ def decode_steps(
             num_generated_B=n_B + emits_B.astype(jnp.int32),
             active_B=active_B & ~finished_B,
         )
-        return (state, None if window is None else kv.window), result_B.astype(jnp.int32)
-
-    def body(i, carry):
-        state, window, results_SB = carry
-        (state, window), result_B = one((state, window), None)
-        return state, window, jax.lax.dynamic_update_slice(results_SB, result_B[None], (i, 0))
+        results_SB = jax.lax.dynamic_update_slice(results_SB, result_B.astype(jnp.int32)[None], (i, 0))
+        return state, None if window is None else kv.window, results_SB
 
     B = state.active_B.shape[0]
-    steps = num_steps if steps is None else jnp.clip(jnp.asarray(steps, jnp.int32), 0, num_steps)
+    steps = jnp.clip(jnp.asarray(steps, jnp.int32), 0, num_steps)
     results_SB = jnp.full((num_steps, B), -1, jnp.int32)
     state, _, results_SB = jax.lax.fori_loop(0, steps, body, (state, window, results_SB))
     return state, results_SB

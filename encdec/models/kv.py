@@ -76,8 +76,8 @@ class DenseKV:
             )
         out = dot_product_attention(q_BTNH, k_BNKH, v_BNKH, scale=scale, mask_BTK=mask_BTK, bias_BNTK=bias)
         return out, self.replace(
-            self_k_BNKH=_replace_at(self.self_k_BNKH, layer, k_BNKH),
-            self_v_BNKH=_replace_at(self.self_v_BNKH, layer, v_BNKH),
+            self_k_BNKH=replace_at(self.self_k_BNKH, layer, k_BNKH),
+            self_v_BNKH=replace_at(self.self_v_BNKH, layer, v_BNKH),
         )
 
     def cross_attention(self, layer, q_BTNH, *, scale):
@@ -91,5 +91,5 @@ class DenseKV:
         return self.replace(index=self.index + num_tokens)
 
 
-def _replace_at(items: tuple, i: int, value) -> tuple:
+def replace_at(items: tuple, i: int, value) -> tuple:
     return items[:i] + (value,) + items[i + 1 :]
