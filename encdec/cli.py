@@ -44,7 +44,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _transcribe(args: argparse.Namespace) -> int:
-    from encdec.whisper.transcribe import transcribe_cli
+    from encdec.whisper.serving import transcribe_cli
 
     return transcribe_cli(args.files, model=args.model, language=args.language)
 

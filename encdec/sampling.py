@@ -4,8 +4,19 @@ Each row carries its own temperature, top-k, top-p and PRNG key, so a request sa
 tokens whatever else shares the batch: its key at step ``t`` is ``fold_in(PRNGKey(seed), t)``.
 """
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class TokenMasks:
+    """Vocabulary masks a front end bans on device (Whisper's suppression lists), boolean ``[V]``."""
+
+    every_V: jax.Array
+    """Banned at every sampled step (``suppress_tokens``)."""
+    first_V: jax.Array
+    """Banned besides at a sequence's first sampled step (``begin_suppress_tokens``)."""
 
 
 def step_keys(seeds_B: jax.Array, steps_B: jax.Array) -> jax.Array:
@@ -66,7 +77,8 @@ def _sample_row(logits_V, key, temperature, top_k, top_p):
     sorted_V = jnp.where(sorted_V >= kth, sorted_V, -jnp.inf)
     probs_V = jax.nn.softmax(sorted_V)
     mass_before_V = jnp.cumsum(probs_V) - probs_V
-    keep_V = mass_before_V < top_p
+    # The top token always stays: a top_p that the device flushes to zero keeps exactly it.
+    keep_V = (mass_before_V < top_p) | (jnp.arange(V) == 0)
     cutoff = jnp.min(jnp.where(keep_V, sorted_V, jnp.inf))
     threshold = jnp.maximum(kth, cutoff)
     # A row without filters must sample exactly as in _sample_unfiltered (cumsum rounding could

@@ -60,9 +60,9 @@ def main() -> None:
     wall = time.perf_counter() - t0
     stats = engine.stats()
     tokens = sum(len(o.token_ids) for o in outputs)
-    busy = np.mean([b for _, b in stats["slot_occupancy"]])
+    busy = np.mean([b for _, b in stats.slot_occupancy])
     print(f"{bench_model.label} {workload.name}: {tokens / wall:.0f} tok/s ({tokens} tokens, {wall:.2f} s), "
-          f"{stats['dispatches']} dispatches of {stats['decode_steps']} steps, {stats['encode_batches']} "
+          f"{stats.dispatches} dispatches of {stats.decode_steps} steps, {stats.encode_batches} "
           f"encoder batches, {busy:.2f} of {engine.config.num_slots} slots busy per dispatch")
 
     timed: dict[str, list[float]] = collections.defaultdict(list)
@@ -72,7 +72,7 @@ def main() -> None:
             start = time.perf_counter()
             out = fn(*a, **kw)
             jax.block_until_ready(out)
-            key = name if name == "decode" else f"encode {tuple(a[2].shape)}"
+            key = name if name == "decode" else f"encode {tuple(a[2].shape)}"  # a[2]: the encoder batch
             timed[key].append(time.perf_counter() - start)
             return out
 
@@ -83,7 +83,7 @@ def main() -> None:
     engine.generate(requests)
     wall = time.perf_counter() - t0
     decode = timed.pop("decode")
-    steps = engine.metrics["decode_steps"] - stats["decode_steps"]
+    steps = engine.stats().decode_steps - stats.decode_steps
     encode = sum(sum(v) for v in timed.values())
     print(f"waited on every dispatch: {wall:.2f} s; decode {sum(decode):.2f} s "
           f"({sum(decode) / steps * 1e3:.1f} ms per step), encode {encode:.2f} s")

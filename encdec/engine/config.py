@@ -5,98 +5,102 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from encdec.engine.validation import FieldError, Float, Int, Ints, OneOf, check_fields, rule
+
+DEFAULT_MAX_NEW_TOKENS = 32
+"""``max_new_tokens`` of a text request that does not set it (capped at the engine's limit)."""
+
+_INT64_MAX = 2**63 - 1
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How an :class:`~encdec.engine.Engine` batches, caches and schedules.
 
     Every shape inside the jitted steps comes from here, so one config compiles a fixed set of
-    functions: one decode step and one encode step per encoder length bucket.
+    functions: one decode step and one encode step per encoder length bucket. Every field is
+    checked at construction: a value of the wrong type, 0 or a negative count raises
+    ``ValueError`` naming the field; nothing is silently replaced by a default.
     """
 
-    num_slots: int = 8
+    num_slots: int = rule(Int(1), 8)
     """Decode slots (B): sequences decoded together by every decode step."""
-    page_size: int = 16
+    page_size: int = rule(Int(1), 16)
     """Tokens per KV page (G), for both pools."""
-    max_encoder_len: int = 512
-    """Longest input accepted (tokens); also the largest encoder bucket. Audio models ignore it
-    (and ``encoder_buckets``): their encoder always has ``ModelConfig.audio_positions`` (1,500)
-    positions, one bucket, and the default cross pool is sized for that."""
-    max_new_tokens: int = 128
+    max_encoder_len: int = rule(Int(1), 512)
+    """Longest input accepted (tokens); also the largest encoder bucket. Front ends with a fixed
+    encoder length (Whisper's 1,500 positions) use their own buckets and ignore it."""
+    max_new_tokens: int = rule(Int(1), 128)
     """Largest ``max_new_tokens`` a request may ask for; sizes the self page tables."""
-    num_self_pages: int | None = None
+    num_self_pages: int | None = rule(Int(2, optional=True), None)
     """Pages in the self-attention pool (sentinel included). None: from ``memory_budget_bytes``,
     else enough for every slot at ``max_new_tokens``."""
-    num_cross_pages: int | None = None
+    num_cross_pages: int | None = rule(Int(2, optional=True), None)
     """Pages in the cross-attention pool (sentinel included); None as for ``num_self_pages``."""
-    memory_budget_bytes: int | None = None
+    memory_budget_bytes: int | None = rule(Int(1, _INT64_MAX, optional=True), None)
     """KV cache budget split by ``cross_kv_fraction``, used when page counts are not given."""
-    cross_kv_fraction: float = 0.5
+    cross_kv_fraction: float = rule(Float(0.0, 1.0, open_low=True), 0.5)
     """Share of ``memory_budget_bytes`` for cross-attention pages (TensorRT-LLM's
-    ``cross_kv_cache_fraction``)."""
-    encoder_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    ``cross_kv_cache_fraction``); strictly between 0 and 1."""
+    encoder_buckets: tuple[int, ...] = rule(Ints(Int(1)), (16, 32, 64, 128, 256, 512))
     """Encoder input lengths are padded up to the next bucket (one compile per bucket);
     buckets above ``max_encoder_len`` are dropped and ``max_encoder_len`` is always one."""
-    max_encoder_batch: int = 8
+    max_encoder_batch: int = rule(Int(1), 8)
     """Most requests in one encoder batch."""
-    max_encoder_tokens: int = 4096
+    max_encoder_tokens: int = rule(Int(1), 4096)
     """Most padded tokens (rows x bucket) in one encoder batch."""
-    steps_per_dispatch: int = 4
+    encoder_tokens_per_dispatch: int | None = rule(Int(1, optional=True), None)
+    """Encoder budget: most padded encoder tokens admitted between two decode dispatches while
+    slots are decoding (TensorRT-LLM's ``max_num_tokens``, vLLM's token budget), so a burst of
+    long inputs does not stall every decoding slot behind serial encoder passes. At least one
+    request is admitted per dispatch whatever its length, and the budget does not apply when no
+    slot is decoding (nothing to stall). None: ``max_encoder_tokens`` (one full encoder batch
+    per dispatch); set it very large to turn the budget off."""
+    steps_per_dispatch: int = rule(Int(1), 4)
     """Most decode steps per jitted call (a device-side loop): fewer host round trips. A dispatch
     is cut short where a slot's ``max_new_tokens`` ends while requests wait, so such a slot is
     refilled at once; a slot ending at EOS idles until the next dispatch ends."""
-    attention_impl: Literal["auto", "pallas", "xla", "window"] = "auto"
+    attention_impl: Literal["auto", "pallas", "xla", "window"] = rule(
+        OneOf(("auto", "pallas", "xla", "window")), "auto"
+    )
     """Decode attention: ``pallas`` (the paged kernel), ``xla`` (its pure-JAX reference, pages
     gathered every step) or ``window`` (pages gathered once per dispatch into a dense copy,
     :mod:`encdec.cache.window_kv`). ``auto`` is ``pallas`` on GPU and ``window`` elsewhere."""
-    mode: Literal["inflight", "static"] = "inflight"
+    mode: Literal["inflight", "static"] = rule(OneOf(("inflight", "static")), "inflight")
     """``inflight`` refills a slot as soon as its sequence ends; ``static`` starts a batch only
     when every slot is free, so the batch ends with its longest member (for comparison)."""
-    max_stop_tokens: int = 4
+    max_stop_tokens: int = rule(Int(0, 4096), 4)
     """Most per-request stop token ids (besides EOS)."""
-    max_decoder_prefix: int | None = None
+    max_decoder_prefix: int | None = rule(Int(1, optional=True), None)
     """Most forced decoder tokens a request starts with (``Request.decoder_prefix``, the start
-    token included). None: 1 for text models, the length of Whisper's default prompt (4) for
-    audio models. Self page tables hold ``max_decoder_prefix - 1 + max_new_tokens`` tokens."""
-    truncate_long_inputs: bool = False
+    token included). None: the front end's default prompt length (1 for text, 4 for Whisper).
+    Self page tables hold ``max_decoder_prefix - 1 + max_new_tokens`` tokens."""
+    truncate_long_inputs: bool = rule(OneOf((False, True)), False)
     """Truncate inputs longer than ``max_encoder_len`` instead of rejecting them."""
-    cache_dtype: str | None = None
+    cache_dtype: str | None = rule(OneOf((None, "float32", "bfloat16", "float16")), None)
     """KV cache dtype; None: float32 on CPU (XLA:CPU scatters into bfloat16 slowly), else the model's."""
 
     def __post_init__(self):
-        for name in (
-            "num_slots",
-            "page_size",
-            "max_encoder_len",
-            "max_new_tokens",
-            "max_encoder_batch",
-            "max_encoder_tokens",
-            "steps_per_dispatch",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.max_decoder_prefix is not None and self.max_decoder_prefix <= 0:
-            raise ValueError(
-                f"EngineConfig.max_decoder_prefix must be positive, got {self.max_decoder_prefix}"
-            )
-        if not 0 < self.cross_kv_fraction < 1:
-            raise ValueError(
-                f"EngineConfig.cross_kv_fraction must be in (0, 1), got {self.cross_kv_fraction}"
-            )
-        if self.mode not in ("inflight", "static"):
-            raise ValueError(f"EngineConfig.mode must be 'inflight' or 'static', got {self.mode!r}")
-        if self.attention_impl not in ("auto", "pallas", "xla", "window"):
-            raise ValueError(
-                "EngineConfig.attention_impl must be auto, pallas, xla or window, "
-                f"got {self.attention_impl!r}"
-            )
-        buckets = sorted(
-            {b for b in self.encoder_buckets if 0 < b < self.max_encoder_len} | {self.max_encoder_len}
-        )
+        try:
+            values = check_fields(self, "EngineConfig.")
+        except FieldError as e:
+            raise ValueError(str(e)) from None
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        top = self.max_encoder_len
+        buckets = sorted({b for b in self.encoder_buckets if b < top} | {top})
         object.__setattr__(self, "encoder_buckets", tuple(buckets))
 
-    def bucket_for(self, length: int) -> int:
-        return next(b for b in self.encoder_buckets if b >= length)
+    @property
+    def default_max_new_tokens(self) -> int:
+        """What a text request that does not say ``max_new_tokens`` gets."""
+        return min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens)
+
+    @property
+    def encoder_budget(self) -> int:
+        """Padded encoder tokens admitted per decode dispatch while slots decode."""
+        budget = self.encoder_tokens_per_dispatch
+        return self.max_encoder_tokens if budget is None else budget
 
     def encoder_batch_rows(self, bucket: int) -> int:
         """Static row count of the encoder batch for ``bucket``."""

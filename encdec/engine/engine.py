@@ -1,21 +1,26 @@
-"""The host side of the engine: a request queue, admission, encoder batches and the decode loop.
+"""The host side of the engine: the synchronous API over a scheduler, jitted steps and a front end.
 
-The loop never waits on the device except to read the previous decode dispatch's small result
-array: dispatch ``k`` is queued before the results of ``k - 1`` are read, so the device always
-has work while Python bookkeeps. Only this class changes page ownership.
+Each :meth:`Engine.step` asks the :class:`~encdec.engine.scheduler.Scheduler` for a plan,
+encodes the requests it admits, dispatches one decode and reads the *previous* dispatch's small
+result array: dispatch ``k`` is queued before the results of ``k - 1`` are read, so the device
+always has work while Python bookkeeps. The engine knows no model family: its front end turns
+requests into encoder rows and tokens into text.
 
-Models with an audio encoder (Whisper) take audio requests: :mod:`encdec.engine.audio` turns
-them into log-mel windows at submit, and the same loop serves them (one encoder bucket of
-``audio_positions``, Whisper's prompt as a forced decoder prefix, its suppression masks).
+Lifecycle: a request is tracked from ``submit`` until its output is handed over (returned by
+``generate``, fully consumed from ``stream``, or fetched with ``result``); then the engine holds
+nothing of it. A stream closed early cancels its request. Handles are never reused. Every public
+method takes one lock, so several threads may share an engine (each call runs alone).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
+import itertools
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,73 +29,44 @@ import numpy as np
 from encdec.cache.allocator import PageAllocator, pages_for
 from encdec.cache.pools import PoolConfig, init_pools, pool_bytes
 from encdec.checkpoints.pretrained import Model
-from encdec.engine.audio import AudioFrontEnd
 from encdec.engine.config import EngineConfig
+from encdec.engine.frontend import FrontEnd, Prepared, TextFrontEnd
 from encdec.engine.request import (
-    DEFAULT_MAX_NEW_TOKENS,
-    AudioInput,
+    FinishReason,
     Request,
     RequestError,
     RequestOutput,
-    check_inputs,
-    validate,
+    check_limits,
+    checked_request,
 )
-from encdec.engine.steps import FINISHED_BIT, SlotInit, decode_steps, encode_insert, init_state, release_slots
+from encdec.engine.scheduler import Admission, NeverFits, Scheduler, SeqSpec
+from encdec.engine.stats import Counters, EngineStats
+from encdec.engine.steps import (
+    FINISHED_BIT,
+    SlotParams,
+    SlotShape,
+    init_state,
+    jitted_steps,
+    slot_row,
+    stack_rows,
+)
+from encdec.engine.stream import TokenStream
 from encdec.lora.bank import AdapterBank, gather_rows
-from encdec.whisper.tokens import WhisperTokens
 
 
 @dataclasses.dataclass
-class _Live:
-    """Host bookkeeping of one request."""
+class _Tracked:
+    """Host record of a request the engine still holds."""
 
     rid: int
     request: Request
-    ids: list[int]
-    """Token-id inputs (empty for audio)."""
-    is_text: bool
+    """The checked request (plain values)."""
+    prepared: Prepared
     timings: dict[str, float]
-    enc_len: int
-    """Encoder positions: its cross-attention length."""
-    max_new: int
-    prefix: list[int]
-    mel_CA: np.ndarray | None = None
-    """Log-mel window of an audio request, until it is encoded."""
-    audio_seconds: float | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
-    slot: int | None = None
-    self_pages: list[int] = dataclasses.field(default_factory=list)
-    cross_pages: list[int] = dataclasses.field(default_factory=list)
     output: RequestOutput | None = None
-    cancelled: bool = False
-    steps_dispatched: int = 0
-    """Decode steps dispatched since admission (forced prefix steps included)."""
-    draining: bool = False
-    """Its slot and pages were handed on before its last tokens were read: the dispatch in
-    flight is certain to end it (see :meth:`Engine._release_bounded`)."""
-
-
-@functools.lru_cache(maxsize=32)
-def _jitted_steps(cfg, dtype: str, num_steps: int, implementation: str, lora_gather):
-    """The jitted steps, shared by engines of the same model config: a new engine (another mode,
-    another slot count) reuses compiled variants instead of compiling them again."""
-    lora_kw = {} if lora_gather is None else {"lora_gather": lora_gather}
-    encode = jax.jit(
-        functools.partial(encode_insert, cfg=cfg, dtype=jnp.dtype(dtype), **lora_kw),
-        donate_argnames=("state",),
-    )
-    decode = jax.jit(
-        functools.partial(
-            decode_steps,
-            cfg=cfg,
-            dtype=jnp.dtype(dtype),
-            num_steps=num_steps,
-            implementation=implementation,
-            **lora_kw,
-        ),
-        donate_argnames=("state",),
-    )
-    return encode, decode, jax.jit(release_slots, donate_argnames=("state",))
+    done_sink: set[int] | None = None
+    """Where ``generate`` learns that it finished."""
 
 
 class Engine:
@@ -99,8 +75,8 @@ class Engine:
     ``submit`` queues a request and returns its handle; ``step`` does one round of admission,
     encoding and decoding; ``generate`` and ``stream`` drive ``step`` for you.
 
-    For an audio model, ``whisper_tokens`` overrides the special tokens and suppression lists
-    read from the model's directory.
+    ``frontend`` turns requests into encoder inputs (default :class:`TextFrontEnd`; Whisper's is
+    ``encdec.whisper.WhisperFrontEnd``, see ``encdec.whisper.whisper_engine``).
     """
 
     def __init__(
@@ -108,65 +84,55 @@ class Engine:
         model: Model,
         config: EngineConfig | None = None,
         *,
+        frontend: FrontEnd | None = None,
         adapters: AdapterBank | None = None,
-        whisper_tokens: WhisperTokens | None = None,
     ):
         self.model = model
         self.config = config = config or EngineConfig()
+        self.frontend = frontend = frontend or TextFrontEnd(model)
+        self.adapters = adapters
         cfg = model.config
-        self.audio = AudioFrontEnd(model, whisper_tokens) if cfg.is_audio else None
-        if self.audio is not None:
-            self.encoder_len, self.encoder_buckets = cfg.audio_positions, (cfg.audio_positions,)
-        else:
-            self.encoder_len, self.encoder_buckets = config.max_encoder_len, config.encoder_buckets
-        self.max_prefix = config.max_decoder_prefix or (
-            self.audio.default_prompt_len if self.audio is not None else 1
+        self.encoder_buckets = frontend.encoder_buckets(config)
+        self.encoder_len = self.encoder_buckets[-1]
+        self.max_prefix = config.max_decoder_prefix or frontend.default_prefix_len
+        decoder_len = self.max_prefix - 1 + config.max_new_tokens
+        if cfg.position != "relative" and decoder_len > cfg.max_positions:
+            raise ValueError(
+                f"max_new_tokens={config.max_new_tokens} (+ {self.max_prefix - 1} prefix tokens) "
+                f"exceed the model's {cfg.max_positions} positions"
+            )
+        G = config.page_size
+        self.slot_shape = SlotShape(
+            self_pages=pages_for(decoder_len, G),
+            cross_pages=pages_for(self.encoder_len, G),
+            stop_tokens=config.max_stop_tokens,
+            prefix=self.max_prefix,
         )
-        if cfg.position != "relative":
-            decoder_len = self.max_prefix - 1 + config.max_new_tokens
-            if (self.audio is None and config.max_encoder_len > cfg.max_positions) or (
-                decoder_len > cfg.max_positions
-            ):
-                raise ValueError(
-                    f"max_encoder_len={config.max_encoder_len} / max_new_tokens={config.max_new_tokens} "
-                    f"(+ {self.max_prefix - 1} prefix tokens) exceed the model's "
-                    f"{cfg.max_positions} positions"
-                )
         on_cpu = jax.default_backend() == "cpu"
         cache_dtype = config.cache_dtype or ("float32" if on_cpu else jnp.dtype(model.dtype).name)
-        G = config.page_size
-        self._self_width = pages_for(self.max_prefix - 1 + config.max_new_tokens, G)
-        self._cross_width = pages_for(self.encoder_len, G)
         self.pool_config = self._pool_config(cache_dtype)
-        self.self_alloc = PageAllocator(self.pool_config.num_self_pages)
-        self.cross_alloc = PageAllocator(self.pool_config.num_cross_pages)
-        self.adapters = adapters
-        self.state = init_state(
-            init_pools(self.pool_config),
-            config.num_slots,
-            self._self_width,
-            self._cross_width,
-            config.max_stop_tokens,
-            self.max_prefix,
+        self.scheduler = Scheduler(
+            config,
+            num_self_pages=self.pool_config.num_self_pages,
+            num_cross_pages=self.pool_config.num_cross_pages,
         )
-        self._encode, self._decode, self._release = _jitted_steps(
+        self.state = init_state(init_pools(self.pool_config), config.num_slots, self.slot_shape)
+        self._encode, self._decode, self._release = jitted_steps(
             cfg,
             jnp.dtype(model.dtype).name,
             config.steps_per_dispatch,
             config.attention_impl,
+            frontend.encode,
             None if adapters is None else gather_rows,
         )
-        self._next_id = 0
-        self._live: dict[int, _Live] = {}
-        self._queue: collections.deque[int] = collections.deque()
-        self._slots: list[int | None] = [None] * config.num_slots
-        self._pending: tuple[jax.Array, list[int | None]] | None = None
+        self._lock = threading.RLock()
+        self._handles = itertools.count()
+        self._tracked: dict[int, _Tracked] = {}
+        self._pending: tuple[jax.Array, tuple[int | None, ...]] | None = None
         self.reset_stats()
 
-    # ---- construction helpers -------------------------------------------------------------
-
     def _pool_config(self, dtype: str) -> PoolConfig:
-        c, cfg = self.config, self.model.config
+        c, cfg, shape = self.config, self.model.config, self.slot_shape
         if c.num_self_pages is None and c.num_cross_pages is None and c.memory_budget_bytes is not None:
             return PoolConfig.from_budget(
                 cfg,
@@ -175,50 +141,88 @@ class Engine:
                 cross_kv_fraction=c.cross_kv_fraction,
                 dtype=dtype,
             )
+        num_self, num_cross = c.num_self_pages, c.num_cross_pages  # None: every slot at its longest
         return PoolConfig.from_pages(
             cfg,
             page_size=c.page_size,
-            num_self_pages=c.num_self_pages or c.num_slots * self._self_width + 1,
-            num_cross_pages=c.num_cross_pages or c.num_slots * self._cross_width + 1,
+            num_self_pages=c.num_slots * shape.self_pages + 1 if num_self is None else num_self,
+            num_cross_pages=c.num_slots * shape.cross_pages + 1 if num_cross is None else num_cross,
             dtype=dtype,
         )
 
-    # ---- public API -----------------------------------------------------------------------
+    @property
+    def self_alloc(self) -> PageAllocator:
+        return self.scheduler.self_alloc
+
+    @property
+    def cross_alloc(self) -> PageAllocator:
+        return self.scheduler.cross_alloc
+
+    # ---- requests in --------------------------------------------------------------------------
 
     def submit(self, request: Request, *, arrival: float | None = None) -> int:
-        """Validate and queue a request; return its handle. Bad requests raise :class:`RequestError`.
+        """Check and queue a request; return its handle. Bad requests raise :class:`RequestError`.
 
         ``arrival`` (a ``time.perf_counter()`` stamp) is when it arrived, if before now.
         """
-        arrival = arrival or time.perf_counter()
-        rid = self._next_id
-        live = self._prepare(rid, request, {"arrival": arrival})
-        need_self, need_cross = self._pages_needed(live)
-        if need_self > self.self_alloc.capacity or need_cross > self.cross_alloc.capacity:
-            raise RequestError(
-                f"request needs {need_self} self and {need_cross} cross pages; the cache has "
-                f"{self.self_alloc.capacity} and {self.cross_alloc.capacity}: it can never fit"
-            )
-        self._next_id += 1
-        self._live[rid] = live
-        self._queue.append(rid)
+        arrival = time.perf_counter() if arrival is None else arrival
+        rid = next(self._handles)
+        checked = checked_request(request)
+        self._enqueue(rid, checked, self._prepare(checked), arrival)
         return rid
 
-    def cancel(self, handle: int) -> None:
-        """Stop a request; its pages return to the pool. Finished requests are left as they are."""
-        live = self._live.get(handle)
-        if live is None or live.output is not None:
-            return
-        live.cancelled = True
-        if live.draining:
-            pass  # ends on device within the dispatch in flight; its slot already serves another
-        elif live.slot is None:
-            self._queue.remove(handle)
-        else:
-            release = np.zeros(self.config.num_slots, bool)
-            release[live.slot] = True
-            self.state = self._release(self.state, jnp.asarray(release))
-        self._finish(live, "cancelled")
+    def _prepare(self, request: Request) -> Prepared:
+        """The front end's work on a checked request, and the engine's limits (no lock held:
+        reading and featurizing audio does not stall other threads' steps)."""
+        try:
+            prepared = self.frontend.prepare(request, self.config)
+        except RequestError:
+            raise
+        except Exception as e:  # a front end that fails on odd input fails this request alone
+            raise RequestError(f"the request could not be prepared: {type(e).__name__}: {e}") from e
+        check_limits(
+            request,
+            self.config,
+            max_new_tokens=prepared.max_new_tokens,
+            prefix=prepared.prefix,
+            max_prefix=self.max_prefix,
+            decoder_vocab_size=self.model.config.decoder_vocab_size,
+            adapters=self.adapters,
+        )
+        return prepared
+
+    def _enqueue(
+        self,
+        rid: int,
+        request: Request,
+        prepared: Prepared,
+        arrival: float,
+        done_sink: set[int] | None = None,
+    ) -> None:
+        bucket = next(b for b in self.encoder_buckets if b >= prepared.encoder_len)
+        spec = SeqSpec(rid, prepared.encoder_len, bucket, len(prepared.prefix) - 1 + prepared.max_new_tokens)
+        timings = {"arrival": arrival}
+        with self._lock:
+            try:
+                self.scheduler.add(spec)
+            except NeverFits as e:
+                raise RequestError(str(e)) from None
+            self._tracked[rid] = _Tracked(rid, request, prepared, timings, done_sink=done_sink)
+
+    def cancel(self, handle: int) -> bool:
+        """Stop a request; its slot and pages return to the pool and its output (``cancelled``)
+        waits for :meth:`result`. Returns False for a finished or unknown request."""
+        with self._lock:
+            tracked = self._tracked.get(handle)
+            if tracked is None or tracked.output is not None:
+                return False
+            slot = self.scheduler.cancel(handle)
+            if slot is not None:
+                release = np.zeros(self.config.num_slots, bool)
+                release[slot] = True
+                self.state = self._release(self.state, jnp.asarray(release))
+            self._finish(tracked, "cancelled")
+            return True
 
     def load_adapter(self, adapter_id: str, lora) -> None:
         """Put a LoRA adapter in the bank (or replace one); requests may use it from now on.
@@ -228,117 +232,137 @@ class Engine:
         """
         if self.adapters is None:
             raise ValueError("this engine has no adapter bank (pass adapters=AdapterBank(...))")
-        self.adapters.load(adapter_id, lora)
+        with self._lock:
+            self.adapters.load(adapter_id, lora)
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Remove an adapter; refused while a queued or running request uses it."""
         if self.adapters is None:
             raise ValueError("this engine has no adapter bank")
-        users = [
-            live.rid
-            for live in self._live.values()
-            if live.output is None and live.request.adapter_id == adapter_id
-        ]
-        if users:
-            raise ValueError(f"adapter {adapter_id!r} is in use by {len(users)} unfinished request(s)")
-        self.adapters.unload(adapter_id)
+        with self._lock:
+            users = [
+                t.rid
+                for t in self._tracked.values()
+                if t.output is None and t.request.adapter_id == adapter_id
+            ]
+            if users:
+                raise ValueError(f"adapter {adapter_id!r} is in use by {len(users)} unfinished request(s)")
+            self.adapters.unload(adapter_id)
+
+    # ---- outputs out --------------------------------------------------------------------------
 
     def result(self, handle: int) -> RequestOutput | None:
-        """The output of a finished request (None while it runs)."""
-        return self._live[handle].output
+        """The output of a finished request, handed over once (the engine then forgets it);
+        None while it runs. ``KeyError`` for a handle it does not hold."""
+        with self._lock:
+            tracked = self._tracked.get(handle)
+            if tracked is None:
+                raise KeyError(
+                    f"no request with handle {handle}: never submitted, or its output was handed over"
+                )
+            if tracked.output is None:
+                return None
+            del self._tracked[handle]
+            return tracked.output
 
     def generate(self, requests: Sequence[Request]) -> list[RequestOutput]:
-        """Run requests to completion; outputs in request order. A bad request gets an
-        output with ``finish_reason="error"`` and the rest are served."""
+        """Run requests to completion; outputs in request order, one per request. A bad request
+        gets an output with ``finish_reason="error"`` (and its handle) and the rest are served.
+
+        ``Request.arrival_time`` delays a request's submission by that many seconds from now.
+        """
         start = time.perf_counter()
-        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_time or 0.0)
-        handles: dict[int, int] = {}
+        requests = list(requests)
         outputs: dict[int, RequestOutput] = {}
+        arrivals = []
+        for i, request in enumerate(requests):
+            rid = next(self._handles)
+            try:
+                checked = checked_request(request)
+            except RequestError as e:
+                outputs[i] = _error_output(rid, e)
+                continue
+            arrivals.append((checked.arrival_time or 0.0, i, rid, checked))
+        arrivals.sort(key=lambda a: (a[0], a[1]))
+        handles: dict[int, int] = {}
+        done: set[int] = set()
         k = 0
-        while k < len(order) or any(self._live[h].output is None for h in handles.values()):
-            now = time.perf_counter() - start
-            while k < len(order) and (requests[order[k]].arrival_time or 0.0) <= now:
-                i = order[k]
-                try:
-                    handles[i] = self.submit(requests[i], arrival=start + (requests[i].arrival_time or 0.0))
-                except RequestError as e:
-                    outputs[i] = RequestOutput(-1, [], "error", error=str(e))
-                k += 1
-            if not self.step() and k < len(order):
-                time.sleep(max(0.0, min(0.01, (requests[order[k]].arrival_time or 0.0) - now)))
-        for i, h in handles.items():
-            outputs[i] = self._live.pop(h).output
+        try:
+            while k < len(arrivals) or len(done) < len(handles):
+                now = time.perf_counter() - start
+                while k < len(arrivals) and arrivals[k][0] <= now:
+                    at, i, rid, checked = arrivals[k]
+                    k += 1
+                    try:
+                        self._enqueue(rid, checked, self._prepare(checked), start + at, done)
+                    except RequestError as e:
+                        outputs[i] = _error_output(rid, e)
+                        continue
+                    handles[i] = rid
+                if not self.step() and k < len(arrivals):
+                    time.sleep(max(0.0, min(0.01, arrivals[k][0] - (time.perf_counter() - start))))
+        finally:  # hand every output over; if the loop raised, stop this call's other requests
+            with self._lock:
+                for i, rid in handles.items():
+                    tracked = self._tracked.get(rid)
+                    if tracked is None:
+                        continue
+                    if tracked.output is None:
+                        try:
+                            self.cancel(rid)
+                        except Exception:  # noqa: BLE001 - already failing: free the host side
+                            self.scheduler.cancel(rid)
+                    del self._tracked[rid]
+                    outputs[i] = tracked.output
         return [outputs[i] for i in range(len(requests))]
 
-    def stream(self, request: Request) -> Iterator[int]:
-        """Yield a request's tokens as they are produced (other queued requests progress too)."""
-        handle = self.submit(request)
-        live = self._live[handle]
-        sent = 0
-        while True:
-            busy = self.step()
-            while sent < len(live.tokens):
-                yield live.tokens[sent]
-                sent += 1
-            if live.output is not None:
-                return
-            if not busy:
-                raise RuntimeError("engine idle while a streamed request is unfinished")
+    def stream(self, request: Request) -> TokenStream:
+        """Submit a request and iterate over its tokens as they are produced (other requests
+        progress too). Closing the iterator early (or dropping it) cancels the request."""
+        return TokenStream(self, self.submit(request))
+
+    def _forget(self, handle: int) -> RequestOutput | None:
+        """Stop (if unfinished) and drop a request; its output, if it finished."""
+        with self._lock:
+            tracked = self._tracked.get(handle)
+            if tracked is None:
+                return None
+            if tracked.output is None:
+                self.cancel(handle)
+            del self._tracked[handle]
+            return tracked.output
+
+    # ---- compile up front ---------------------------------------------------------------------
 
     def warmup(self, max_input_len: int | None = None) -> dict[str, int]:
         """Compile every step variant now (no-op inputs), so serving never compiles; returns the counts.
 
-        ``max_input_len`` limits it to the buckets inputs up to that length use.
+        ``max_input_len`` limits it to the buckets inputs up to that length use. Refused while
+        requests are queued or running (it would advance their slots).
         """
-        c = self.config
-        top = self._bucket_for(min(max_input_len or self.encoder_len, self.encoder_len))
-        for bucket in (b for b in self.encoder_buckets if b <= top):
-            rows = 1
-            while rows <= c.encoder_batch_rows(bucket):
-                self._encode_batch(bucket, rows, [])  # padding rows only: writes nothing
-                rows *= 2
-            if rows // 2 != c.encoder_batch_rows(bucket):
-                self._encode_batch(bucket, c.encoder_batch_rows(bucket), [])
-        steps = np.int32(c.steps_per_dispatch)
-        self.state, results = self._decode(self.model.params, self.state, steps, **self._decode_args())
-        self.state = self._release(self.state, jnp.zeros((c.num_slots,), bool))
-        jax.block_until_ready(results)
-        self.reset_stats()
-        return self.compile_counts()
-
-    def run_until_idle(self) -> None:
-        while self.step():
-            pass
-
-    def reset_stats(self) -> None:
-        """Start the figures of :meth:`stats` afresh (e.g. after a warm-up run)."""
-        self.metrics = {
-            "dispatches": 0,
-            "encode_batches": 0,
-            "early_releases": 0,
-            "decode_steps": 0,
-            "peak_self_pages": self.self_alloc.num_used,
-            "peak_cross_pages": self.cross_alloc.num_used,
-            "slot_fills": [0] * self.config.num_slots,
-            "occupancy": [],
-        }
-
-    def stats(self) -> dict:
-        """Cache, slot and compile figures since construction."""
-        page_bytes = self.pool_config.page_bytes
-        sizes = pool_bytes(self.pool_config)
-        return {
-            **{k: v for k, v in self.metrics.items() if k != "occupancy"},
-            "slot_occupancy": list(self.metrics["occupancy"]),  # (perf_counter time, busy slots)
-            "self_pages_total": self.self_alloc.capacity,
-            "cross_pages_total": self.cross_alloc.capacity,
-            "self_pages_used": self.self_alloc.num_used,
-            "cross_pages_used": self.cross_alloc.num_used,
-            "peak_kv_bytes": (self.metrics["peak_self_pages"] + self.metrics["peak_cross_pages"])
-            * page_bytes,
-            "kv_bytes_total": sizes["total"],
-            "compiled": self.compile_counts(),
-        }
+        with self._lock:
+            live = sum(t.output is None for t in self._tracked.values())
+            if live:
+                raise RuntimeError(f"warmup() needs an idle engine: {live} request(s) are queued or running")
+            self._pending = None
+            c = self.config
+            top = min(max_input_len or self.encoder_len, self.encoder_len)
+            top = next(b for b in self.encoder_buckets if b >= top)
+            for bucket in (b for b in self.encoder_buckets if b <= top):
+                limit, rows = c.encoder_batch_rows(bucket), 1
+                sizes = []
+                while rows < limit:
+                    sizes.append(rows)
+                    rows *= 2
+                for rows in [*sizes, limit]:
+                    self._run_encode(bucket, rows, [], [])  # padding rows only: writes nothing
+            self.state, results = self._decode(
+                self.model.params, self.state, np.int32(c.steps_per_dispatch), **self._decode_args()
+            )
+            self.state = self._release(self.state, jnp.zeros((c.num_slots,), bool))
+            jax.block_until_ready(results)
+            self.reset_stats()
+            return self.compile_counts()
 
     def compile_counts(self) -> dict[str, int]:
         """Compiled variants of each jitted step.
@@ -351,249 +375,188 @@ class Engine:
             for name, fn in (("encode", self._encode), ("decode", self._decode), ("release", self._release))
         }
 
-    # ---- the loop ---------------------------------------------------------------------------
+    # ---- figures ------------------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        """Start the counters of :meth:`stats` afresh (e.g. after a warm-up run)."""
+        with self._lock:
+            self._counters = Counters(self.config.num_slots)
+            self.scheduler.reset_peaks()
+
+    def stats(self) -> EngineStats:
+        """Counters since :meth:`reset_stats`, cache and request figures now."""
+        with self._lock:
+            c = self._counters
+            page_bytes = self.pool_config.page_bytes
+            return EngineStats(
+                dispatches=c.dispatches,
+                decode_steps=c.decode_steps,
+                encode_batches=c.encode_batches,
+                early_releases=c.early_releases,
+                slot_fills=tuple(c.slot_fills),
+                slot_occupancy=c.occupancy(),
+                mean_busy_slots=c.mean_busy_slots(),
+                self_pages_total=self.self_alloc.capacity,
+                cross_pages_total=self.cross_alloc.capacity,
+                self_pages_used=self.self_alloc.num_used,
+                cross_pages_used=self.cross_alloc.num_used,
+                peak_self_pages=self.scheduler.peak_self_pages,
+                peak_cross_pages=self.scheduler.peak_cross_pages,
+                peak_kv_bytes=(self.scheduler.peak_self_pages + self.scheduler.peak_cross_pages) * page_bytes,
+                kv_bytes_total=pool_bytes(self.pool_config)["total"],
+                compiled=self.compile_counts(),
+                tracked_requests=len(self._tracked),
+                queued_requests=self.scheduler.num_queued,
+                running_requests=self.scheduler.num_running,
+            )
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def run_until_idle(self) -> None:
+        while self.step():
+            pass
 
     def step(self) -> bool:
-        """Dispatch one decode, read the previous one, admit and encode into freed slots.
+        """One round: admit and encode, dispatch one decode, read the previous dispatch.
 
         Returns False when there is nothing left to do.
         """
-        self._admit()
-        previous, self._pending = self._pending, None
-        if any(s is not None for s in self._slots):
-            steps = self._dispatch_steps()
-            self.state, results = self._decode(
-                self.model.params, self.state, np.int32(steps), **self._decode_args()
-            )
-            self._pending = (results, list(self._slots))
-            self.metrics["dispatches"] += 1
-            self.metrics["decode_steps"] += steps
-            self.metrics["occupancy"].append((time.perf_counter(), sum(s is not None for s in self._slots)))
-            self._release_bounded(steps)
-        if previous is not None:
-            self._read(*previous)
-            self._admit()  # queued behind the decode just dispatched: the device never idles
-        return self._pending is not None or bool(self._queue) or any(s is not None for s in self._slots)
+        with self._lock:
+            plan = self.scheduler.schedule()
+            self._start(plan.admitted)
+            previous, self._pending = self._pending, None
+            if plan.num_steps:
+                self.state, results = self._decode(
+                    self.model.params, self.state, np.int32(plan.num_steps), **self._decode_args()
+                )
+                self._pending = (results, plan.owners)
+                busy = sum(rid is not None for rid in plan.owners)
+                self._counters.dispatched(time.perf_counter(), plan.num_steps, busy)
+                self._counters.early_releases += len(plan.handed_on)
+            if previous is not None:
+                self._read(*previous)
+            return self._pending is not None or self.scheduler.has_work()
 
-    def _remaining_steps(self, live: _Live) -> int:
-        """Decode steps until ``live``'s token budget is spent (its forced prefix counts)."""
-        return live.max_new + len(live.prefix) - 1 - live.steps_dispatched
+    def _decode_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if self.adapters is not None:
+            args["lora_bank"] = self.adapters.stacked
+        if self.frontend.masks is not None:
+            args["masks"] = self.frontend.masks
+        return args
 
-    def _dispatch_steps(self) -> int:
-        """Steps of the next dispatch: ``steps_per_dispatch``, cut short where the last slot's
-        budget ends and, while requests wait for a slot (in-flight), where the first one's does."""
-        c = self.config
-        remaining = [self._remaining_steps(self._live[rid]) for rid in self._slots if rid is not None]
-        steps = min(c.steps_per_dispatch, max(remaining))
-        if c.mode == "inflight" and self._queue:
-            steps = min(steps, min(remaining))
-        return max(1, steps)
-
-    def _release_bounded(self, steps: int) -> None:
-        """Hand on the slots whose requests reach ``max_new_tokens`` within the dispatch just issued.
-
-        Without this a slot whose request ends in dispatch ``k`` idles through dispatch ``k + 1``
-        too, as its end is only read after ``k + 1`` is queued. A request's token budget bounds
-        its end, so its slot and pages can go to the next request now: that request's encode is
-        queued behind dispatch ``k`` (the state it takes is dispatch ``k``'s output) and it
-        decodes from dispatch ``k + 1``. Requests ending early at EOS or a stop token are
-        found when read, as before.
-        """
-        for rid in self._slots:
-            if rid is None:
-                continue
-            live = self._live[rid]
-            live.steps_dispatched += steps
-            if self._remaining_steps(live) <= 0:
-                self._free_slot(live)
-                live.draining = True
-                self.metrics["early_releases"] += 1
-
-    def _free_slot(self, live: _Live) -> None:
-        self._slots[live.slot] = None
-        self.self_alloc.free(live.self_pages)
-        self.cross_alloc.free(live.cross_pages)
-        live.slot, live.self_pages, live.cross_pages = None, [], []
-
-    def _bank_arg(self) -> dict:
-        return {} if self.adapters is None else {"lora_bank": self.adapters.stacked}
-
-    def _decode_args(self) -> dict:
-        return {**self._bank_arg(), **(self.audio.masks if self.audio is not None else {})}
-
-    def _bucket_for(self, length: int) -> int:
-        return next(b for b in self.encoder_buckets if b >= length)
-
-    def _pages_needed(self, live: _Live) -> tuple[int, int]:
-        """Self pages (prefix and generated tokens) and cross pages (encoder positions)."""
-        G = self.config.page_size
-        return pages_for(len(live.prefix) - 1 + live.max_new, G), pages_for(live.enc_len, G)
-
-    def _admit(self) -> None:
-        c = self.config
-        free = [i for i, s in enumerate(self._slots) if s is None]
-        if c.mode == "static" and len(free) < c.num_slots:
-            return
-        admitted: list[_Live] = []
-        while free and self._queue:
-            live = self._live[self._queue[0]]
-            need_self, need_cross = self._pages_needed(live)
-            self_pages = self.self_alloc.allocate(need_self)
-            if self_pages is None:
-                break  # FIFO: the head waits for pages, so nothing behind it can starve it
-            cross_pages = self.cross_alloc.allocate(need_cross)
-            if cross_pages is None:
-                self.self_alloc.free(self_pages)
-                break
-            self._queue.popleft()
-            live.slot = free.pop(0)
-            live.self_pages, live.cross_pages = self_pages, cross_pages
-            live.timings["admitted"] = time.perf_counter()
-            self._slots[live.slot] = live.rid
-            self.metrics["slot_fills"][live.slot] += 1
-            admitted.append(live)
+    def _start(self, admitted: Sequence[Admission]) -> None:
+        """Encode the admitted requests, grouped by bucket in batches of the bucket's row limit."""
         if not admitted:
             return
-        self.metrics["peak_self_pages"] = max(self.metrics["peak_self_pages"], self.self_alloc.num_used)
-        self.metrics["peak_cross_pages"] = max(self.metrics["peak_cross_pages"], self.cross_alloc.num_used)
-        by_bucket: dict[int, list[_Live]] = collections.defaultdict(list)
-        for live in admitted:
-            by_bucket[self._bucket_for(live.enc_len)].append(live)
+        now = time.perf_counter()
+        c = self._counters
+        by_bucket: dict[int, list[tuple[_Tracked, Admission]]] = collections.defaultdict(list)
+        for a in admitted:
+            tracked = self._tracked[a.rid]
+            tracked.timings["admitted"] = now
+            c.slot_fills[a.slot] += 1
+            bucket = next(b for b in self.encoder_buckets if b >= tracked.prepared.encoder_len)
+            by_bucket[bucket].append((tracked, a))
         for bucket, group in sorted(by_bucket.items()):
-            limit = c.encoder_batch_rows(bucket)
+            limit = self.config.encoder_batch_rows(bucket)
             for i in range(0, len(group), limit):
-                chunk = group[i : i + limit]
-                # Row counts are powers of two (capped): a lone refill does not pay for a full
-                # batch, and each bucket compiles at most log2(limit) + 1 variants.
-                rows = min(limit, 1 << (len(chunk) - 1).bit_length())
-                self._encode_batch(bucket, rows, chunk)
+                self._encode_group(bucket, group[i : i + limit])
 
-    def _encode_batch(self, bucket: int, rows: int, group: list[_Live]) -> None:
-        c, cfg = self.config, self.model.config
-        if self.audio is not None:
-            inputs = np.zeros((rows, *self.audio.mel_shape), np.float32)
-        else:
-            inputs = np.full((rows, bucket), cfg.pad_token_id, np.int32)
-        init = {
-            "slot_b": np.full(rows, c.num_slots, np.int32),
-            "self_page_table_bM": np.zeros((rows, self._self_width), np.int32),
-            "cross_page_table_bM": np.zeros((rows, self._cross_width), np.int32),
-            "enc_len_b": np.zeros(rows, np.int32),
-            "max_new_b": np.zeros(rows, np.int32),
-            "min_new_b": np.zeros(rows, np.int32),
-            "stop_ids_bX": np.full((rows, c.max_stop_tokens), -1, np.int32),
-            "temperature_b": np.zeros(rows, np.float32),
-            "top_k_b": np.zeros(rows, np.int32),
-            "top_p_b": np.ones(rows, np.float32),
-            "seed_b": np.zeros(rows, np.int32),
-            "adapter_row_b": np.zeros(rows, np.int32),
-            "prefix_bX": np.zeros((rows, self.max_prefix), np.int32),
-            "prefix_len_b": np.ones(rows, np.int32),
-        }
-        for r, live in enumerate(group):
-            req = live.request
-            if live.mel_CA is not None:
-                inputs[r] = live.mel_CA
-                live.mel_CA = None  # the cross pages hold what the decoder needs from now on
-            else:
-                inputs[r, : len(live.ids)] = live.ids
-            init["slot_b"][r] = live.slot
-            init["self_page_table_bM"][r, : len(live.self_pages)] = live.self_pages
-            init["cross_page_table_bM"][r, : len(live.cross_pages)] = live.cross_pages
-            init["enc_len_b"][r] = live.enc_len
-            init["max_new_b"][r] = live.max_new
-            init["prefix_bX"][r, : len(live.prefix)] = live.prefix
-            init["prefix_len_b"][r] = len(live.prefix)
-            init["min_new_b"][r] = req.min_new_tokens
-            init["stop_ids_bX"][r, : len(req.stop_token_ids)] = list(req.stop_token_ids)
-            init["temperature_b"][r] = req.temperature
-            init["top_k_b"][r] = req.top_k
-            init["top_p_b"][r] = req.top_p
-            init["seed_b"][r] = req.seed
-            if req.adapter_id is not None:
-                init["adapter_row_b"][r] = self.adapters.row_of(req.adapter_id)
-        self.state = self._encode(
-            self.model.params,
-            self.state,
-            jnp.asarray(inputs),
-            SlotInit(**{k: jnp.asarray(v) for k, v in init.items()}),
-            **self._bank_arg(),
+    def _encode_group(self, bucket: int, group: list[tuple[_Tracked, Admission]]) -> None:
+        """Encode one batch; if it fails, each request alone, so one bad request fails alone."""
+        try:
+            rows = [self._slot_row(t, a) for t, a in group]
+            # Power-of-two row counts (capped): a lone refill does not pay for a full batch, and
+            # each bucket compiles at most log2(limit) + 1 variants.
+            size = min(self.config.encoder_batch_rows(bucket), 1 << (len(group) - 1).bit_length())
+            self._run_encode(bucket, size, [t.prepared.inputs for t, _ in group], rows, [a for _, a in group])
+        except Exception as e:  # noqa: BLE001 - isolate the request that caused it
+            if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.state)):
+                raise RuntimeError("the engine's device state was lost in a failed encode") from e
+            if len(group) > 1:
+                for item in group:
+                    self._encode_group(bucket, [item])
+                return
+            tracked, _ = group[0]
+            self._finish(tracked, "error", error=f"encoding failed: {type(e).__name__}: {e}")
+            return
+        for tracked, _ in group:
+            tracked.prepared.inputs = None  # the cross pages hold what the decoder needs now
+
+    def _slot_row(self, tracked: _Tracked, a: Admission) -> SlotParams:
+        request, prepared = tracked.request, tracked.prepared
+        adapter = request.adapter_id
+        return slot_row(
+            self.slot_shape,
+            request,
+            self_pages=a.self_pages,
+            cross_pages=a.cross_pages,
+            encoder_len=prepared.encoder_len,
+            prefix=prepared.prefix,
+            max_new_tokens=prepared.max_new_tokens,
+            adapter_row=0 if adapter is None else self.adapters.row_of(adapter),
         )
-        self.metrics["encode_batches"] += 1
 
-    def _read(self, results: jax.Array, owners: list[int | None]) -> None:
+    def _run_encode(
+        self,
+        bucket: int,
+        size: int,
+        inputs: list[np.ndarray],
+        rows: list[SlotParams],
+        admitted: Sequence[Admission] = (),
+    ) -> None:
+        batch = self.frontend.encoder_batch(bucket, size, inputs)
+        slot_b = np.full(size, self.config.num_slots, np.int32)
+        slot_b[: len(admitted)] = [a.slot for a in admitted]
+        params_b = jax.tree.map(jnp.asarray, stack_rows(rows, size, self.slot_shape))
+        bank = {} if self.adapters is None else {"lora_bank": self.adapters.stacked}
+        self.state = self._encode(
+            self.model.params, self.state, jnp.asarray(batch), jnp.asarray(slot_b), params_b, **bank
+        )
+        self._counters.encode_batches += 1
+
+    def _read(self, results: jax.Array, owners: tuple[int | None, ...]) -> None:
         res = np.asarray(results)
         now = time.perf_counter()
+        eos = self.model.config.eos_token_id
         for step_row in res:
             for slot in np.nonzero(step_row >= 0)[0]:
                 rid = owners[slot]
-                live = self._live.get(rid) if rid is not None else None
-                if live is None or live.output is not None:
-                    continue  # cancelled (or already finished) while this dispatch ran
+                tracked = self._tracked.get(rid) if rid is not None else None
+                if tracked is None or tracked.output is not None:
+                    continue  # cancelled, failed or forgotten while this dispatch ran
                 value = int(step_row[slot])
                 token = value & (FINISHED_BIT - 1)
-                if not live.tokens:
-                    live.timings["first_token"] = now
-                live.tokens.append(token)
+                if not tracked.tokens:
+                    tracked.timings["first_token"] = now
+                tracked.tokens.append(token)
                 if value & FINISHED_BIT:
-                    req = live.request
-                    stop = token == self.model.config.eos_token_id or token in req.stop_token_ids
-                    self._finish(live, "stop" if stop else "length")
+                    stop = token == eos or token in tracked.request.stop_token_ids
+                    self._finish(tracked, "stop" if stop else "length")
 
-    def _finish(self, live: _Live, reason: str) -> None:
-        if live.slot is not None:
-            self._free_slot(live)
-        live.timings["done"] = time.perf_counter()
+    def _finish(self, tracked: _Tracked, reason: FinishReason, *, error: str | None = None) -> None:
+        self.scheduler.finish(tracked.rid)
+        tracked.timings["done"] = time.perf_counter()
         text = None
-        tok = self.model.tokenizer
-        if self.audio is not None:
-            text = self.audio.text(tok, live.tokens)
-        elif live.is_text and tok is not None:
-            text = tok.decode(live.tokens, skip_special_tokens=True)
-        live.output = RequestOutput(
-            live.rid, list(live.tokens), reason, text, dict(live.timings), audio_seconds=live.audio_seconds
+        if reason != "error":
+            try:
+                text = self.frontend.text(tracked.prepared, tracked.tokens)
+            except Exception as e:  # noqa: BLE001 - tokens are still worth returning
+                error = f"detokenizing failed: {type(e).__name__}: {e}"
+        tracked.prepared.inputs = None
+        tracked.output = RequestOutput(
+            tracked.rid,
+            list(tracked.tokens),
+            reason,
+            text,
+            dict(tracked.timings),
+            error=error,
+            audio_seconds=tracked.prepared.audio_seconds,
         )
+        if tracked.done_sink is not None:
+            tracked.done_sink.add(tracked.rid)
 
-    def _prepare(self, rid: int, request: Request, timings: dict[str, float]) -> _Live:
-        """Inputs (token ids or a log-mel window), decoder prefix and token budget; validated."""
-        cfg = self.model.config
-        mel_CA, seconds = None, None
-        if self.audio is not None:
-            audio = self.audio.prepare(request.inputs)
-            ids, is_text, enc_len = [], False, self.encoder_len
-            mel_CA, seconds, prefix = audio.mel_CA, audio.seconds, audio.prompt
-            if request.decoder_prefix is not None:
-                prefix = [int(t) for t in request.decoder_prefix]
-            limit = self.audio.max_new_tokens(len(prefix))
-            asked = self.config.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
-            max_new = min(asked, limit)
-        else:
-            if isinstance(request.inputs, AudioInput):
-                raise RequestError(f"{cfg.model_type} has no audio encoder: inputs must be text or token ids")
-            ids, is_text = self._tokenize(request)
-            ids = check_inputs(ids, self.config, cfg.vocab_size)
-            enc_len = len(ids)
-            prefix = [cfg.decoder_start_token_id]
-            if request.decoder_prefix is not None:
-                prefix = [int(t) for t in request.decoder_prefix]
-            max_new = DEFAULT_MAX_NEW_TOKENS if request.max_new_tokens is None else request.max_new_tokens
-        validate(
-            request,
-            self.config,
-            self.adapters,
-            max_new_tokens=max_new,
-            prefix=prefix,
-            max_prefix=self.max_prefix,
-            decoder_vocab_size=cfg.decoder_vocab_size,
-        )
-        return _Live(rid, request, ids, is_text, timings, enc_len, max_new, prefix, mel_CA, seconds)
 
-    def _tokenize(self, request: Request) -> tuple[list[int], bool]:
-        if isinstance(request.inputs, str):
-            if self.model.tokenizer is None:
-                raise RequestError("text input needs a tokenizer; this model has none (pass token ids)")
-            return list(self.model.tokenizer(request.inputs)["input_ids"]), True
-        try:
-            return [int(t) for t in request.inputs], False
-        except (TypeError, ValueError) as e:
-            raise RequestError(f"inputs must be text or a sequence of token ids: {e}") from e
+def _error_output(rid: int, error: Exception) -> RequestOutput:
+    return RequestOutput(rid, [], "error", error=str(error))

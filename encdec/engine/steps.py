@@ -1,10 +1,10 @@
 """The engine's device side: a typed state and the pure jitted steps over it.
 
-``encode_insert`` runs the encoder on a bucket-shaped batch (token ids, or log-mel windows for
-audio models), writes every layer's cross K/V into the requests' cross pages and sets their
-slots' rows; ``decode_steps`` advances every slot ``n`` tokens (a ``lax.scan``), samples on
-device and retires finished slots. Both take the state donated and return it. The host reads
-one small int32 array per decode dispatch.
+``encode_insert`` runs the front end's encoder on a bucket-shaped batch, writes every layer's
+cross K/V into the requests' cross pages and starts their slots with their :class:`SlotParams`
+rows; ``decode_steps`` advances every slot ``n`` tokens (a device-side loop with a traced trip
+count), samples on device and retires finished slots. Both take the state donated and return
+it. The host reads one small int32 array per decode dispatch.
 
 A slot starts from its request's forced decoder prefix (the start token, or Whisper's 4-token
 prompt): while the next position is inside the prefix, the step feeds the prefix token instead
@@ -13,74 +13,141 @@ of the sampled one and reports nothing (-1), so one compiled step serves every p
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from encdec.cache.paged_kv import PagedKV, write_cross
 from encdec.cache.pools import PagePools
 from encdec.cache.window_kv import WindowKV, open_window
 from encdec.config import ModelConfig
-from encdec.models import decode, encode, project_cross_kv
-from encdec.models.whisper import encode_audio
-from encdec.sampling import ban_token, ban_tokens, sample, step_keys
+from encdec.engine.request import Request
+from encdec.models import decode, project_cross_kv
+from encdec.sampling import TokenMasks, ban_token, ban_tokens, sample, step_keys
 
 # A decode result packs the token and a finished flag: token | FINISHED_BIT; -1 = slot idle.
 FINISHED_BIT = 1 << 24
 
+EncoderFn = Callable[..., jax.Array]
+"""``(params, cfg, inputs, encoder_len_b, *, dtype, lora) -> enc_bSD``: a front end's encoder."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotShape:
+    """Widths of the per-slot arrays; static, so part of every compiled step's shapes."""
+
+    self_pages: int
+    """Self page-table width (pages for the longest prefix plus ``max_new_tokens``)."""
+    cross_pages: int
+    """Cross page-table width (pages for the longest encoder input)."""
+    stop_tokens: int
+    """Stop ids per slot besides EOS."""
+    prefix: int
+    """Forced decoder tokens per slot."""
+
+
+def _slot_field(dtype: Any, width: str | None = None, fill: Any = 0) -> Any:
+    return flax.struct.field(metadata={"dtype": dtype, "width": width, "fill": fill})
+
+
+@flax.struct.dataclass
+class SlotParams:
+    """A request's fixed fields in its slot: written by the encode step, read by every decode step.
+
+    Every array has a leading row axis, ``B`` (slots) in :class:`DecodeState` and ``b``
+    (requests) in an encoder batch; fields with a width have it as their second axis. Each
+    field declares its dtype, width and fill (the value of an unused row); :func:`slot_row`
+    is the one host function that fills a request's row.
+    """
+
+    self_page_table_M: jax.Array = _slot_field(np.int32, "self_pages")
+    """Self pages in token order; unused entries are the sentinel page (0)."""
+    cross_page_table_M: jax.Array = _slot_field(np.int32, "cross_pages")
+    """Cross pages holding encoder positions ``0 .. cross_length - 1``."""
+    cross_length: jax.Array = _slot_field(np.int32)
+    """Encoder positions (0 in a padding row of an encoder batch: it writes nothing)."""
+    max_new: jax.Array = _slot_field(np.int32)
+    min_new: jax.Array = _slot_field(np.int32)
+    stop_ids_X: jax.Array = _slot_field(np.int32, "stop_tokens", fill=-1)
+    """Stop tokens besides EOS, padded with -1."""
+    temperature: jax.Array = _slot_field(np.float32)
+    top_k: jax.Array = _slot_field(np.int32)
+    top_p: jax.Array = _slot_field(np.float32, fill=1.0)
+    seed: jax.Array = _slot_field(np.int32)
+    adapter_row: jax.Array = _slot_field(np.int32)
+    """Row of the LoRA adapter bank (0 = none)."""
+    prefix_X: jax.Array = _slot_field(np.int32, "prefix")
+    """Forced decoder tokens (start token first), padded with 0."""
+    prefix_len: jax.Array = _slot_field(np.int32, fill=1)
+
+    @classmethod
+    def empty(cls, rows: int, shape: SlotShape) -> SlotParams:
+        """``rows`` unused rows (numpy), every field at its fill value."""
+        arrays = {}
+        for f in dataclasses.fields(cls):
+            width = f.metadata["width"]
+            dims = (rows,) if width is None else (rows, getattr(shape, width))
+            arrays[f.name] = np.full(dims, f.metadata["fill"], f.metadata["dtype"])
+        return cls(**arrays)
+
+
+def slot_row(
+    shape: SlotShape,
+    request: Request,
+    *,
+    self_pages: Sequence[int],
+    cross_pages: Sequence[int],
+    encoder_len: int,
+    prefix: Sequence[int],
+    max_new_tokens: int,
+    adapter_row: int,
+) -> SlotParams:
+    """One request's row (numpy, leading axis 1) from its checked request and admission."""
+    p = SlotParams.empty(1, shape)
+    p.self_page_table_M[0, : len(self_pages)] = self_pages
+    p.cross_page_table_M[0, : len(cross_pages)] = cross_pages
+    p.cross_length[0] = encoder_len
+    p.max_new[0] = max_new_tokens
+    p.min_new[0] = request.min_new_tokens
+    p.stop_ids_X[0, : len(request.stop_token_ids)] = request.stop_token_ids
+    p.temperature[0] = request.temperature
+    p.top_k[0] = request.top_k
+    p.top_p[0] = request.top_p
+    p.seed[0] = request.seed
+    p.adapter_row[0] = adapter_row
+    p.prefix_X[0, : len(prefix)] = prefix
+    p.prefix_len[0] = len(prefix)
+    return p
+
+
+def stack_rows(rows: Sequence[SlotParams], total: int, shape: SlotShape) -> SlotParams:
+    """Rows one after another, padded with unused rows up to ``total``."""
+    padding = [SlotParams.empty(total - len(rows), shape)] if total > len(rows) else []
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *rows, *padding)
+
 
 @flax.struct.dataclass
 class DecodeState:
-    """Everything the decode step reads, one row per slot."""
+    """Everything the decode step reads: the page pools, each slot's request fields and where
+    each slot is in its sequence."""
 
     pools: PagePools
-    self_page_table_BM: jax.Array
+    slots: SlotParams
     self_lengths_B: jax.Array
     """Tokens stored in the self pages: the position of ``last_token_B``."""
-    cross_page_table_BM: jax.Array
-    cross_lengths_B: jax.Array
     active_B: jax.Array
     last_token_B: jax.Array
     num_generated_B: jax.Array
     """Sampled tokens so far (forced prefix tokens not counted)."""
-    max_new_B: jax.Array
-    min_new_B: jax.Array
-    stop_ids_BX: jax.Array
-    """Per-slot stop tokens besides EOS, padded with -1."""
-    temperature_B: jax.Array
-    top_k_B: jax.Array
-    top_p_B: jax.Array
-    seed_B: jax.Array
-    adapter_row_B: jax.Array
-    """Row of the LoRA adapter bank (0 = none)."""
-    prefix_BX: jax.Array
-    """Forced decoder tokens of each slot (start token first), padded with 0."""
-    prefix_len_B: jax.Array
 
 
-@flax.struct.dataclass
-class SlotInit:
-    """Rows for the slots an encoder batch fills; a padding row has ``slot == num_slots``."""
-
-    slot_b: jax.Array
-    self_page_table_bM: jax.Array
-    cross_page_table_bM: jax.Array
-    enc_len_b: jax.Array
-    max_new_b: jax.Array
-    min_new_b: jax.Array
-    stop_ids_bX: jax.Array
-    temperature_b: jax.Array
-    top_k_b: jax.Array
-    top_p_b: jax.Array
-    seed_b: jax.Array
-    adapter_row_b: jax.Array
-    prefix_bX: jax.Array
-    prefix_len_b: jax.Array
-
-
-def init_state(
-    pools: PagePools, num_slots: int, self_pages: int, cross_pages: int, max_stop: int, max_prefix: int = 1
-) -> DecodeState:
+def init_state(pools: PagePools, num_slots: int, shape: SlotShape) -> DecodeState:
     B = num_slots
 
     def zeros():  # a fresh buffer per field: donated fields must not alias
@@ -88,23 +155,11 @@ def init_state(
 
     return DecodeState(
         pools=pools,
-        self_page_table_BM=jnp.zeros((B, self_pages), jnp.int32),
+        slots=jax.tree.map(jnp.asarray, SlotParams.empty(B, shape)),
         self_lengths_B=zeros(),
-        cross_page_table_BM=jnp.zeros((B, cross_pages), jnp.int32),
-        cross_lengths_B=zeros(),
         active_B=jnp.zeros((B,), bool),
         last_token_B=zeros(),
         num_generated_B=zeros(),
-        max_new_B=zeros(),
-        min_new_B=zeros(),
-        stop_ids_BX=jnp.full((B, max_stop), -1, jnp.int32),
-        temperature_B=jnp.zeros((B,), jnp.float32),
-        top_k_B=zeros(),
-        top_p_B=jnp.ones((B,), jnp.float32),
-        seed_B=zeros(),
-        adapter_row_B=zeros(),
-        prefix_BX=jnp.zeros((B, max_prefix), jnp.int32),
-        prefix_len_B=jnp.ones((B,), jnp.int32),
     )
 
 
@@ -116,59 +171,43 @@ def encode_insert(
     params,
     state: DecodeState,
     inputs: jax.Array,
-    init: SlotInit,
+    slot_b: jax.Array,
+    rows: SlotParams,
     lora_bank=None,
     *,
     cfg: ModelConfig,
     dtype,
+    encoder: EncoderFn,
     lora_gather=None,
 ) -> DecodeState:
     """Encode a batch, write its cross K/V pages and start its slots.
 
-    ``inputs``: right-padded token ids ``[b, S]``, or for audio models log-mel windows
-    ``[b, C, A]`` (every row ``S = audio_positions`` encoder positions, no padding mask).
+    ``inputs`` is the front end's encoder batch (right-padded token ids ``[b, S]``, or log-mel
+    windows); ``slot_b`` says which slot each row starts (``num_slots``: a padding row, dropped).
     """
-    lora = _lora_rows(lora_bank, lora_gather, init.adapter_row_b)
-    if cfg.is_audio:
-        enc_bSD = encode_audio(params, cfg, inputs, dtype=dtype, lora=lora)
-    else:
-        S = inputs.shape[1]
-        mask_bS = jnp.arange(S, dtype=jnp.int32)[None, :] < init.enc_len_b[:, None]
-        enc_bSD = encode(params, cfg, inputs, mask_bS, dtype=dtype, lora=lora)
+    lora = _lora_rows(lora_bank, lora_gather, rows.adapter_row)
+    enc_bSD = encoder(params, cfg, inputs, rows.cross_length, dtype=dtype, lora=lora)
     k_LbSNH, v_LbSNH = project_cross_kv(params, cfg, enc_bSD, lora=lora)
     pool_dtype = state.pools.cross_k_LNPGH.dtype
     pools = write_cross(
         state.pools,
         k_LbSNH.astype(pool_dtype),
         v_LbSNH.astype(pool_dtype),
-        init.cross_page_table_bM,
-        init.enc_len_b,
+        rows.cross_page_table_M,
+        rows.cross_length,
     )
-    slot_b = init.slot_b
 
-    def put(x, rows):
-        return x.at[slot_b].set(rows.astype(x.dtype), mode="drop")
+    def put(x, new):
+        return x.at[slot_b].set(new.astype(x.dtype), mode="drop")
 
     b = slot_b.shape[0]
     return state.replace(
         pools=pools,
-        self_page_table_BM=put(state.self_page_table_BM, init.self_page_table_bM),
+        slots=jax.tree.map(put, state.slots, rows),
         self_lengths_B=put(state.self_lengths_B, jnp.zeros((b,), jnp.int32)),
-        cross_page_table_BM=put(state.cross_page_table_BM, init.cross_page_table_bM),
-        cross_lengths_B=put(state.cross_lengths_B, init.enc_len_b),
         active_B=put(state.active_B, jnp.ones((b,), bool)),
-        last_token_B=put(state.last_token_B, init.prefix_bX[:, 0]),
+        last_token_B=put(state.last_token_B, rows.prefix_X[:, 0]),
         num_generated_B=put(state.num_generated_B, jnp.zeros((b,), jnp.int32)),
-        max_new_B=put(state.max_new_B, init.max_new_b),
-        min_new_B=put(state.min_new_B, init.min_new_b),
-        stop_ids_BX=put(state.stop_ids_BX, init.stop_ids_bX),
-        temperature_B=put(state.temperature_B, init.temperature_b),
-        top_k_B=put(state.top_k_B, init.top_k_b),
-        top_p_B=put(state.top_p_B, init.top_p_b),
-        seed_B=put(state.seed_B, init.seed_b),
-        adapter_row_B=put(state.adapter_row_B, init.adapter_row_b),
-        prefix_BX=put(state.prefix_BX, init.prefix_bX),
-        prefix_len_B=put(state.prefix_len_B, init.prefix_len_b),
     )
 
 
@@ -177,8 +216,7 @@ def decode_steps(
     state: DecodeState,
     steps: jax.Array | int,
     lora_bank=None,
-    suppress_V: jax.Array | None = None,
-    suppress_first_V: jax.Array | None = None,
+    masks: TokenMasks | None = None,
     *,
     cfg: ModelConfig,
     dtype,
@@ -192,22 +230,21 @@ def decode_steps(
     One compiled step serves every dispatch length, so the host can end a dispatch exactly
     where a slot's token budget ends.
 
-    ``suppress_V`` / ``suppress_first_V``: the model's banned tokens (Whisper's
-    ``suppress_tokens``) at every sampled step and, besides, at a slot's first sampled step
-    (``begin_suppress_tokens``); boolean ``[V]`` masks, or None for models without them.
+    ``masks``: the front end's banned tokens (Whisper's ``suppress_tokens`` at every sampled
+    step and ``begin_suppress_tokens`` at a slot's first), or None.
 
     ``implementation``: ``"window"`` attends over a dense copy of the pages made once per
     dispatch (:mod:`encdec.cache.window_kv`); else paged attention with that implementation.
     ``"auto"`` is the Pallas kernel on GPU and the window elsewhere.
     """
-    lora = _lora_rows(lora_bank, lora_gather, state.adapter_row_B)
+    s = state.slots
+    lora = _lora_rows(lora_bank, lora_gather, s.adapter_row)
     if implementation == "auto" and jax.default_backend() != "gpu":
         implementation = "window"
     window = None
     if implementation == "window":
         window = open_window(
-            state.pools, state.self_page_table_BM, state.self_lengths_B,
-            state.cross_page_table_BM, state.cross_lengths_B,
+            state.pools, s.self_page_table_M, state.self_lengths_B, s.cross_page_table_M, s.cross_length
         )
 
     def body(i, carry):
@@ -217,18 +254,18 @@ def decode_steps(
             kv = WindowKV(
                 pools=state.pools,
                 window=window,
-                self_page_table_BM=state.self_page_table_BM,
+                self_page_table_BM=s.self_page_table_M,
                 self_lengths_B=state.self_lengths_B,
-                cross_lengths_B=state.cross_lengths_B,
+                cross_lengths_B=s.cross_length,
                 active_B=active_B,
             )
         else:
             kv = PagedKV(
                 pools=state.pools,
-                self_page_table_BM=state.self_page_table_BM,
+                self_page_table_BM=s.self_page_table_M,
                 self_lengths_B=state.self_lengths_B,
-                cross_page_table_BM=state.cross_page_table_BM,
-                cross_lengths_B=state.cross_lengths_B,
+                cross_page_table_BM=s.cross_page_table_M,
+                cross_lengths_B=s.cross_length,
                 active_B=active_B,
                 implementation=implementation,
             )
@@ -242,22 +279,22 @@ def decode_steps(
             lora=lora,
         )
         n_B = state.num_generated_B
-        logits_BV = ban_token(logits_B1V[:, 0], jnp.where(n_B < state.min_new_B, cfg.eos_token_id, -1))
-        if suppress_V is not None:
+        logits_BV = ban_token(logits_B1V[:, 0], jnp.where(n_B < s.min_new, cfg.eos_token_id, -1))
+        if masks is not None:
             first_B1 = (n_B == 0)[:, None]
-            logits_BV = ban_tokens(logits_BV, suppress_V[None, :] | (first_B1 & suppress_first_V[None, :]))
-        keys = step_keys(state.seed_B, n_B)
-        token_B = sample(logits_BV, keys, state.temperature_B, state.top_k_B, state.top_p_B)
+            logits_BV = ban_tokens(logits_BV, masks.every_V[None, :] | (first_B1 & masks.first_V[None, :]))
+        keys = step_keys(s.seed, n_B)
+        token_B = sample(logits_BV, keys, s.temperature, s.top_k, s.top_p)
         # The token after position p is forced while p + 1 is inside the slot's prefix.
         next_B1 = state.self_lengths_B[:, None] + 1
-        forced_B = next_B1[:, 0] < state.prefix_len_B
+        forced_B = next_B1[:, 0] < s.prefix_len
         forced_token_B = jnp.take_along_axis(
-            state.prefix_BX, jnp.minimum(next_B1, state.prefix_BX.shape[1] - 1), axis=1
+            s.prefix_X, jnp.minimum(next_B1, s.prefix_X.shape[1] - 1), axis=1
         )[:, 0]
         token_B = jnp.where(forced_B, forced_token_B, token_B)
         emits_B = active_B & ~forced_B
-        stop_B = (token_B == cfg.eos_token_id) | jnp.any(token_B[:, None] == state.stop_ids_BX, axis=-1)
-        finished_B = emits_B & (stop_B | (n_B + 1 >= state.max_new_B))
+        stop_B = (token_B == cfg.eos_token_id) | jnp.any(token_B[:, None] == s.stop_ids_X, axis=-1)
+        finished_B = emits_B & (stop_B | (n_B + 1 >= s.max_new))
         result_B = jnp.where(emits_B, token_B | jnp.where(finished_B, FINISHED_BIT, 0), -1)
         state = state.replace(
             pools=kv.pools,
@@ -279,3 +316,26 @@ def decode_steps(
 def release_slots(state: DecodeState, release_B: jax.Array) -> DecodeState:
     """Stop the given slots (cancellation); their pages are freed by the host."""
     return state.replace(active_B=state.active_B & ~release_B)
+
+
+@functools.lru_cache(maxsize=32)
+def jitted_steps(cfg, dtype: str, num_steps: int, implementation: str, encoder, lora_gather):
+    """The jitted steps, shared by engines of the same model config and front end: a new engine
+    (another mode, another slot count) reuses compiled variants instead of compiling them again."""
+    lora_kw = {} if lora_gather is None else {"lora_gather": lora_gather}
+    encode = jax.jit(
+        functools.partial(encode_insert, cfg=cfg, dtype=jnp.dtype(dtype), encoder=encoder, **lora_kw),
+        donate_argnames=("state",),
+    )
+    decode = jax.jit(
+        functools.partial(
+            decode_steps,
+            cfg=cfg,
+            dtype=jnp.dtype(dtype),
+            num_steps=num_steps,
+            implementation=implementation,
+            **lora_kw,
+        ),
+        donate_argnames=("state",),
+    )
+    return encode, decode, jax.jit(release_slots, donate_argnames=("state",))

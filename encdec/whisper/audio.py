@@ -32,14 +32,28 @@ class AudioError(ValueError):
     """Audio that cannot be used: unreadable, empty, not convertible to 16 kHz mono, too long."""
 
 
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Mono float32 samples in [-1, 1] and the file's sample rate (PCM 8/16/24/32-bit; channels averaged)."""
+class AudioTooLong(AudioError):
+    """Audio longer than a caller's limit, found from its length before it is decoded."""
+
+    def __init__(self, name: str, seconds: float, limit: float):
+        self.seconds = seconds
+        super().__init__(f"{name} is {seconds:.2f} s long, over the {limit:g} s limit")
+
+
+def read_wav(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Mono float32 samples in [-1, 1] and the file's sample rate (PCM 8/16/24/32-bit; channels averaged).
+
+    ``max_seconds``: refuse longer audio (:class:`AudioTooLong`) from the header, before reading it.
+    """
     path = Path(path)
     if not path.is_file():
-        raise AudioError(f"audio file {path} does not exist")
+        kind = " as a regular file" if path.exists() else ""  # a FIFO or a folder would block or fail
+        raise AudioError(f"audio file {path} does not exist{kind}")
     try:
         with wave.open(str(path), "rb") as f:
             channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
+            if max_seconds is not None and rate > 0 and f.getnframes() / rate > max_seconds:
+                raise AudioTooLong(str(path), f.getnframes() / rate, max_seconds)
             raw = f.readframes(f.getnframes())
     except (wave.Error, EOFError, OSError) as e:
         raise AudioError(f"cannot read {path} as a PCM WAV file: {e}") from e
@@ -107,20 +121,24 @@ def _sinc_taps(dist: np.ndarray, half: int, cutoff: float, beta: float = 8.6) ->
     return cutoff * np.sinc(cutoff * dist) * window
 
 
-def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) -> np.ndarray:
+def load_audio(
+    source: str | Path | np.ndarray, sample_rate: int | None = None, *, max_seconds: float | None = None
+) -> np.ndarray:
     """16 kHz mono float32 samples from a WAV path or an array (``sample_rate`` defaults to 16 kHz).
 
     Arrays are float samples in [-1, 1], ``[n]`` or ``[n, channels]``. Empty, non-finite or
-    unconvertible audio raises
-    :class:`AudioError`. Any length is returned; see :func:`split_windows` for > 30 s.
+    unconvertible audio raises :class:`AudioError`; audio over ``max_seconds`` raises
+    :class:`AudioTooLong` before it is decoded or resampled. Without a limit any length is
+    returned; see :func:`split_windows` for > 30 s.
     """
     if isinstance(source, (str, Path)):
         if sample_rate is not None:
             raise ValueError("sample_rate is read from the WAV header; pass it only with an array")
-        samples, rate = read_wav(source)
+        samples, rate = read_wav(source, max_seconds)
         name = str(source)
     else:
-        samples, rate, name = np.asarray(source), sample_rate or SAMPLE_RATE, "audio array"
+        samples, name = np.asarray(source), "audio array"
+        rate = SAMPLE_RATE if sample_rate is None else sample_rate
         if samples.ndim == 2:
             samples = samples.mean(axis=1)
         if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.number):
@@ -129,6 +147,8 @@ def load_audio(source: str | Path | np.ndarray, sample_rate: int | None = None) 
             )
         if samples.size == 0:
             raise AudioError(f"{name} is empty")
+        if max_seconds is not None and rate > 0 and samples.size / rate > max_seconds:
+            raise AudioTooLong(name, samples.size / rate, max_seconds)
     if not np.all(np.isfinite(samples)):
         raise AudioError(f"{name} has non-finite samples (NaN or inf)")
     out = resample(samples, int(rate))

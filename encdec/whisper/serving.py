@@ -8,16 +8,20 @@ does on its dense cache. A file that cannot be read fails alone.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from encdec.checkpoints.pretrained import Model
-from encdec.engine import AudioInput, Engine, EngineConfig, Request, RequestOutput
+from encdec.engine import Engine, EngineConfig, Request, RequestOutput
+from encdec.lora.bank import AdapterBank
 from encdec.whisper.audio import AudioError, load_audio, split_windows
+from encdec.whisper.frontend import AudioInput, WhisperFrontEnd
 from encdec.whisper.tokens import WhisperTokens
-from encdec.whisper.transcribe import Transcript, default_max_new_tokens
+from encdec.whisper.transcribe import Transcript, default_max_new_tokens, load_whisper
 
 
 def whisper_engine_config(
@@ -43,9 +47,23 @@ def whisper_engine_config(
     )
 
 
-def whisper_engine(model: Model, **config) -> Engine:
-    """An :class:`Engine` for ``model`` with :func:`whisper_engine_config` (keyword overrides)."""
-    return Engine(model, whisper_engine_config(model, **config))
+def whisper_engine(
+    model: Model,
+    config: EngineConfig | None = None,
+    *,
+    tokens: WhisperTokens | None = None,
+    adapters: AdapterBank | None = None,
+    **config_kw,
+) -> Engine:
+    """An :class:`Engine` serving ``model``'s audio requests through a :class:`WhisperFrontEnd`.
+
+    ``config``: the engine's config, else :func:`whisper_engine_config` with ``config_kw``.
+    ``tokens`` overrides the special tokens and suppression lists of the model's directory.
+    """
+    if config is not None and config_kw:
+        raise ValueError(f"give config or whisper_engine_config options, not both: {sorted(config_kw)}")
+    config = config or whisper_engine_config(model, **config_kw)
+    return Engine(model, config, frontend=WhisperFrontEnd(model, tokens), adapters=adapters)
 
 
 def transcribe_with_engine(
@@ -62,9 +80,9 @@ def transcribe_with_engine(
     ``error``; the other files are served. ``timings`` are the engine's stamps, earliest
     ``arrival``/``admitted``/``first_token`` and latest ``done`` over the file's windows.
     """
-    if engine.audio is None:
-        raise ValueError(f"{engine.model.config.model_type} is not a Whisper model")
-    tokens: WhisperTokens = engine.audio.tokens
+    if not isinstance(engine.frontend, WhisperFrontEnd):
+        raise ValueError("the engine has no Whisper front end (build it with whisper_engine)")
+    tokens: WhisperTokens = engine.frontend.tokens
     tokens.prompt(language, task)  # an unknown language or task fails the whole call, up front
     windows: list[list[np.ndarray] | str] = []
     for source in audio:
@@ -112,3 +130,34 @@ def _join(tokens: WhisperTokens, tokenizer, outputs: list[RequestOutput]) -> Tra
         finish_reason="stop" if all(o.finish_reason == "stop" for o in outputs) else "length",
         timings=timings,
     )
+
+
+def transcribe_cli(files: list[str], model: str | None, language: str) -> int:
+    """``encdec transcribe FILE.wav ...``: all files through the engine, one ``file<TAB>text`` line
+    each; per-file timings and errors on stderr (exit status 2 if any file failed)."""
+    loaded = load_whisper(model)
+    start = time.perf_counter()
+    engine = whisper_engine(loaded, num_slots=min(16, len(files)))
+    results = transcribe_with_engine(engine, files, language=language)
+    elapsed = time.perf_counter() - start
+    failed = 0
+    for file, result in zip(files, results, strict=True):
+        if result.error is not None:
+            failed += 1
+            print(f"encdec transcribe: error: {file}: {result.error}", file=sys.stderr)
+            continue
+        print(f"{file}\t{result.text}")
+        t = result.timings
+        first, done = t["first_token"] - t["arrival"], t["done"] - t["arrival"]
+        print(
+            f"{file}: {result.audio_seconds:.1f} s of audio, first token after {first:.2f} s, "
+            f"done after {done:.2f} s",
+            file=sys.stderr,
+        )
+    seconds = sum(r.audio_seconds for r in results)
+    print(
+        f"{len(files) - failed} file(s), {seconds:.1f} s of audio in {elapsed:.1f} s "
+        f"(engine compile included)",
+        file=sys.stderr,
+    )
+    return 2 if failed else 0

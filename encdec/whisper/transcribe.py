@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,8 +21,9 @@ import numpy as np
 
 from encdec.checkpoints.pretrained import Model
 from encdec.config import ModelConfig
-from encdec.models import decode
-from encdec.models.whisper import encode_audio, init_head_major_kv
+from encdec.generate import dense_decode
+from encdec.models.whisper import encode_audio
+from encdec.sampling import TokenMasks
 from encdec.whisper.audio import features_for
 from encdec.whisper.tokens import WhisperTokens
 
@@ -53,30 +52,6 @@ def _encode(params, cfg: ModelConfig, mel_BCA, *, dtype):
     return encode_audio(params, cfg, mel_BCA, dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "max_len"))
-def _init_kv(params, cfg: ModelConfig, enc_BSD, *, dtype, max_len):
-    mask_BS = jnp.ones(enc_BSD.shape[:2], bool)
-    return init_head_major_kv(params, cfg, enc_BSD, mask_BS, max_len, dtype=dtype)
-
-
-def _pick(logits_BV, banned_V):
-    return jnp.argmax(jnp.where(banned_V[None, :], -jnp.inf, logits_BV), axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("kv",))
-def _prompt_step(params, cfg: ModelConfig, prompt_BT, kv, banned_first_V, *, dtype):
-    positions_BT = jnp.broadcast_to(jnp.arange(prompt_BT.shape[1], dtype=jnp.int32), prompt_BT.shape)
-    logits_BTV, kv = decode(params, cfg, prompt_BT, positions_BT, kv, dtype=dtype)
-    return _pick(logits_BTV[:, -1], banned_first_V), logits_BTV[:, -1], kv
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("kv",))
-def _step(params, cfg: ModelConfig, tokens_B, kv, banned_V, *, dtype):
-    positions_B1 = jnp.broadcast_to(kv.index, tokens_B.shape)[:, None]
-    logits_B1V, kv = decode(params, cfg, tokens_B[:, None], positions_B1, kv, dtype=dtype)
-    return _pick(logits_B1V[:, 0], banned_V), logits_B1V[:, 0], kv
-
-
 def encode_windows(model: Model, mel_BCA: np.ndarray, *, encoder_batch: int = 4) -> jax.Array:
     """Encoder states for log-mel windows, ``encoder_batch`` windows per encoder call."""
     chunks = [
@@ -96,7 +71,8 @@ def greedy_decode(
     encoder_batch: int = 4,
     return_logits: bool = False,
 ):
-    """Greedy tokens per window (without ``<|endoftext|>``) and whether each stopped on it."""
+    """Greedy tokens per window (without ``<|endoftext|>``) and whether each stopped on it
+    (:func:`encdec.generate.dense_decode` with Whisper's prompt and suppression masks)."""
     cfg = model.config
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(cfg, len(prompt))
@@ -107,29 +83,22 @@ def greedy_decode(
             f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the decoder's "
             f"{cfg.max_positions} positions"
         )
-    B = len(mel_BCA)
     enc_BSD = encode_windows(model, mel_BCA, encoder_batch=encoder_batch)
-    kv = _init_kv(model.params, cfg, enc_BSD, dtype=model.dtype, max_len=len(prompt) + max_new_tokens)
-    banned_V, banned_first_V = tokens.suppression_masks(cfg.decoder_vocab_size)
-    prompt_BT = jnp.asarray(np.tile(np.asarray(prompt, np.int32), (B, 1)))
-    next_B, logits_BV, kv = _prompt_step(model.params, cfg, prompt_BT, kv, banned_first_V, dtype=model.dtype)
-    out: list[list[int]] = [[] for _ in range(B)]
-    stopped = np.zeros(B, bool)
-    all_logits = []
-    for step in range(max_new_tokens):
-        if return_logits:
-            all_logits.append(np.asarray(logits_BV))
-        for i, t in enumerate(np.asarray(next_B).tolist()):
-            if not stopped[i]:
-                stopped[i] = t == tokens.eot
-                if not stopped[i]:
-                    out[i].append(t)
-        if stopped.all() or step == max_new_tokens - 1:
-            break
-        next_B, logits_BV, kv = _step(model.params, cfg, next_B, kv, banned_V, dtype=model.dtype)
+    every_V, first_V = tokens.suppression_masks(cfg.decoder_vocab_size)
+    decoded = dense_decode(
+        model,
+        enc_BSD,
+        jnp.ones(enc_BSD.shape[:2], bool),
+        prompt,
+        max_new_tokens,
+        eos_token_id=tokens.eot,
+        masks=TokenMasks(every_V, first_V),
+        return_logits=return_logits,
+    )
+    out = [toks[:-1] if stop else toks for toks, stop in zip(decoded.tokens, decoded.stopped, strict=True)]
     if return_logits:
-        return out, stopped, np.stack(all_logits, axis=1)
-    return out, stopped
+        return out, decoded.stopped, decoded.logits
+    return out, decoded.stopped
 
 
 def transcribe(
@@ -187,36 +156,3 @@ def load_whisper(model: str | Path | None = None, dtype: str = "float32") -> Mod
     if not loaded.config.is_audio:
         raise ValueError(f"{path} holds a {loaded.config.model_type} model, not Whisper")
     return loaded
-
-
-def transcribe_cli(files: list[str], model: str | None, language: str) -> int:
-    """``encdec transcribe FILE.wav ...``: all files through the engine, one ``file<TAB>text`` line
-    each; per-file timings and errors on stderr (exit status 2 if any file failed)."""
-    from encdec.whisper.serving import transcribe_with_engine, whisper_engine
-
-    loaded = load_whisper(model)
-    start = time.perf_counter()
-    engine = whisper_engine(loaded, num_slots=min(16, len(files)))
-    results = transcribe_with_engine(engine, files, language=language)
-    elapsed = time.perf_counter() - start
-    failed = 0
-    for file, result in zip(files, results, strict=True):
-        if result.error is not None:
-            failed += 1
-            print(f"encdec transcribe: error: {file}: {result.error}", file=sys.stderr)
-            continue
-        print(f"{file}\t{result.text}")
-        t = result.timings
-        first, done = t["first_token"] - t["arrival"], t["done"] - t["arrival"]
-        print(
-            f"{file}: {result.audio_seconds:.1f} s of audio, first token after {first:.2f} s, "
-            f"done after {done:.2f} s",
-            file=sys.stderr,
-        )
-    seconds = sum(r.audio_seconds for r in results)
-    print(
-        f"{len(files) - failed} file(s), {seconds:.1f} s of audio in {elapsed:.1f} s "
-        f"(engine compile included)",
-        file=sys.stderr,
-    )
-    return 2 if failed else 0

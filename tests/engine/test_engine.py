@@ -68,8 +68,8 @@ def test_64_mixed_requests_through_8_slots_equal_reference_alone(tiny_models, fa
             <= out.timings["done"]
         )
     stats = engine.stats()
-    assert stats["self_pages_used"] == 0 and stats["cross_pages_used"] == 0
-    assert min(stats["slot_fills"]) >= 4  # every slot reused many times
+    assert stats.self_pages_used == 0 and stats.cross_pages_used == 0
+    assert min(stats.slot_fills) >= 4  # every slot reused many times
     engine.self_alloc.check_invariants()
     engine.cross_alloc.check_invariants()
 
@@ -103,7 +103,7 @@ def test_no_recompilation_after_warmup(tiny_models):
     assert warm["encode"] - before["encode"] <= 3 * len(engine.config.encoder_buckets)
     engine.generate(_requests(300, 5))
     assert engine.compile_counts() == warm
-    assert min(engine.stats()["slot_fills"]) >= 30
+    assert min(engine.stats().slot_fills) >= 30
 
 
 def test_static_mode_matches_and_waits_for_the_whole_batch(tiny_models):
@@ -114,7 +114,7 @@ def test_static_mode_matches_and_waits_for_the_whole_batch(tiny_models):
     static = static_engine.generate(requests)
     assert [o.token_ids for o in static] == [o.token_ids for o in inflight]
     # Static batches start together: 24 requests / 8 slots = 3 fills of every slot, no more.
-    assert static_engine.stats()["slot_fills"] == [3] * 8
+    assert static_engine.stats().slot_fills == (3,) * 8
 
 
 def test_slots_ending_by_length_are_refilled_without_an_idle_dispatch(tiny_models):
@@ -126,8 +126,8 @@ def test_slots_ending_by_length_are_refilled_without_an_idle_dispatch(tiny_model
     engine = Engine(model, _config(num_slots=2))
     outputs = engine.generate(requests)
     stats = engine.stats()
-    assert stats["dispatches"] == 6 and stats["early_releases"] == 6
-    assert stats["slot_fills"] == [3, 3]
+    assert stats.dispatches == 6 and stats.early_releases == 6
+    assert stats.slot_fills == (3, 3)
     for req, out in zip(requests, outputs, strict=True):
         assert out.finish_reason == "length" and len(out.token_ids) == 4
         ref = encdec.reference_generate(model, [req.inputs], 4, min_new_tokens=4)[0].token_ids
@@ -147,7 +147,7 @@ def test_dispatches_end_where_a_budget_ends_so_no_slot_idles(tiny_models):
     ]
     engine = Engine(model, _config(num_slots=2, steps_per_dispatch=4))
     outputs = engine.generate(requests)
-    assert engine.stats()["decode_steps"] == 11
+    assert engine.stats().decode_steps == 11
     for req, out, n in zip(requests, outputs, lengths, strict=True):
         ref = encdec.reference_generate(model, [req.inputs], n, min_new_tokens=n)[0].token_ids
         assert out.token_ids == ref
@@ -159,7 +159,7 @@ def test_cancelling_a_draining_request_leaves_its_successor_alone(tiny_models):
     engine = Engine(model, _config(num_slots=1))
     h1, h2 = engine.submit(first), engine.submit(second)
     engine.step()  # first's only dispatch is issued: its slot is free for second already
-    assert engine._live[h1].draining and engine._slots == [None]
+    assert engine.scheduler.is_draining(h1) and engine.scheduler.slots == [None]
     engine.cancel(h1)  # neither queued nor holding a slot
     engine.run_until_idle()
     assert engine.result(h1).finish_reason == "cancelled"

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import encdec
-from encdec.engine import AudioInput, Engine, EngineConfig, Request, RequestError
+from encdec.engine import Engine, EngineConfig, Request, RequestError
+from encdec.whisper import AudioInput
 from encdec.whisper.audio import SAMPLE_RATE, resample
 from encdec.whisper.serving import transcribe_with_engine, whisper_engine
 from encdec.whisper.tokens import WhisperTokens
@@ -87,7 +88,7 @@ def test_audio_requests_through_fewer_slots_equal_transcribe(model, tmp_path):
     expected.append(_reference(model, key, audio, LIMIT, language="de"))
     requests.append(Request(inputs=audio, decoder_prefix=[SOT, DE, TRANSCRIBE, NO_TIMESTAMPS]))
     expected.append(expected[-1])
-    engine = Engine(model, _config())
+    engine = whisper_engine(model, _config())
     outputs = engine.generate(requests)
     for req, out, (tokens, stopped) in zip(requests, outputs, expected, strict=True):
         assert _generated(out) == tokens, req
@@ -98,9 +99,9 @@ def test_audio_requests_through_fewer_slots_equal_transcribe(model, tmp_path):
     assert len({tuple(o.token_ids) for o in outputs}) > 3  # different audio, different tokens
     assert [o.audio_seconds for o in outputs[:6]] == [2.0, 5.0, 1.0, 12.0, 0.5, 3.0]
     stats = engine.stats()
-    assert stats["self_pages_used"] == 0 and stats["cross_pages_used"] == 0
-    assert min(stats["slot_fills"]) >= 3
-    assert stats["cross_pages_total"] == 3 * 94  # num_slots requests of 1,500 positions
+    assert stats.self_pages_used == 0 and stats.cross_pages_used == 0
+    assert min(stats.slot_fills) >= 3
+    assert stats.cross_pages_total == 3 * 94  # num_slots requests of 1,500 positions
     engine.self_alloc.check_invariants()
     engine.cross_alloc.check_invariants()
 
@@ -110,7 +111,7 @@ def test_suppression_at_every_and_at_the_first_step(model):
     tokens = WhisperTokens.from_dir(model.path)
     tokens = dataclasses.replace(tokens, suppress_begin=(4, 83, EOT), suppress=(*tokens.suppress, 68))
     clips = [_tone(2.0, 300, 0), _tone(5.0, 900, 1), _tone(12.0, 450, 3)]
-    engine = Engine(model, _config(), whisper_tokens=tokens)
+    engine = whisper_engine(model, _config(), tokens=tokens)
     outputs = engine.generate([Request(inputs=c) for c in clips])
     expected = transcribe(model, clips, tokens=tokens, max_new_tokens=LIMIT)
     assert [_generated(o) for o in outputs] == [t.token_ids for t in expected]
@@ -131,7 +132,7 @@ def test_bad_audio_requests_fail_alone(model, tmp_path):
         "prefix": (Request(inputs=_tone(1.0, 300), decoder_prefix=[SOT, EN, EN, EN, EN]), "decoder_prefix"),
         "nan": (Request(inputs=np.full(100, np.nan, np.float32)), "non-finite"),
     }
-    engine = Engine(model, _config(num_slots=2))
+    engine = whisper_engine(model, _config(num_slots=2))
     for request, message in bad.values():
         with pytest.raises(RequestError, match=message):
             engine.submit(request)
@@ -146,7 +147,7 @@ def test_bad_audio_requests_fail_alone(model, tmp_path):
 
 
 def test_no_recompilation_after_warmup(model):
-    engine = Engine(model, _config(num_slots=4, steps_per_dispatch=2))  # its own jitted steps
+    engine = whisper_engine(model, _config(num_slots=4, steps_per_dispatch=2))  # its own jitted steps
     warm = engine.warmup()
     # One decode; the one audio bucket compiles one encode per batch size 1, 2, 4. (``release``
     # is one jitted function for every engine: its count includes other tests' state shapes.)
@@ -183,7 +184,7 @@ def test_transcribe_with_engine_joins_windows_like_transcribe(model, tmp_path):
 
 def test_text_inputs_and_positions_are_checked(model, tiny_models):
     with pytest.raises(ValueError, match="exceed the model's 40 positions"):
-        Engine(model, _config(max_new_tokens=38))
+        whisper_engine(model, _config(max_new_tokens=38))
     text_engine = Engine(tiny_models["t5"], EngineConfig(num_slots=2, max_encoder_len=16, encoder_buckets=()))
     with pytest.raises(RequestError, match="has no audio encoder"):
         text_engine.submit(Request(inputs=AudioInput(_tone(1.0, 300))))
@@ -199,7 +200,7 @@ def test_whisper_base_engine_matches_ctranslate2(whisper_base_path, espeak_clips
 
     sentences, paths = espeak_clips
     model = load_whisper(whisper_base_path)
-    engine = Engine(model, EngineConfig(num_slots=3, max_new_tokens=224, max_encoder_tokens=2 * 1500))
+    engine = whisper_engine(model, EngineConfig(num_slots=3, max_new_tokens=224, max_encoder_tokens=2 * 1500))
     outputs = engine.generate([Request(inputs=p) for p in paths])
 
     tokens = WhisperTokens.from_dir(whisper_base_path)
@@ -217,3 +218,53 @@ def test_whisper_base_engine_matches_ctranslate2(whisper_base_path, espeak_clips
     assert [o.text for o in outputs] == texts
     assert wer(sentences, [o.text for o in outputs]) < 0.35
     assert engine.self_alloc.num_used == 0 and engine.cross_alloc.num_used == 0
+
+
+def test_long_audio_is_refused_from_its_length_before_decoding(model, tmp_path, monkeypatch):
+    """A 10-minute 44.1 kHz WAV (and array) is refused from its header / shape, never decoded
+    or resampled (that took seconds and hundreds of MB before)."""
+    import wave
+
+    import encdec.whisper.audio as audio
+
+    path = tmp_path / "ten_minutes.wav"
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(44_100)
+        f.writeframes(bytes(2 * 44_100 * 600))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("long audio was decoded before it was refused")
+
+    monkeypatch.setattr(audio, "_pcm_to_float", forbidden)
+    monkeypatch.setattr(audio, "resample", forbidden)
+    engine = whisper_engine(model, _config(num_slots=1))
+    for inputs in (path, AudioInput(np.zeros(44_100 * 600, np.float32), sample_rate=44_100)):
+        with pytest.raises(RequestError, match="audio is 600.00 s, longer than one 30 s Whisper window"):
+            engine.submit(Request(inputs=inputs))
+
+
+@pytest.mark.parametrize(
+    ("audio_input", "message"),
+    [
+        (dict(sample_rate=0), "AudioInput.sample_rate must be in"),
+        (dict(sample_rate=16000.0), "AudioInput.sample_rate must be an integer"),
+        (dict(task="summarize"), "AudioInput.task must be one of"),
+        (dict(language=None), "AudioInput.language must be a string"),
+    ],
+)
+def test_audio_input_fields_are_checked(model, audio_input, message):
+    engine = whisper_engine(model, _config(num_slots=1))
+    with pytest.raises(RequestError, match=message):
+        engine.submit(Request(inputs=AudioInput(_tone(1.0, 300), **audio_input)))
+    assert engine.stats().tracked_requests == 0
+
+
+def test_a_fifo_is_refused_not_opened(model, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "clip.wav")  # reading it would block forever
+    engine = whisper_engine(model, _config(num_slots=1))
+    with pytest.raises(RequestError, match="is not a regular file|does not exist as a regular file"):
+        engine.submit(Request(inputs=tmp_path / "clip.wav"))
