@@ -210,22 +210,16 @@ def dense_kv_memory(
     return {"peak_kv_bytes": peak, "kv_bytes_total": peak, "kv_utilization": util, "estimated": True}
 
 
-def engine_memory(stats: dict[str, Any], num_slots: int, first_sample: int = 0) -> dict[str, Any]:
-    """KV figures from ``Engine.stats()``: peak bytes in use, pool bytes, their ratio, and the
-    time-weighted mean fraction of slots active over the occupancy samples from ``first_sample`` on."""
-    peak, total = stats.get("peak_kv_bytes"), stats.get("kv_bytes_total")
-    out: dict[str, Any] = {
+def engine_memory(stats: Any, num_slots: int) -> dict[str, Any]:
+    """KV figures from ``Engine.stats()`` (an ``EngineStats``): peak bytes in use, pool bytes,
+    their ratio, and the time-weighted mean fraction of slots busy between dispatches."""
+    peak, total = stats.peak_kv_bytes, stats.kv_bytes_total
+    busy = stats.mean_busy_slots
+    if busy is None and stats.slot_occupancy:  # one dispatch: its own occupancy
+        busy = float(stats.slot_occupancy[0][1])
+    return {
         "peak_kv_bytes": peak,
         "kv_bytes_total": total,
-        "kv_utilization": peak / total if peak is not None and total else None,
+        "kv_utilization": peak / total if total else None,
+        "slot_occupancy": None if busy is None else busy / num_slots,
     }
-    occ = list(stats.get("slot_occupancy") or [])[first_sample:]
-    if len(occ) >= 2:
-        t = np.array([p[0] for p in occ], np.float64)
-        a = np.array([p[1] for p in occ], np.float64)
-        dt = np.diff(t)
-        mean = float((a[:-1] * dt).sum() / dt.sum()) if dt.sum() > 0 else float(a.mean())
-        out["slot_occupancy"] = mean / num_slots
-    elif occ:
-        out["slot_occupancy"] = float(occ[0][1]) / num_slots
-    return out

@@ -7,21 +7,21 @@ markdown table. ``encdec run experiments/<name>.yaml`` is :func:`run_experiment_
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
-import json
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 from encdec.bench.config import ExperimentConfig, load_experiment, plain
+from encdec.bench.machine import machine_info
 from encdec.bench.metrics import SystemRun, TieCheck, reference_outputs, summarize
 from encdec.bench.models import resolve_model
+from encdec.bench.results import write_results
 from encdec.bench.systems import System, make_system
 from encdec.bench.workloads import Trace, make_trace
+from encdec.experiment_config import read_yaml
 
 TABLE_COLUMNS = (
     ("model", "model"),
@@ -35,44 +35,6 @@ TABLE_COLUMNS = (
     ("kv_utilization", "KV util"),
     ("outputs_match_reference", "match"),
 )
-CSV_SKIP = ("latencies_s", "first_mismatch", "repeat_wall_s", "compiled")
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, the JAX device kind and library versions."""
-    import jax
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    devices = jax.devices()
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax_backend": jax.default_backend(),
-        "device_kind": devices[0].device_kind,
-        "device_count": len(devices),
-        "versions": {"jax": jax.__version__},
-    }
-    for mod in ("torch", "transformers", "ctranslate2"):
-        try:
-            info["versions"][mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["torch_cuda_device"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
 
 
 def _median_run(runs: list) -> Any:
@@ -145,56 +107,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
             for system in systems.values():
                 system.close()
     bar.close()
-    write_results(results, out_dir, plots=True)
+    from encdec.bench.plots import plot_results
+
+    write_results(results, out_dir, markdown=markdown_table(results["runs"]), plots=plot_results)
     return results
-
-
-def write_results(results: dict[str, Any], out_dir: Path, *, plots: bool = False) -> None:
-    with open(out_dir / "results.json", "w") as f:
-        json.dump(results, f, indent=2)
-    write_csv(results["runs"], out_dir / "results.csv")
-    if plots and results["runs"]:
-        plot_results(results, out_dir)
-
-
-def write_csv(runs: list[dict[str, Any]], path: Path) -> None:
-    keys: list[str] = []
-    for row in runs:
-        keys += [k for k in row if k not in keys and k not in CSV_SKIP]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for row in runs:
-            writer.writerow({k: row.get(k) for k in keys})
-
-
-def plot_results(results: dict[str, Any], out_dir: Path) -> None:
-    """``throughput.png`` (output tokens/s per system) and ``latency_cdf.png`` (one panel per
-    model x workload x slot count), drawn by the notebook's plot functions."""
-    # Figure objects, not pyplot: a notebook's inline backend is left alone.
-    from matplotlib.figure import Figure
-
-    from encdec.bench.notebook import plot_latency_cdf, plot_tokens_per_s, run_group
-
-    runs = results["runs"]
-    groups = list(dict.fromkeys(run_group(r) for r in runs))
-    systems = {r["system"] for r in runs}
-    fig = Figure(figsize=(max(6.0, 1.6 * len(groups) * max(1, len(systems)) / 2), 4.5))
-    plot_tokens_per_s(results, fig.subplots())
-    fig.tight_layout()
-    fig.savefig(out_dir / "throughput.png", dpi=120)
-
-    cols = min(3, len(groups))
-    rows = (len(groups) + cols - 1) // cols
-    fig = Figure(figsize=(4.5 * cols, 3.5 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, g in zip(axes.flat, groups, strict=False):
-        plot_latency_cdf({**results, "runs": [r for r in runs if run_group(r) == g]}, ax)
-        ax.set_title(g, fontsize=9)
-    for ax in list(axes.flat)[len(groups) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out_dir / "latency_cdf.png", dpi=120)
 
 
 def _fmt(v: Any) -> str:
@@ -229,21 +145,18 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
 
 
 def run_experiment_cli(experiment_path: str, overrides: list[str], out: str | None) -> int:
-    """``encdec run EXPERIMENT.yaml [--set key=value ...] [--out DIR]``; ``kind: whisper`` files go
-    to the Whisper experiment."""
-    import yaml
+    """``encdec run EXPERIMENT.yaml [--set key=value ...] [--out DIR]``: text experiments here,
+    ``kind: whisper`` files through :mod:`encdec.bench.whisper`; prints the results table."""
+    if read_yaml(experiment_path).get("kind") == "whisper":
+        from encdec.bench.whisper import WhisperExperimentConfig, run_whisper_experiment, whisper_table
 
-    with open(experiment_path) as f:
-        kind = (yaml.safe_load(f) or {}).get("kind")
-    if kind == "whisper":
-        from encdec.whisper import experiment as whisper_experiment
-
-        return whisper_experiment.main(
-            [experiment_path, *sum((["--set", o] for o in overrides), []), *(["--out", out] if out else [])]
-        )
-    cfg = load_experiment(experiment_path, overrides)
-    out_dir = Path(out) if out else Path("results") / cfg.name
-    results = run_experiment(cfg, out_dir)
-    print(markdown_table(results["runs"]))
+        wcfg = WhisperExperimentConfig.load(experiment_path, overrides)
+        out_dir = Path(out) if out else Path("results") / wcfg.name
+        table = whisper_table(run_whisper_experiment(wcfg, out_dir))
+    else:
+        cfg = load_experiment(experiment_path, overrides)
+        out_dir = Path(out) if out else Path("results") / cfg.name
+        table = markdown_table(run_experiment(cfg, out_dir)["runs"])
+    print(table)
     print(f"\nresults: {out_dir / 'results.json'}")
     return 0

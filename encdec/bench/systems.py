@@ -13,14 +13,16 @@ report no time to first token, and a request's latency is its batch's completion
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from encdec.bench.config import BaselineSection, EngineSection, ExperimentConfig, ModelSpec
+from encdec.bench.ctranslate2 import CT2Translate
+from encdec.bench.machine import cpu_threads
 from encdec.bench.metrics import SystemRun, dense_kv_memory, engine_memory
+from encdec.bench.static_batches import run_static_batches
 from encdec.bench.workloads import Trace
 from encdec.config import ModelConfig
 
@@ -69,39 +71,6 @@ def available_systems() -> dict[str, str | None]:
     return reasons
 
 
-def _threads(n: int) -> int:
-    return n or os.cpu_count() or 1
-
-
-GenerateBatch = Callable[[list[list[int]], int], list[list[int]]]
-"""(inputs, length) -> ``length`` greedy tokens per input, EOS banned."""
-
-
-def run_static_batches(system: str, trace: Trace, num_slots: int, generate_batch: GenerateBatch) -> SystemRun:
-    """Static batching: batches of ``num_slots`` in trace order, one at a time.
-
-    A batch starts when its last request has arrived and the previous batch is done; it is
-    generated to its longest output length (EOS banned) and every row keeps its own prefix.
-    """
-    n = len(trace)
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    latency = [0.0] * n
-    t0 = time.perf_counter()
-    t_end = t0
-    for start in range(0, n, num_slots):
-        chunk = trace.requests[start : start + num_slots]
-        delay = t0 + max(r.arrival_s for r in chunk) - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        L = max(r.output_len for r in chunk)
-        outs = generate_batch([list(r.input_ids) for r in chunk], L)
-        t_end = time.perf_counter()
-        for k, (r, out) in enumerate(zip(chunk, outs, strict=True)):
-            tokens[start + k] = [int(t) for t in out[: r.output_len]]
-            latency[start + k] = t_end - (t0 + r.arrival_s)
-    return SystemRun(system=system, token_ids=tokens, latency_s=latency, wall_s=t_end - t0)
-
-
 def _dense_batches(trace: Trace, num_slots: int) -> list[list[tuple[int, int]]]:
     batches = [trace.requests[s : s + num_slots] for s in range(0, len(trace), num_slots)]
     return [[(len(r.input_ids), max(x.output_len for x in b)) for r in b] for b in batches]
@@ -119,7 +88,7 @@ class HFGenerate:
         tf.logging.set_verbosity_error()
         self._torch = torch
         if options.device == "cpu":
-            torch.set_num_threads(_threads(options.threads))
+            torch.set_num_threads(cpu_threads(options.threads))
         self.device = options.device
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         model = tf.AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=torch_dtype)
@@ -170,41 +139,6 @@ class HFGenerate:
             self._torch.cuda.empty_cache()
 
 
-class CT2Translate:
-    """CTranslate2 ``Translator.translate_batch``, greedy, on token strings of the converted vocabulary."""
-
-    def __init__(self, name: str, ct2_path: Path, compute_type: str, options: BaselineSection):
-        import ctranslate2
-
-        from encdec.bench.shapes import ct2_vocabulary
-
-        self.name = name
-        self.compute_type = compute_type
-        self.translator = ctranslate2.Translator(
-            str(ct2_path), device=options.device, compute_type=compute_type,
-            intra_threads=_threads(options.threads) if options.device == "cpu" else 0, inter_threads=1,
-        )
-        self.vocab = ct2_vocabulary(ct2_path)
-        self.index = {tok: i for i, tok in enumerate(self.vocab)}
-
-    def generate_batch(self, inputs: Sequence[Sequence[int]], length: int) -> list[list[int]]:
-        source = [[self.vocab[i] for i in x] for x in inputs]
-        results = self.translator.translate_batch(
-            source, max_batch_size=len(source), beam_size=1, min_decoding_length=length,
-            max_decoding_length=length, return_scores=False,
-        )
-        return [[self.index[t] for t in r.hypotheses[0]] for r in results]
-
-    def prepare(self, trace: Trace, num_slots: int) -> None:
-        pass
-
-    def run(self, trace: Trace, num_slots: int) -> SystemRun:
-        return run_static_batches(self.name, trace, num_slots, self.generate_batch)
-
-    def close(self) -> None:
-        del self.translator
-
-
 class EncdecEngine:
     """The encdec engine (``inflight`` or ``static`` mode), sized once per trace and slot count."""
 
@@ -252,7 +186,6 @@ class EncdecEngine:
             for r in trace.requests
         ]
         self._engine.reset_stats()  # peaks and occupancy of this run only
-        first_sample = 0
         t0 = time.perf_counter()
         outs = self._engine.generate(requests)
         for r, o in zip(trace.requests, outs, strict=True):
@@ -264,8 +197,8 @@ class EncdecEngine:
         latency = [o.timings["done"] - a for o, a in zip(outs, arrival, strict=True)]
         ttft = [o.timings["first_token"] - a for o, a in zip(outs, arrival, strict=True)]
         stats = self._engine.stats()
-        memory = engine_memory(stats, num_slots, first_sample)
-        memory["compiled"] = stats.get("compiled")
+        memory = engine_memory(stats, num_slots)
+        memory["compiled"] = stats.compiled
         return SystemRun(
             system=self.name, token_ids=[list(map(int, o.token_ids)) for o in outs], latency_s=latency,
             wall_s=max(o.timings["done"] for o in outs) - t0, ttft_s=ttft, memory=memory,

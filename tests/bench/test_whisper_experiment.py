@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from encdec.bench.whisper import WhisperExperimentConfig
+from encdec.cli import main
 from encdec.experiment_config import ConfigError
 from encdec.whisper.clips import espeak_available, normalize, wer, word_errors
-from encdec.whisper.experiment import WhisperExperimentConfig, main
 
 EXPERIMENT = Path(__file__).parents[2] / "experiments" / "whisper_base.yaml"
 
@@ -41,9 +42,11 @@ def test_smoke_run_on_tiny_model(tiny_ct2_dir, tmp_path, capsys):
         "batch_size=2",
         "ct2_threads=1",
     ]
-    assert main([str(EXPERIMENT), "--out", str(tmp_path), *[a for s in sets for a in ("--set", s)]]) == 0
+    args = [a for s in sets for a in ("--set", s)]
+    assert main(["run", str(EXPERIMENT), "--out", str(tmp_path), *args]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["systems"]) == {"encdec", "ctranslate2"}
     assert results["clips_with_identical_tokens"] == 2
     assert (tmp_path / "results.png").stat().st_size > 0
+    assert "| encdec |" in (tmp_path / "results.md").read_text()
     assert "| encdec |" in capsys.readouterr().out
