@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from encdec.checkpoints.hf import CheckpointError, _set
+from encdec.checkpoints.hf import CheckpointError, read_json, set_path
 from encdec.config import ModelConfig, UnsupportedModelError
 
 BINARY_VERSION = 6
@@ -191,13 +191,11 @@ def has_vocabulary(directory: str | Path) -> bool:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
+    """A CTranslate2 ``config.json`` ({} when there is none)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    return read_json(path, "CTranslate2 config")
 
 
 _CT2_ACTIVATIONS = {0: "relu", 1: "gelu_new", 2: "swish", 3: "gelu"}
@@ -269,7 +267,7 @@ def whisper_params(ct2: Ct2File, cfg: ModelConfig, *, dtype: Any = np.float32) -
         return array
 
     def put(path: tuple, array: np.ndarray) -> None:
-        _set(params, path, jnp.asarray(array, dtype=dtype))
+        set_path(params, path, jnp.asarray(array, dtype=dtype))
 
     def norm(ct2_name: str, path: tuple) -> None:
         put((*path, "scale"), get(f"{ct2_name}/gamma", (D,)))

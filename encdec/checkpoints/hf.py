@@ -24,6 +24,35 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, or does not match its config."""
 
 
+def regular_file(path: Path, what: str = "file") -> Path:
+    """``path`` if it is a regular file; a FIFO, device or folder under that name is refused
+    (opening a FIFO would block forever)."""
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} is not a regular file")
+    return path
+
+
+def read_json(path: Path, what: str = "JSON file") -> dict[str, Any]:
+    """A JSON object from a regular file; unreadable, non-UTF-8, invalid or non-object JSON
+    raises :class:`CheckpointError` naming the file."""
+    regular_file(path, what)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     path: tuple[Any, ...]
@@ -34,7 +63,8 @@ class TensorSpec:
     """Other names a tied tensor may be saved under."""
 
 
-def _as_is(x):
+def as_is(x):
+    """A tensor laid out as HF stores it."""
     return x
 
 
@@ -57,7 +87,8 @@ def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     return _bart_specs(cfg)
 
 
-def _attn(specs, hf, path, cfg, heads, bias, names):
+def attention_specs(specs, hf, path, cfg, heads, bias, names):
+    """Add an attention block's q/k/v/o tensors (HF names ``names``) as heads-split projections."""
     D, N, H = cfg.d_model, heads, cfg.head_dim
 
     def qkv(x):
@@ -73,19 +104,21 @@ def _attn(specs, hf, path, cfg, heads, bias, names):
             specs[f"{hf}.{name}.bias"] = TensorSpec((*path, ours, "b"), (N * H,), lambda x: x.reshape(N, H))
     specs[f"{hf}.{o}.weight"] = TensorSpec((*path, "o", "w"), (D, N * H), out)
     if bias:
-        specs[f"{hf}.{o}.bias"] = TensorSpec((*path, "o", "b"), (D,), _as_is)
+        specs[f"{hf}.{o}.bias"] = TensorSpec((*path, "o", "b"), (D,), as_is)
 
 
-def _norm(specs, hf, path, cfg):
-    specs[f"{hf}.weight"] = TensorSpec((*path, "scale"), (cfg.d_model,), _as_is)
+def norm_specs(specs, hf, path, cfg):
+    """Add a norm's scale (and, for LayerNorm, its bias)."""
+    specs[f"{hf}.weight"] = TensorSpec((*path, "scale"), (cfg.d_model,), as_is)
     if cfg.norm == "layer":
-        specs[f"{hf}.bias"] = TensorSpec((*path, "bias"), (cfg.d_model,), _as_is)
+        specs[f"{hf}.bias"] = TensorSpec((*path, "bias"), (cfg.d_model,), as_is)
 
 
-def _linear(specs, hf, path, d_in, d_out, bias):
+def linear_specs(specs, hf, path, d_in, d_out, bias):
+    """Add a dense layer's weight (transposed to ``[d_in, d_out]``) and optional bias."""
     specs[f"{hf}.weight"] = TensorSpec((*path, "w"), (d_out, d_in), _transpose)
     if bias:
-        specs[f"{hf}.bias"] = TensorSpec((*path, "b"), (d_out,), _as_is)
+        specs[f"{hf}.bias"] = TensorSpec((*path, "b"), (d_out,), as_is)
 
 
 def _t5_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
@@ -94,7 +127,7 @@ def _t5_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     specs["shared.weight"] = TensorSpec(
         ("shared", "embedding_VD"),
         (V, D),
-        _as_is,
+        as_is,
         ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
     )
     qkvo = ("q", "k", "v", "o")
@@ -107,19 +140,21 @@ def _t5_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
         )
         for i in range(n_layers):
             blk, path = f"{stack}.block.{i}.layer", (stack, "layers", i)
-            _attn(specs, f"{blk}.0.SelfAttention", (*path, "attn"), cfg, heads, False, qkvo)
-            _norm(specs, f"{blk}.0.layer_norm", (*path, "attn_norm"), cfg)
+            attention_specs(specs, f"{blk}.0.SelfAttention", (*path, "attn"), cfg, heads, False, qkvo)
+            norm_specs(specs, f"{blk}.0.layer_norm", (*path, "attn_norm"), cfg)
             ffn = 1
             if stack == "decoder":
-                _attn(specs, f"{blk}.1.EncDecAttention", (*path, "cross_attn"), cfg, heads, False, qkvo)
-                _norm(specs, f"{blk}.1.layer_norm", (*path, "cross_attn_norm"), cfg)
+                cross = (*path, "cross_attn")
+                attention_specs(specs, f"{blk}.1.EncDecAttention", cross, cfg, heads, False, qkvo)
+                norm_specs(specs, f"{blk}.1.layer_norm", (*path, "cross_attn_norm"), cfg)
                 ffn = 2
             names = ("wi_0", "wi_1") if cfg.gated_ffn else ("wi",)
             for name in names:
-                _linear(specs, f"{blk}.{ffn}.DenseReluDense.{name}", (*path, "ffn", name), D, ffn_dim, False)
-            _linear(specs, f"{blk}.{ffn}.DenseReluDense.wo", (*path, "ffn", "wo"), ffn_dim, D, False)
-            _norm(specs, f"{blk}.{ffn}.layer_norm", (*path, "ffn_norm"), cfg)
-        _norm(specs, f"{stack}.final_layer_norm", (stack, "final_norm"), cfg)
+                dense = f"{blk}.{ffn}.DenseReluDense.{name}"
+                linear_specs(specs, dense, (*path, "ffn", name), D, ffn_dim, False)
+            linear_specs(specs, f"{blk}.{ffn}.DenseReluDense.wo", (*path, "ffn", "wo"), ffn_dim, D, False)
+            norm_specs(specs, f"{blk}.{ffn}.layer_norm", (*path, "ffn_norm"), cfg)
+        norm_specs(specs, f"{stack}.final_layer_norm", (stack, "final_norm"), cfg)
     if not cfg.tie_word_embeddings:
         specs["lm_head.weight"] = TensorSpec(("lm_head", "w"), (V, D), _transpose)
     return specs
@@ -133,15 +168,15 @@ def _bart_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     if cfg.shared_decoder_embeddings:
         head_alias = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
         specs["shared.weight"] = TensorSpec(
-            ("shared", "embedding_VD"), (V, D), _as_is, enc_alias + dec_alias + head_alias
+            ("shared", "embedding_VD"), (V, D), as_is, enc_alias + dec_alias + head_alias
         )
     else:
         specs["encoder.embed_tokens.weight"] = TensorSpec(
-            ("shared", "embedding_VD"), (V, D), _as_is, ("shared.weight",)
+            ("shared", "embedding_VD"), (V, D), as_is, ("shared.weight",)
         )
         head_alias = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
         specs["decoder.embed_tokens.weight"] = TensorSpec(
-            ("decoder", "embedding_VD"), (cfg.decoder_vocab_size, D), _as_is, head_alias
+            ("decoder", "embedding_VD"), (cfg.decoder_vocab_size, D), as_is, head_alias
         )
     if not cfg.tie_word_embeddings:
         specs["lm_head.weight"] = TensorSpec(("lm_head", "w"), (cfg.decoder_vocab_size, D), _transpose)
@@ -153,22 +188,22 @@ def _bart_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     ):
         if cfg.position == "learned":
             specs[f"{stack}.embed_positions.weight"] = TensorSpec(
-                (stack, "pos_embedding_KD"), (cfg.max_positions + 2, D), _as_is
+                (stack, "pos_embedding_KD"), (cfg.max_positions + 2, D), as_is
             )
         if cfg.embedding_norm:
-            _norm(specs, f"{stack}.layernorm_embedding", (stack, "embed_norm"), cfg)
+            norm_specs(specs, f"{stack}.layernorm_embedding", (stack, "embed_norm"), cfg)
         if cfg.final_norm:
-            _norm(specs, f"{stack}.layer_norm", (stack, "final_norm"), cfg)
+            norm_specs(specs, f"{stack}.layer_norm", (stack, "final_norm"), cfg)
         for i in range(n_layers):
             hf, path = f"{stack}.layers.{i}", (stack, "layers", i)
-            _attn(specs, f"{hf}.self_attn", (*path, "attn"), cfg, heads, True, qkvo)
-            _norm(specs, f"{hf}.self_attn_layer_norm", (*path, "attn_norm"), cfg)
+            attention_specs(specs, f"{hf}.self_attn", (*path, "attn"), cfg, heads, True, qkvo)
+            norm_specs(specs, f"{hf}.self_attn_layer_norm", (*path, "attn_norm"), cfg)
             if stack == "decoder":
-                _attn(specs, f"{hf}.encoder_attn", (*path, "cross_attn"), cfg, heads, True, qkvo)
-                _norm(specs, f"{hf}.encoder_attn_layer_norm", (*path, "cross_attn_norm"), cfg)
-            _linear(specs, f"{hf}.fc1", (*path, "ffn", "wi"), D, ffn_dim, True)
-            _linear(specs, f"{hf}.fc2", (*path, "ffn", "wo"), ffn_dim, D, True)
-            _norm(specs, f"{hf}.final_layer_norm", (*path, "ffn_norm"), cfg)
+                attention_specs(specs, f"{hf}.encoder_attn", (*path, "cross_attn"), cfg, heads, True, qkvo)
+                norm_specs(specs, f"{hf}.encoder_attn_layer_norm", (*path, "cross_attn_norm"), cfg)
+            linear_specs(specs, f"{hf}.fc1", (*path, "ffn", "wi"), D, ffn_dim, True)
+            linear_specs(specs, f"{hf}.fc2", (*path, "ffn", "wo"), ffn_dim, D, True)
+            norm_specs(specs, f"{hf}.final_layer_norm", (*path, "ffn_norm"), cfg)
     return specs
 
 
@@ -180,17 +215,24 @@ def _checkpoint_files(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.exists():
-        return [single]
+        return [regular_file(single, "weights file")]
     if index.exists():
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [s for s in shards if not (path / s).exists()]
-        if missing:
-            raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
-        return [path / s for s in shards]
+        weight_map = read_json(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no weight_map of tensor names to shard files")
+        root = path.resolve()
+        shards = []
+        for name in sorted(set(weight_map.values())):
+            shard = path / name
+            if not shard.resolve().is_relative_to(root):
+                raise CheckpointError(f"{index} names shard {name!r}, outside the model directory {path}")
+            if not shard.exists():
+                raise CheckpointError(f"{index} names shard(s) that are missing: {name}")
+            shards.append(regular_file(shard, "shard"))
+        return shards
     bin_file = path / "pytorch_model.bin"
     if bin_file.exists():
-        return [bin_file]
+        return [regular_file(bin_file, "weights file")]
     raise CheckpointError(
         f"no weights in {path}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
     )
@@ -268,12 +310,16 @@ def load_params(path: str | Path, cfg: ModelConfig, *, dtype: Any = np.float32) 
             continue  # a tied alias of a tensor already read
         spec = specs[name]
         array = load()
+        if not np.issubdtype(array.dtype, np.floating):
+            raise CheckpointError(
+                f"tensor {raw_name!r} in {path} has dtype {array.dtype}: weights must be floating point"
+            )
         if tuple(array.shape) != spec.hf_shape:
             raise CheckpointError(
                 f"tensor {raw_name!r} has shape {tuple(array.shape)}, "
                 f"expected {spec.hf_shape} from the config"
             )
-        _set(params, spec.path, jnp.asarray(spec.layout(array), dtype=dtype))
+        set_path(params, spec.path, jnp.asarray(spec.layout(array), dtype=dtype))
         found.add(name)
     missing = [n for n in specs if n not in found]
     if missing:
@@ -287,7 +333,8 @@ def load_params(path: str | Path, cfg: ModelConfig, *, dtype: Any = np.float32) 
     return params
 
 
-def _set(tree: dict, path: tuple, value) -> None:
+def set_path(tree: dict, path: tuple, value) -> None:
+    """Put ``value`` at ``path`` in a nested dict/list tree, creating what is missing."""
     node = tree
     for key, nxt in zip(path[:-1], path[1:], strict=False):
         if isinstance(key, int):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
-from encdec.checkpoints.hf import CheckpointError, load_params
-from encdec.config import ModelConfig
+from encdec.checkpoints.hf import CheckpointError, load_params, read_json
+from encdec.config import ModelConfig, UnsupportedModelError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -49,12 +48,13 @@ def load_pretrained(path: str | Path, dtype: Any = "float32", *, tokenizer: bool
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json")
+    hf_config = read_json(config_file, "model config")
     try:
-        with open(config_file) as f:
-            hf_config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
-    cfg = ModelConfig.from_hf(hf_config)
+        cfg = ModelConfig.from_hf(hf_config)
+    except UnsupportedModelError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{config_file} is not a usable model config: {type(e).__name__}: {e}") from e
     dtype = resolve_dtype(dtype)
     params = load_params(path, cfg, dtype=dtype)
     tok = load_tokenizer(path) if tokenizer else None

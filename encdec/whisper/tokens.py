@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from encdec.checkpoints.ctranslate2 import has_vocabulary, read_config, read_vocabulary
-from encdec.checkpoints.hf import CheckpointError
+from encdec.checkpoints.hf import CheckpointError, read_json
 
 _LANGUAGE = re.compile(r"^<\|([a-z]{2,3}|haw|yue)\|>$")
 
@@ -111,8 +110,8 @@ class WhisperTokens:
             raise CheckpointError(
                 f"{path} has neither a CTranslate2 vocabulary nor generation_config.json for Whisper's tokens"
             )
-        gen = json.loads(gen_file.read_text())
-        cfg = json.loads((path / "config.json").read_text())
+        gen = read_json(gen_file, "generation config")
+        cfg = read_json(path / "config.json", "model config")
         eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
         try:
             return cls(

@@ -139,3 +139,68 @@ def test_unsupported_option_is_named():
                 "num_heads": 2,
             }
         )
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_])
+def test_integer_and_bool_weights_are_refused_by_name(t5_dir, tmp_path, dtype):
+    d = _copy(t5_dir, tmp_path / "ints")
+    tensors = load_file(d / "model.safetensors")
+    name = "decoder.block.0.layer.0.SelfAttention.q.weight"
+    tensors[name] = np.ones(tensors[name].shape, dtype)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' .* has dtype .*: weights must be floating"):
+        encdec.load_pretrained(d)
+
+
+def test_integer_weights_in_a_pytorch_bin_are_refused(t5_dir, tmp_path):
+    d = tmp_path / "bin"
+    d.mkdir()
+    shutil.copy(t5_dir / "config.json", d / "config.json")
+    state = {k: torch.from_numpy(v.copy()) for k, v in load_file(t5_dir / "model.safetensors").items()}
+    state["shared.weight"] = state["shared.weight"].long()
+    torch.save(state, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="'shared.weight' .* has dtype int64"):
+        encdec.load_pretrained(d)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "config.json is not UTF-8 text"),
+        (b"[1, 2, 3]", "config.json must hold a JSON object, got a JSON list"),
+        (b'"t5"', "config.json must hold a JSON object, got a JSON str"),
+        (b"{not json", "config.json is not valid JSON"),
+        (b'{"model_type": "t5", "num_layers": "three"}', "config.json is not a usable model config"),
+    ],
+    ids=["binary", "list", "string", "invalid", "bad-value"],
+)
+def test_bad_config_files_name_the_file(t5_dir, tmp_path, content, message):
+    d = _copy(t5_dir, tmp_path / "cfg")
+    (d / "config.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        encdec.load_pretrained(d)
+
+
+def test_shard_paths_are_confined_to_the_model_directory(tmp_path):
+    d = tmp_path / "sharded"
+    save_hf_model("t5v1_1", d, max_shard_size="20KB")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    shutil.move(d / first, outside / first)
+    moved = {k: (f"../elsewhere/{v}" if v == first else v) for k, v in index["weight_map"].items()}
+    index["weight_map"] = moved
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the model directory"):
+        encdec.load_pretrained(d)
+
+
+def test_a_fifo_named_config_json_is_refused_not_opened(t5_dir, tmp_path):
+    import os
+
+    d = _copy(t5_dir, tmp_path / "fifo")
+    (d / "config.json").unlink()
+    os.mkfifo(d / "config.json")  # opening it for reading would block forever
+    with pytest.raises(CheckpointError, match="config.json is not a regular file"):
+        encdec.load_pretrained(d)
