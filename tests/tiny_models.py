@@ -36,20 +36,21 @@ def _t5(**kw):
 
 
 FAMILIES = {
-    "t5": lambda: tf.T5ForConditionalGeneration(
-        tf.T5Config(**_t5(feed_forward_proj="relu", tie_word_embeddings=True))
+    "t5": lambda **kw: tf.T5ForConditionalGeneration(
+        tf.T5Config(**_t5(feed_forward_proj="relu", tie_word_embeddings=True, **kw))
     ),
-    "t5v1_1": lambda: tf.T5ForConditionalGeneration(
-        tf.T5Config(**_t5(feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+    "t5v1_1": lambda **kw: tf.T5ForConditionalGeneration(
+        tf.T5Config(**_t5(feed_forward_proj="gated-gelu", tie_word_embeddings=False, **kw))
     ),
-    "mt5": lambda: tf.MT5ForConditionalGeneration(
+    "mt5": lambda **kw: tf.MT5ForConditionalGeneration(
         tf.MT5Config(
             **_t5(
-                feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=1, num_decoder_layers=3
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=1, num_decoder_layers=3,
+                **kw,
             )
         )
     ),
-    "bart": lambda: tf.BartForConditionalGeneration(
+    "bart": lambda **kw: tf.BartForConditionalGeneration(
         tf.BartConfig(
             vocab_size=VOCAB,
             d_model=32,
@@ -70,9 +71,10 @@ FAMILIES = {
             eos_token_id=2,
             decoder_start_token_id=2,
             forced_eos_token_id=None,
+            **kw,
         )
     ),
-    "mbart": lambda: tf.MBartForConditionalGeneration(
+    "mbart": lambda **kw: tf.MBartForConditionalGeneration(
         tf.MBartConfig(
             vocab_size=VOCAB,
             d_model=32,
@@ -94,9 +96,10 @@ FAMILIES = {
             eos_token_id=2,
             decoder_start_token_id=2,
             forced_eos_token_id=None,
+            **kw,
         )
     ),
-    "marian": lambda: tf.MarianMTModel(
+    "marian": lambda **kw: tf.MarianMTModel(
         tf.MarianConfig(
             vocab_size=VOCAB,
             decoder_vocab_size=VOCAB,
@@ -118,19 +121,34 @@ FAMILIES = {
             eos_token_id=0,
             decoder_start_token_id=VOCAB - 1,
             forced_eos_token_id=None,
+            **kw,
         )
     ),
 }
 
 
-def make_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
+ENGINE_OVERRIDES = {
+    "t5": {"initializer_factor": 4.0},
+    "bart": {"tie_word_embeddings": False},
+}
+"""Config changes of the engine tests' fixtures, so their greedy outputs depend on the input.
+
+With the defaults, greedy decoding of the tiny T5 repeats one token whatever the input (6
+distinct outputs over 30 inputs), and the tied tiny BART mostly echoes its last token (its
+residual stream carries the input embedding, which the tied head scores highest): an engine
+that fed a request another's encoder output would still pass. With these, 27 (T5) and 28
+(BART) of 30 outputs are distinct (``tests/engine/test_fixtures.py`` holds them to it)."""
+
+
+def make_hf_model(family: str, seed: int = 0, **config) -> torch.nn.Module:
+    """A tiny random model of ``family`` (``config`` overrides its config fields)."""
     torch.manual_seed(seed)
-    model = FAMILIES[family]()
+    model = FAMILIES[family](**config)
     return model.eval()
 
 
-def save_hf_model(family: str, directory: Path, seed: int = 0, **save_kw) -> torch.nn.Module:
-    model = make_hf_model(family, seed)
+def save_hf_model(family: str, directory: Path, seed: int = 0, config=None, **save_kw) -> torch.nn.Module:
+    model = make_hf_model(family, seed, **(config or {}))
     model.save_pretrained(str(directory), **save_kw)
     return model
 

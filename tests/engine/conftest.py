@@ -1,7 +1,7 @@
 import pytest
 
 import encdec
-from tests.tiny_models import save_hf_model
+from tests.tiny_models import ENGINE_OVERRIDES, save_hf_model
 from tests.whisper.fixtures import (  # noqa: F401 (the Whisper fixtures)
     espeak_clips,
     tiny_ct2_dir,
@@ -12,10 +12,10 @@ from tests.whisper.fixtures import (  # noqa: F401 (the Whisper fixtures)
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """One tiny random T5 and BART, loaded once for the engine tests."""
+    """One tiny random T5 and BART whose greedy outputs depend on their input, loaded once."""
     out = {}
     for family in ("t5", "bart"):
         d = tmp_path_factory.mktemp(f"engine_{family}")
-        save_hf_model(family, d)
+        save_hf_model(family, d, config=ENGINE_OVERRIDES[family])
         out[family] = encdec.load_pretrained(d)
     return out
