@@ -78,10 +78,12 @@ def main() -> None:
 
         return call
 
+    jitted = engine._decode, engine._encode
     engine._decode, engine._encode = waited("decode", engine._decode), waited("encode", engine._encode)
     t0 = time.perf_counter()
     engine.generate(requests)
     wall = time.perf_counter() - t0
+    engine._decode, engine._encode = jitted
     decode = timed.pop("decode")
     steps = engine.stats().decode_steps - stats.decode_steps
     encode = sum(sum(v) for v in timed.values())
