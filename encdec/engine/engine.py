@@ -180,6 +180,8 @@ class Engine:
             raise
         except Exception as e:  # a front end that fails on odd input fails this request alone
             raise RequestError(f"the request could not be prepared: {type(e).__name__}: {e}") from e
+        if not 0 < prepared.encoder_len <= self.encoder_len:
+            raise RequestError(f"encoder length {prepared.encoder_len} is outside [1, {self.encoder_len}]")
         check_limits(
             request,
             self.config,

@@ -19,6 +19,15 @@ from tests.engine.test_engine import MAX_IN, MAX_NEW, _config
 TOTAL = int(os.environ.get("ENCDEC_LIFECYCLE_REQUESTS", "10000"))
 
 
+def _rss_mb() -> float | None:
+    """Resident memory now (Linux), for the printed figure only."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def _traffic(engine, rng, n):
     """``n`` requests, a third each way; returns how many streams were abandoned."""
     def request():
@@ -53,11 +62,13 @@ def test_many_requests_leave_nothing_behind(tiny_models):
     rng = np.random.default_rng(0)
     _traffic(engine, rng, max(30, TOTAL // 10))  # compiles, caches and pools reach their size
     gc.collect()
+    rss_start = _rss_mb()
     tracemalloc.start()
     try:
         _traffic(engine, rng, TOTAL // 3)
         gc.collect()
         middle, _ = tracemalloc.get_traced_memory()
+        rss_middle = _rss_mb()
         abandoned = _traffic(engine, rng, TOTAL - TOTAL // 3 - max(30, TOTAL // 10))
         gc.collect()
         end, _ = tracemalloc.get_traced_memory()
@@ -68,7 +79,11 @@ def test_many_requests_leave_nothing_behind(tiny_models):
     assert stats.tracked_requests == 0 and stats.queued_requests == 0 and stats.running_requests == 0
     assert stats.self_pages_used == 0 and stats.cross_pages_used == 0
     growth = end - middle
-    print(f"lifecycle: {TOTAL} requests, traced host memory {middle / 1e6:.2f} -> {end / 1e6:.2f} MB")
+    last = TOTAL - TOTAL // 3 - max(30, TOTAL // 10)
+    print(
+        f"lifecycle: {TOTAL} requests, traced host memory {middle / 1e6:.2f} -> {end / 1e6:.2f} MB "
+        f"over the last {last}; RSS {rss_start} -> {rss_middle} -> {_rss_mb()} MB"
+    )
     assert growth < 512 * 1024, f"host memory grew by {growth / 1e6:.2f} MB over the second half"
 
 
