@@ -10,7 +10,9 @@ takes that many cross positions in the cross page pool.
 
 Whisper's decoder prompt becomes the request's forced decoder prefix, and its
 ``suppress_tokens`` / ``begin_suppress_tokens`` become the two vocabulary masks the decode step
-applies before sampling (:attr:`WhisperFrontEnd.masks`).
+applies before sampling (:attr:`WhisperFrontEnd.masks`). Its timestamp rules and the language
+detection step are the on-device logits hook (:attr:`WhisperFrontEnd.logits_processor`,
+:mod:`encdec.whisper.rules`); a request's prompt says which applies.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from encdec.whisper.audio import (
     load_audio,
     log_mel_spectrogram,
 )
+from encdec.whisper.rules import WhisperRules
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import default_max_new_tokens
 
@@ -87,12 +90,15 @@ def encode_mel(params, cfg, mel_bCA: jax.Array, encoder_len_b: jax.Array, *, dty
 class WhisperFrontEnd:
     """What an engine needs to serve one Whisper model's audio requests.
 
-    ``tokens`` overrides the special tokens and suppression lists read from the model's directory.
+    ``tokens`` overrides the special tokens and suppression lists read from the model's directory;
+    ``max_initial_timestamp`` (seconds) bounds a window's first timestamp (None: no bound).
     """
 
     encode = staticmethod(encode_mel)
 
-    def __init__(self, model: Model, tokens: WhisperTokens | None = None):
+    def __init__(
+        self, model: Model, tokens: WhisperTokens | None = None, *, max_initial_timestamp: float | None = 1.0
+    ):
         cfg = model.config
         if not cfg.is_audio:
             raise ValueError(f"{cfg.model_type} has no audio encoder")
@@ -101,6 +107,7 @@ class WhisperFrontEnd:
         self.tokens = tokens or WhisperTokens.from_dir(model.path)
         every_V, first_V = self.tokens.suppression_masks(cfg.decoder_vocab_size)
         self.masks = TokenMasks(every_V, first_V)
+        self.logits_processor = WhisperRules.from_tokens(self.tokens, max_initial_timestamp)
         self.default_prefix_len = len(self.tokens.prompt())
 
     @property

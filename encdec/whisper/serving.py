@@ -20,8 +20,9 @@ from encdec.engine import Engine, EngineConfig, Request, RequestOutput
 from encdec.lora.bank import AdapterBank
 from encdec.whisper.audio import AudioError, load_audio, split_windows
 from encdec.whisper.frontend import AudioInput, WhisperFrontEnd
+from encdec.whisper.longform import LongFormOptions
 from encdec.whisper.tokens import WhisperTokens
-from encdec.whisper.transcribe import Transcript, default_max_new_tokens, load_whisper
+from encdec.whisper.transcribe import Transcript, load_whisper
 
 
 def whisper_engine_config(
@@ -34,16 +35,18 @@ def whisper_engine_config(
     prompt_len: int = 4,
 ) -> EngineConfig:
     """An engine config for a Whisper model: ``num_slots`` windows decoded together, at most
-    ``encoder_batch`` windows per encoder call, the model's token limit, a cross pool for
-    ``num_slots`` windows."""
+    ``encoder_batch`` windows per encoder call, prompts of up to ``prompt_len`` tokens and the
+    model's token limit after them, a cross pool for ``num_slots`` windows."""
     cfg = model.config
+    P = cfg.max_positions
     return EngineConfig(
         num_slots=num_slots,
         page_size=page_size,
-        max_new_tokens=default_max_new_tokens(cfg, prompt_len),
+        max_new_tokens=min(P // 2, P - prompt_len + 1),
         max_encoder_batch=encoder_batch,
         max_encoder_tokens=encoder_batch * cfg.audio_positions,
         steps_per_dispatch=steps_per_dispatch,
+        max_decoder_prefix=prompt_len,
     )
 
 
@@ -53,6 +56,7 @@ def whisper_engine(
     *,
     tokens: WhisperTokens | None = None,
     adapters: AdapterBank | None = None,
+    max_initial_timestamp: float | None = 1.0,
     **config_kw,
 ) -> Engine:
     """An :class:`Engine` serving ``model``'s audio requests through a :class:`WhisperFrontEnd`.
@@ -63,7 +67,39 @@ def whisper_engine(
     if config is not None and config_kw:
         raise ValueError(f"give config or whisper_engine_config options, not both: {sorted(config_kw)}")
     config = config or whisper_engine_config(model, **config_kw)
-    return Engine(model, config, frontend=WhisperFrontEnd(model, tokens), adapters=adapters)
+    frontend = WhisperFrontEnd(model, tokens, max_initial_timestamp=max_initial_timestamp)
+    return Engine(model, config, frontend=frontend, adapters=adapters)
+
+
+def longform_engine(
+    model: Model,
+    options: LongFormOptions | None = None,
+    *,
+    num_slots: int = 16,
+    encoder_batch: int = 4,
+    steps_per_dispatch: int = 4,
+    max_initial_timestamp: float | None = 1.0,
+    tokens: WhisperTokens | None = None,
+) -> Engine:
+    """A Whisper engine sized for :class:`~encdec.whisper.longform.LongFormTranscriber` with
+    ``options``: prompts with the previous text fit, ``beam_size`` beams fit in the slots."""
+    options = options or LongFormOptions()
+    sampling = any(t > 0 for t in options.temperatures)
+    if max(options.beam_size, options.best_of if sampling else 1) > num_slots:
+        raise ValueError(
+            f"beam_size={options.beam_size} and best_of={options.best_of} each need as many decode slots, "
+            f"got num_slots={num_slots}"
+        )
+    tokens = tokens or WhisperTokens.from_dir(model.path)
+    return whisper_engine(
+        model,
+        tokens=tokens,
+        num_slots=num_slots,
+        encoder_batch=encoder_batch,
+        steps_per_dispatch=steps_per_dispatch,
+        prompt_len=max(len(tokens.prompt()), options.prefix_len),
+        max_initial_timestamp=max_initial_timestamp,
+    )
 
 
 def transcribe_with_engine(
