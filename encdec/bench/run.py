@@ -146,8 +146,20 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
 
 def run_experiment_cli(experiment_path: str, overrides: list[str], out: str | None) -> int:
     """``encdec run EXPERIMENT.yaml [--set key=value ...] [--out DIR]``: text experiments here,
-    ``kind: whisper`` files through :mod:`encdec.bench.whisper`; prints the results table."""
-    if read_yaml(experiment_path).get("kind") == "whisper":
+    ``kind: whisper`` files through :mod:`encdec.bench.whisper`, ``kind: whisper_longform``
+    through :mod:`encdec.bench.whisper_longform`; prints the results table."""
+    kind = read_yaml(experiment_path).get("kind")
+    if kind == "whisper_longform":
+        from encdec.bench.whisper_longform import (
+            LongFormExperimentConfig,
+            longform_table,
+            run_longform_experiment,
+        )
+
+        lcfg = LongFormExperimentConfig.load(experiment_path, overrides)
+        out_dir = Path(out) if out else Path("results") / lcfg.name
+        table = longform_table(run_longform_experiment(lcfg, out_dir))
+    elif kind == "whisper":
         from encdec.bench.whisper import WhisperExperimentConfig, run_whisper_experiment, whisper_table
 
         wcfg = WhisperExperimentConfig.load(experiment_path, overrides)

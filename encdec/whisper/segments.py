@@ -7,9 +7,9 @@ can apply them to many windows decoded at once:
 - a window's tokens alternate timestamps and text, ``<|t0|> text <|t1|><|t1|> text <|t2|>``:
   two timestamps in a row close one segment and open the next; :func:`split_window` cuts them;
 - a window whose last segment is unfinished (its tokens end in two timestamps, or in text) is
-  resumed at that segment's start: the next window *seeks* there, so no sentence is lost at a
-  window boundary; a window ending in a single timestamp is complete and the next one starts
-  where the window's audio ends;
+  resumed where its last finished segment ends: the next window *seeks* there and decodes the
+  cut sentence whole, so none is lost at a window boundary; a window ending in a single
+  timestamp is complete and the next one starts where the window's audio ends;
 - a decode whose text compresses too well (gzip ratio above 2.4: repetition loops) or whose
   average log-probability is too low is retried at the next temperature (:func:`needs_fallback`),
   unless the window is silence (``<|nospeech|>`` likely and the text improbable: :func:`is_silent`).

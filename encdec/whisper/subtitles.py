@@ -1,6 +1,6 @@
 """Transcripts out: SubRip (``.srt``), WebVTT (``.vtt``), plain text and JSON.
 
-SRT and VTT cues are the segments, one cue each, times to the millisecond (``00:01:02,345`` /
+Text files hold one line per segment. SRT and VTT cues are the segments, one cue each, times to the millisecond (``00:01:02,345`` /
 ``00:01:02.345``); cue text never holds a blank line or ``-->`` (either would end the cue for a
 player). JSON holds everything: the segments with their times, text, tokens, average
 log-probability, compression ratio, no-speech probability and temperature, and the language.
@@ -52,7 +52,8 @@ def to_vtt(t: Transcription) -> str:
 
 
 def to_txt(t: Transcription) -> str:
-    return "".join(f"{s.text.strip()}\n" for s in t.segments if s.text.strip())
+    """One line per segment."""
+    return "".join(f"{' '.join(s.text.split())}\n" for s in t.segments if s.text.strip())
 
 
 def to_json(t: Transcription) -> str:
@@ -78,16 +79,12 @@ WRITERS: dict[str, Callable[[Transcription], str]] = {
 }
 
 
-def output_path(source: str, out_dir: str | Path, fmt: str) -> Path:
-    """``out_dir/<source's name without its extension>.<fmt>``."""
-    return Path(out_dir) / f"{Path(source).stem or 'audio'}.{fmt}"
-
-
-def write_transcription(t: Transcription, out_dir: str | Path, fmt: str) -> Path:
-    """Write ``t`` in format ``fmt`` into ``out_dir`` (which must exist); returns the file's path."""
+def write_transcription(t: Transcription, out_dir: str | Path, fmt: str, *, name: str | None = None) -> Path:
+    """Write ``t`` as ``out_dir/<name>.<fmt>`` (``name``: the source's name without its extension);
+    ``out_dir`` must exist. Returns the file's path."""
     if fmt not in WRITERS:
         raise ValueError(f"output format {fmt!r} is not one of {', '.join(FORMATS)}")
-    path = output_path(t.source, out_dir, fmt)
+    path = Path(out_dir) / f"{name or Path(t.source).stem or 'audio'}.{fmt}"
     path.write_text(WRITERS[fmt](t), encoding="utf-8")
     return path
 

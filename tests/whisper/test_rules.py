@@ -111,4 +111,5 @@ def test_forced_prefix_positions_are_untouched():
     logits = np.random.default_rng(2).normal(size=(1, VOCAB)).astype(np.float32)
     ctx = _context([([SOT, EN, TRANSCRIBE], [])])
     ctx = ctx.replace(length_B=jnp.asarray([1]), num_generated_B=jnp.asarray([0]))  # inside the prefix
-    np.testing.assert_array_equal(np.asarray(WhisperRules.from_tokens(TOKENS)(jnp.asarray(logits), ctx)), logits)
+    got = WhisperRules.from_tokens(TOKENS)(jnp.asarray(logits), ctx)
+    np.testing.assert_array_equal(np.asarray(got), logits)
