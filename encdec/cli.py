@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--output-dir", default=None, help="where to write transcripts (default: .)")
     tr.add_argument("--no-vad", action="store_true", help="do not cut files at silences")
     tr.add_argument("--no-condition-on-previous-text", action="store_true", help="no previous-text prompts")
+    tr.add_argument(
+        "--temperature-increment-on-fallback",
+        type=float,
+        default=0.2,
+        help="temperature step of each retry of a failed window, up to 1 (0: no retries)",
+    )
     tr.add_argument("--num-slots", type=int, default=16, help="windows decoded together")
     tr.set_defaults(func=_transcribe)
     return parser

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from encdec.whisper.longform import LongFormOptions, LongFormTranscriber
 from encdec.whisper.segments import Transcription
 from encdec.whisper.serving import longform_engine
@@ -32,7 +34,10 @@ def transcribe_cli(args: argparse.Namespace) -> int:
     except OutputDirError as e:
         print(f"encdec transcribe: error: {e}", file=sys.stderr)
         return 2
+    step = args.temperature_increment_on_fallback
+    temperatures = tuple(np.arange(0.0, 1.0 + 1e-6, step)) if step > 0 else (0.0,)
     options = LongFormOptions(
+        temperatures=tuple(round(float(t), 6) for t in temperatures),
         language=None if args.language == "auto" else args.language,
         task=args.task,
         beam_size=args.beam_size,

@@ -73,8 +73,9 @@ class LongFormOptions:
     """Prompt each window with its stream's text so far (reset after a decode above
     ``prompt_reset_on_temperature``)."""
     prompt_reset_on_temperature: float = 0.5
-    max_prompt_tokens: int = 223
-    """Most previous-text tokens in a prompt (openai-whisper: half the decoder's context - 1)."""
+    max_prompt_tokens: int | None = None
+    """Most previous-text tokens in a prompt; None: half the decoder's positions minus one
+    (openai-whisper's 223)."""
     timestamps: bool = True
     """Decode timestamps (segments, seeking); False: one segment per window, fixed 30 s steps."""
     vad: bool = True
@@ -89,14 +90,20 @@ class LongFormOptions:
             raise ValueError(f"beam_size and best_of must be >= 1, got {self.beam_size}, {self.best_of}")
         if not self.temperatures or any(not 0 <= t < math.inf for t in self.temperatures):
             raise ValueError(f"temperatures must be finite and non-negative, got {self.temperatures}")
-        if self.max_prompt_tokens < 0:
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 0:
             raise ValueError(f"max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
 
-    @property
-    def prefix_len(self) -> int:
+    def prompt_tokens(self, max_positions: int) -> int:
+        """Most previous-text tokens in a window's prompt, for a decoder of ``max_positions``."""
+        if not self.condition_on_previous_text:
+            return 0
+        most = max_positions // 2 - 1
+        return most if self.max_prompt_tokens is None else min(self.max_prompt_tokens, most)
+
+    def prefix_len(self, max_positions: int) -> int:
         """Longest decoder prompt a window may get (sizes the engine's ``max_decoder_prefix``)."""
-        previous = 1 + self.max_prompt_tokens if self.condition_on_previous_text else 0
-        return previous + 3 + (0 if self.timestamps else 1)
+        previous = self.prompt_tokens(max_positions)
+        return (1 + previous if previous else 0) + 3 + (0 if self.timestamps else 1)
 
 
 @dataclasses.dataclass
@@ -158,12 +165,15 @@ class LongFormTranscriber:
         tokens.prompt("en", options.task)  # an unknown task fails here, before any audio is read
         if options.timestamps and tokens.timestamp_begin is None:
             raise ValueError("this model has no timestamp tokens: use timestamps=False")
-        if options.prefix_len > engine.max_prefix:
+        positions = engine.model.config.max_positions
+        need = options.prefix_len(positions)
+        if need > engine.max_prefix:
             raise ValueError(
-                f"prompts of up to {options.prefix_len} tokens need EngineConfig.max_decoder_prefix >= "
-                f"{options.prefix_len}, the engine has {engine.max_prefix} (build it with longform_engine)"
+                f"prompts of up to {need} tokens need EngineConfig.max_decoder_prefix >= {need}, "
+                f"the engine has {engine.max_prefix} (build it with longform_engine)"
             )
         self.engine, self.options, self.tokens = engine, options, tokens
+        self.prompt_tokens = options.prompt_tokens(positions)
         self.max_in_flight = 2 * engine.config.num_slots
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -297,9 +307,7 @@ class LongFormTranscriber:
         opts, tokens = self.options, self.tokens
         f = st.file
         t = opts.temperatures[len(st.attempts)]
-        previous = []
-        if opts.condition_on_previous_text and opts.max_prompt_tokens:
-            previous = st.tokens[st.prompt_from :][-opts.max_prompt_tokens :]
+        previous = st.tokens[st.prompt_from :][-self.prompt_tokens :] if self.prompt_tokens else []
         prefix = tokens.prompt(f.result.language, opts.task, timestamps=opts.timestamps, previous=previous)
         st.sot_index = prefix.index(tokens.sot)
         window = st.samples[st.seek * HOP_LENGTH : st.seek * HOP_LENGTH + N_SAMPLES]

@@ -27,13 +27,15 @@ from encdec.whisper.audio import SAMPLE_RATE, load_audio
 from encdec.whisper.clips import SynthesisError, synthesize
 
 PASSAGES = (
-    "Genesis1:1-31", "Genesis2:1-25", "Genesis3:1-24", "Genesis6:9-22", "Genesis7:1-24",
-    "Genesis8:1-22", "Ruth1:1-22", "Ruth2:1-23", "Ruth3:1-18", "Ruth4:1-22", "Jonah1:1-17",
-    "Jonah2:1-10", "Jonah3:1-10", "Jonah4:1-11", "Luke15:1-32", "Mark4:1-41", "Exodus14:1-31",
-    "Ecclesiastes1:1-18", "Ecclesiastes3:1-22", "Acts27:1-44", "Daniel6:1-28", "Esther2:1-23",
-    "1Samuel17:1-58", "Joshua6:1-27", "Judges16:4-31", "Matthew13:1-30",
+    "Jonah1:1-17", "Jonah2:1-10", "Jonah3:1-10", "Jonah4:1-11", "Ruth1:1-22", "Ruth2:1-23",
+    "Ruth3:1-18", "Ruth4:1-22", "Luke15:1-32", "Genesis37:1-36", "Acts27:1-44", "Mark4:1-41",
+    "Daniel6:1-28", "Esther2:1-23", "Judges16:4-31", "John9:1-41", "2Kings5:1-27", "Acts9:1-31",
+    "Exodus2:1-25", "Luke10:25-42", "Matthew14:13-36", "Genesis24:1-67", "Mark5:1-43",
+    "Numbers22:21-35",
 )
-"""Narrative chapters, read in this order."""
+"""Narrative chapters, read in this order. None repeats itself much: the gzip compression ratio
+of every 80-word stretch stays under 2 (Whisper retries a window above 2.4; the formulaic
+chapters, such as Genesis 1, reach 2.3 in the text alone)."""
 
 _VERSE = re.compile(r"^\S+?\d+:\d+\s+(.*)$")
 

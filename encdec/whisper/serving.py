@@ -1,15 +1,17 @@
-"""Whisper transcription through the in-flight batching engine (``encdec transcribe``).
+"""Whisper engines, and fixed-window transcription through one.
 
-Every file's audio is split into 30 s windows, each window is one engine request (log-mel at
-submit, encoder in the engine's encoder batches, cross K/V in the cross page pool, Whisper's
-prompt as a forced decoder prefix), and the window texts are joined, as :func:`transcribe`
-does on its dense cache. A file that cannot be read fails alone.
+:func:`whisper_engine` builds an engine with Whisper's front end; :func:`longform_engine` sizes
+one for long-form transcription (:mod:`encdec.whisper.longform`, ``encdec transcribe``).
+
+:func:`transcribe_with_engine` is the plain path without timestamps: every file's audio split
+into fixed 30 s windows, each window one engine request (log-mel at submit, encoder in the
+engine's encoder batches, cross K/V in the cross page pool, Whisper's prompt as a forced decoder
+prefix), the window texts joined, as :func:`transcribe` does on its dense cache (a word at a
+cut may be lost). A file that cannot be read fails alone.
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from encdec.whisper.audio import AudioError, load_audio, split_windows
 from encdec.whisper.frontend import AudioInput, WhisperFrontEnd
 from encdec.whisper.longform import LongFormOptions
 from encdec.whisper.tokens import WhisperTokens
-from encdec.whisper.transcribe import Transcript, load_whisper
+from encdec.whisper.transcribe import Transcript
 
 
 def whisper_engine_config(
@@ -97,7 +99,7 @@ def longform_engine(
         num_slots=num_slots,
         encoder_batch=encoder_batch,
         steps_per_dispatch=steps_per_dispatch,
-        prompt_len=max(len(tokens.prompt()), options.prefix_len),
+        prompt_len=max(len(tokens.prompt()), options.prefix_len(model.config.max_positions)),
         max_initial_timestamp=max_initial_timestamp,
     )
 
@@ -166,34 +168,3 @@ def _join(tokens: WhisperTokens, tokenizer, outputs: list[RequestOutput]) -> Tra
         finish_reason="stop" if all(o.finish_reason == "stop" for o in outputs) else "length",
         timings=timings,
     )
-
-
-def transcribe_cli(files: list[str], model: str | None, language: str) -> int:
-    """``encdec transcribe FILE.wav ...``: all files through the engine, one ``file<TAB>text`` line
-    each; per-file timings and errors on stderr (exit status 2 if any file failed)."""
-    loaded = load_whisper(model)
-    start = time.perf_counter()
-    engine = whisper_engine(loaded, num_slots=min(16, len(files)))
-    results = transcribe_with_engine(engine, files, language=language)
-    elapsed = time.perf_counter() - start
-    failed = 0
-    for file, result in zip(files, results, strict=True):
-        if result.error is not None:
-            failed += 1
-            print(f"encdec transcribe: error: {file}: {result.error}", file=sys.stderr)
-            continue
-        print(f"{file}\t{result.text}")
-        t = result.timings
-        first, done = t["first_token"] - t["arrival"], t["done"] - t["arrival"]
-        print(
-            f"{file}: {result.audio_seconds:.1f} s of audio, first token after {first:.2f} s, "
-            f"done after {done:.2f} s",
-            file=sys.stderr,
-        )
-    seconds = sum(r.audio_seconds for r in results)
-    print(
-        f"{len(files) - failed} file(s), {seconds:.1f} s of audio in {elapsed:.1f} s "
-        f"(engine compile included)",
-        file=sys.stderr,
-    )
-    return 2 if failed else 0

@@ -1,9 +1,10 @@
 """Transcripts out: SubRip (``.srt``), WebVTT (``.vtt``), plain text and JSON.
 
-Text files hold one line per segment. SRT and VTT cues are the segments, one cue each, times to the millisecond (``00:01:02,345`` /
-``00:01:02.345``); cue text never holds a blank line or ``-->`` (either would end the cue for a
-player). JSON holds everything: the segments with their times, text, tokens, average
-log-probability, compression ratio, no-speech probability and temperature, and the language.
+Text files hold one line per segment. SRT and VTT cues are the segments, one cue each, times to
+the millisecond (``00:01:02,345`` / ``00:01:02.345``); cue text never holds a blank line or
+``-->`` (either would end the cue for a player). JSON holds everything: the segments with their
+times, text, tokens, average log-probability, compression ratio, no-speech probability and
+temperature, and the language.
 """
 
 from __future__ import annotations

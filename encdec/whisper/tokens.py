@@ -106,9 +106,12 @@ class WhisperTokens:
         return jnp.asarray(every), jnp.asarray(first)
 
     def decode(self, tokenizer: Any, ids: Sequence[int]) -> str:
+        """The text of ``ids`` (special and timestamp tokens dropped); without a tokenizer, the
+        text tokens' ids joined by spaces."""
+        text = [t for t in ids if t < self.eot]
         if tokenizer is None:
-            return " ".join(map(str, ids))
-        return tokenizer.decode([t for t in ids if t < self.eot], skip_special_tokens=True).strip()
+            return " ".join(map(str, text))
+        return tokenizer.decode(text, skip_special_tokens=True).strip()
 
     @classmethod
     def from_vocabulary(
