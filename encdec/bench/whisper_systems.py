@@ -27,7 +27,8 @@ import numpy as np
 
 from encdec.bench.ctranslate2 import ct2_options
 from encdec.whisper.audio import features_for
-from encdec.whisper.longform import LongFormOptions, LongFormTranscriber
+from encdec.whisper.longform import LongFormTranscriber
+from encdec.whisper.options import LongFormOptions
 from encdec.whisper.serving import longform_engine, transcribe_with_engine, whisper_engine
 from encdec.whisper.tokens import WhisperTokens
 

@@ -25,7 +25,8 @@ Face or a CTranslate2 (faster-whisper) directory.
 
 from encdec.whisper.audio import AudioError, load_audio, log_mel_spectrogram
 from encdec.whisper.frontend import AudioInput, WhisperFrontEnd
-from encdec.whisper.longform import LongFormOptions, LongFormTranscriber
+from encdec.whisper.longform import LongFormTranscriber
+from encdec.whisper.options import LongFormOptions
 from encdec.whisper.segments import Segment, Thresholds, Transcription
 from encdec.whisper.serving import longform_engine, transcribe_with_engine, whisper_engine
 from encdec.whisper.tokens import WhisperTokens

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from encdec.whisper.longform import LongFormOptions, LongFormTranscriber
+from encdec.whisper.longform import LongFormTranscriber
+from encdec.whisper.options import LongFormOptions
 from encdec.whisper.segments import Transcription
 from encdec.whisper.serving import longform_engine
 from encdec.whisper.subtitles import OutputDirError, check_output_dir, write_transcription

@@ -37,10 +37,11 @@ import numpy as np
 from encdec.engine import Engine, Request, RequestError, RequestOutput
 from encdec.whisper.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioError, load_audio
 from encdec.whisper.frontend import AudioInput, WhisperFrontEnd
+from encdec.whisper.language import detection_request, language_probs
+from encdec.whisper.options import LongFormOptions
 from encdec.whisper.segments import (
     FRAMES_PER_SECOND,
     Segment,
-    Thresholds,
     Transcription,
     average_logprob,
     compression_ratio,
@@ -49,61 +50,9 @@ from encdec.whisper.segments import (
     split_window,
     text_tokens,
 )
-from encdec.whisper.silence import FRAME, Chunk, SilenceOptions, plan_chunks, speech_frames, speech_regions
+from encdec.whisper.silence import FRAME, Chunk, plan_chunks, speech_frames, speech_regions
 
 WINDOW_FRAMES = N_SAMPLES // HOP_LENGTH
-
-
-@dataclasses.dataclass(frozen=True)
-class LongFormOptions:
-    """How files are transcribed (defaults: openai-whisper's, greedy)."""
-
-    language: str | None = None
-    """Spoken language code; None: detected per file from its first 30 s of speech."""
-    task: str = "transcribe"
-    """``transcribe``, or ``translate`` into English."""
-    beam_size: int = 1
-    """Beams at temperature 0 (1: greedy)."""
-    best_of: int = 5
-    """Samples drawn at a fallback temperature; the likeliest is kept."""
-    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    """Tried in turn while a window's decode fails the thresholds."""
-    thresholds: Thresholds = Thresholds()
-    condition_on_previous_text: bool = True
-    """Prompt each window with its stream's text so far (reset after a decode above
-    ``prompt_reset_on_temperature``)."""
-    prompt_reset_on_temperature: float = 0.5
-    max_prompt_tokens: int | None = None
-    """Most previous-text tokens in a prompt; None: half the decoder's positions minus one
-    (openai-whisper's 223)."""
-    timestamps: bool = True
-    """Decode timestamps (segments, seeking); False: one segment per window, fixed 30 s steps."""
-    vad: bool = True
-    """Cut files at silences into chunks decoded in parallel (and skip the silences); False:
-    one stream per file over all its audio."""
-    silence: SilenceOptions = SilenceOptions()
-    seed: int = 0
-    """Seed of the fallback samples (each window's draw depends on it and the window only)."""
-
-    def __post_init__(self):
-        if self.beam_size < 1 or self.best_of < 1:
-            raise ValueError(f"beam_size and best_of must be >= 1, got {self.beam_size}, {self.best_of}")
-        if not self.temperatures or any(not 0 <= t < math.inf for t in self.temperatures):
-            raise ValueError(f"temperatures must be finite and non-negative, got {self.temperatures}")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 0:
-            raise ValueError(f"max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
-
-    def prompt_tokens(self, max_positions: int) -> int:
-        """Most previous-text tokens in a window's prompt, for a decoder of ``max_positions``."""
-        if not self.condition_on_previous_text:
-            return 0
-        most = max_positions // 2 - 1
-        return most if self.max_prompt_tokens is None else min(self.max_prompt_tokens, most)
-
-    def prefix_len(self, max_positions: int) -> int:
-        """Longest decoder prompt a window may get (sizes the engine's ``max_decoder_prefix``)."""
-        previous = self.prompt_tokens(max_positions)
-        return (1 + previous if previous else 0) + 3 + (0 if self.timestamps else 1)
 
 
 @dataclasses.dataclass
@@ -156,7 +105,8 @@ class LongFormTranscriber:
     """Transcribe files through a Whisper engine (:func:`encdec.whisper.longform_engine` sizes one
     for the options); see the module doc."""
 
-    def __init__(self, engine: Engine, options: LongFormOptions = LongFormOptions()):
+    def __init__(self, engine: Engine, options: LongFormOptions | None = None):
+        options = options or LongFormOptions()
         if not isinstance(engine.frontend, WhisperFrontEnd):
             raise ValueError("the engine has no Whisper front end (build it with longform_engine)")
         tokens = engine.frontend.tokens
@@ -278,20 +228,13 @@ class LongFormTranscriber:
         return True
 
     def _detect_request(self, f: _File) -> Request:
-        start = f.streams[0].start
-        window = f.samples[start : start + N_SAMPLES]
-        return Request(
-            AudioInput(window, task=self.options.task),
-            decoder_prefix=[self.tokens.sot],
-            max_new_tokens=1,
-            logprobs=min(5, self.engine.config.max_logprobs),
-        )
+        start = f.streams[0].start  # the first 30 s of speech
+        top = min(5, self.engine.config.max_logprobs)
+        return detection_request(self.tokens, f.samples[start : start + N_SAMPLES], top)
 
     def _detected(self, f: _File, out: RequestOutput) -> None:
         f.result.language = self.tokens.language_of(out.token_ids[0])
-        top = out.top_logprobs[0] if out.top_logprobs else {out.token_ids[0]: out.logprobs[0]}
-        probs = {self.tokens.language_of(t): math.exp(lp) for t, lp in top.items()}
-        f.result.language_probs = dict(sorted(probs.items(), key=lambda kv: -kv[1]))
+        f.result.language_probs = language_probs(self.tokens, out)
 
     def _collect(self, f: _File) -> None:
         if f.result.error is not None:

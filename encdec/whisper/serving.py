@@ -22,7 +22,7 @@ from encdec.engine import Engine, EngineConfig, Request, RequestOutput
 from encdec.lora.bank import AdapterBank
 from encdec.whisper.audio import AudioError, load_audio, split_windows
 from encdec.whisper.frontend import AudioInput, WhisperFrontEnd
-from encdec.whisper.longform import LongFormOptions
+from encdec.whisper.options import LongFormOptions
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import Transcript
 

@@ -14,7 +14,8 @@ import torch
 
 import encdec
 from encdec.whisper.audio import SAMPLE_RATE, log_mel_spectrogram
-from encdec.whisper.longform import LongFormOptions, LongFormTranscriber
+from encdec.whisper.longform import LongFormTranscriber
+from encdec.whisper.options import LongFormOptions
 from encdec.whisper.segments import Thresholds
 from encdec.whisper.serving import longform_engine
 from encdec.whisper.transcribe import transcribe

@@ -1,0 +1,69 @@
+"""Real Whisper-base weights: long-form transcription against faster-whisper, language detection.
+
+Skipped, with the reason, only where the weights cannot be fetched or espeak-ng / the ``bible``
+program are missing.
+"""
+
+import pytest
+
+from encdec.bench.whisper_longform import lost_verses, word_error_rate
+from encdec.whisper.clips import synthesize
+from encdec.whisper.language import detect_languages
+from encdec.whisper.longform import LongFormTranscriber
+from encdec.whisper.options import LongFormOptions
+from encdec.whisper.recordings import long_recordings
+from encdec.whisper.serving import longform_engine
+from encdec.whisper.transcribe import load_whisper
+
+pytestmark = pytest.mark.slow
+
+SPOKEN = {  # espeak-ng voice -> (Whisper's code, sentences written for this test)
+    "fr-fr": ("fr", "Le marché du village ouvre tous les samedis matin. Les enfants jouent près de l'eau."),
+    "de": ("de", "Der Zug nach Berlin fährt heute etwas später ab. Wir sind am Sonntag spazieren gegangen."),
+    "es": ("es", "Mi hermana trabaja en un hospital cerca del centro. Mañana vamos a ver a los abuelos."),
+    "it": ("it", "La biblioteca resta aperta fino alle otto di sera. Ieri abbiamo mangiato una pizza."),
+    "pt": ("pt", "O café da esquina abre muito cedo todos os dias. Eles viajaram para o norte nas férias."),
+    "en-us": ("en", "The museum opens at nine in the morning. Remember to water the plants while I am away."),
+}
+
+
+@pytest.fixture(scope="module")
+def model(whisper_base_path):
+    return load_whisper(whisper_base_path)
+
+
+@pytest.fixture(scope="module")
+def greedy(model):
+    options = LongFormOptions(language="en")
+    return LongFormTranscriber(longform_engine(model, options, num_slots=8), options)
+
+
+def test_long_recording_keeps_every_verse_like_faster_whisper(model, greedy, tmp_path_factory):
+    pytest.importorskip("jiwer")
+    faster_whisper = pytest.importorskip("faster_whisper")
+    from encdec.whisper.clips import SynthesisError
+
+    try:
+        (recording,) = long_recordings([70.0], tmp_path_factory.mktemp("kjv"))
+    except SynthesisError as e:
+        pytest.skip(str(e))
+    (got,) = greedy.transcribe([str(recording.path)])
+    assert got.error is None and got.language == "en"
+    starts = [s.start for s in got.segments]
+    assert starts == sorted(starts) and all(0 <= s.start < s.end <= got.duration for s in got.segments)
+    assert lost_verses(recording, got.text) == []
+    peer = faster_whisper.WhisperModel(str(model.path), device="cpu", compute_type="float32", cpu_threads=2)
+    segments, _ = peer.transcribe(str(recording.path), language="en", beam_size=1)
+    theirs = " ".join(s.text.strip() for s in segments)
+    ours_wer = word_error_rate([recording.text], [got.text])
+    their_wer = word_error_rate([recording.text], [theirs])
+    assert ours_wer <= their_wer + 0.02, (ours_wer, their_wer)
+
+
+def test_language_detection_on_espeak_voices(greedy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("languages")
+    paths = [synthesize([text], out, voice=voice)[0] for voice, (_, text) in SPOKEN.items()]
+    detected = detect_languages(greedy.engine, [str(p) for p in paths])
+    for (voice, (code, _)), probs in zip(SPOKEN.items(), detected, strict=True):
+        assert next(iter(probs)) == code, (voice, probs)
+        assert 0.0 < sum(probs.values()) <= 1.0 + 1e-6
