@@ -105,9 +105,14 @@ class WhisperFrontEnd:
         self.model_config = cfg
         self.tokenizer = model.tokenizer
         self.tokens = tokens or WhisperTokens.from_dir(model.path)
-        every_V, first_V = self.tokens.suppression_masks(cfg.decoder_vocab_size)
-        self.masks = TokenMasks(every_V, first_V)
         self.logits_processor = WhisperRules.from_tokens(self.tokens, max_initial_timestamp)
+        # <|nospeech|> is banned by the hook once a row samples, not by the static mask, so a
+        # prompt's log-probabilities can report it (see encdec.whisper.rules).
+        every_V, first_V = self.tokens.suppression_masks(cfg.decoder_vocab_size)
+        if self.logits_processor.no_speech is not None:
+            every_V = every_V.at[self.logits_processor.no_speech].set(False)
+            first_V = first_V.at[self.logits_processor.no_speech].set(False)
+        self.masks = TokenMasks(every_V, first_V)
         self.default_prefix_len = len(self.tokens.prompt())
 
     @property

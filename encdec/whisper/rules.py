@@ -12,8 +12,11 @@ One hook serves every row of a decode step; what a row needs is read from its de
   tokens are allowed, so the step's top log-probabilities are the language distribution
   (openai-whisper's ``detect_language``).
 
-Rows in neither mode pass unchanged. The hook is a frozen dataclass, so two engines for the same
-model compare equal and share compiled steps.
+Every row bans ``<|nospeech|>`` once it samples (it is in Whisper's suppression list), but not
+while its prompt is forced: the front end leaves that token out of its static mask so that the
+prompt's log-probabilities after ``<|startoftranscript|>`` hold its probability, the silence test
+of long-form transcription. Rows in neither mode otherwise pass unchanged. The hook is a frozen
+dataclass, so two engines for the same model compare equal and share compiled steps.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class WhisperRules:
     language_ids: tuple[int, ...]
     max_initial_timestamp_index: int | None = 50
     """Last timestamp allowed first, in 20 ms steps (openai-whisper: 1 s); None: any."""
+    no_speech: int | None = None
+    """``<|nospeech|>``, banned at sampled steps only (None: nothing to ban)."""
 
     @classmethod
     def from_tokens(cls, tokens: WhisperTokens, max_initial_timestamp: float | None = 1.0) -> WhisperRules:
@@ -53,6 +58,7 @@ class WhisperRules:
             task_ids=tuple(i for _, i in tokens.tasks),
             language_ids=tokens.language_ids,
             max_initial_timestamp_index=index,
+            no_speech=tokens.no_speech if tokens.no_speech in tokens.suppress else None,
         )
 
     def __call__(self, logits_BV: jax.Array, ctx) -> jax.Array:
@@ -61,6 +67,9 @@ class WhisperRules:
         T = history_BT.shape[1]
         vocab_V = jnp.arange(logits_BV.shape[-1], dtype=jnp.int32)
         prefix_last_B = _at(history_BT, prefix_B - 1)
+        if self.no_speech is not None:
+            ban_BV = (length_B >= prefix_B)[:, None] & (vocab_V == self.no_speech)[None, :]
+            logits_BV = jnp.where(ban_BV, NEG_INF, logits_BV)
         if self.language_ids:
             detect_B = (prefix_B == 1) & (history_BT[:, 0] == self.sot) & (length_B == 1)
             is_lang_V = jnp.isin(vocab_V, jnp.asarray(self.language_ids, jnp.int32))

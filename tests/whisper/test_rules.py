@@ -27,6 +27,7 @@ from tests.whisper.tiny_whisper import (
 
 TOKENS = WhisperTokens.from_vocabulary(VOCABULARY, suppress=SUPPRESS, suppress_begin=SUPPRESS_BEGIN)
 TB = TOKENS.timestamp_begin
+NO_SPEECH = 88  # <|nocaptions|>
 T = 24
 
 
@@ -80,7 +81,9 @@ def test_timestamp_rules_equal_hf(max_initial):
     # Each row's logits, some with the timestamps' mass above every text token, some below.
     logits = rng.normal(0.0, 2.0, (len(rows), VOCAB)).astype(np.float32)
     logits[::3, TB:] += 3.0
-    rules = dataclasses.replace(WhisperRules.from_tokens(TOKENS), max_initial_timestamp_index=max_initial)
+    rules = dataclasses.replace(
+        WhisperRules.from_tokens(TOKENS), max_initial_timestamp_index=max_initial, no_speech=None
+    )
     got = np.asarray(jax.jit(rules)(jnp.asarray(logits), _context(rows)))
     want = _hf(rows, logits, max_initial)
     np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
@@ -99,7 +102,11 @@ def test_language_step_allows_only_languages_and_other_rows_pass_unchanged():
         ([SOT, EN, TRANSCRIBE], []),  # timestamps: the first token is a timestamp
     ]
     logits = rng.normal(size=(len(rows), VOCAB)).astype(np.float32)
-    got = np.asarray(WhisperRules.from_tokens(TOKENS)(jnp.asarray(logits), _context(rows)))
+    rules = WhisperRules.from_tokens(TOKENS)
+    assert rules.no_speech == NO_SPEECH  # suppressed: banned by the hook once a row samples
+    got = np.array(rules(jnp.asarray(logits), _context(rows)))
+    assert np.isneginf(got[:, NO_SPEECH]).all()
+    got[1:3, NO_SPEECH] = logits[1:3, NO_SPEECH]
     assert set(np.flatnonzero(np.isfinite(got[0]))) == {EN, DE}
     np.testing.assert_array_equal(got[1:3], logits[1:3])
     assert set(np.flatnonzero(np.isfinite(got[3]))) == set(range(TB, TB + 51)) & set(range(VOCAB))
@@ -107,7 +114,7 @@ def test_language_step_allows_only_languages_and_other_rows_pass_unchanged():
 
 def test_forced_prefix_positions_are_untouched():
     """Prompt log-probabilities (the ``<|nospeech|>`` probability after ``<|startoftranscript|>``)
-    are read at forced positions: the rules leave them alone."""
+    are read at forced positions: the rules, ``<|nospeech|>``'s ban included, leave them alone."""
     logits = np.random.default_rng(2).normal(size=(1, VOCAB)).astype(np.float32)
     ctx = _context([([SOT, EN, TRANSCRIBE], [])])
     ctx = ctx.replace(length_B=jnp.asarray([1]), num_generated_B=jnp.asarray([0]))  # inside the prefix
