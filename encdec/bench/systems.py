@@ -1,8 +1,8 @@
 """Runners for every compared system, all driven by the same :class:`~encdec.bench.workloads.Trace`.
 
 - ``encdec-inflight`` / ``encdec-static``: the encdec engine in its two modes;
-- ``hf-generate``: transformers PyTorch ``generate``, greedy, static padded batches of
-  ``num_slots`` requests in trace order, each batch run to its longest output;
+- ``hf-generate``: transformers PyTorch ``generate``, greedy (or the trace's beam width), static
+  padded batches of ``num_slots`` sequences in trace order, each batch run to its longest output;
 - ``ctranslate2`` / ``ctranslate2-int8``: ``Translator.translate_batch`` on the CTranslate2
   conversion of the same checkpoint, batched like ``hf-generate``.
 
@@ -72,8 +72,13 @@ def available_systems() -> dict[str, str | None]:
 
 
 def _dense_batches(trace: Trace, num_slots: int) -> list[list[tuple[int, int]]]:
-    batches = [trace.requests[s : s + num_slots] for s in range(0, len(trace), num_slots)]
-    return [[(len(r.input_ids), max(x.output_len for x in b)) for r in b] for b in batches]
+    """Each static batch's rows (one per beam): (input length, the batch's output length)."""
+    size = trace.batch_size(num_slots)
+    batches = [trace.requests[s : s + size] for s in range(0, len(trace), size)]
+    return [
+        [(len(r.input_ids), max(x.output_len for x in b)) for r in b for _ in range(trace.num_beams)]
+        for b in batches
+    ]
 
 
 class HFGenerate:
@@ -99,18 +104,20 @@ class HFGenerate:
         # HF T5's cache update fails when encoder and decoder depths differ (FACTS).
         self.use_cache = not (c.model_type in ("t5", "mt5") and c.num_layers != c.num_decoder_layers)
 
-    def generation_config(self, length: int):
+    def generation_config(self, length: int, num_beams: int = 1):
         import transformers as tf
 
         c = self.model.config
         return tf.GenerationConfig(
-            max_new_tokens=length, min_new_tokens=length, do_sample=False, num_beams=1,
+            max_new_tokens=length, min_new_tokens=length, do_sample=False, num_beams=num_beams,
             eos_token_id=self.config.eos_token_id, pad_token_id=c.pad_token_id,
             decoder_start_token_id=c.decoder_start_token_id, forced_bos_token_id=None,
             forced_eos_token_id=None, use_cache=self.use_cache,
         )
 
-    def generate_batch(self, inputs: Sequence[Sequence[int]], length: int) -> list[list[int]]:
+    def generate_batch(
+        self, inputs: Sequence[Sequence[int]], length: int, num_beams: int = 1
+    ) -> list[list[int]]:
         torch = self._torch
         S = max(len(x) for x in inputs)
         ids = torch.full((len(inputs), S), self.model.config.pad_token_id, dtype=torch.long)
@@ -121,7 +128,7 @@ class HFGenerate:
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                generation_config=self.generation_config(length),
+                generation_config=self.generation_config(length, num_beams),
             )
         return out[:, 1:].tolist()  # drop the decoder start token
 
@@ -129,7 +136,10 @@ class HFGenerate:
         pass
 
     def run(self, trace: Trace, num_slots: int) -> SystemRun:
-        run = run_static_batches(self.name, trace, num_slots, self.generate_batch)
+        def batch(inputs, length):
+            return self.generate_batch(inputs, length, trace.num_beams)
+
+        run = run_static_batches(self.name, trace, trace.batch_size(num_slots), batch)
         run.memory = dense_kv_memory(self.config, self.dtype_bytes, _dense_batches(trace, num_slots))
         return run
 
@@ -181,7 +191,7 @@ class EncdecEngine:
         requests = [
             Request(
                 inputs=list(r.input_ids), max_new_tokens=r.output_len, min_new_tokens=r.output_len,
-                arrival_time=r.arrival_s,
+                arrival_time=r.arrival_s, num_beams=trace.num_beams,
             )
             for r in trace.requests
         ]
