@@ -46,7 +46,9 @@ def transcribe_cli(args: argparse.Namespace) -> int:
         condition_on_previous_text=not args.no_condition_on_previous_text,
     )
     model = load_whisper(args.model)
-    engine = longform_engine(model, options, num_slots=max(args.num_slots, args.beam_size))
+    sampling = len(options.temperatures) > 1
+    slots = max(args.num_slots, options.beam_size, options.best_of if sampling else 1)
+    engine = longform_engine(model, options, num_slots=slots)
     transcriber = LongFormTranscriber(engine, options)  # an unknown language fails here
     names = _output_names(args.files)
     failed = 0

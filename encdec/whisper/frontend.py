@@ -95,7 +95,6 @@ class WhisperFrontEnd:
     """
 
     encode = staticmethod(encode_mel)
-    logits_processor = None
 
     def __init__(
         self, model: Model, tokens: WhisperTokens | None = None, *, max_initial_timestamp: float | None = 1.0

@@ -29,8 +29,9 @@ class LongFormOptions:
     ``prompt_reset_on_temperature``)."""
     prompt_reset_on_temperature: float = 0.5
     max_prompt_tokens: int | None = None
-    """Most previous-text tokens in a prompt; None: half the decoder's positions minus one
-    (openai-whisper's 223)."""
+    """Most previous-text tokens in a prompt; None: as many as leave every window the model's
+    whole token budget (half the decoder's positions): 221 for Whisper. (openai-whisper keeps
+    223, which cuts a window under a full prompt to 221 tokens.)"""
     timestamps: bool = True
     """Decode timestamps (segments, seeking); False: one segment per window, fixed 30 s steps."""
     vad: bool = True
@@ -52,10 +53,16 @@ class LongFormOptions:
         """Most previous-text tokens in a window's prompt, for a decoder of ``max_positions``."""
         if not self.condition_on_previous_text:
             return 0
-        most = max_positions // 2 - 1
+        # <|startofprev|>, the text, the prompt; then max_positions // 2 tokens to generate.
+        most = max(0, max_positions - max_positions // 2 - self._base_len)
         return most if self.max_prompt_tokens is None else min(self.max_prompt_tokens, most)
 
     def prefix_len(self, max_positions: int) -> int:
         """Longest decoder prompt a window may get (sizes the engine's ``max_decoder_prefix``)."""
         previous = self.prompt_tokens(max_positions)
-        return (1 + previous if previous else 0) + 3 + (0 if self.timestamps else 1)
+        return (1 + previous if previous else 0) + self._base_len
+
+    @property
+    def _base_len(self) -> int:
+        """``<|startoftranscript|><|lang|><|task|>`` and ``<|notimestamps|>`` without timestamps."""
+        return 3 + (0 if self.timestamps else 1)

@@ -7,9 +7,12 @@ and faster-whisper's sequential mode walk a file one 30 s window at a time.
 The detector works on 20 ms frames: a frame is speech when its RMS level is above a threshold set
 from the recording itself (``range_db`` below its loud frames, ``floor_db`` above its quiet
 ones, never below ``min_dbfs``), speech stretches closer than ``min_silence`` are merged and each
-is padded by ``pad``. Cuts go in the middle of the silences between stretches, so no word is cut:
-the longest silence in the last fifth of a chunk's allowed length, else the last one; a stretch
-with no silence for longer than ``max_chunk`` becomes one longer chunk, decoded window by window.
+is padded by ``pad``. Stationary sound (a hum, steady noise) with no quieter moment reads as
+silence: there is nothing to tell speech from it by energy.
+
+Cuts go in the middle of the silences between stretches, so no word is cut: the longest silence
+in the last fifth of a chunk's allowed length, else the last one; a stretch with no silence for
+longer than ``max_chunk`` becomes one longer chunk, decoded window by window.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class SilenceOptions:
     range_db: float = 45.0
     """A frame more than this many dB below the recording's loud frames (99th percentile) is silence."""
     floor_db: float = 12.0
-    """A frame less than this many dB above the recording's quiet frames (5th percentile) is silence."""
+    """A frame less than this many dB above the recording's quiet frames (1st percentile) is silence."""
     min_dbfs: float = -70.0
     """A frame below this level (dB relative to full scale) is silence whatever the recording."""
 
@@ -55,7 +58,7 @@ def speech_frames(samples: np.ndarray, opts: SilenceOptions = SilenceOptions()) 
     levels = frame_levels(samples)
     if levels.size == 0:
         return np.zeros(0, bool)
-    loud, quiet = np.percentile(levels, [99, 5])
+    loud, quiet = np.percentile(levels, [99, 1])
     threshold = max(loud - opts.range_db, quiet + opts.floor_db, opts.min_dbfs)
     return levels > threshold
 

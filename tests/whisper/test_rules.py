@@ -2,7 +2,6 @@
 
 import dataclasses
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 import transformers as tf
 
+from encdec.processors import DecodeContext
 from encdec.whisper.rules import WhisperRules
 from encdec.whisper.tokens import WhisperTokens
 from tests.whisper.tiny_whisper import (
@@ -31,16 +31,6 @@ NO_SPEECH = 88  # <|nocaptions|>
 T = 24
 
 
-@flax.struct.dataclass
-class Ctx:
-    """The fields of the engine's ``DecodeContext`` that the hook reads."""
-
-    history_BT: jax.Array
-    length_B: jax.Array
-    prefix_len_B: jax.Array
-    num_generated_B: jax.Array
-
-
 def _context(rows):
     history = np.full((len(rows), T), -1, np.int32)
     for b, (prefix, generated) in enumerate(rows):
@@ -48,7 +38,9 @@ def _context(rows):
         history[b, : len(seq)] = seq
     length = np.array([len(p) + len(g) for p, g in rows], np.int32)
     prefix = np.array([len(p) for p, _ in rows], np.int32)
-    return Ctx(jnp.asarray(history), jnp.asarray(length), jnp.asarray(prefix), jnp.asarray(length - prefix))
+    return DecodeContext(
+        jnp.asarray(history), jnp.asarray(length), jnp.asarray(prefix), jnp.asarray(length - prefix)
+    )
 
 
 def _hf(rows, logits, max_initial):
