@@ -271,8 +271,19 @@ def mel_filters(n_mels: int, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE)
     return weights
 
 
-def log_mel_spectrogram(samples: np.ndarray, n_mels: int = 80) -> np.ndarray:
-    """Whisper's features ``[n_mels, 3000]`` (float32) for up to 30 s of 16 kHz audio."""
+PADDINGS = ("audio", "features")
+
+
+def log_mel_spectrogram(samples: np.ndarray, n_mels: int = 80, padding: str = "audio") -> np.ndarray:
+    """Whisper's features ``[n_mels, 3000]`` (float32) for up to 30 s of 16 kHz audio.
+
+    ``padding``: how a window under 30 s is filled: ``"audio"`` with silent samples before the
+    transform (HF's feature extractor, openai-whisper's one-window ``decode``), ``"features"``
+    with zeros after it (openai-whisper's and faster-whisper's long-form transcription, which
+    slice a longer spectrogram and zero-pad the slice).
+    """
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     samples = np.asarray(samples, np.float64)
     if samples.ndim != 1 or samples.size == 0:
         raise AudioError(f"expected non-empty 1-D 16 kHz samples, got shape {samples.shape}")
@@ -289,11 +300,16 @@ def log_mel_spectrogram(samples: np.ndarray, n_mels: int = 80) -> np.ndarray:
     mel = power[:-1] @ mel_filters(n_mels)
     log_spec = np.log10(np.maximum(mel, 1e-10))
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return np.ascontiguousarray(((log_spec + 4.0) / 4.0).T, dtype=np.float32)
+    features = (log_spec + 4.0) / 4.0
+    if padding == "features":
+        features[samples.size // HOP_LENGTH :] = 0.0
+    return np.ascontiguousarray(features.T, dtype=np.float32)
 
 
-def features_for(source: str | Path | np.ndarray, n_mels: int = 80, sample_rate: int | None = None):
+def features_for(
+    source: str | Path | np.ndarray, n_mels: int = 80, sample_rate: int | None = None, padding: str = "audio"
+):
     """Log-mel windows ``[windows, n_mels, 3000]`` and the audio's length in seconds."""
     samples = load_audio(source, sample_rate)
-    windows = [log_mel_spectrogram(w, n_mels) for w in split_windows(samples)]
+    windows = [log_mel_spectrogram(w, n_mels, padding) for w in split_windows(samples)]
     return np.stack(windows), samples.size / SAMPLE_RATE

@@ -34,6 +34,7 @@ from encdec.whisper.audio import (
     CHUNK_SECONDS,
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
+    PADDINGS,
     SAMPLE_RATE,
     AudioTooLong,
     load_audio,
@@ -61,6 +62,9 @@ class AudioInput:
     """Spoken language, for the model's default decoder prompt (``<|en|>``)."""
     task: str = rule(OneOf(("transcribe", "translate")), "transcribe")
     """``transcribe`` or ``translate`` (into English), for the default decoder prompt."""
+    padding: str = rule(OneOf(PADDINGS), "audio")
+    """How audio under 30 s is padded: ``audio`` (silence before the log-mel) or ``features``
+    (zero log-mel frames, as long-form transcription does; see ``log_mel_spectrogram``)."""
 
 
 def as_audio_input(inputs: Any) -> AudioInput:
@@ -126,7 +130,7 @@ class WhisperFrontEnd:
         audio = as_audio_input(request.inputs)
         try:
             samples = load_audio(audio.source, audio.sample_rate, max_seconds=CHUNK_SECONDS)
-            mel_CA = log_mel_spectrogram(samples, self.model_config.num_mel_bins)
+            mel_CA = log_mel_spectrogram(samples, self.model_config.num_mel_bins, audio.padding)
             prompt = self.tokens.prompt(audio.language, audio.task)
         except AudioTooLong as e:
             raise RequestError(

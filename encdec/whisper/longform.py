@@ -266,7 +266,7 @@ class LongFormTranscriber:
             kw["num_return_sequences"] = opts.best_of
             kw["seed"] = _seed(opts.seed, f.index, st.number, st.seek, len(st.attempts))
         return Request(
-            AudioInput(window, language=f.result.language or "en", task=opts.task),
+            AudioInput(window, language=f.result.language or "en", task=opts.task, padding="features"),
             decoder_prefix=prefix,
             temperature=t,
             **kw,

@@ -40,6 +40,15 @@ def test_log_mel_matches_hf_feature_extractor(seconds, n_mels):
     np.testing.assert_allclose(ours, ref.input_features[0], atol=1e-4, rtol=0)
 
 
+def test_feature_padding_zeroes_the_frames_past_the_audio():
+    """Long-form windows are padded as openai-whisper's ``transcribe`` pads a spectrogram slice."""
+    x = _speechlike(7.3)
+    audio_padded, feature_padded = log_mel_spectrogram(x), log_mel_spectrogram(x, padding="features")
+    content = x.size // 160
+    np.testing.assert_array_equal(feature_padded[:, :content], audio_padded[:, :content])
+    assert not feature_padded[:, content:].any() and (audio_padded[:, content + 2 :] < -0.5).all()
+
+
 def test_mel_filters_match_hf():
     np.testing.assert_allclose(mel_filters(80), WhisperFeatureExtractor().mel_filters, atol=1e-7, rtol=1e-6)
 
