@@ -141,6 +141,19 @@ def test_fallback_retries_at_higher_temperatures_reproducibly(engine):
     assert all(s.avg_logprob is not None and math.isfinite(s.avg_logprob) for s in first.segments)
 
 
+def test_beam_search_windows(engine):
+    """Beams through the same engine: the best hypothesis's tokens obey the rules and carry its
+    log-probabilities, and a file decodes the same with or without another beside it."""
+    audio = [_bursts([(5.0, 300), (0.5, 0), (4.0, 800)], 10), _bursts([(3.0, 650)], 11)]
+    beams = _run(engine, audio, beam_size=3, temperatures=(0.0,), thresholds=Thresholds(no_speech=None))
+    for b in beams:
+        assert b.error is None and b.segments
+        assert all(s.avg_logprob is not None and math.isfinite(s.avg_logprob) for s in b.segments)
+        assert all(s.tokens[0] >= TIMESTAMP_BEGIN for s in b.segments)
+    alone = _run(engine, audio[1:], beam_size=3, temperatures=(0.0,), thresholds=Thresholds(no_speech=None))
+    assert [s.tokens for s in alone[0].segments] == [s.tokens for s in beams[1].segments]
+
+
 def test_bad_files_fail_alone(engine, tmp_path):
     (tmp_path / "text.mp3").write_text("not audio at all\n" * 20)
     (tmp_path / "empty.wav").write_bytes(b"")
