@@ -263,6 +263,6 @@ def test_adapters_load_and_unload_between_rounds(text_model):
         with pytest.raises(RequestError, match="unknown adapter id 'a'"):
             ae.submit(request)
     merged = dataclasses.replace(text_model, params=merge_adapter(text_model.params, lora))
-    expected = encdec.reference_generate(merged, [request.inputs], MAX_NEW)[0]
-    base = encdec.reference_generate(text_model, [request.inputs], MAX_NEW)[0]
+    expected = encdec.reference_generate(merged, [request.inputs], MAX_NEW, pad_to_multiple=16)[0]
+    base = encdec.reference_generate(text_model, [request.inputs], MAX_NEW, pad_to_multiple=16)[0]
     assert output.token_ids == expected.token_ids != base.token_ids
