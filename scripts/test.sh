@@ -10,7 +10,7 @@ ruff check encdec pallas_kernels tests scripts
 # nothing; set -e turns that (and any failure) into a failed run.
 status=0
 for group in tests/test_*.py tests/models tests/checkpoints tests/cache tests/pallas_kernels tests/engine \
-             tests/lora tests/bench tests/whisper tests/notebooks; do
+             tests/lora tests/bench tests/whisper tests/serving tests/notebooks; do
   echo "== pytest $group"
   python -m pytest -p no:cacheprovider $group "$@" || status=$?
 done

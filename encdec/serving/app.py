@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from encdec.engine import Overloaded, RequestError
 from encdec.engine.async_engine import EngineUnavailable
-from encdec.serving.completions import create_completion
+from encdec.serving.completions import ClientDisconnected, create_completion
 from encdec.serving.models import ServedModel
 from encdec.serving.protocol import APIError, CompletionRequest, error_body, validation_message
 from encdec.serving.transcriptions import DEFAULT_MAX_UPLOAD_BYTES, create_transcription
@@ -143,6 +143,10 @@ def build_app(
     @app.exception_handler(EngineUnavailable)
     async def on_unavailable(_: HTTPRequest, e: EngineUnavailable) -> JSONResponse:
         return reply(APIError(503, str(e), type="service_unavailable"))
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_gone(_: HTTPRequest, e: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:

@@ -148,11 +148,15 @@ async def until_disconnected(request: HTTPRequest) -> None:
         pass
 
 
+class ClientDisconnected(Exception):
+    """The client left before its answer was ready (its requests are cancelled; nobody reads a reply)."""
+
+
 async def unless_disconnected(
     request: HTTPRequest, work: Awaitable[T], on_disconnect: Callable[[], None]
 ) -> T:
     """``await work``, but if the client disconnects first call ``on_disconnect`` and raise
-    :class:`asyncio.CancelledError` (nobody is left to answer)."""
+    :class:`ClientDisconnected`."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(until_disconnected(request))
     try:
@@ -161,7 +165,7 @@ async def unless_disconnected(
             return task.result()
         on_disconnect()
         task.cancel()
-        raise asyncio.CancelledError("the client disconnected")
+        raise ClientDisconnected()
     finally:
         watch.cancel()
         if not task.done():

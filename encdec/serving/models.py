@@ -108,5 +108,10 @@ def serve_model(
         engine.load_adapter(adapter_id, lora)
     if warmup:
         engine.warmup()
+    return serve_engine(engine, name=name, max_pending=max_pending)
+
+
+def serve_engine(engine: Engine, *, name: str, max_pending: int = 256) -> ServedModel:
+    """Start ``engine``'s loop (nothing else may drive it from now on) with metrics attached."""
     metrics = ServerMetrics()
     return ServedModel(name, AsyncEngine(engine, max_pending=max_pending, on_finish=metrics.observe), metrics)

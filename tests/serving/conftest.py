@@ -6,7 +6,8 @@ import pytest
 
 import encdec
 from encdec.bench.shapes import write_shape
-from encdec.engine import EngineConfig
+from encdec.engine import Engine, EngineConfig
+from encdec.lora import AdapterBank
 from tests.whisper.fixtures import tiny_ct2_dir, tiny_hf_model  # noqa: F401 (the Whisper fixtures)
 
 MAX_NEW = 16
@@ -23,6 +24,17 @@ def text_config(**kw) -> EngineConfig:
         max_encoder_batch=4,
     )
     return EngineConfig(**{**base, **kw})
+
+
+def adapter_bank(model) -> AdapterBank:
+    """The bank the test server builds for its one adapter (rank 2 on q and v)."""
+    return AdapterBank(model.params, model.config, capacity=1, max_rank=2, target_modules=("q", "v"))
+
+
+def text_engine(model, **config) -> Engine:
+    """An engine of the test server's shapes (its adapter bank included), so every engine of
+    these tests shares one set of compiled steps."""
+    return Engine(model, text_config(**config), adapters=adapter_bank(model))
 
 
 @pytest.fixture(scope="session")

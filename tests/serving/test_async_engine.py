@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import encdec
-from encdec.engine import Engine, Request, RequestError
+from encdec.engine import Request, RequestError
 from encdec.engine.async_engine import AsyncEngine, EngineClosed, EngineDead, Overloaded
-from encdec.lora import AdapterBank, merge_adapter
+from encdec.lora import merge_adapter
 from tests.engine.test_engine_lora import _adapter
-from tests.serving.conftest import MAX_NEW, text_config
+from tests.serving.conftest import MAX_NEW, text_engine
 
 LONG = Request("t5 t6 t7", max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW)
 
@@ -41,7 +41,7 @@ def _requests(n, seed=0):
 
 @pytest.fixture
 def engine(text_model):
-    return Engine(text_model, text_config())
+    return text_engine(text_model)
 
 
 def _assert_idle(engine):
@@ -136,7 +136,7 @@ def test_a_full_engine_says_overloaded_and_recovers(engine):
 
 def test_bad_requests_fail_their_caller_alone(text_model):
     # Two usable self pages of 4 tokens: a request for 16 tokens can never fit (found on the loop).
-    engine = Engine(text_model, text_config(num_self_pages=3))
+    engine = text_engine(text_model, num_self_pages=3)
     with AsyncEngine(engine) as ae:
         running = ae.submit(Request("t5 t6 t7", max_new_tokens=6, min_new_tokens=6))
         with pytest.raises(RequestError, match="temperature must be in"):
@@ -248,10 +248,8 @@ def test_an_idle_loop_sleeps_and_wakes_for_work(engine):
 
 
 def test_adapters_load_and_unload_between_rounds(text_model):
-    targets = ("q", "v")
-    bank = AdapterBank(text_model.params, text_model.config, capacity=1, max_rank=2, target_modules=targets)
-    engine = Engine(text_model, text_config(), adapters=bank)
-    lora = _adapter(text_model, 3, 2, targets)
+    engine = text_engine(text_model)
+    lora = _adapter(text_model, 3, 2, ("q", "v"))
     request = Request("t40 t41 t42 t43", max_new_tokens=MAX_NEW, adapter_id="a")
     with AsyncEngine(engine) as ae:
         asyncio.run(ae.run(lambda e: e.load_adapter("a", lora)))

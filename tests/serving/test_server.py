@@ -11,11 +11,11 @@ import openai
 import pytest
 
 import encdec
-from encdec.engine import Engine, Request
-from encdec.lora import AdapterBank, LoraConfig, merge_adapter, save_peft
+from encdec.engine import Request
+from encdec.lora import LoraConfig, merge_adapter, save_peft
 from encdec.serving import ServerThread, build_app, serve_model
 from tests.engine.test_engine_lora import _adapter
-from tests.serving.conftest import MAX_NEW, text_config
+from tests.serving.conftest import MAX_NEW, text_config, text_engine
 
 KEY = "test-key"
 PROMPTS = ["t5 t17 t300", "t9 t8", "t100 t7 t8 t9 t10 t11", "t400 t3 t44"]
@@ -47,10 +47,6 @@ def client(server):
     return openai.OpenAI(base_url=server[0].url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def _bank(model):
-    return AdapterBank(model.params, model.config, capacity=1, max_rank=2, target_modules=("q", "v"))
-
-
 def _text(model, token_ids):
     return model.tokenizer.decode(token_ids, skip_special_tokens=True)
 
@@ -75,7 +71,7 @@ def test_completion_equals_reference_and_engine(client, text_model):
         assert got.object == "text_completion" and got.model == "tiny-t5" and got.id.startswith("cmpl-")
     # Sampling depends only on the seed: equal to the engine's own generate (an engine of the
     # same shapes as the server's, so the compiled steps are shared).
-    engine = Engine(text_model, text_config(), adapters=_bank(text_model))
+    engine = text_engine(text_model)
     sampled = [Request(p, max_new_tokens=12, temperature=0.9, top_p=0.8, seed=7) for p in PROMPTS]
     for req, out in zip(sampled, engine.generate(sampled), strict=True):
         got = client.completions.create(
