@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from encdec.engine.detokenizer import Decode, IncrementalDetokenizer
+from encdec.engine.detokenizer import Decode
 from encdec.engine.engine import Engine
 from encdec.engine.frontend import Prepared
 from encdec.engine.request import Request, RequestOutput, checked_request
@@ -47,6 +47,7 @@ from encdec.engine.request_stream import (
     Delta,
     Failed,
     RequestStream,
+    SequenceDelta,
     ThreadChannel,
 )
 
@@ -59,6 +60,7 @@ __all__ = [
     "LoadSnapshot",
     "Overloaded",
     "RequestStream",
+    "SequenceDelta",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,7 +137,8 @@ class _Call:
 @dataclasses.dataclass
 class _Live:
     channel: Any
-    sent: int = 0
+    sent: dict[int, int] = dataclasses.field(default_factory=dict)
+    """Tokens handed over, by sequence index."""
 
 
 class AsyncEngine:
@@ -236,7 +239,7 @@ class AsyncEngine:
             self._pending += 1
             self._inbox.append(_Submit(rid, checked, prepared, arrival, channel))
             self._cond.notify()
-        return RequestStream(self, rid, channel, IncrementalDetokenizer(decode), prepared.encoder_len)
+        return RequestStream(self, rid, channel, decode, prepared.encoder_len)
 
     def cancel(self, handle: int) -> None:
         """Stop a request: its stream ends with ``finish_reason="cancelled"`` and its slot and
@@ -383,16 +386,20 @@ class AsyncEngine:
                 self._release()
                 live.channel.put(Failed(RuntimeError(f"request {rid}: the engine no longer holds it")))
                 continue
-            n = len(tracked.tokens)
-            if n == live.sent and tracked.output is None:
+            with_logprobs = tracked.request.logprobs is not None
+            news = []
+            for index, seq in enumerate(tracked.seqs):
+                sent, n = live.sent.get(index, 0), len(seq.tokens)
+                if n > sent:
+                    live.sent[index] = n
+                    logprobs = tuple(seq.logprobs[sent:n]) if with_logprobs else ()
+                    top = tuple(seq.top[sent:n]) if with_logprobs else ()
+                    news.append((index, tuple(seq.tokens[sent:n]), logprobs, top))
+                    self._tokens += n - sent
+            if not news and tracked.output is None:
                 continue
-            new = tuple(tracked.tokens[live.sent : n])
-            live.sent = n
-            self._tokens += len(new)
-            output = None
-            if tracked.output is not None:
-                output = self._hand_over(rid)
-            self._put(rid, live, Chunk(new, output))
+            output = None if tracked.output is None else self._hand_over(rid)
+            self._put(rid, live, Chunk(tuple(news), output))
 
     def _hand_over(self, rid: int) -> RequestOutput:
         output = self.engine.result(rid)

@@ -15,7 +15,7 @@ import dataclasses
 import queue
 from typing import Any, Protocol
 
-from encdec.engine.detokenizer import IncrementalDetokenizer
+from encdec.engine.detokenizer import Decode, IncrementalDetokenizer
 from encdec.engine.request import RequestOutput
 
 
@@ -24,20 +24,40 @@ class _Canceller(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class SequenceDelta:
+    """New tokens of one of a request's sequences (its samples, or its beams once found)."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[float, ...] = ()
+    """Each new token's log-probability (when the request asked for them)."""
+    top_logprobs: tuple[dict[int, float], ...] = ()
+    """The most likely tokens at each new step (``Request.logprobs`` > 0, not for beams)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Delta:
-    """What one loop round produced for a request: new tokens and the text they complete."""
+    """What one loop round produced for a request: new tokens and the text they complete.
+
+    ``token_ids`` and ``text`` are the first sequence's; ``sequences`` holds every sequence
+    with something new (the first included), for requests of several samples or beams. Beams
+    arrive whole on the last delta: the search knows its best hypotheses only at its end.
+    """
 
     token_ids: tuple[int, ...]
     text: str
     output: RequestOutput | None = None
     """The request's output, on its last delta only (finish reason, timings, every token)."""
+    sequences: tuple[SequenceDelta, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """What the loop hands a channel after a round: new tokens, and the output if it ended."""
+    """What the loop hands a channel after a round: each sequence's new tokens (``(index,
+    tokens, logprobs, top logprobs)``), and the output if the request ended."""
 
-    token_ids: tuple[int, ...]
+    sequences: tuple[tuple[int, tuple[int, ...], tuple[float, ...], tuple[dict[int, float], ...]], ...]
     output: RequestOutput | None
 
 
@@ -92,7 +112,7 @@ class RequestStream:
         owner: _Canceller,
         handle: int,
         channel: ThreadChannel | AsyncChannel,
-        detokenizer: IncrementalDetokenizer,
+        decode: Decode,
         prompt_tokens: int,
     ):
         self.handle = handle
@@ -100,18 +120,31 @@ class RequestStream:
         """Encoder positions of the request (prompt tokens, for usage figures)."""
         self.output: RequestOutput | None = None
         """The request's output, once it has ended."""
-        self.detokenizer = detokenizer
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        """One per sequence that has produced tokens, by index."""
+        self._decode = decode
         self._owner, self._channel = owner, channel
         self._done = False
 
+    def _detokenizer(self, index: int) -> IncrementalDetokenizer:
+        if index not in self.detokenizers:
+            self.detokenizers[index] = IncrementalDetokenizer(self._decode)
+        return self.detokenizers[index]
+
     @property
     def text(self) -> str:
-        """The text of the deltas so far."""
-        return self.detokenizer.text
+        """The first sequence's text so far."""
+        return self._detokenizer(0).text
 
     @property
     def token_ids(self) -> list[int]:
-        return self.detokenizer.token_ids
+        """The first sequence's tokens so far."""
+        return self._detokenizer(0).token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens generated so far over every sequence."""
+        return sum(len(d.token_ids) for d in self.detokenizers.values())
 
     def wait_accepted(self) -> None:
         """Block until the engine has queued the request (raises why it did not)."""
@@ -129,11 +162,17 @@ class RequestStream:
         if isinstance(item, Failed):
             self._done = True
             raise item.error
-        text = self.detokenizer.add(item.token_ids)
+        texts = {index: self._detokenizer(index).add(ids) for index, ids, _, _ in item.sequences}
         if item.output is not None:
-            text += self.detokenizer.finish()
+            for index in range(max(1, len(item.output.sequences))):
+                texts[index] = texts.get(index, "") + self._detokenizer(index).finish()
             self.output, self._done = item.output, True
-        return Delta(item.token_ids, text, item.output)
+        news = {index: (ids, lps, top) for index, ids, lps, top in item.sequences}
+        sequences = []
+        for index, text in sorted(texts.items()):
+            ids, lps, top = news.get(index, ((), (), ()))
+            sequences.append(SequenceDelta(index, ids, text, lps, top))
+        return Delta(news.get(0, ((),))[0], texts.get(0, ""), item.output, tuple(sequences))
 
     def __iter__(self) -> RequestStream:
         return self

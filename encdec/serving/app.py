@@ -25,9 +25,10 @@ from starlette.exceptions import HTTPException
 
 from encdec.engine import Overloaded, RequestError
 from encdec.engine.async_engine import EngineUnavailable
-from encdec.serving.completions import ClientDisconnected, create_completion
+from encdec.serving.completions import create_completion
 from encdec.serving.models import ServedModel
 from encdec.serving.protocol import APIError, CompletionRequest, error_body, validation_message
+from encdec.serving.streaming import ClientDisconnected
 from encdec.serving.transcriptions import DEFAULT_MAX_UPLOAD_BYTES, create_transcription
 
 API_NAMES = {
@@ -36,6 +37,8 @@ API_NAMES = {
     "inputs": "prompt",
     "AudioInput.language": "language",
     "AudioInput.task": "task",
+    "num_return_sequences": "n",
+    "num_beams": "best_of",
 }
 """Engine field names in error messages -> the API parameter they come from."""
 _FIELD = re.compile(r"^([A-Za-z_.]+)")
@@ -48,7 +51,17 @@ def request_error(e: RequestError) -> APIError:
         message = re.sub(rf"\b{re.escape(engine_name)}\b", api_name, message)
     match = _FIELD.match(message)
     first = match.group(1) if match else None
-    params = {*API_NAMES.values(), "temperature", "top_p", "top_k", "seed", "stop_token_ids", "model"}
+    params = {
+        *API_NAMES.values(),
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop_token_ids",
+        "model",
+        "logprobs",
+    }
+    params |= {"stop", "repetition_penalty", "no_repeat_ngram_size"}
     return APIError(400, message, param=first if first in params else None)
 
 

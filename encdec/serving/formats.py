@@ -34,6 +34,9 @@ class Segment:
     token_ids: tuple[int, ...] = ()
     temperature: float = 0.0
     """The sampling temperature the segment was decoded with."""
+    avg_logprob: float | None = None
+    """Whisper's figure: the sum of the tokens' log-probabilities (``<|endoftext|>``'s included)
+    over the text tokens plus one."""
 
 
 def joined_text(segments: Sequence[Segment]) -> str:
@@ -78,11 +81,9 @@ def compression_ratio(text: str) -> float:
 
 
 def verbose_json(segments: Sequence[Segment], *, task: str, language: str, duration: float) -> dict[str, Any]:
-    """OpenAI's ``verbose_json``: the text, the duration and every segment with its times and tokens.
-
-    ``avg_logprob`` and ``no_speech_prob`` are left out: the engine does not report
-    log-probabilities yet.
-    """
+    """OpenAI's ``verbose_json``: the text, the duration and every segment with its times, tokens
+    and ``avg_logprob`` (``no_speech_prob`` is left out: it needs the whole distribution after
+    ``<|startoftranscript|>``, which the engine reports only as its top tokens)."""
     return {
         "task": task,
         "language": language,
@@ -98,6 +99,7 @@ def verbose_json(segments: Sequence[Segment], *, task: str, language: str, durat
                 "tokens": list(s.token_ids),
                 "temperature": s.temperature,
                 "compression_ratio": compression_ratio(s.text),
+                **({} if s.avg_logprob is None else {"avg_logprob": s.avg_logprob}),
             }
             for i, s in enumerate(segments)
         ],

@@ -49,8 +49,8 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """``POST /v1/completions``. The ``top_k``, ``min_tokens`` and ``stop_token_ids`` extensions
-    are vLLM's names for the engine's ``top_k``, ``min_new_tokens`` and ``stop_token_ids``."""
+    """``POST /v1/completions``. The ``top_k``, ``min_tokens``, ``stop_token_ids`` and
+    ``repetition_penalty`` extensions are vLLM's names for the engine's fields."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -76,13 +76,12 @@ class CompletionRequest(BaseModel):
     top_k: int | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """The first parameter set to something the engine cannot do yet: ``(param, why)``."""
         checks = (
-            ("n", self.n not in (None, 1), "n > 1 needs several sequences per request (not yet)"),
-            ("best_of", self.best_of not in (None, 1), "best_of needs beam search (not yet)"),
-            ("logprobs", self.logprobs is not None, "logprobs are not reported yet"),
             ("echo", bool(self.echo), "echo is not supported: the prompt is the encoder's input"),
             ("suffix", bool(self.suffix), "suffix is not supported"),
             (
@@ -176,8 +175,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def completion_body(

@@ -19,10 +19,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
 from encdec.engine import Request, RequestOutput, RequestStream
-from encdec.serving.completions import finish_reason, unless_disconnected
+from encdec.serving.completions import check_output
 from encdec.serving.formats import Segment, render
 from encdec.serving.models import ServedModel
 from encdec.serving.protocol import APIError, TranscriptionForm, parse_form
+from encdec.serving.streaming import unless_disconnected
 from encdec.whisper.audio import CHUNK_SECONDS, SAMPLE_RATE, AudioError, load_audio, split_windows
 from encdec.whisper.frontend import AudioInput
 
@@ -81,7 +82,8 @@ def _segment(
     ids = tuple(t for t in output.token_ids if t != tokens.eot)
     text = output.text if output.text is not None else tokens.decode(None, ids)
     start = index * CHUNK_SECONDS
-    return Segment(start, min(start + CHUNK_SECONDS, duration), text, ids, temperature)
+    avg = None if output.logprobs is None else sum(output.logprobs) / (len(ids) + 1)
+    return Segment(start, min(start + CHUNK_SECONDS, duration), text, ids, temperature, avg)
 
 
 async def create_transcription(
@@ -106,6 +108,7 @@ async def create_transcription(
             request = Request(
                 AudioInput(window, language=language, task=task),
                 temperature=form.temperature,
+                logprobs=0,
                 adapter_id=adapter_id,
             )
             streams.append(await served.engine.submit_async(request))
@@ -132,7 +135,7 @@ async def create_transcription(
     finally:
         cancel_all()
     for output in results:
-        finish_reason(output)  # a failed window fails the request (500), a shutdown cancels it (503)
+        check_output(output)  # a failed window fails the request (500), a shutdown cancels it (503)
     segments = [_segment(served, i, o, duration, form.temperature) for i, o in enumerate(results)]
     body, media_type = render(form.response_format, segments, task=task, language=language, duration=duration)
     if isinstance(body, dict):

@@ -19,35 +19,29 @@ def test_mixed_requests_with_cancellations_and_disconnects(text_model_dir, tmp_p
     overrides = [
         "model.shape=tiny-t5",
         f"cache_dir={text_model_dir.parent}",
-        "num_requests=150",
-        "concurrency=24",
+        "num_requests=100",
+        "concurrency=16",
         "num_slots=8",
         "output_len={kind: uniform, low: 2, high: 16}",
         "cancel_fraction=0.15",
         "disconnect_fraction=0.1",
+        "disconnect_within_s=0.05",  # the tiny model is quick: leave before it answers
         "time_limit_s=60",
+        "offline_again=false",
     ]
     results = run_serve_load(ServeLoadConfig.load(EXPERIMENT, overrides), tmp_path, progress=False)
     checks = results["checks"]
     assert checks["passed"], json.dumps(checks, indent=1)
     assert (checks["lost"], checks["duplicated"], checks["wrong_outputs"]) == (0, 0, 0)
-    assert (
-        checks["tracked_requests_after"],
-        checks["self_pages_used_after"],
-        checks["cross_pages_used_after"],
-    ) == (
-        0,
-        0,
-        0,
-    )
+    after = ("tracked_requests_after", "self_pages_used_after", "cross_pages_used_after")
+    assert [checks[k] for k in after] == [0, 0, 0]
     outcomes = checks["outcomes"]
-    assert (
-        outcomes["completed"] >= 100 and outcomes["cancelled"] >= 5 and outcomes.get("disconnected", 0) >= 3
-    )
-    assert sum(outcomes.values()) == 150
-    # Every request the clients left ended in the engine as cancelled (or, raced, finished).
+    assert outcomes["completed"] >= 60 and outcomes["cancelled"] >= 3 and outcomes.get("disconnected", 0) >= 3
+    assert sum(outcomes.values()) == 100
+    # No request ended twice in the engine, none failed. (How many the engine cancelled depends
+    # on timing: a client may hang up after its request finished; test_server pins that down.)
     finished = checks["engine_finished"]
-    assert finished.get("cancelled", 0) >= outcomes["cancelled"] and sum(finished.values()) <= 150
+    assert sum(finished.values()) <= 100 and finished.get("error", 0) == 0
     served = results["runs"][1]
     assert served["system"] == "encdec-serve" and served["ttft_p50_s"] > 0 and served["p99_latency_s"] > 0
     assert (tmp_path / "serve_load.png").stat().st_size > 0 and (tmp_path / "results.md").exists()

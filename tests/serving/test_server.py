@@ -91,14 +91,20 @@ def test_completion_equals_reference_and_engine(client, text_model):
 
 def _streamed(client, **kw):
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
-    texts, reasons = {}, {}
+    texts, reasons, logprobs = {}, {}, {}
     for ch in chunks[:-1]:
         (choice,) = ch.choices
         texts[choice.index] = texts.get(choice.index, "") + choice.text
+        if choice.logprobs is not None:
+            lp = logprobs.setdefault(choice.index, {"tokens": [], "token_logprobs": [], "text_offset": []})
+            for key in lp:
+                lp[key] += getattr(choice.logprobs, key)
         if choice.finish_reason is not None:
             assert choice.index not in reasons  # one finishing chunk per choice
             reasons[choice.index] = choice.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    if logprobs:
+        return texts, reasons, chunks[-1].usage, len(chunks), logprobs
     return texts, reasons, chunks[-1].usage, len(chunks)
 
 
@@ -129,20 +135,91 @@ def test_sse_wire_format_ends_with_done(server):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_stop_strings_end_the_text_before_them(client):
+def test_stop_strings_end_the_text_before_them(client, text_model):
+    """Text prompts stop in the engine, token-id prompts in the server: the same text."""
     full = client.completions.create(model="tiny-t5", prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0)
     words = full.choices[0].text.split()
     stop = " " + words[3]  # its first occurrence ends the text
     cut = full.choices[0].text[: full.choices[0].text.index(stop)]
-    for stops in (stop, [stop, "never-there"]):
+    ids = text_model.tokenizer(PROMPTS[0])["input_ids"]
+    for prompt, stops in ((PROMPTS[0], stop), (PROMPTS[0], [stop, "never-there"]), (ids, stop)):
         got = client.completions.create(
-            model="tiny-t5", prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0, stop=stops
+            model="tiny-t5", prompt=prompt, max_tokens=MAX_NEW, temperature=0, stop=stops
         )
         assert (got.choices[0].text, got.choices[0].finish_reason) == (cut, "stop")
+        assert got.usage.completion_tokens < full.usage.completion_tokens  # stopped there, not at the end
         texts, reasons, _, _ = _streamed(
-            client, model="tiny-t5", prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0, stop=stops
+            client, model="tiny-t5", prompt=prompt, max_tokens=MAX_NEW, temperature=0, stop=stops
         )
         assert (texts[0], reasons[0]) == (cut, "stop")
+
+
+def test_n_samples_and_best_of_beams_equal_the_engine(client, text_model):
+    engine = text_engine(text_model)
+    prompt = PROMPTS[2]
+    cases = [  # (API arguments, the engine request they mean, how many choices come back)
+        (
+            dict(n=3, temperature=0.9, seed=5),
+            Request(prompt, max_new_tokens=12, temperature=0.9, seed=5, num_return_sequences=3),
+            3,
+        ),
+        (
+            dict(n=2, best_of=3, temperature=0),
+            Request(prompt, max_new_tokens=12, num_beams=3, num_return_sequences=2),
+            2,
+        ),
+        (
+            dict(n=2, temperature=0),
+            Request(prompt, max_new_tokens=12, num_beams=2, num_return_sequences=2),
+            2,
+        ),
+    ]
+    for args, request, count in cases:
+        want = engine.generate([request])[0].sequences
+        got = client.completions.create(model="tiny-t5", prompt=prompt, max_tokens=12, **args)
+        assert [c.index for c in got.choices] == list(range(count))
+        assert [c.text for c in got.choices] == [q.text for q in want]
+        assert len({c.text for c in got.choices}) == count  # distinct samples, distinct beams
+        assert got.usage.completion_tokens == sum(len(q.token_ids) for q in want)
+        texts, reasons, usage, _ = _streamed(
+            client, model="tiny-t5", prompt=[prompt, prompt], max_tokens=12, **args
+        )
+        assert [texts[i] for i in range(2 * count)] == [c.text for c in got.choices] * 2
+        assert [reasons[i] for i in range(count)] == [c.finish_reason for c in got.choices]
+    # best_of > n when sampling: the n samples of best mean log-probability.
+    samples = engine.generate(
+        [Request(prompt, max_new_tokens=12, temperature=1.2, seed=9, num_return_sequences=4, logprobs=0)]
+    )
+    ranked = sorted(samples[0].sequences, key=lambda q: -q.cumulative_logprob / len(q.token_ids))
+    got = client.completions.create(
+        model="tiny-t5", prompt=prompt, max_tokens=12, temperature=1.2, seed=9, n=2, best_of=4
+    )
+    assert [c.text for c in got.choices] == [q.text for q in ranked[:2]]
+
+
+def test_logprobs_streamed_and_whole(client, text_model):
+    engine = text_engine(text_model)
+    want = engine.generate([Request(PROMPTS[0], max_new_tokens=MAX_NEW, logprobs=2)])[0]
+    got = client.completions.create(
+        model="tiny-t5", prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0, logprobs=2
+    )
+    lp = got.choices[0].logprobs
+    assert lp.tokens == text_model.tokenizer.convert_ids_to_tokens(want.token_ids)
+    assert lp.token_logprobs == pytest.approx(want.logprobs)
+    tokens = text_model.tokenizer.convert_ids_to_tokens
+    assert lp.top_logprobs == [{tokens(k): v for k, v in d.items()} for d in want.top_logprobs]
+    assert all(lp.tokens[i] in lp.top_logprobs[i] for i in range(len(lp.tokens)))  # greedy: the top one
+    text = got.choices[0].text
+    assert (
+        lp.text_offset[0] == 0
+        and lp.text_offset == sorted(lp.text_offset)
+        and lp.text_offset[-1] < len(text) + 1
+    )
+    *_, streamed = _streamed(
+        client, model="tiny-t5", prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0, logprobs=2
+    )
+    assert streamed[0]["tokens"] == lp.tokens and streamed[0]["text_offset"] == lp.text_offset
+    assert streamed[0]["token_logprobs"] == pytest.approx(lp.token_logprobs)
 
 
 def test_model_selects_the_adapter(client, text_model, lora):
@@ -176,8 +253,12 @@ def test_model_selects_the_adapter(client, text_model, lora):
         (dict(prompt=[1, "a"]), "prompt", "prompt: must be a string"),
         (dict(prompt=[]), "prompt", "must not be an empty list"),
         (dict(prompt=[[5, 100000]]), None, "outside the vocabulary"),
-        (dict(n=2), "n", "n > 1"),
-        (dict(logprobs=2), "logprobs", "not reported yet"),
+        (dict(n=0), "n", "n must be in"),
+        (dict(n=2, best_of=1), "best_of", "best_of \\(1\\) must be at least n \\(2\\)"),
+        (dict(n=2, temperature=0, best_of=99), "best_of", "best_of=99 exceeds"),
+        (dict(logprobs=9), "logprobs", "logprobs must be at most 5"),
+        (dict(stream=True, n=1, best_of=2, temperature=1.0), "best_of", "cannot be streamed"),
+        (dict(echo=True), "echo", "echo is not supported"),
         (dict(stop=""), "stop", "must not be empty"),
     ],
 )

@@ -84,6 +84,7 @@ def test_every_response_format(client, clip, expected):
     assert (verbose.text, verbose.duration, verbose.language) == (text, 41.5, "en")
     segments = [(s.start, s.end, s.text, s.tokens) for s in verbose.segments]
     assert segments == [(0.0, 30.0, t0, ids0), (30.0, 41.5, t1, ids1)]
+    assert all(s.avg_logprob < 0 for s in verbose.segments)
 
 
 def test_translation_and_language(client, server, clip, expected):
