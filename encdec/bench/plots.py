@@ -14,12 +14,16 @@ import numpy as np
 
 from encdec.bench.config import SYSTEMS
 
+SERVE_SYSTEMS = ("encdec-offline", "encdec-serve")
+"""The serving load test's two runs (``encdec.bench.serve_load``)."""
+
 
 def system_color(system: str) -> Any:
     """The same color for a system in every plot."""
     import matplotlib
 
-    i = SYSTEMS.index(system) if system in SYSTEMS else len(SYSTEMS)
+    names = SYSTEMS + SERVE_SYSTEMS
+    i = names.index(system) if system in names else len(names)
     return matplotlib.colormaps["tab10"](i % 10)
 
 
