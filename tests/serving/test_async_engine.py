@@ -76,9 +76,9 @@ def _slow_steps(engine, seconds=0.01):
 
 
 def test_eight_threads_submit_and_stream_against_one_engine(engine):
-    requests = _requests(96, 1)
+    requests = _requests(64, 1)
     expected = engine.generate(requests)  # offline, before the loop owns the engine
-    assert len({tuple(o.token_ids) for o in expected}) > 60
+    assert len({tuple(o.token_ids) for o in expected}) > 40
     results: dict[int, tuple] = {}
     errors = []
     with AsyncEngine(engine, max_pending=128) as ae:
