@@ -12,7 +12,8 @@ status=0
 decoding="tests/engine/test_beams.py tests/engine/test_decoding.py tests/engine/test_memory_policies.py"
 ignore_decoding=$(for f in $decoding; do printf -- "--ignore=%s " "$f"; done)
 for group in "tests/test_*.py" tests/models tests/checkpoints tests/cache tests/pallas_kernels \
-             "tests/engine $ignore_decoding" "$decoding" tests/lora tests/bench tests/whisper tests/notebooks; do
+             "tests/engine $ignore_decoding" "$decoding" tests/lora tests/bench tests/whisper tests/serving \
+             tests/notebooks; do
   echo "== pytest $group"
   # shellcheck disable=SC2086  # a group is several words
   python -m pytest -p no:cacheprovider $group "$@" || status=$?
