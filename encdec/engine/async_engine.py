@@ -96,7 +96,10 @@ class LoadSnapshot:
     self_pages_used: int
     self_pages_total: int
     cross_pages_used: int
+    """Held by requests (cached idle pages not counted: ``cross_pages_cached``)."""
     cross_pages_total: int
+    cross_pages_cached: int
+    """Cross pages kept after their requests ended, for later requests with the same input."""
     tokens_generated: int
     """Tokens handed to consumers since the loop started."""
     finished: dict[str, int]
@@ -455,8 +458,9 @@ class AsyncEngine:
             num_slots=e.config.num_slots,
             self_pages_used=e.self_alloc.num_used,
             self_pages_total=e.self_alloc.capacity,
-            cross_pages_used=e.cross_alloc.num_used,
+            cross_pages_used=e.cross_alloc.num_used - s.cross_cache.idle_pages,
             cross_pages_total=e.cross_alloc.capacity,
+            cross_pages_cached=s.cross_cache.idle_pages,
             tokens_generated=self._tokens,
             finished=dict(self._finished),
             rounds=self._rounds,

@@ -38,10 +38,15 @@ class _EngineCollector(Collector):
         )
         yield GaugeMetricFamily("encdec_busy_slots", "Decode slots holding a request", value=s.busy_slots)
         yield GaugeMetricFamily("encdec_slots", "Decode slots", value=s.num_slots)
-        used = GaugeMetricFamily("encdec_kv_pages_in_use", "KV cache pages in use", labels=["pool"])
+        used = GaugeMetricFamily("encdec_kv_pages_in_use", "KV cache pages held by requests", labels=["pool"])
         used.add_metric(["self"], s.self_pages_used)
         used.add_metric(["cross"], s.cross_pages_used)
         yield used
+        yield GaugeMetricFamily(
+            "encdec_kv_cross_pages_cached",
+            "Cross pages kept after their requests ended, for requests with the same input",
+            value=s.cross_pages_cached,
+        )
         total = GaugeMetricFamily("encdec_kv_pages", "KV cache pages in each pool", labels=["pool"])
         total.add_metric(["self"], s.self_pages_total)
         total.add_metric(["cross"], s.cross_pages_total)
