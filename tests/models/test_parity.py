@@ -75,7 +75,7 @@ def test_greedy_tokens_match_hf_for_32_steps(pair):
     hf, model = pair
     cfg = model.config
     ids, mask = _batch(cfg.pad_token_id, seed=4)
-    use_cache = hf.config.model_type not in ("t5", "mt5") or cfg.encoder_layers == cfg.decoder_layers
+    use_cache = hf.config.model_type not in ("t5", "mt5", "umt5") or cfg.encoder_layers == cfg.decoder_layers
     with torch.no_grad():
         hf_out = hf.generate(
             input_ids=torch.tensor(ids),
