@@ -123,3 +123,43 @@ def test_jit_and_eager_agree(pair):
     eager = encode(model.params, cfg, *args)
     jitted = jax.jit(encode, static_argnums=1)(model.params, cfg, *args)
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def m2m_pair(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("m2m_positions")
+    return save_hf_model("m2m_100", directory), encdec.load_pretrained(directory)
+
+
+def test_m2m100_positions_count_only_non_pad_tokens(m2m_pair):
+    """NLLB/M2M100 derive positions from the ids: a left-padded row gets the positions of the
+    same row right-padded, and a pad token (the decoder may emit one) sits on the zero row."""
+    hf, model = m2m_pair
+    cfg = model.config
+    pad = cfg.pad_token_id
+    rng = np.random.default_rng(6)
+    ids = np.full((2, 10), pad, np.int64)
+    ids[0, 3:] = rng.integers(3, VOCAB - 2, 7)  # left-padded
+    ids[1, :6] = rng.integers(3, VOCAB - 2, 6)  # right-padded
+    mask = (ids != pad).astype(np.int64)
+    dec_ids = np.random.default_rng(7).integers(3, VOCAB - 2, (2, 5))
+    dec_ids[:, 0] = cfg.decoder_start_token_id
+    dec_ids[:, -1] = pad
+    with torch.no_grad():
+        out = hf(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            decoder_input_ids=torch.tensor(dec_ids),
+        )
+        hf_enc = hf.get_encoder()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    enc = encode(model.params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
+    valid = mask.astype(bool)
+    hf_enc = hf_enc.last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(enc)[valid], hf_enc[valid], atol=1e-4, rtol=0)
+    shifted = [jnp.asarray(np.roll(x[:1], -3, axis=1)) for x in (ids.astype(np.int32), mask.astype(bool))]
+    right = encode(model.params, cfg, *shifted)
+    np.testing.assert_allclose(np.asarray(enc)[0, 3:], np.asarray(right)[0, :7], atol=1e-5, rtol=0)
+    kv = init_dense_kv(model.params, cfg, enc, jnp.asarray(mask, bool), dec_ids.shape[1])
+    positions = jnp.broadcast_to(jnp.arange(dec_ids.shape[1], dtype=jnp.int32), dec_ids.shape)
+    logits, _ = decode(model.params, cfg, jnp.asarray(dec_ids, jnp.int32), positions, kv)
+    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=0)
