@@ -87,3 +87,12 @@ def test_head_counts_may_differ_but_must_divide_d_model(model_type):
     # HF's attention raises on these too (head_dim = d_model / heads).
     with pytest.raises(UnsupportedModelError, match="not divisible by decoder_attention_heads=5"):
         ModelConfig.from_hf({**base, "encoder_attention_heads": 8, "decoder_attention_heads": 5})
+
+
+def test_bart_with_unequal_head_counts_matches_hf(tmp_path):
+    """BART itself (mBART, Marian, Pegasus and M2M100 in tests/models/test_parity.py)."""
+    hf = save_hf_model("bart", tmp_path, config={"encoder_attention_heads": 8, "decoder_attention_heads": 2})
+    model = encdec.load_pretrained(tmp_path)
+    assert (model.config.encoder_head_dim, model.config.head_dim) == (4, 16)
+    ours, theirs = _hf_and_ours(hf, model)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
