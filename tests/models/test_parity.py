@@ -13,14 +13,16 @@ from tests.tiny_models import FAMILIES, VOCAB, hf_generation_config, save_hf_mod
 LENGTHS = [7, 3, 11]  # a padded batch: rows of different lengths
 
 
-def _batch(pad_id, seed=1):
+def _batch(pad_id, seed=1, left_padded_row=None):
+    """Right-padded rows; ``left_padded_row`` puts that row's tokens at the end instead."""
     rng = np.random.default_rng(seed)
     S = max(LENGTHS)
     ids = np.full((len(LENGTHS), S), pad_id, np.int64)
     mask = np.zeros((len(LENGTHS), S), np.int64)
     for i, n in enumerate(LENGTHS):
-        ids[i, :n] = rng.integers(3, VOCAB - 2, n)
-        mask[i, :n] = 1
+        where = slice(S - n, S) if i == left_padded_row else slice(0, n)
+        ids[i, where] = rng.integers(3, VOCAB - 2, n)
+        mask[i, where] = 1
     return ids, mask
 
 
@@ -32,11 +34,15 @@ def pair(request, tmp_path_factory):
 
 
 def test_encoder_and_decoder_logits_match_hf(pair):
+    """Teacher-forced, one row left-padded and a pad token last in the decoder input: M2M100/NLLB
+    number only non-pad tokens (a left-padded row gets right-padded positions) and put pad
+    tokens on the zero position row; the other families index positions by place."""
     hf, model = pair
     cfg = model.config
-    ids, mask = _batch(cfg.pad_token_id)
+    ids, mask = _batch(cfg.pad_token_id, left_padded_row=1)
     dec_ids = np.random.default_rng(2).integers(3, VOCAB - 2, (ids.shape[0], 9))
     dec_ids[:, 0] = cfg.decoder_start_token_id
+    dec_ids[:, -1] = cfg.pad_token_id
     with torch.no_grad():
         out = hf(
             input_ids=torch.tensor(ids),
@@ -123,43 +129,3 @@ def test_jit_and_eager_agree(pair):
     eager = encode(model.params, cfg, *args)
     jitted = jax.jit(encode, static_argnums=1)(model.params, cfg, *args)
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def m2m_pair(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("m2m_positions")
-    return save_hf_model("m2m_100", directory), encdec.load_pretrained(directory)
-
-
-def test_m2m100_positions_count_only_non_pad_tokens(m2m_pair):
-    """NLLB/M2M100 derive positions from the ids: a left-padded row gets the positions of the
-    same row right-padded, and a pad token (the decoder may emit one) sits on the zero row."""
-    hf, model = m2m_pair
-    cfg = model.config
-    pad = cfg.pad_token_id
-    rng = np.random.default_rng(6)
-    ids = np.full((2, 10), pad, np.int64)
-    ids[0, 3:] = rng.integers(3, VOCAB - 2, 7)  # left-padded
-    ids[1, :6] = rng.integers(3, VOCAB - 2, 6)  # right-padded
-    mask = (ids != pad).astype(np.int64)
-    dec_ids = np.random.default_rng(7).integers(3, VOCAB - 2, (2, 5))
-    dec_ids[:, 0] = cfg.decoder_start_token_id
-    dec_ids[:, -1] = pad
-    with torch.no_grad():
-        out = hf(
-            input_ids=torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            decoder_input_ids=torch.tensor(dec_ids),
-        )
-        hf_enc = hf.get_encoder()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
-    enc = encode(model.params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
-    valid = mask.astype(bool)
-    hf_enc = hf_enc.last_hidden_state.numpy()
-    np.testing.assert_allclose(np.asarray(enc)[valid], hf_enc[valid], atol=1e-4, rtol=0)
-    shifted = [jnp.asarray(np.roll(x[:1], -3, axis=1)) for x in (ids.astype(np.int32), mask.astype(bool))]
-    right = encode(model.params, cfg, *shifted)
-    np.testing.assert_allclose(np.asarray(enc)[0, 3:], np.asarray(right)[0, :7], atol=1e-5, rtol=0)
-    kv = init_dense_kv(model.params, cfg, enc, jnp.asarray(mask, bool), dec_ids.shape[1])
-    positions = jnp.broadcast_to(jnp.arange(dec_ids.shape[1], dtype=jnp.int32), dec_ids.shape)
-    logits, _ = decode(model.params, cfg, jnp.asarray(dec_ids, jnp.int32), positions, kv)
-    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=0)
