@@ -19,9 +19,19 @@ class TokenMasks:
     """Banned besides at a sequence's first sampled step (``begin_suppress_tokens``)."""
 
 
-def step_keys(seeds_B: jax.Array, steps_B: jax.Array) -> jax.Array:
-    """Per-row PRNG keys for this step: a function of the row's seed and step only."""
-    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seeds_B, steps_B)
+def step_keys(seeds_B: jax.Array, steps_B: jax.Array, streams_B: jax.Array | None = None) -> jax.Array:
+    """Per-row PRNG keys for this step: a function of the row's seed and step only.
+
+    ``streams_B``: which of a request's independent samples the row draws (its beam index);
+    stream 0 draws exactly what a single-sample request with that seed draws.
+    """
+    def key(seed, step, stream):
+        k = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+        return jnp.where(stream > 0, jax.random.fold_in(k, stream), k)
+
+    if streams_B is None:
+        streams_B = jnp.zeros_like(steps_B)
+    return jax.vmap(key)(seeds_B, steps_B, streams_B)
 
 
 def ban_token(logits_BV: jax.Array, token_B: jax.Array) -> jax.Array:

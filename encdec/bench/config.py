@@ -69,9 +69,14 @@ class WorkloadConfig:
     """Mean arrivals per second for ``poisson``."""
     seed: int = 0
     """Seed of lengths, token ids and arrival times."""
+    num_beams: int = 1
+    """Beam search width for every system (1: greedy). Static baselines batch ``num_slots``
+    requests (``num_slots x num_beams`` hypotheses, as CTranslate2's ``max_batch_size`` counts),
+    and the engine gets ``num_slots x num_beams`` slots: every system holds as many sequences."""
 
     def __post_init__(self):
         _require(self.num_requests >= 1, "num_requests", f"must be >= 1, got {self.num_requests}")
+        _require(self.num_beams >= 1, "num_beams", f"must be >= 1, got {self.num_beams}")
         _require(self.rate > 0, "rate", f"must be > 0, got {self.rate}")
         if self.profile is None:
             _require(self.input_len is not None, "input_len", "is required when no profile is given")

@@ -1,7 +1,7 @@
 """CTranslate2, the peer on CPUs: its text and Whisper runners, built the same way.
 
-- :class:`CT2Translate`: ``Translator.translate_batch``, greedy, static batches (``ctranslate2``
-  and ``ctranslate2-int8`` in text experiments);
+- :class:`CT2Translate`: ``Translator.translate_batch``, greedy or beam search, static batches
+  (``ctranslate2`` and ``ctranslate2-int8`` in text experiments);
 - :class:`CT2Whisper`: ``models.Whisper.generate``, greedy with Whisper's suppression and no
   timestamps, on encdec's log-mel features (the Whisper experiment).
 """
@@ -47,10 +47,12 @@ class CT2Translate:
         self.vocab = ct2_vocabulary(ct2_path)
         self.index = {tok: i for i, tok in enumerate(self.vocab)}
 
-    def generate_batch(self, inputs: Sequence[Sequence[int]], length: int) -> list[list[int]]:
+    def generate_batch(
+        self, inputs: Sequence[Sequence[int]], length: int, beam_size: int = 1
+    ) -> list[list[int]]:
         source = [[self.vocab[i] for i in x] for x in inputs]
         results = self.translator.translate_batch(
-            source, max_batch_size=len(source), beam_size=1, min_decoding_length=length,
+            source, max_batch_size=len(source), beam_size=beam_size, min_decoding_length=length,
             max_decoding_length=length, return_scores=False,
         )
         return [[self.index[t] for t in r.hypotheses[0]] for r in results]
@@ -59,7 +61,10 @@ class CT2Translate:
         pass
 
     def run(self, trace: Trace, num_slots: int) -> SystemRun:
-        return run_static_batches(self.name, trace, num_slots, self.generate_batch)
+        def batch(inputs, length):
+            return self.generate_batch(inputs, length, trace.num_beams)
+
+        return run_static_batches(self.name, trace, num_slots, batch)
 
     def close(self) -> None:
         del self.translator

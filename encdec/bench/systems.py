@@ -1,8 +1,8 @@
 """Runners for every compared system, all driven by the same :class:`~encdec.bench.workloads.Trace`.
 
 - ``encdec-inflight`` / ``encdec-static``: the encdec engine in its two modes;
-- ``hf-generate``: transformers PyTorch ``generate``, greedy, static padded batches of
-  ``num_slots`` requests in trace order, each batch run to its longest output;
+- ``hf-generate``: transformers PyTorch ``generate``, greedy (or the trace's beam width), static
+  padded batches of ``num_slots`` requests in trace order, each batch run to its longest output;
 - ``ctranslate2`` / ``ctranslate2-int8``: ``Translator.translate_batch`` on the CTranslate2
   conversion of the same checkpoint, batched like ``hf-generate``.
 
@@ -72,8 +72,12 @@ def available_systems() -> dict[str, str | None]:
 
 
 def _dense_batches(trace: Trace, num_slots: int) -> list[list[tuple[int, int]]]:
+    """Each static batch's rows (one per beam): (input length, the batch's output length)."""
     batches = [trace.requests[s : s + num_slots] for s in range(0, len(trace), num_slots)]
-    return [[(len(r.input_ids), max(x.output_len for x in b)) for r in b] for b in batches]
+    return [
+        [(len(r.input_ids), max(x.output_len for x in b)) for r in b for _ in range(trace.num_beams)]
+        for b in batches
+    ]
 
 
 class HFGenerate:
@@ -99,18 +103,20 @@ class HFGenerate:
         # HF T5's cache update fails when encoder and decoder depths differ (FACTS).
         self.use_cache = not (c.model_type in ("t5", "mt5", "umt5") and c.num_layers != c.num_decoder_layers)
 
-    def generation_config(self, length: int):
+    def generation_config(self, length: int, num_beams: int = 1):
         import transformers as tf
 
         c = self.model.config
         return tf.GenerationConfig(
-            max_new_tokens=length, min_new_tokens=length, do_sample=False, num_beams=1,
+            max_new_tokens=length, min_new_tokens=length, do_sample=False, num_beams=num_beams,
             eos_token_id=self.config.eos_token_id, pad_token_id=c.pad_token_id,
             decoder_start_token_id=c.decoder_start_token_id, forced_bos_token_id=None,
             forced_eos_token_id=None, use_cache=self.use_cache,
         )
 
-    def generate_batch(self, inputs: Sequence[Sequence[int]], length: int) -> list[list[int]]:
+    def generate_batch(
+        self, inputs: Sequence[Sequence[int]], length: int, num_beams: int = 1
+    ) -> list[list[int]]:
         torch = self._torch
         S = max(len(x) for x in inputs)
         ids = torch.full((len(inputs), S), self.model.config.pad_token_id, dtype=torch.long)
@@ -121,7 +127,7 @@ class HFGenerate:
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                generation_config=self.generation_config(length),
+                generation_config=self.generation_config(length, num_beams),
             )
         return out[:, 1:].tolist()  # drop the decoder start token
 
@@ -129,7 +135,10 @@ class HFGenerate:
         pass
 
     def run(self, trace: Trace, num_slots: int) -> SystemRun:
-        run = run_static_batches(self.name, trace, num_slots, self.generate_batch)
+        def batch(inputs, length):
+            return self.generate_batch(inputs, length, trace.num_beams)
+
+        run = run_static_batches(self.name, trace, num_slots, batch)
         run.memory = dense_kv_memory(self.config, self.dtype_bytes, _dense_batches(trace, num_slots))
         return run
 
@@ -137,6 +146,26 @@ class HFGenerate:
         del self.model
         if self.device == "cuda":
             self._torch.cuda.empty_cache()
+
+
+def hf_beam_reference(
+    model_dir: Path, dtype: str, trace: Trace, *, progress: bool = False
+) -> list[list[int]]:
+    """HF ``generate``'s beam search on each request alone, at its exact length: the independent
+    reference of a beam workload (encdec has no dense beam search of its own to compare with)."""
+    hf = HFGenerate(model_dir, dtype, BaselineSection())
+    requests = trace.requests
+    if progress:
+        from tqdm.auto import tqdm
+
+        requests = tqdm(requests, desc=f"HF beam reference {trace.name}", leave=False)
+    try:
+        return [
+            hf.generate_batch([list(r.input_ids)], r.output_len, trace.num_beams)[0][: r.output_len]
+            for r in requests
+        ]
+    finally:
+        hf.close()
 
 
 class EncdecEngine:
@@ -156,7 +185,7 @@ class EncdecEngine:
     def _config_for(self, trace: Trace, num_slots: int) -> tuple[int, int, int]:
         enc = self.options.max_encoder_len or trace.max_input_len
         new = self.options.max_new_tokens or trace.max_output_len
-        return num_slots, enc, new
+        return trace.engine_slots(num_slots), enc, new
 
     def prepare(self, trace: Trace, num_slots: int) -> None:
         key = self._config_for(trace, num_slots)
@@ -165,7 +194,7 @@ class EncdecEngine:
             Engine, EngineConfig, _ = self._classes
             try:
                 cfg = EngineConfig(
-                    num_slots=num_slots, page_size=self.options.page_size, max_encoder_len=key[1],
+                    num_slots=key[0], page_size=self.options.page_size, max_encoder_len=key[1],
                     max_new_tokens=key[2], mode=self.mode, **self.options.options,
                 )
             except TypeError as e:
@@ -181,7 +210,7 @@ class EncdecEngine:
         requests = [
             Request(
                 inputs=list(r.input_ids), max_new_tokens=r.output_len, min_new_tokens=r.output_len,
-                arrival_time=r.arrival_s,
+                arrival_time=r.arrival_s, num_beams=trace.num_beams,
             )
             for r in trace.requests
         ]
@@ -197,7 +226,7 @@ class EncdecEngine:
         latency = [o.timings["done"] - a for o, a in zip(outs, arrival, strict=True)]
         ttft = [o.timings["first_token"] - a for o, a in zip(outs, arrival, strict=True)]
         stats = self._engine.stats()
-        memory = engine_memory(stats, num_slots)
+        memory = engine_memory(stats, trace.engine_slots(num_slots))
         memory["compiled"] = stats.compiled
         return SystemRun(
             system=self.name, token_ids=[list(map(int, o.token_ids)) for o in outs], latency_s=latency,

@@ -44,6 +44,8 @@ class Trace:
     name: str
     requests: tuple[TraceRequest, ...]
     arrival: str = "all-at-once"
+    num_beams: int = 1
+    """Beam width every system decodes with (1: greedy)."""
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -66,7 +68,7 @@ class Trace:
 
     def head(self, n: int) -> Trace:
         """The first ``n`` requests."""
-        return Trace(f"{self.name}-head{n}", self.requests[:n], self.arrival)
+        return dataclasses.replace(self, name=f"{self.name}-head{n}", requests=self.requests[:n])
 
     def capped(self, max_output_len: int) -> Trace:
         """Every request, arriving at once, outputs capped: a cheap warm-up that still sees
@@ -75,10 +77,16 @@ class Trace:
             dataclasses.replace(r, output_len=min(r.output_len, max_output_len), arrival_s=0.0)
             for r in self.requests
         )
-        return Trace(f"{self.name}-capped{max_output_len}", reqs)
+        name = f"{self.name}-capped{max_output_len}"
+        return dataclasses.replace(self, name=name, requests=reqs, arrival="all-at-once")
 
     def without_arrivals(self) -> Trace:
-        return Trace(self.name, tuple(dataclasses.replace(r, arrival_s=0.0) for r in self.requests))
+        reqs = tuple(dataclasses.replace(r, arrival_s=0.0) for r in self.requests)
+        return dataclasses.replace(self, requests=reqs, arrival="all-at-once")
+
+    def engine_slots(self, num_slots: int) -> int:
+        """Engine slots holding as many sequences as a static batch of ``num_slots`` requests."""
+        return num_slots * self.num_beams
 
     def summary(self) -> dict[str, Any]:
         ins = np.array([len(r.input_ids) for r in self.requests])
@@ -91,6 +99,7 @@ class Trace:
             "input_len": _stats(ins),
             "output_len": _stats(outs),
             "output_tokens": int(outs.sum()),
+            "num_beams": self.num_beams,
         }
 
 
@@ -142,4 +151,4 @@ def make_trace(cfg: WorkloadConfig, token_range: tuple[int, int], max_input_len:
         )
         for i in range(n)
     )
-    return Trace(cfg.name, requests, cfg.arrival)
+    return Trace(cfg.name, requests, cfg.arrival, cfg.num_beams)

@@ -261,3 +261,12 @@ def write_layer_pages(
     # [B, M, G, L, N, H] -> [B*M, L, N, G, H]: one update window per page.
     updates_XLNGH = jnp.transpose(k_BMGLNH, (0, 1, 3, 4, 2, 5)).reshape(B * M, L, N, G, H)
     return _scatter_rows(k_LNPGH, (2,), pages_BM.reshape(B * M, 1), updates_XLNGH)
+
+
+def copy_layer_pages(k_LNPGH: jax.Array, src_X: jax.Array, dst_X: jax.Array) -> jax.Array:
+    """Copy page ``src_X[x]`` onto page ``dst_X[x]`` in every layer (a beam's partially filled
+    last page, copy-on-write); a sentinel ``dst`` copies nothing. Destinations must be distinct."""
+    P = k_LNPGH.shape[2]
+    pages_XLNGH = jnp.moveaxis(k_LNPGH[:, :, src_X.astype(jnp.int32)], 2, 0)
+    dst_X1 = _drop_sentinel(dst_X, P)[:, None]
+    return _scatter_rows(k_LNPGH, (2,), dst_X1, pages_XLNGH)

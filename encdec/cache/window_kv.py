@@ -34,6 +34,13 @@ class KVWindow:
     cross_k_NBSH: tuple[jax.Array, ...]
     cross_v_NBSH: tuple[jax.Array, ...]
 
+    def take_self_rows(self, slot_B: jax.Array) -> KVWindow:
+        """Slot ``b``'s self rows become slot ``slot_B[b]``'s (beams continuing another beam)."""
+        return self.replace(
+            self_k_NBKH=tuple(x[:, slot_B] for x in self.self_k_NBKH),
+            self_v_NBKH=tuple(x[:, slot_B] for x in self.self_v_NBKH),
+        )
+
 
 def _gather_layer(pool_LNPGH: jax.Array, layer: int, page_table_BM: jax.Array, lengths_B: jax.Array):
     """Layer ``layer``'s pages of every slot as ``[N, B, M * G, H]``; rows past a slot's length are 0.

@@ -75,6 +75,13 @@ class EngineConfig:
     """Most forced decoder tokens a request starts with (``Request.decoder_prefix``, the start
     token included). None: the front end's default prompt length (1 for text, 4 for Whisper).
     Self page tables hold ``max_decoder_prefix - 1 + max_new_tokens`` tokens."""
+    max_num_beams: int = rule(Int(1, 256), 8)
+    """Most decode slots one request may hold (``num_beams``, or ``num_return_sequences`` when
+    sampling); capped by ``num_slots``."""
+    max_logprobs: int = rule(Int(0, 64), 5)
+    """Most alternatives a request may ask for per token (``Request.logprobs``, OpenAI's limit is 5)."""
+    max_suppress_tokens: int = rule(Int(0, 65536), 128)
+    """Most ids in a request's ``suppress_tokens`` (and in its ``begin_suppress_tokens``)."""
     truncate_long_inputs: bool = rule(OneOf((False, True)), False)
     """Truncate inputs longer than ``max_encoder_len`` instead of rejecting them."""
     cache_dtype: str | None = rule(OneOf((None, "float32", "bfloat16", "float16")), None)

@@ -31,6 +31,7 @@ from encdec.cache.pools import PoolConfig, init_pools, pool_bytes
 from encdec.checkpoints.pretrained import Model
 from encdec.engine.config import EngineConfig
 from encdec.engine.frontend import FrontEnd, Prepared, TextFrontEnd
+from encdec.engine.outputs import SequenceState, request_output, top_dict
 from encdec.engine.request import (
     FinishReason,
     Request,
@@ -38,18 +39,12 @@ from encdec.engine.request import (
     RequestOutput,
     check_limits,
     checked_request,
+    group_width,
 )
 from encdec.engine.scheduler import Admission, NeverFits, Scheduler, SeqSpec
+from encdec.engine.slots import SlotParams, SlotShape, init_state, slot_row, stack_rows
 from encdec.engine.stats import Counters, EngineStats
-from encdec.engine.steps import (
-    FINISHED_BIT,
-    SlotParams,
-    SlotShape,
-    init_state,
-    jitted_steps,
-    slot_row,
-    stack_rows,
-)
+from encdec.engine.steps import FINISHED_BIT, FORCED_BIT, StepResults, jitted_steps
 from encdec.engine.stream import TokenStream
 from encdec.lora.bank import AdapterBank, gather_rows
 
@@ -63,10 +58,19 @@ class _Tracked:
     """The checked request (plain values)."""
     prepared: Prepared
     timings: dict[str, float]
-    tokens: list[int] = dataclasses.field(default_factory=list)
+    seqs: list[SequenceState]
+    """One per returned sequence (beams: filled when the group finishes)."""
+    slots: tuple[int, ...] = ()
+    """The slots it was admitted to; sample ``i`` decodes in ``slots[i]``."""
+    prompt_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     output: RequestOutput | None = None
     done_sink: set[int] | None = None
     """Where ``generate`` learns that it finished."""
+
+    @property
+    def tokens(self) -> list[int]:
+        """The first sequence's tokens so far (what ``stream`` yields)."""
+        return self.seqs[0].tokens
 
 
 class Engine:
@@ -107,6 +111,10 @@ class Engine:
             cross_pages=pages_for(self.encoder_len, G),
             stop_tokens=config.max_stop_tokens,
             prefix=self.max_prefix,
+            suppress=config.max_suppress_tokens,
+            group=min(config.max_num_beams, config.num_slots),
+            max_new=config.max_new_tokens,
+            top_logprobs=config.max_logprobs,
         )
         on_cpu = jax.default_backend() == "cpu"
         cache_dtype = config.cache_dtype or ("float32" if on_cpu else jnp.dtype(model.dtype).name)
@@ -121,8 +129,10 @@ class Engine:
             cfg,
             jnp.dtype(model.dtype).name,
             config.steps_per_dispatch,
+            config.max_logprobs,
             config.attention_impl,
             frontend.encode,
+            frontend.logits_processor,
             None if adapters is None else gather_rows,
         )
         self._lock = threading.RLock()
@@ -182,6 +192,8 @@ class Engine:
             raise RequestError(f"the request could not be prepared: {type(e).__name__}: {e}") from e
         if not 0 < prepared.encoder_len <= self.encoder_len:
             raise RequestError(f"encoder length {prepared.encoder_len} is outside [1, {self.encoder_len}]")
+        if request.stop and self.frontend.text(prepared, []) is None:
+            raise RequestError("stop strings need text output: give text input to a model with a tokenizer")
         check_limits(
             request,
             self.config,
@@ -202,14 +214,17 @@ class Engine:
         done_sink: set[int] | None = None,
     ) -> None:
         bucket = next(b for b in self.encoder_buckets if b >= prepared.encoder_len)
-        spec = SeqSpec(rid, prepared.encoder_len, bucket, len(prepared.prefix) - 1 + prepared.max_new_tokens)
+        steps = len(prepared.prefix) - 1 + prepared.max_new_tokens
+        width = group_width(request)
+        spec = SeqSpec(rid, prepared.encoder_len, bucket, steps, width)
         timings = {"arrival": arrival}
+        seqs = [SequenceState() for _ in range(1 if request.num_beams > 1 else width)]
         with self._lock:
             try:
                 self.scheduler.add(spec)
             except NeverFits as e:
                 raise RequestError(str(e)) from None
-            self._tracked[rid] = _Tracked(rid, request, prepared, timings, done_sink=done_sink)
+            self._tracked[rid] = _Tracked(rid, request, prepared, timings, seqs, done_sink=done_sink)
 
     def cancel(self, handle: int) -> bool:
         """Stop a request; its slot and pages return to the pool and its output (``cancelled``)
@@ -218,13 +233,15 @@ class Engine:
             tracked = self._tracked.get(handle)
             if tracked is None or tracked.output is not None:
                 return False
-            slot = self.scheduler.cancel(handle)
-            if slot is not None:
-                release = np.zeros(self.config.num_slots, bool)
-                release[slot] = True
-                self.state = self._release(self.state, jnp.asarray(release))
+            self._stop_slots(self.scheduler.cancel(handle))
             self._finish(tracked, "cancelled")
             return True
+
+    def _stop_slots(self, slots: Sequence[int]) -> None:
+        if slots:
+            release = np.zeros(self.config.num_slots, bool)
+            release[list(slots)] = True
+            self.state = self._release(self.state, jnp.asarray(release))
 
     def load_adapter(self, adapter_id: str, lora) -> None:
         """Put a LoRA adapter in the bank (or replace one); requests may use it from now on.
@@ -320,8 +337,14 @@ class Engine:
 
     def stream(self, request: Request) -> TokenStream:
         """Submit a request and iterate over its tokens as they are produced (other requests
-        progress too). Closing the iterator early (or dropping it) cancels the request."""
-        return TokenStream(self, self.submit(request))
+        progress too). Closing the iterator early (or dropping it) cancels the request.
+
+        One sequence only: beams are known when the search ends, samples come one per slot.
+        """
+        checked = checked_request(request)
+        if group_width(checked) > 1:
+            raise RequestError("stream() serves one sequence: num_beams and num_return_sequences must be 1")
+        return TokenStream(self, self.submit(checked))
 
     def _forget(self, handle: int) -> RequestOutput | None:
         """Stop (if unfinished) and drop a request; its output, if it finished."""
@@ -457,7 +480,9 @@ class Engine:
         for a in admitted:
             tracked = self._tracked[a.rid]
             tracked.timings["admitted"] = now
-            c.slot_fills[a.slot] += 1
+            tracked.slots = a.slots
+            for slot in a.slots:
+                c.slot_fills[slot] += 1
             bucket = next(b for b in self.encoder_buckets if b >= tracked.prepared.encoder_len)
             by_bucket[bucket].append((tracked, a))
         for bucket, group in sorted(by_bucket.items()):
@@ -492,7 +517,6 @@ class Engine:
         return slot_row(
             self.slot_shape,
             request,
-            self_pages=a.self_pages,
             cross_pages=a.cross_pages,
             encoder_len=prepared.encoder_len,
             prefix=prepared.prefix,
@@ -509,52 +533,96 @@ class Engine:
         admitted: Sequence[Admission] = (),
     ) -> None:
         batch = self.frontend.encoder_batch(bucket, size, inputs)
-        slot_b = np.full(size, self.config.num_slots, np.int32)
-        slot_b[: len(admitted)] = [a.slot for a in admitted]
-        params_b = jax.tree.map(jnp.asarray, stack_rows(rows, size, self.slot_shape))
+        shape = self.slot_shape
+        slot_bK = np.full((size, shape.group), self.config.num_slots, np.int32)
+        pages_bKM = np.zeros((size, shape.group, shape.self_pages), np.int32)
+        for r, a in enumerate(admitted):
+            slot_bK[r, : len(a.slots)] = a.slots
+            for j, pages in enumerate(a.self_pages):
+                pages_bKM[r, j, : len(pages)] = pages
+        params_b = jax.tree.map(jnp.asarray, stack_rows(rows, size, shape))
         bank = {} if self.adapters is None else {"lora_bank": self.adapters.stacked}
         self.state = self._encode(
-            self.model.params, self.state, jnp.asarray(batch), jnp.asarray(slot_b), params_b, **bank
+            self.model.params, self.state, jnp.asarray(batch), jnp.asarray(slot_bK), jnp.asarray(pages_bKM),
+            params_b, **bank,
         )
         self._counters.encode_batches += 1
 
-    def _read(self, results: jax.Array, owners: tuple[int | None, ...]) -> None:
-        res = np.asarray(results)
+    def _read(self, results: StepResults, owners: tuple[int | None, ...]) -> None:
+        res = jax.device_get(results)
         now = time.perf_counter()
         eos = self.model.config.eos_token_id
-        for step_row in res:
+        for s, step_row in enumerate(res.tokens_SB):
             for slot in np.nonzero(step_row >= 0)[0]:
                 rid = owners[slot]
                 tracked = self._tracked.get(rid) if rid is not None else None
                 if tracked is None or tracked.output is not None:
                     continue  # cancelled, failed or forgotten while this dispatch ran
                 value = int(step_row[slot])
-                token = value & (FINISHED_BIT - 1)
-                if not tracked.tokens:
+                token = value & (FINISHED_BIT - 1)  # clears FORCED_BIT too
+                request = tracked.request
+                if value & FORCED_BIT:
+                    if request.prompt_logprobs is not None:
+                        tracked.prompt_logprobs.append(
+                            top_dict(res, s, slot, request.prompt_logprobs, token)
+                        )
+                    continue
+                if "first_token" not in tracked.timings:
                     tracked.timings["first_token"] = now
-                tracked.tokens.append(token)
+                if request.num_beams > 1:  # a finished group: its hypotheses, best first
+                    self._take_hypotheses(tracked, res.hyps)
+                    self._finish(tracked, tracked.seqs[0].finish_reason or "length")
+                    continue
+                seq = tracked.seqs[tracked.slots.index(slot)]
+                seq.append(token, float(res.logprob_SB[s, slot]), request.logprobs, res, s, slot)
                 if value & FINISHED_BIT:
-                    stop = token == eos or token in tracked.request.stop_token_ids
-                    self._finish(tracked, "stop" if stop else "length")
+                    stopped = token == eos or token in request.stop_token_ids
+                    seq.finish_reason = "stop" if stopped else "length"
+                elif request.stop and len(tracked.seqs) == 1 and self._hits_stop(tracked):
+                    self._stop_slots(self.scheduler.cancel(rid))
+                    seq.finish_reason = "stop"
+                if all(q.finish_reason is not None for q in tracked.seqs):
+                    self._finish(tracked, tracked.seqs[0].finish_reason)
+
+    def _take_hypotheses(self, tracked: _Tracked, hyps) -> None:
+        eos = self.model.config.eos_token_id
+        tracked.seqs = []
+        for slot in tracked.slots[: tracked.request.num_return_sequences]:
+            n = int(hyps.length_B[slot])
+            seq = SequenceState(
+                tokens=hyps.tokens_BN[slot, :n].tolist(),
+                logprobs=hyps.logprobs_BN[slot, :n].tolist(),
+                score=float(hyps.score_B[slot]),
+            )
+            last = seq.tokens[-1] if seq.tokens else None
+            seq.finish_reason = "stop" if last == eos or last in tracked.request.stop_token_ids else "length"
+            tracked.seqs.append(seq)
+
+    def _hits_stop(self, tracked: _Tracked) -> bool:
+        """Whether the text so far contains a stop string (checked as tokens arrive)."""
+        text = self.frontend.text(tracked.prepared, tracked.seqs[0].tokens)
+        return text is not None and any(stop in text for stop in tracked.request.stop)
 
     def _finish(self, tracked: _Tracked, reason: FinishReason, *, error: str | None = None) -> None:
         self.scheduler.finish(tracked.rid)
         tracked.timings["done"] = time.perf_counter()
-        text = None
+        texts: list[str | None] = [None] * len(tracked.seqs)
         if reason != "error":
             try:
-                text = self.frontend.text(tracked.prepared, tracked.tokens)
+                texts = [self.frontend.text(tracked.prepared, q.tokens) for q in tracked.seqs]
             except Exception as e:  # noqa: BLE001 - tokens are still worth returning
                 error = f"detokenizing failed: {type(e).__name__}: {e}"
         tracked.prepared.inputs = None
-        tracked.output = RequestOutput(
+        tracked.output = request_output(
             tracked.rid,
-            list(tracked.tokens),
+            tracked.request,
+            tracked.seqs,
+            texts,
             reason,
-            text,
-            dict(tracked.timings),
+            timings=dict(tracked.timings),
             error=error,
             audio_seconds=tracked.prepared.audio_seconds,
+            prompt_logprobs=tracked.prompt_logprobs if tracked.request.prompt_logprobs is not None else None,
         )
         if tracked.done_sink is not None:
             tracked.done_sink.add(tracked.rid)

@@ -24,6 +24,7 @@ from encdec.engine.request import Request, RequestError
 from encdec.engine.steps import EncoderFn
 from encdec.engine.validation import FieldError, TokenIds
 from encdec.models import encode
+from encdec.processors import LogitsHook
 from encdec.sampling import TokenMasks
 
 
@@ -55,6 +56,9 @@ class FrontEnd(Protocol):
     """Forced prefix length of a request that gives none (sizes ``max_decoder_prefix``)."""
     masks: TokenMasks | None
     """Tokens banned on device at every / the first sampled step, or None."""
+    logits_processor: LogitsHook | None
+    """A rule applied on device to every slot's scores before the request's processors (a
+    module-level function: part of the compiled step's identity), or None."""
 
     def encoder_buckets(self, config: EngineConfig) -> tuple[int, ...]:
         """Padded encoder lengths, ascending; raises ``ValueError`` if the model cannot take them."""
@@ -89,6 +93,7 @@ class TextFrontEnd:
     encode = staticmethod(encode_tokens)
     default_prefix_len = 1
     masks = None
+    logits_processor = None
 
     def __init__(self, model: Model):
         if model.config.is_audio:

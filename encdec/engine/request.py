@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from encdec.engine.config import EngineConfig
-from encdec.engine.validation import FieldError, Float, Int, Text, TokenIds, check_fields, rule
+from encdec.engine.validation import FieldError, Float, Int, OneOf, Text, Texts, TokenIds, check_fields, rule
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 """``stop`` (EOS or a stop token), ``length`` (``max_new_tokens``), ``cancelled`` or ``error``."""
@@ -61,11 +61,68 @@ class Request:
     samples, and they are not part of the output. None: the front end's default (the decoder
     start token for text; Whisper's ``<|startoftranscript|><|lang|><|task|><|notimestamps|>``).
     At most ``EngineConfig.max_decoder_prefix`` tokens."""
+    # ---- decoding (HF ``generate`` semantics) ----
+    num_beams: int = rule(Int(1), 1)
+    """Beam search over this many beams, one decode slot each, sharing one copy of the cross K/V
+    (at most ``EngineConfig.max_num_beams`` and the slot count); greedy only (temperature 0)."""
+    length_penalty: float = rule(Float(), 1.0)
+    """Beam scores are ``sum(logprobs) / length ** length_penalty``."""
+    early_stopping: bool | str = rule(OneOf((False, True, "never")), False)
+    """Beam search stops: True once ``num_beams`` hypotheses are finished; False when HF's
+    heuristic says no running beam can do better; ``"never"`` by the exact bound."""
+    num_return_sequences: int = rule(Int(1), 1)
+    """Sequences to return: the best of the beams (at most ``num_beams``), or, when sampling
+    with one beam, that many independent samples sharing one encoder pass."""
+    repetition_penalty: float = rule(Float(0.0, open_low=True), 1.0)
+    """Scores of tokens already in the decoder sequence are divided by it (multiplied when
+    negative); 1 is off."""
+    no_repeat_ngram_size: int | None = rule(Int(1, optional=True), None)
+    """No n-gram of this size occurs twice in the decoder sequence; None is off."""
+    suppress_tokens: Sequence[int] = rule(TokenIds(), ())
+    """Tokens never generated (at most ``EngineConfig.max_suppress_tokens``)."""
+    begin_suppress_tokens: Sequence[int] = rule(TokenIds(), ())
+    """Tokens not generated first."""
+    forced_bos_token_id: int | None = rule(Int(0, optional=True), None)
+    """Token forced as the first generated token, and part of the output (mBART's and NLLB's
+    target language)."""
+    forced_eos_token_id: int | None = rule(Int(0, optional=True), None)
+    """Token forced as the last one when ``max_new_tokens`` is reached."""
+    # ---- outputs ----
+    logprobs: int | None = rule(Int(0, optional=True), None)
+    """None: no log-probabilities; 0: each output token's; n: also the n most likely tokens at
+    each step (at most ``EngineConfig.max_logprobs``). They are ``log_softmax`` of the processed
+    scores (after logits processors, before temperature, top-k and top-p)."""
+    prompt_logprobs: int | None = rule(Int(0, optional=True), None)
+    """The n most likely tokens, and the forced token, at each forced decoder-prefix position
+    after the first (entry i predicts prefix token i + 1); None: not reported."""
+    stop: Sequence[str] = rule(Texts(), ())
+    """Strings that end the sequence when its text contains one; the text then ends before it."""
+
+
+@dataclasses.dataclass
+class SequenceOutput:
+    """One generated sequence: a request's only one, or one of its beams or samples."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason
+    text: str | None = None
+    logprobs: list[float] | None = None
+    """Each token's log-probability (``Request.logprobs`` not None)."""
+    top_logprobs: list[dict[int, float]] | None = None
+    """The most likely tokens at each step (``Request.logprobs`` > 0; not for beams)."""
+    cumulative_logprob: float | None = None
+    """Sum of ``logprobs``."""
+    score: float | None = None
+    """A beam hypothesis's length-penalized score (HF's ``sequences_scores``)."""
 
 
 @dataclasses.dataclass
 class RequestOutput:
-    """What a request produced; ``request_id`` is its handle (for rejected requests too)."""
+    """What a request produced; ``request_id`` is its handle (for rejected requests too).
+
+    The top-level ``token_ids``, ``text`` and log-probabilities are those of ``sequences[0]``,
+    the best beam or the first sample.
+    """
 
     request_id: int
     token_ids: list[int]
@@ -78,6 +135,13 @@ class RequestOutput:
     """Why the request failed (``finish_reason == "error"``)."""
     audio_seconds: float | None = None
     """Length of an audio input."""
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list[dict[int, float]] | None = None
+    """Per forced prefix position after the first: the top tokens and the forced one."""
+    sequences: list[SequenceOutput] = dataclasses.field(default_factory=list)
+    """Every returned sequence, best (beams) or first (samples) first."""
 
 
 def checked_request(request: Any) -> Request:
@@ -118,9 +182,7 @@ def check_limits(
             f"got {len(prefix)}"
         )
     for name, ids in (("decoder_prefix", prefix), ("stop_token_ids", request.stop_token_ids)):
-        bad = [t for t in ids if not 0 <= t < decoder_vocab_size]
-        if bad:
-            raise RequestError(f"{name} has ids outside the vocabulary [0, {decoder_vocab_size}): {bad[:5]}")
+        _check_vocab(name, ids, decoder_vocab_size)
     if len(request.stop_token_ids) > config.max_stop_tokens:
         raise RequestError(
             f"at most {config.max_stop_tokens} stop_token_ids (EngineConfig.max_stop_tokens), "
@@ -128,3 +190,64 @@ def check_limits(
         )
     if request.adapter_id is not None and (adapters is None or request.adapter_id not in adapters):
         raise RequestError(f"unknown adapter id {request.adapter_id!r}")
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        ids = getattr(request, name)
+        if len(ids) > config.max_suppress_tokens:
+            raise RequestError(
+                f"at most {config.max_suppress_tokens} {name} (EngineConfig.max_suppress_tokens), "
+                f"got {len(ids)}"
+            )
+        _check_vocab(name, ids, decoder_vocab_size)
+    for name in ("forced_bos_token_id", "forced_eos_token_id"):
+        token = getattr(request, name)
+        if token is not None:
+            _check_vocab(name, (token,), decoder_vocab_size)
+    for name in ("logprobs", "prompt_logprobs"):
+        n = getattr(request, name)
+        if n is not None and n > config.max_logprobs:
+            raise RequestError(
+                f"{name} must be at most {config.max_logprobs} (EngineConfig.max_logprobs), got {n}"
+            )
+    n_gram = request.no_repeat_ngram_size
+    if n_gram is not None and n_gram > len(prefix) + max_new_tokens:
+        raise RequestError(
+            f"no_repeat_ngram_size={n_gram} exceeds the {len(prefix) + max_new_tokens} tokens the sequence "
+            "can hold: it could never apply"
+        )
+    check_group(request, config)
+
+
+def check_group(request: Request, config: EngineConfig) -> None:
+    """Beams and samples: how many slots the request holds, and which combinations make sense."""
+    beams, n = request.num_beams, request.num_return_sequences
+    most = min(config.max_num_beams, config.num_slots)
+    if beams > most:
+        raise RequestError(
+            f"num_beams={beams} exceeds the {most} slots one request may hold "
+            f"(EngineConfig.max_num_beams={config.max_num_beams}, num_slots={config.num_slots})"
+        )
+    if beams > 1:
+        if request.temperature > 0:
+            raise RequestError(
+                "beam search is greedy: num_beams > 1 needs temperature=0 (beam sampling is not supported)"
+            )
+        if n > beams:
+            raise RequestError(f"num_return_sequences={n} exceeds num_beams={beams}")
+    elif n > 1:
+        if request.temperature == 0:
+            raise RequestError(
+                "num_return_sequences > 1 needs beam search (num_beams >= it) or sampling (temperature > 0)"
+            )
+        if n > most:
+            raise RequestError(f"num_return_sequences={n} exceeds the {most} slots one request may hold")
+
+
+def group_width(request: Request) -> int:
+    """Decode slots the request holds."""
+    return max(request.num_beams, request.num_return_sequences)
+
+
+def _check_vocab(name: str, ids: Sequence[int], vocab: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"{name} has ids outside the vocabulary [0, {vocab}): {bad[:5]}")

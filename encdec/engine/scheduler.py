@@ -9,9 +9,10 @@ Only the scheduler changes page ownership; it never touches JAX, a model or a de
 
 Policy:
 
-- **FIFO admission** while a slot and the head's pages are free: the head waits for pages
-  rather than letting smaller requests pass, so nothing behind it can starve it. ``static``
-  mode admits only into an all-free batch.
+- **FIFO admission** while the head's slots and pages are free: the head waits for them
+  rather than letting smaller requests pass, so nothing behind it can starve it. A request
+  with ``width`` slots (beams or samples) takes that many slots and self-page sets, and one
+  set of cross pages, shared. ``static`` mode admits only into an all-free batch.
 - **Encoder budget** (``EngineConfig.encoder_budget``): while slots are decoding, at most that
   many padded encoder tokens are admitted per round (always at least one request), so a burst
   of long inputs does not freeze the decoding slots behind serial encoder passes.
@@ -48,15 +49,19 @@ class SeqSpec:
     decode_steps: int
     """Decode steps until its token budget ends: forced prefix steps plus ``max_new_tokens``
     (``len(prefix) - 1 + max_new_tokens``, also the self-attention tokens it stores)."""
+    width: int = 1
+    """Decode slots it holds (beams or independent samples); each stores its own self tokens,
+    all read one copy of its cross K/V."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Admission:
-    """A request starting in ``slot`` with these pages (its encode runs before the decode)."""
+    """A request starting in ``slots`` with these pages (its encode runs before the decode)."""
 
     rid: int
-    slot: int
-    self_pages: tuple[int, ...]
+    slots: tuple[int, ...]
+    self_pages: tuple[tuple[int, ...], ...]
+    """Each slot's own self pages."""
     cross_pages: tuple[int, ...]
 
 
@@ -77,8 +82,8 @@ class Plan:
 @dataclasses.dataclass
 class _Running:
     spec: SeqSpec
-    slot: int
-    self_pages: tuple[int, ...]
+    slots: tuple[int, ...]
+    self_pages: tuple[tuple[int, ...], ...]
     cross_pages: tuple[int, ...]
     steps_dispatched: int = 0
     draining: bool = False
@@ -105,16 +110,18 @@ class Scheduler:
     # ---- requests in and out ------------------------------------------------------------------
 
     def pages_needed(self, spec: SeqSpec) -> tuple[int, int]:
-        """Self pages (every token it stores) and cross pages (its encoder positions)."""
+        """Self pages of one slot (every token it stores) and cross pages (its encoder positions)."""
         G = self.config.page_size
         return pages_for(spec.decode_steps, G), pages_for(spec.encoder_len, G)
 
     def add(self, spec: SeqSpec) -> None:
-        """Queue a request; :class:`NeverFits` if its pages exceed a whole pool."""
+        """Queue a request; :class:`NeverFits` if it needs more slots or pages than there are."""
         need_self, need_cross = self.pages_needed(spec)
-        if need_self > self.self_alloc.capacity or need_cross > self.cross_alloc.capacity:
+        if spec.width > len(self.slots):
+            raise NeverFits(f"request needs {spec.width} slots; the engine has {len(self.slots)}")
+        if need_self * spec.width > self.self_alloc.capacity or need_cross > self.cross_alloc.capacity:
             raise NeverFits(
-                f"request needs {need_self} self and {need_cross} cross pages; the cache has "
+                f"request needs {need_self * spec.width} self and {need_cross} cross pages; the cache has "
                 f"{self.self_alloc.capacity} and {self.cross_alloc.capacity}: it can never fit"
             )
         if spec.rid in self._running or spec.rid in self._queued_ids:
@@ -128,17 +135,17 @@ class Scheduler:
         if run is not None and not run.draining:
             self._release(run)
 
-    def cancel(self, rid: int) -> int | None:
-        """Drop a request; returns the slot to stop on the device (None: queued, draining or unknown)."""
+    def cancel(self, rid: int) -> tuple[int, ...]:
+        """Drop a request; returns the slots to stop on the device (none: queued, draining or unknown)."""
         if rid in self._queued_ids:
             self._queued_ids.discard(rid)
             self._queue.remove(next(s for s in self._queue if s.rid == rid))
-            return None
+            return ()
         run = self._running.pop(rid, None)
         if run is None or run.draining:
-            return None  # a draining request ends on device in the dispatch in flight
+            return ()  # a draining request ends on device in the dispatch in flight
         self._release(run)
-        return run.slot
+        return run.slots
 
     # ---- one round -------------------------------------------------------------------------------
 
@@ -146,7 +153,7 @@ class Scheduler:
         """Admit, size the next dispatch and hand on the slots whose budgets it ends."""
         admitted = self._admit()
         owners = tuple(self.slots)
-        holders = [self._running[rid] for rid in owners if rid is not None]
+        holders = [self._running[rid] for rid in dict.fromkeys(owners) if rid is not None]
         if not holders:
             return Plan(admitted, 0, owners, ())
         c = self.config
@@ -171,12 +178,12 @@ class Scheduler:
         budgeted = c.mode == "inflight" and len(free) < c.num_slots
         budget = c.encoder_budget
         admitted: list[Admission] = []
-        while free and self._queue:
+        while self._queue and len(free) >= self._queue[0].width:
             spec = self._queue[0]
             if budgeted and admitted and spec.bucket > budget:
                 break
             need_self, need_cross = self.pages_needed(spec)
-            self_pages = self.self_alloc.allocate(need_self)
+            self_pages = self.self_alloc.allocate(need_self * spec.width)
             if self_pages is None:
                 break
             cross_pages = self.cross_alloc.allocate(need_cross)
@@ -187,18 +194,23 @@ class Scheduler:
             self._queued_ids.discard(spec.rid)
             if budgeted:
                 budget -= spec.bucket
-            slot = free.pop(0)
-            self.slots[slot] = spec.rid
-            self._running[spec.rid] = _Running(spec, slot, tuple(self_pages), tuple(cross_pages))
-            admitted.append(Admission(spec.rid, slot, tuple(self_pages), tuple(cross_pages)))
+            slots, free = tuple(free[: spec.width]), free[spec.width :]
+            per_slot = tuple(
+                tuple(self_pages[i * need_self : (i + 1) * need_self]) for i in range(spec.width)
+            )
+            for slot in slots:
+                self.slots[slot] = spec.rid
+            self._running[spec.rid] = _Running(spec, slots, per_slot, tuple(cross_pages))
+            admitted.append(Admission(spec.rid, slots, per_slot, tuple(cross_pages)))
         if admitted:  # before any hand-on: a request may give its pages back in the same round
             self.peak_self_pages = max(self.peak_self_pages, self.self_alloc.num_used)
             self.peak_cross_pages = max(self.peak_cross_pages, self.cross_alloc.num_used)
         return tuple(admitted)
 
     def _release(self, run: _Running) -> None:
-        self.slots[run.slot] = None
-        self.self_alloc.free(run.self_pages)
+        for slot, pages in zip(run.slots, run.self_pages, strict=True):
+            self.slots[slot] = None
+            self.self_alloc.free(pages)
         self.cross_alloc.free(run.cross_pages)
 
     # ---- what is where ---------------------------------------------------------------------------
@@ -233,6 +245,8 @@ class Scheduler:
         return run is not None and run.draining
 
     def pages_of(self, rid: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Pages a running request holds (empty once handed on)."""
+        """Self and cross pages a running request holds (empty once handed on)."""
         run = self._running[rid]
-        return ((), ()) if run.draining else (run.self_pages, run.cross_pages)
+        if run.draining:
+            return (), ()
+        return tuple(p for pages in run.self_pages for p in pages), run.cross_pages

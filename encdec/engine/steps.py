@@ -1,166 +1,65 @@
-"""The engine's device side: a typed state and the pure jitted steps over it.
+"""The engine's device side: the pure jitted steps over the typed state (:mod:`encdec.engine.slots`).
 
 ``encode_insert`` runs the front end's encoder on a bucket-shaped batch, writes every layer's
-cross K/V into the requests' cross pages and starts their slots with their :class:`SlotParams`
-rows; ``decode_steps`` advances every slot ``n`` tokens (a device-side loop with a traced trip
-count), samples on device and retires finished slots. Both take the state donated and return
-it. The host reads one small int32 array per decode dispatch.
+cross K/V into the requests' cross pages (once per request, however many slots it holds) and
+starts their slots; ``decode_steps`` advances every slot ``n`` tokens (a device-side loop with a
+traced trip count): logits, the front end's masks and hook, the request's logits processors,
+then sampling, or beam selection for beam groups, and stop checks. Both take the state donated
+and return it. The host reads one small :class:`StepResults` per decode dispatch.
 
 A slot starts from its request's forced decoder prefix (the start token, or Whisper's 4-token
 prompt): while the next position is inside the prefix, the step feeds the prefix token instead
-of the sampled one and reports nothing (-1), so one compiled step serves every prompt length.
+of the sampled one and reports it flagged ``FORCED_BIT`` with its log-probability (prompt
+log-probabilities), so one compiled step serves every prompt length.
+
+Beams move by page-table permutation: a beam that continues another takes over that beam's
+full self pages by reference and copies only its partially filled last page into its own
+(:func:`~encdec.cache.pools.copy_layer_pages`). Every slot reserved its own pages at admission,
+so no page is ever written by two slots.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from encdec.beam import BeamChoice, HypothesisRows, beam_step
+from encdec.cache.allocator import SENTINEL_PAGE
 from encdec.cache.paged_kv import PagedKV, write_cross
-from encdec.cache.pools import PagePools
+from encdec.cache.pools import copy_layer_pages
 from encdec.cache.window_kv import WindowKV, open_window
 from encdec.config import ModelConfig
-from encdec.engine.request import Request
+from encdec.engine.slots import NO_SCORE, DecodeState, Hypotheses, SlotParams
 from encdec.models import decode, project_cross_kv
-from encdec.sampling import TokenMasks, ban_token, ban_tokens, sample, step_keys
+from encdec.processors import DecodeContext, LogitsHook, process_scores
+from encdec.sampling import TokenMasks, ban_tokens, sample, step_keys
 
-# A decode result packs the token and a finished flag: token | FINISHED_BIT; -1 = slot idle.
+# A decode result packs the token and flags; -1 = nothing to report.
 FINISHED_BIT = 1 << 24
+FORCED_BIT = 1 << 25
 
 EncoderFn = Callable[..., jax.Array]
 """``(params, cfg, inputs, encoder_len_b, *, dtype, lora) -> enc_bSD``: a front end's encoder."""
 
 
-@dataclasses.dataclass(frozen=True)
-class SlotShape:
-    """Widths of the per-slot arrays; static, so part of every compiled step's shapes."""
-
-    self_pages: int
-    """Self page-table width (pages for the longest prefix plus ``max_new_tokens``)."""
-    cross_pages: int
-    """Cross page-table width (pages for the longest encoder input)."""
-    stop_tokens: int
-    """Stop ids per slot besides EOS."""
-    prefix: int
-    """Forced decoder tokens per slot."""
-
-
-def _slot_field(dtype: Any, width: str | None = None, fill: Any = 0) -> Any:
-    return flax.struct.field(metadata={"dtype": dtype, "width": width, "fill": fill})
-
-
 @flax.struct.dataclass
-class SlotParams:
-    """A request's fixed fields in its slot: written by the encode step, read by every decode step.
+class StepResults:
+    """What one decode dispatch reports (``S`` = its static step count)."""
 
-    Every array has a leading row axis, ``B`` (slots) in :class:`DecodeState` and ``b``
-    (requests) in an encoder batch; fields with a width have it as their second axis. Each
-    field declares its dtype, width and fill (the value of an unused row); :func:`slot_row`
-    is the one host function that fills a request's row.
-    """
-
-    self_page_table_M: jax.Array = _slot_field(np.int32, "self_pages")
-    """Self pages in token order; unused entries are the sentinel page (0)."""
-    cross_page_table_M: jax.Array = _slot_field(np.int32, "cross_pages")
-    """Cross pages holding encoder positions ``0 .. cross_length - 1``."""
-    cross_length: jax.Array = _slot_field(np.int32)
-    """Encoder positions (0 in a padding row of an encoder batch: it writes nothing)."""
-    max_new: jax.Array = _slot_field(np.int32)
-    min_new: jax.Array = _slot_field(np.int32)
-    stop_ids_X: jax.Array = _slot_field(np.int32, "stop_tokens", fill=-1)
-    """Stop tokens besides EOS, padded with -1."""
-    temperature: jax.Array = _slot_field(np.float32)
-    top_k: jax.Array = _slot_field(np.int32)
-    top_p: jax.Array = _slot_field(np.float32, fill=1.0)
-    seed: jax.Array = _slot_field(np.int32)
-    adapter_row: jax.Array = _slot_field(np.int32)
-    """Row of the LoRA adapter bank (0 = none)."""
-    prefix_X: jax.Array = _slot_field(np.int32, "prefix")
-    """Forced decoder tokens (start token first), padded with 0."""
-    prefix_len: jax.Array = _slot_field(np.int32, fill=1)
-
-    @classmethod
-    def empty(cls, rows: int, shape: SlotShape) -> SlotParams:
-        """``rows`` unused rows (numpy), every field at its fill value."""
-        arrays = {}
-        for f in dataclasses.fields(cls):
-            width = f.metadata["width"]
-            dims = (rows,) if width is None else (rows, getattr(shape, width))
-            arrays[f.name] = np.full(dims, f.metadata["fill"], f.metadata["dtype"])
-        return cls(**arrays)
-
-
-def slot_row(
-    shape: SlotShape,
-    request: Request,
-    *,
-    self_pages: Sequence[int],
-    cross_pages: Sequence[int],
-    encoder_len: int,
-    prefix: Sequence[int],
-    max_new_tokens: int,
-    adapter_row: int,
-) -> SlotParams:
-    """One request's row (numpy, leading axis 1) from its checked request and admission."""
-    p = SlotParams.empty(1, shape)
-    p.self_page_table_M[0, : len(self_pages)] = self_pages
-    p.cross_page_table_M[0, : len(cross_pages)] = cross_pages
-    p.cross_length[0] = encoder_len
-    p.max_new[0] = max_new_tokens
-    p.min_new[0] = request.min_new_tokens
-    p.stop_ids_X[0, : len(request.stop_token_ids)] = request.stop_token_ids
-    p.temperature[0] = request.temperature
-    p.top_k[0] = request.top_k
-    p.top_p[0] = request.top_p
-    p.seed[0] = request.seed
-    p.adapter_row[0] = adapter_row
-    p.prefix_X[0, : len(prefix)] = prefix
-    p.prefix_len[0] = len(prefix)
-    return p
-
-
-def stack_rows(rows: Sequence[SlotParams], total: int, shape: SlotShape) -> SlotParams:
-    """Rows one after another, padded with unused rows up to ``total``."""
-    padding = [SlotParams.empty(total - len(rows), shape)] if total > len(rows) else []
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *rows, *padding)
-
-
-@flax.struct.dataclass
-class DecodeState:
-    """Everything the decode step reads: the page pools, each slot's request fields and where
-    each slot is in its sequence."""
-
-    pools: PagePools
-    slots: SlotParams
-    self_lengths_B: jax.Array
-    """Tokens stored in the self pages: the position of ``last_token_B``."""
-    active_B: jax.Array
-    last_token_B: jax.Array
-    num_generated_B: jax.Array
-    """Sampled tokens so far (forced prefix tokens not counted)."""
-
-
-def init_state(pools: PagePools, num_slots: int, shape: SlotShape) -> DecodeState:
-    B = num_slots
-
-    def zeros():  # a fresh buffer per field: donated fields must not alias
-        return jnp.zeros((B,), jnp.int32)
-
-    return DecodeState(
-        pools=pools,
-        slots=jax.tree.map(jnp.asarray, SlotParams.empty(B, shape)),
-        self_lengths_B=zeros(),
-        active_B=jnp.zeros((B,), bool),
-        last_token_B=zeros(),
-        num_generated_B=zeros(),
-    )
+    tokens_SB: jax.Array
+    """``token | FINISHED_BIT`` (last token), ``token | FORCED_BIT`` (a prefix token), or -1."""
+    logprob_SB: jax.Array
+    """The reported token's log-probability."""
+    top_ids_SBX: jax.Array
+    """The most likely tokens, where a slot asked for them (else 0)."""
+    top_logprobs_SBX: jax.Array
+    hyps: Hypotheses
+    """Beam groups' hypotheses at the end of the dispatch (read when a group finishes)."""
 
 
 def _lora_rows(lora_bank, lora_gather, rows):
@@ -171,7 +70,8 @@ def encode_insert(
     params,
     state: DecodeState,
     inputs: jax.Array,
-    slot_b: jax.Array,
+    slot_bK: jax.Array,
+    self_pages_bKM: jax.Array,
     rows: SlotParams,
     lora_bank=None,
     *,
@@ -180,10 +80,11 @@ def encode_insert(
     encoder: EncoderFn,
     lora_gather=None,
 ) -> DecodeState:
-    """Encode a batch, write its cross K/V pages and start its slots.
+    """Encode a batch, write its cross K/V pages once per request and start its slots.
 
     ``inputs`` is the front end's encoder batch (right-padded token ids ``[b, S]``, or log-mel
-    windows); ``slot_b`` says which slot each row starts (``num_slots``: a padding row, dropped).
+    windows); ``slot_bK`` lists each request's slots (``num_slots``: none, dropped) and
+    ``self_pages_bKM`` each slot's own self pages.
     """
     lora = _lora_rows(lora_bank, lora_gather, rows.adapter_row)
     enc_bSD = encoder(params, cfg, inputs, rows.cross_length, dtype=dtype, lora=lora)
@@ -196,18 +97,90 @@ def encode_insert(
         rows.cross_page_table_M,
         rows.cross_length,
     )
+    b, K = slot_bK.shape
+    B = state.active_B.shape[0]
+    slot_X = slot_bK.reshape(-1)
+    group_bK = jnp.where(slot_bK < B, slot_bK, -1)
+    rows_X = jax.tree.map(lambda x: jnp.repeat(x, K, axis=0), rows).replace(
+        self_page_table_M=self_pages_bKM.reshape(b * K, -1),
+        group_X=jnp.repeat(group_bK, K, axis=0),
+        beam_index=jnp.tile(jnp.arange(K, dtype=jnp.int32), b),
+    )
 
     def put(x, new):
-        return x.at[slot_b].set(new.astype(x.dtype), mode="drop")
+        return x.at[slot_X].set(jnp.broadcast_to(new, (b * K, *x.shape[1:])).astype(x.dtype), mode="drop")
 
-    b = slot_b.shape[0]
+    T = state.history_BT.shape[1]
+    first_XT = jnp.where(jnp.arange(T)[None, :] == 0, rows_X.prefix_X[:, :1], -1)
+    hyps = state.hyps
     return state.replace(
         pools=pools,
-        slots=jax.tree.map(put, state.slots, rows),
-        self_lengths_B=put(state.self_lengths_B, jnp.zeros((b,), jnp.int32)),
-        active_B=put(state.active_B, jnp.ones((b,), bool)),
-        last_token_B=put(state.last_token_B, rows.prefix_X[:, 0]),
-        num_generated_B=put(state.num_generated_B, jnp.zeros((b,), jnp.int32)),
+        slots=jax.tree.map(put, state.slots, rows_X),
+        self_table_BM=put(state.self_table_BM, rows_X.self_page_table_M),
+        self_lengths_B=put(state.self_lengths_B, 0),
+        active_B=put(state.active_B, True),
+        last_token_B=put(state.last_token_B, rows_X.prefix_X[:, 0]),
+        num_generated_B=put(state.num_generated_B, 0),
+        history_BT=put(state.history_BT, first_XT),
+        # HF starts beam 0 at 0 and the others at -1e9, so the first step expands one beam.
+        beam_score_B=put(state.beam_score_B, jnp.where(rows_X.beam_index == 0, 0.0, NO_SCORE)),
+        beam_logprobs_BN=put(state.beam_logprobs_BN, 0.0),
+        group_open_B=put(state.group_open_B, True),
+        hyps=Hypotheses(
+            tokens_BN=put(hyps.tokens_BN, 0),
+            logprobs_BN=put(hyps.logprobs_BN, 0.0),
+            score_B=put(hyps.score_B, NO_SCORE),
+            length_B=put(hyps.length_B, 0),
+            finished_B=put(hyps.finished_B, False),
+        ),
+    )
+
+
+def _no_beams(state: DecodeState) -> tuple[BeamChoice, HypothesisRows]:
+    """What ``beam_step`` returns for slots that do not beam (the cond's other branch)."""
+    B = state.active_B.shape[0]
+    slots_B, zeros_B = jnp.arange(B, dtype=jnp.int32), jnp.zeros((B,), jnp.int32)
+    choice = BeamChoice(
+        slots_B, zeros_B, jnp.zeros((B,), jnp.float32), state.beam_score_B, state.group_open_B,
+        jnp.zeros((B,), bool),
+    )
+    hyps = HypothesisRows(
+        slots_B, slots_B, zeros_B, jnp.zeros((B,), jnp.float32), state.hyps.score_B, state.hyps.finished_B
+    )
+    return choice, hyps
+
+
+def _generated(history_BT: jax.Array, prefix_len_B: jax.Array, width: int) -> jax.Array:
+    """Each row's generated tokens (history past its prefix), ``[B, width]``."""
+    T = history_BT.shape[1]
+    cols_BN = jnp.clip(prefix_len_B[:, None] + jnp.arange(width)[None, :], 0, T - 1)
+    return jnp.take_along_axis(history_BT, cols_BN, axis=1)
+
+
+def _new_hypotheses(state: DecodeState, rows: HypothesisRows, n_B: jax.Array, beaming_B: jax.Array):
+    """Each beam slot's entry of its group's hypotheses after this step."""
+    hyps, N = state.hyps, state.hyps.tokens_BN.shape[1]
+    col_BN = jnp.arange(N)[None, :]
+    gen_BN = _generated(state.history_BT, state.slots.prefix_len, N)[rows.parent_B]
+    tokens_BN = jnp.where(col_BN < n_B[:, None], gen_BN, 0)
+    tokens_BN = jnp.where(col_BN == n_B[:, None], rows.token_B[:, None], tokens_BN)
+    lp_BN = jnp.where(col_BN < n_B[:, None], state.beam_logprobs_BN[rows.parent_B], 0.0)
+    lp_BN = jnp.where(col_BN == n_B[:, None], rows.token_logprob_B[:, None], lp_BN)
+    old_B = rows.source_B >= 0
+    src_B = jnp.clip(rows.source_B, 0)
+    keep_B = ~beaming_B
+
+    def pick(old, new):
+        shape = (-1,) + (1,) * (old.ndim - 1)
+        chosen = jnp.where(old_B.reshape(shape), old[src_B], new)
+        return jnp.where(keep_B.reshape(shape), old, chosen)
+
+    return Hypotheses(
+        tokens_BN=pick(hyps.tokens_BN, tokens_BN),
+        logprobs_BN=pick(hyps.logprobs_BN, lp_BN),
+        score_B=jnp.where(keep_B, hyps.score_B, rows.score_B),
+        length_B=pick(hyps.length_B, n_B + 1),
+        finished_B=jnp.where(keep_B, hyps.finished_B, rows.finished_B),
     )
 
 
@@ -222,20 +195,21 @@ def decode_steps(
     dtype,
     num_steps: int,
     implementation: str,
+    top_logprobs: int = 0,
+    hook: LogitsHook | None = None,
     lora_gather=None,
-) -> tuple[DecodeState, jax.Array]:
+) -> tuple[DecodeState, StepResults]:
     """Advance every active slot ``steps`` tokens (traced, at most the static ``num_steps``);
-    return the state and ``[num_steps, B]`` results, rows from ``steps`` on -1.
-
-    One compiled step serves every dispatch length, so the host can end a dispatch exactly
-    where a slot's token budget ends.
+    return the state and the dispatch's results (rows from ``steps`` on report nothing).
 
     ``masks``: the front end's banned tokens (Whisper's ``suppress_tokens`` at every sampled
-    step and ``begin_suppress_tokens`` at a slot's first), or None.
+    step and ``begin_suppress_tokens`` at a slot's first), or None. ``hook``: the front end's
+    logits rule (:data:`~encdec.processors.LogitsHook`), or None.
 
     ``implementation``: ``"window"`` attends over a dense copy of the pages made once per
     dispatch (:mod:`encdec.cache.window_kv`); else paged attention with that implementation.
-    ``"auto"`` is the Pallas kernel on GPU and the window elsewhere.
+    ``"auto"`` is the Pallas kernel on GPU and the window elsewhere. ``top_logprobs``: how many
+    alternatives the results have room for (slots that ask get them).
     """
     s = state.slots
     lora = _lora_rows(lora_bank, lora_gather, s.adapter_row)
@@ -244,73 +218,161 @@ def decode_steps(
     window = None
     if implementation == "window":
         window = open_window(
-            state.pools, s.self_page_table_M, state.self_lengths_B, s.cross_page_table_M, s.cross_length
+            state.pools, state.self_table_BM, state.self_lengths_B, s.cross_page_table_M, s.cross_length
         )
+    B = state.active_B.shape[0]
+    X = StepResults  # noqa: N806 - shorthand
+    top = s.top_logprobs
+    n_top = top_logprobs
+    G = state.pools.page_size
+    slots_B = jnp.arange(B, dtype=jnp.int32)
+    beam_rows_B = s.num_beams > 1
 
     def body(i, carry):
-        state, window, results_SB = carry
+        state, window, out = carry
         active_B = state.active_B
-        if window is not None:
-            kv = WindowKV(
-                pools=state.pools,
-                window=window,
-                self_page_table_BM=s.self_page_table_M,
-                self_lengths_B=state.self_lengths_B,
-                cross_lengths_B=s.cross_length,
-                active_B=active_B,
-            )
-        else:
-            kv = PagedKV(
-                pools=state.pools,
-                self_page_table_BM=s.self_page_table_M,
-                self_lengths_B=state.self_lengths_B,
-                cross_page_table_BM=s.cross_page_table_M,
-                cross_lengths_B=s.cross_length,
-                active_B=active_B,
-                implementation=implementation,
-            )
-        logits_B1V, kv = decode(
-            params,
-            cfg,
-            state.last_token_B[:, None],
-            state.self_lengths_B[:, None],
-            kv,
-            dtype=dtype,
-            lora=lora,
+        common = dict(
+            pools=state.pools,
+            self_page_table_BM=state.self_table_BM,
+            self_lengths_B=state.self_lengths_B,
+            cross_lengths_B=s.cross_length,
+            active_B=active_B,
         )
-        n_B = state.num_generated_B
-        logits_BV = ban_token(logits_B1V[:, 0], jnp.where(n_B < s.min_new, cfg.eos_token_id, -1))
+        if window is not None:
+            kv = WindowKV(window=window, **common)
+        else:
+            kv = PagedKV(cross_page_table_BM=s.cross_page_table_M, implementation=implementation, **common)
+        tokens_B1, positions_B1 = state.last_token_B[:, None], state.self_lengths_B[:, None]
+        logits_B1V, kv = decode(params, cfg, tokens_B1, positions_B1, kv, dtype=dtype, lora=lora)
+        n_B, L_B = state.num_generated_B, state.self_lengths_B
+        ctx = DecodeContext(state.history_BT, L_B + 1, s.prefix_len, n_B)
+        x_BV = logits_B1V[:, 0].astype(jnp.float32)
+        any_beam = jnp.any(beam_rows_B & active_B)
+        # Beam search processes log-probabilities, greedy and sampling logits (as HF does).
+        x_BV = jax.lax.cond(
+            any_beam, lambda x: jnp.where(beam_rows_B[:, None], jax.nn.log_softmax(x), x), lambda x: x, x_BV
+        )
         if masks is not None:
             first_B1 = (n_B == 0)[:, None]
-            logits_BV = ban_tokens(logits_BV, masks.every_V[None, :] | (first_B1 & masks.first_V[None, :]))
-        keys = step_keys(s.seed, n_B)
-        token_B = sample(logits_BV, keys, s.temperature, s.top_k, s.top_p)
+            x_BV = ban_tokens(x_BV, masks.every_V[None, :] | (first_B1 & masks.first_V[None, :]))
+        if hook is not None:
+            x_BV = hook(x_BV, ctx)
+        x_BV = process_scores(x_BV, ctx, s, eos_token_id=cfg.eos_token_id)
+        lp_BV = jnp.where(beam_rows_B[:, None], x_BV, jax.nn.log_softmax(x_BV))
+
+        keys = step_keys(s.seed, n_B, s.beam_index)
+        token_B = sample(x_BV, keys, s.temperature, s.top_k, s.top_p)
         # The token after position p is forced while p + 1 is inside the slot's prefix.
-        next_B1 = state.self_lengths_B[:, None] + 1
-        forced_B = next_B1[:, 0] < s.prefix_len
+        forced_B = L_B + 1 < s.prefix_len
         forced_token_B = jnp.take_along_axis(
-            s.prefix_X, jnp.minimum(next_B1, s.prefix_X.shape[1] - 1), axis=1
+            s.prefix_X, jnp.minimum(L_B + 1, s.prefix_X.shape[1] - 1)[:, None], axis=1
         )[:, 0]
         token_B = jnp.where(forced_B, forced_token_B, token_B)
+        beaming_B = beam_rows_B & active_B & ~forced_B
+        choice, hyp_rows = jax.lax.cond(
+            jnp.any(beaming_B),
+            lambda: beam_step(
+                lp_BV, state.beam_score_B, n_B, state.group_open_B, state.hyps.score_B,
+                state.hyps.finished_B, s, eos_token_id=cfg.eos_token_id,
+            ),
+            lambda: _no_beams(state),
+        )
+        token_B = jnp.where(beaming_B, choice.token_B, token_B)
+        parent_B = jnp.where(beaming_B, choice.parent_B, slots_B)
+        chosen_lp_B = jnp.take_along_axis(lp_BV, token_B[:, None], axis=1)[:, 0]
+        token_lp_B = jnp.where(beaming_B, choice.token_logprob_B, chosen_lp_B)
+
+        # Beams follow their parents: full pages by reference, the partial last page by copy.
+        stored_B = kv.self_lengths_B
+        pools, table_BM = kv.pools, state.self_table_BM
+        history_BT, beam_lp_BN = state.history_BT, state.beam_logprobs_BN
+        if window is not None:
+            window = kv.window
+
+        def follow(args):
+            pools, table_BM, history_BT, beam_lp_BN, window = args
+            full_B = stored_B // G
+            parent_table_BM = table_BM[parent_B]
+            M = table_BM.shape[1]
+            borrowed_BM = jnp.arange(M)[None, :] < full_B[:, None]
+            new_table_BM = jnp.where(borrowed_BM, parent_table_BM, s.self_page_table_M)
+            partial_B = beaming_B & (stored_B % G != 0) & (parent_B != slots_B)
+            col_B1 = jnp.clip(full_B, 0, M - 1)[:, None]
+            src_B = jnp.take_along_axis(parent_table_BM, col_B1, axis=1)[:, 0]
+            own_B = jnp.take_along_axis(s.self_page_table_M, col_B1, axis=1)[:, 0]
+            dst_B = jnp.where(partial_B, own_B, SENTINEL_PAGE)
+            pools = pools.replace(
+                self_k_LNPGH=copy_layer_pages(pools.self_k_LNPGH, src_B, dst_B),
+                self_v_LNPGH=copy_layer_pages(pools.self_v_LNPGH, src_B, dst_B),
+            )
+            if window is not None:
+                window = window.take_self_rows(parent_B)
+            return pools, new_table_BM, history_BT[parent_B], beam_lp_BN[parent_B], window
+
+        pools, table_BM, history_BT, beam_lp_BN, window = jax.lax.cond(
+            jnp.any(beaming_B), follow, lambda a: a, (pools, table_BM, history_BT, beam_lp_BN, window)
+        )
+        T, N = history_BT.shape[1], beam_lp_BN.shape[1]
+        history_BT = history_BT.at[slots_B, jnp.where(active_B, stored_B, T)].set(token_B, mode="drop")
+        beam_lp_BN = beam_lp_BN.at[slots_B, jnp.where(beaming_B, n_B, N)].set(token_lp_B, mode="drop")
+        hyps = jax.lax.cond(
+            jnp.any(beaming_B), lambda: _new_hypotheses(state, hyp_rows, n_B, beaming_B), lambda: state.hyps
+        )
+
         emits_B = active_B & ~forced_B
         stop_B = (token_B == cfg.eos_token_id) | jnp.any(token_B[:, None] == s.stop_ids_X, axis=-1)
-        finished_B = emits_B & (stop_B | (n_B + 1 >= s.max_new))
-        result_B = jnp.where(emits_B, token_B | jnp.where(finished_B, FINISHED_BIT, 0), -1)
+        ended_B = emits_B & (stop_B | (n_B + 1 >= s.max_new))
+        finished_B = jnp.where(beam_rows_B, choice.done_B & beaming_B, ended_B)
+        leader_B = s.beam_index == 0
+        reported_B = jnp.where(
+            beam_rows_B,
+            jnp.where(finished_B & leader_B, FINISHED_BIT, -1),
+            jnp.where(emits_B, token_B | jnp.where(finished_B, FINISHED_BIT, 0), -1),
+        )
+        reported_B = jnp.where(active_B & forced_B & leader_B, forced_token_B | FORCED_BIT, reported_B)
+        none = (jnp.zeros((B, n_top), jnp.int32), jnp.zeros((B, n_top), jnp.float32))
+        top_ids_BX, top_lp_BX = none if not n_top else jax.lax.cond(
+            jnp.any(active_B & (top > 0)), lambda: _top(lp_BV, n_top), lambda: none
+        )
         state = state.replace(
-            pools=kv.pools,
-            self_lengths_B=kv.self_lengths_B,
+            pools=pools,
+            self_table_BM=table_BM,
+            self_lengths_B=stored_B,
             last_token_B=jnp.where(active_B, token_B, state.last_token_B),
             num_generated_B=n_B + emits_B.astype(jnp.int32),
             active_B=active_B & ~finished_B,
+            history_BT=history_BT,
+            beam_score_B=jnp.where(beaming_B, choice.score_B, state.beam_score_B),
+            beam_logprobs_BN=beam_lp_BN,
+            group_open_B=jnp.where(beaming_B, choice.open_B, state.group_open_B),
+            hyps=hyps,
         )
-        results_SB = jax.lax.dynamic_update_slice(results_SB, result_B.astype(jnp.int32)[None], (i, 0))
-        return state, None if window is None else kv.window, results_SB
+        row = (i, 0)
+        out = X(
+            tokens_SB=jax.lax.dynamic_update_slice(out.tokens_SB, reported_B[None].astype(jnp.int32), row),
+            logprob_SB=jax.lax.dynamic_update_slice(out.logprob_SB, token_lp_B[None], row),
+            top_ids_SBX=jax.lax.dynamic_update_slice(out.top_ids_SBX, top_ids_BX[None], (i, 0, 0)),
+            top_logprobs_SBX=jax.lax.dynamic_update_slice(out.top_logprobs_SBX, top_lp_BX[None], (i, 0, 0)),
+            hyps=out.hyps,
+        )
+        return state, window, out
 
-    B = state.active_B.shape[0]
-    steps = jnp.clip(jnp.asarray(steps, jnp.int32), 0, num_steps)
-    results_SB = jnp.full((num_steps, B), -1, jnp.int32)
-    state, _, results_SB = jax.lax.fori_loop(0, steps, body, (state, window, results_SB))
-    return state, results_SB
+    S = num_steps
+    steps = jnp.clip(jnp.asarray(steps, jnp.int32), 0, S)
+    out = X(
+        tokens_SB=jnp.full((S, B), -1, jnp.int32),
+        logprob_SB=jnp.zeros((S, B), jnp.float32),
+        top_ids_SBX=jnp.zeros((S, B, n_top), jnp.int32),
+        top_logprobs_SBX=jnp.zeros((S, B, n_top), jnp.float32),
+        hyps=state.hyps,
+    )
+    state, _, out = jax.lax.fori_loop(0, steps, body, (state, window, out))
+    return state, out.replace(hyps=state.hyps)
+
+
+def _top(lp_BV: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    values_BX, ids_BX = jax.lax.top_k(lp_BV, n)
+    return ids_BX.astype(jnp.int32), values_BX
 
 
 def release_slots(state: DecodeState, release_B: jax.Array) -> DecodeState:
@@ -319,7 +381,9 @@ def release_slots(state: DecodeState, release_B: jax.Array) -> DecodeState:
 
 
 @functools.lru_cache(maxsize=32)
-def jitted_steps(cfg, dtype: str, num_steps: int, implementation: str, encoder, lora_gather):
+def jitted_steps(
+    cfg, dtype: str, num_steps: int, top_logprobs: int, implementation: str, encoder, hook, lora_gather
+) -> tuple[Any, Any, Any]:
     """The jitted steps, shared by engines of the same model config and front end: a new engine
     (another mode, another slot count) reuses compiled variants instead of compiling them again."""
     lora_kw = {} if lora_gather is None else {"lora_gather": lora_gather}
@@ -334,6 +398,8 @@ def jitted_steps(cfg, dtype: str, num_steps: int, implementation: str, encoder, 
             dtype=jnp.dtype(dtype),
             num_steps=num_steps,
             implementation=implementation,
+            top_logprobs=top_logprobs,
+            hook=hook,
             **lora_kw,
         ),
         donate_argnames=("state",),

@@ -176,6 +176,21 @@ class Text:
         return value
 
 
+@dataclasses.dataclass(frozen=True)
+class Texts:
+    """Non-empty strings: a sequence of them, or one string (OpenAI's ``stop`` takes both)."""
+
+    def check(self, field: str, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, list | tuple):
+            raise FieldError(field, f"must be a string or a list of strings, got {_show(value)}")
+        for i, text in enumerate(value):
+            if not isinstance(text, str) or not text:
+                raise FieldError(f"{field}[{i}]", f"must be a non-empty string, got {_show(text)}")
+        return tuple(value)
+
+
 def rule(check: Any, default: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with a default and a rule: ``temperature: float = rule(Float(0.0), 0.0)``."""
     return dataclasses.field(default=default, metadata={"rule": check})

@@ -91,6 +91,7 @@ class WhisperFrontEnd:
     """
 
     encode = staticmethod(encode_mel)
+    logits_processor = None
 
     def __init__(self, model: Model, tokens: WhisperTokens | None = None):
         cfg = model.config

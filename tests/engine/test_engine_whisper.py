@@ -268,3 +268,32 @@ def test_a_fifo_is_refused_not_opened(model, tmp_path):
     engine = whisper_engine(model, _config(num_slots=1))
     with pytest.raises(RequestError, match="is not a regular file|does not exist as a regular file"):
         engine.submit(Request(inputs=tmp_path / "clip.wav"))
+
+
+@pytest.mark.slow
+def test_whisper_base_beam_search_matches_ctranslate2(whisper_base_path, espeak_clips):
+    """Beam 5 (faster-whisper's default) gives CTranslate2's ``beam_size=5`` tokens on every clip."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from encdec.whisper.audio import features_for
+    from encdec.whisper.tokens import WhisperTokens
+    from encdec.whisper.transcribe import load_whisper
+
+    sentences, paths = espeak_clips
+    model = load_whisper(whisper_base_path)
+    engine = whisper_engine(
+        model, EngineConfig(num_slots=10, max_new_tokens=224, max_encoder_tokens=2 * 1500, max_num_beams=5)
+    )
+    outputs = engine.generate([Request(inputs=p, num_beams=5) for p in paths])
+    tokens = WhisperTokens.from_dir(whisper_base_path)
+    mel = np.stack([features_for(p)[0][0] for p in paths])
+    peer = ctranslate2.models.Whisper(
+        str(whisper_base_path), device="cpu", compute_type="float32", intra_threads=2
+    )
+    theirs = peer.generate(
+        ctranslate2.StorageView.from_array(mel), [tokens.prompt("en")] * len(paths), beam_size=5
+    )
+    for sentence, mine, their in zip(sentences, outputs, theirs, strict=True):
+        assert mine.finish_reason == "stop", sentence
+        assert mine.token_ids == [*their.sequences_ids[0], tokens.eot], sentence
+    stats = engine.stats()
+    assert (stats.self_pages_used, stats.cross_pages_used, stats.tracked_requests) == (0, 0, 0)

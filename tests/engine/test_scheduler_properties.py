@@ -1,9 +1,11 @@
 """The scheduler alone, no model and no JAX: random arrivals, EOS, cancellations and tight pools.
 
 A simulated device runs each plan (a request ends at its EOS step or its budget) and reports an
-end one dispatch late, as the engine reads results. After every round: slots and pages are
-owned once, admission is FIFO, the encoder budget and dispatch lengths hold, every handed-on
-request really ends inside its last dispatch; at the end nothing starved and no page is held.
+end one dispatch late, as the engine reads results. Requests hold one slot or a group (beams,
+samples): one self-page set per slot, one cross-page set per request. After every round: slots
+and pages are owned once, admission is FIFO, the encoder budget and dispatch lengths hold,
+every handed-on request really ends inside its last dispatch; at the end nothing starved and no
+page is held.
 """
 
 import dataclasses
@@ -46,7 +48,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_encoder_tokens=40,
         )
         full = 1 + slots * pages_for(1 + MAX_NEW, PAGE), 1 + slots * pages_for(MAX_IN, PAGE)
-        pages = (1 + pages_for(1 + MAX_NEW, PAGE) + 1, 1 + pages_for(MAX_IN, PAGE) + 2) if tight else full
+        pages = (1 + 2 * pages_for(1 + MAX_NEW, PAGE) + 1, 1 + pages_for(MAX_IN, PAGE) + 2) if tight else full
         self.sched = Scheduler(self.config, num_self_pages=pages[0], num_cross_pages=pages[1])
         self.sims: dict[int, Sim] = {}
         self.cancelled: set[int] = set()
@@ -56,15 +58,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.rounds = 0
 
     @rule(enc_len=st.integers(1, MAX_IN), max_new=st.integers(1, MAX_NEW), prefix=st.integers(1, 2),
-          eos=st.none() | st.integers(1, MAX_NEW))
-    def submit(self, enc_len, max_new, prefix, eos):
+          eos=st.none() | st.integers(1, MAX_NEW), width=st.sampled_from([1, 1, 1, 2, 3]))
+    def submit(self, enc_len, max_new, prefix, eos, width):
         steps = prefix - 1 + max_new
-        spec = SeqSpec(self.next_id, enc_len, next(b for b in BUCKETS if b >= enc_len), steps)
+        spec = SeqSpec(self.next_id, enc_len, next(b for b in BUCKETS if b >= enc_len), steps, width)
         self.next_id += 1
         try:
             self.sched.add(spec)
         except NeverFits:
-            assert pages_for(steps, PAGE) > self.sched.self_alloc.capacity
+            too_wide = width > self.config.num_slots
+            assert too_wide or width * pages_for(steps, PAGE) > self.sched.self_alloc.capacity
             return
         ends = steps if eos is None else min(steps, prefix - 1 + eos)
         self.sims[spec.rid] = Sim(spec, ends)
@@ -75,9 +78,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not live:
             return
         rid = data.draw(st.sampled_from(live))
-        holding = rid in self.sched.slots
-        slot = self.sched.cancel(rid)
-        assert (slot is not None) == holding
+        holding = [i for i, r in enumerate(self.sched.slots) if r == rid]
+        slots = self.sched.cancel(rid)
+        assert sorted(slots) == holding
         assert rid not in self.sched.slots and rid not in set(self.sched.queued())
         self.cancelled.add(rid)
 
@@ -100,11 +103,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         if admitted and c.mode == "inflight" and busy_before and len(admitted) > 1:
             assert sum(self.sims[r].spec.bucket for r in admitted) <= c.encoder_budget
         for a in plan.admitted:
-            assert plan.owners[a.slot] == a.rid and slots_before[a.slot] is None
-            need = sched.pages_needed(self.sims[a.rid].spec)
-            assert (len(a.self_pages), len(a.cross_pages)) == need
-        owners = [r for r in plan.owners if r is not None]
-        assert len(set(owners)) == len(owners)
+            spec = self.sims[a.rid].spec
+            assert len(a.slots) == len(a.self_pages) == spec.width
+            assert all(plan.owners[i] == a.rid and slots_before[i] is None for i in a.slots)
+            need_self, need_cross = sched.pages_needed(spec)
+            assert [len(p) for p in a.self_pages] == [need_self] * spec.width
+            assert len(a.cross_pages) == need_cross
+        held = [r for r in plan.owners if r is not None]
+        owners = list(dict.fromkeys(held))
+        assert all(held.count(r) == self.sims[r].spec.width for r in owners)
         if not owners:
             assert plan.num_steps == 0
         else:
@@ -133,8 +140,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def slots_and_pages_are_owned_once(self):
         s = self.sched
-        holders = [r for r in s.slots if r is not None]
-        assert len(set(holders)) == len(holders)
+        held = [r for r in s.slots if r is not None]
+        holders = list(dict.fromkeys(held))
+        assert all(held.count(r) == self.sims[r].spec.width for r in holders)
         assert set(holders).isdisjoint(s.queued())
         self_pages = [p for r in holders for p in s.pages_of(r)[0]]
         cross_pages = [p for r in holders for p in s.pages_of(r)[1]]

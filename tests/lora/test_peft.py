@@ -83,7 +83,8 @@ def test_peft_adapter_imports_with_the_same_logits(pair, tmp_path, variant):
 
     lora, lc = load_peft(tmp_path / "adapter", model.params, cfg)
     ours = forward(model.params, cfg, ids, mask, dec, lora)
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    # Logits reach ~10 here: float32 rounding of two summation orders is ~1e-5 of that.
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=2e-5)
     assert lc.rank == 4 and lc.alpha == 8 and lc.use_rslora == (variant != "plain")
     ranks = {ad["a"].shape[-1] for _, ad in iter_adapters(lora)}
     assert ranks == ({4} if variant == "plain" else {2, 4})
