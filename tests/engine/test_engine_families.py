@@ -82,8 +82,9 @@ def test_32_mixed_requests_equal_reference(pairs, family):
 def test_nllb_forced_target_language_matches_hf_generate(pairs):
     """NLLB translates into the language whose code follows the start token.
 
-    HF forces it with ``generate(forced_bos_token_id=lang)`` and returns ``[start, lang, ...]``;
-    the engine takes ``decoder_prefix=[start, lang]`` and returns what follows the prefix.
+    HF forces it with ``generate(forced_bos_token_id=lang)`` and returns ``[start, lang, ...]``.
+    The engine takes it two ways: ``decoder_prefix=[start, lang]`` returns what follows the
+    prefix; ``forced_bos_token_id=lang`` (HF's semantics) returns ``[lang, ...]``.
     """
     hf, model = pairs("m2m_100")
     cfg = model.config
@@ -104,12 +105,18 @@ def test_nllb_forced_target_language_matches_hf_generate(pairs):
             theirs = hf.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
         prefix = [cfg.decoder_start_token_id, lang]
         ours = engine.generate([Request(x, max_new_tokens=MAX_NEW, decoder_prefix=prefix) for x in inputs])
-        for row, out in zip(theirs.tolist(), ours, strict=True):
+        forced = engine.generate(
+            [Request(x, max_new_tokens=MAX_NEW, forced_bos_token_id=lang) for x in inputs]
+        )
+        for row, out, out_forced in zip(theirs.tolist(), ours, forced, strict=True):
             assert row[:2] == [cfg.decoder_start_token_id, lang]
-            generated = row[2:]
+            generated = row[1:]
             if cfg.eos_token_id in generated:  # HF pads finished rows after their EOS
                 generated = generated[: generated.index(cfg.eos_token_id) + 1]
-            assert out.token_ids == generated, (lang, out.token_ids, row)
+            assert out.token_ids == generated[1:], (lang, out.token_ids, row)
+            # The forced token counts against max_new_tokens, as in HF: one token fewer after it.
+            assert out_forced.finish_reason in ("stop", "length"), out_forced.error
+            assert out_forced.token_ids == generated[:MAX_NEW], (lang, out_forced.token_ids, row)
         by_language[lang] = [tuple(o.token_ids) for o in ours]
     # The forced token steers the whole output: a test the prefix could pass by being ignored fails.
     assert by_language[languages[0]] != by_language[languages[1]]
