@@ -103,7 +103,8 @@ class ModelConfig:
     forced_bos_token_id: int | None = None
     """The token HF ``generate`` forces right after the start token (a target-language code for
     NLLB/M2M100/mBART-50, ``<s>`` for BART-large-CNN), when the checkpoint names one; None otherwise.
-    The engine forces it through ``Request.decoder_prefix``."""
+    Informational: a request forces it with ``Request.forced_bos_token_id`` (HF's semantics, part
+    of the output) or ``decoder_prefix=[start, token]`` (not part of the output)."""
 
     def __post_init__(self):
         if not self.encoder_head_dim:
