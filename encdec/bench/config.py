@@ -70,8 +70,9 @@ class WorkloadConfig:
     seed: int = 0
     """Seed of lengths, token ids and arrival times."""
     num_beams: int = 1
-    """Beam search width for every system (1: greedy). Static baselines then batch
-    ``num_slots // num_beams`` requests, so every system holds ``num_slots`` sequences."""
+    """Beam search width for every system (1: greedy). Static baselines batch ``num_slots``
+    requests (``num_slots x num_beams`` hypotheses, as CTranslate2's ``max_batch_size`` counts),
+    and the engine gets ``num_slots x num_beams`` slots: every system holds as many sequences."""
 
     def __post_init__(self):
         _require(self.num_requests >= 1, "num_requests", f"must be >= 1, got {self.num_requests}")

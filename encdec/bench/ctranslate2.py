@@ -64,7 +64,7 @@ class CT2Translate:
         def batch(inputs, length):
             return self.generate_batch(inputs, length, trace.num_beams)
 
-        return run_static_batches(self.name, trace, trace.batch_size(num_slots), batch)
+        return run_static_batches(self.name, trace, num_slots, batch)
 
     def close(self) -> None:
         del self.translator

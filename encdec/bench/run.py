@@ -19,7 +19,7 @@ from encdec.bench.machine import machine_info
 from encdec.bench.metrics import SystemRun, TieCheck, reference_outputs, summarize
 from encdec.bench.models import resolve_model
 from encdec.bench.results import write_results
-from encdec.bench.systems import System, make_system
+from encdec.bench.systems import System, hf_beam_reference, make_system
 from encdec.bench.workloads import Trace, make_trace
 from encdec.experiment_config import read_yaml
 
@@ -89,16 +89,23 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
                 trace = make_trace(wl, bench_model.token_range, max_input_len=max_in)
                 results["workload"][wl.name] = {**trace.summary(), "config": plain(dataclasses.asdict(wl))}
                 reference, tie_check = None, None
-                if cfg.check_outputs and trace.num_beams == 1:  # beams: tests check them against HF
+                if cfg.check_outputs and trace.num_beams == 1:
                     bar.set_postfix_str(f"reference {label} {wl.name}")
                     reference = reference_outputs(model, trace, chunk=cfg.reference_batch, progress=progress)
                     tie_check = TieCheck(model, trace)
+                elif cfg.check_outputs:
+                    bar.set_postfix_str(f"HF beam reference {label} {wl.name}")
+                    reference = hf_beam_reference(model_dir, spec.dtype, trace, progress=progress)
                 for slots, name in itertools.product(cfg.num_slots, cfg.systems):
                     bar.set_postfix_str(f"{label} {wl.name} slots={slots} {name}")
                     if name not in systems:
                         systems[name] = make_system(name, spec, cfg, model_dir=model_dir, model=model)
                     runs = _timed_runs(systems[name], trace, slots, cfg)
-                    row = summarize(_median_run(runs), trace, reference, tie_check, cfg.tie_checks)
+                    # Static baselines cut a beam batch's hypotheses at each request's length:
+                    # not what beam search at that length gives, so there is nothing to compare.
+                    comparable = trace.num_beams == 1 or name.startswith("encdec")
+                    ref = reference if comparable else None
+                    row = summarize(_median_run(runs), trace, ref, tie_check, cfg.tie_checks)
                     where = {"model": label, "dtype": spec.dtype, "workload": wl.name, "num_slots": slots}
                     results["runs"].append({**where, **row, "repeat_wall_s": [r.wall_s for r in runs]})
                     write_results(results, out_dir)
@@ -147,7 +154,8 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
 def run_experiment_cli(experiment_path: str, overrides: list[str], out: str | None) -> int:
     """``encdec run EXPERIMENT.yaml [--set key=value ...] [--out DIR]``: text experiments here,
     ``kind: whisper`` files through :mod:`encdec.bench.whisper`, ``kind: whisper_longform``
-    through :mod:`encdec.bench.whisper_longform`; prints the results table."""
+    through :mod:`encdec.bench.whisper_longform`, ``kind: serve_load`` through
+    :mod:`encdec.bench.serve_load`; prints the results table."""
     kind = read_yaml(experiment_path).get("kind")
     if kind == "whisper_longform":
         from encdec.bench.whisper_longform import (
@@ -159,6 +167,12 @@ def run_experiment_cli(experiment_path: str, overrides: list[str], out: str | No
         lcfg = LongFormExperimentConfig.load(experiment_path, overrides)
         out_dir = Path(out) if out else Path("results") / lcfg.name
         table = longform_table(run_longform_experiment(lcfg, out_dir))
+    elif kind == "serve_load":
+        from encdec.bench.serve_load import ServeLoadConfig, run_serve_load, serve_load_table
+
+        scfg = ServeLoadConfig.load(experiment_path, overrides)
+        out_dir = Path(out) if out else Path("results") / scfg.name
+        table = serve_load_table(run_serve_load(scfg, out_dir))
     elif kind == "whisper":
         from encdec.bench.whisper import WhisperExperimentConfig, run_whisper_experiment, whisper_table
 

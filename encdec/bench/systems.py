@@ -2,7 +2,7 @@
 
 - ``encdec-inflight`` / ``encdec-static``: the encdec engine in its two modes;
 - ``hf-generate``: transformers PyTorch ``generate``, greedy (or the trace's beam width), static
-  padded batches of ``num_slots`` sequences in trace order, each batch run to its longest output;
+  padded batches of ``num_slots`` requests in trace order, each batch run to its longest output;
 - ``ctranslate2`` / ``ctranslate2-int8``: ``Translator.translate_batch`` on the CTranslate2
   conversion of the same checkpoint, batched like ``hf-generate``.
 
@@ -73,8 +73,7 @@ def available_systems() -> dict[str, str | None]:
 
 def _dense_batches(trace: Trace, num_slots: int) -> list[list[tuple[int, int]]]:
     """Each static batch's rows (one per beam): (input length, the batch's output length)."""
-    size = trace.batch_size(num_slots)
-    batches = [trace.requests[s : s + size] for s in range(0, len(trace), size)]
+    batches = [trace.requests[s : s + num_slots] for s in range(0, len(trace), num_slots)]
     return [
         [(len(r.input_ids), max(x.output_len for x in b)) for r in b for _ in range(trace.num_beams)]
         for b in batches
@@ -102,7 +101,7 @@ class HFGenerate:
         self.dtype_bytes = _DTYPE_BYTES[dtype]
         c = self.model.config
         # HF T5's cache update fails when encoder and decoder depths differ (FACTS).
-        self.use_cache = not (c.model_type in ("t5", "mt5") and c.num_layers != c.num_decoder_layers)
+        self.use_cache = not (c.model_type in ("t5", "mt5", "umt5") and c.num_layers != c.num_decoder_layers)
 
     def generation_config(self, length: int, num_beams: int = 1):
         import transformers as tf
@@ -139,7 +138,7 @@ class HFGenerate:
         def batch(inputs, length):
             return self.generate_batch(inputs, length, trace.num_beams)
 
-        run = run_static_batches(self.name, trace, trace.batch_size(num_slots), batch)
+        run = run_static_batches(self.name, trace, num_slots, batch)
         run.memory = dense_kv_memory(self.config, self.dtype_bytes, _dense_batches(trace, num_slots))
         return run
 
@@ -147,6 +146,26 @@ class HFGenerate:
         del self.model
         if self.device == "cuda":
             self._torch.cuda.empty_cache()
+
+
+def hf_beam_reference(
+    model_dir: Path, dtype: str, trace: Trace, *, progress: bool = False
+) -> list[list[int]]:
+    """HF ``generate``'s beam search on each request alone, at its exact length: the independent
+    reference of a beam workload (encdec has no dense beam search of its own to compare with)."""
+    hf = HFGenerate(model_dir, dtype, BaselineSection())
+    requests = trace.requests
+    if progress:
+        from tqdm.auto import tqdm
+
+        requests = tqdm(requests, desc=f"HF beam reference {trace.name}", leave=False)
+    try:
+        return [
+            hf.generate_batch([list(r.input_ids)], r.output_len, trace.num_beams)[0][: r.output_len]
+            for r in requests
+        ]
+    finally:
+        hf.close()
 
 
 class EncdecEngine:
@@ -166,7 +185,7 @@ class EncdecEngine:
     def _config_for(self, trace: Trace, num_slots: int) -> tuple[int, int, int]:
         enc = self.options.max_encoder_len or trace.max_input_len
         new = self.options.max_new_tokens or trace.max_output_len
-        return num_slots, enc, new
+        return trace.engine_slots(num_slots), enc, new
 
     def prepare(self, trace: Trace, num_slots: int) -> None:
         key = self._config_for(trace, num_slots)
@@ -175,7 +194,7 @@ class EncdecEngine:
             Engine, EngineConfig, _ = self._classes
             try:
                 cfg = EngineConfig(
-                    num_slots=num_slots, page_size=self.options.page_size, max_encoder_len=key[1],
+                    num_slots=key[0], page_size=self.options.page_size, max_encoder_len=key[1],
                     max_new_tokens=key[2], mode=self.mode, **self.options.options,
                 )
             except TypeError as e:
@@ -207,7 +226,7 @@ class EncdecEngine:
         latency = [o.timings["done"] - a for o, a in zip(outs, arrival, strict=True)]
         ttft = [o.timings["first_token"] - a for o, a in zip(outs, arrival, strict=True)]
         stats = self._engine.stats()
-        memory = engine_memory(stats, num_slots)
+        memory = engine_memory(stats, trace.engine_slots(num_slots))
         memory["compiled"] = stats.compiled
         return SystemRun(
             system=self.name, token_ids=[list(map(int, o.token_ids)) for o in outs], latency_s=latency,

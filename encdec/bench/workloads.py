@@ -84,9 +84,9 @@ class Trace:
         reqs = tuple(dataclasses.replace(r, arrival_s=0.0) for r in self.requests)
         return dataclasses.replace(self, requests=reqs, arrival="all-at-once")
 
-    def batch_size(self, num_slots: int) -> int:
-        """Requests a static baseline batches so that it holds ``num_slots`` sequences."""
-        return max(1, num_slots // self.num_beams)
+    def engine_slots(self, num_slots: int) -> int:
+        """Engine slots holding as many sequences as a static batch of ``num_slots`` requests."""
+        return num_slots * self.num_beams
 
     def summary(self) -> dict[str, Any]:
         ins = np.array([len(r.input_ids) for r in self.requests])

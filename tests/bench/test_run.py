@@ -62,7 +62,11 @@ def test_experiment_smoke_run_writes_results(name, cache, tmp_path):
         assert run["output_tokens"] == saved["workload"][run["workload"]]["output_tokens"]
         assert run["output_tokens_per_s"] > 0 and run["p50_latency_s"] <= run["p99_latency_s"]
         assert len(run["latencies_s"]) == 3
-        if cfg.models[0].dtype == "float32" and not run["system"].endswith("int8"):
+        beams = saved["workload"][run["workload"]]["num_beams"] > 1
+        static_baseline = not run["system"].startswith("encdec")
+        if beams and static_baseline:  # a static beam batch is cut per request: not comparable
+            assert run["outputs_match_reference"] is None
+        elif cfg.models[0].dtype == "float32" and not run["system"].endswith("int8"):
             assert run["outputs_match_reference"] is True, run["first_mismatch"]
         if run["system"].startswith("encdec"):
             assert run["ttft_p50_s"] is not None and 0 < run["kv_utilization"] <= 1

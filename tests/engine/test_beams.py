@@ -80,7 +80,10 @@ def test_beam_search_equals_hf_generate_in_a_mixed_batch(family, tmp_path):
     greedy = Request(inputs[0], max_new_tokens=MAX_NEW)
     sampled = Request(inputs[1], max_new_tokens=MAX_NEW, temperature=1.0, seed=3)
     engine = Engine(model, _config())
+    compiled = engine.warmup() if family == "t5" else None
     outs = engine.generate([beams[0], greedy, *beams[1:3], sampled, *beams[3:]])
+    if compiled is not None:  # beams, samples and greedy share the warmed-up steps
+        assert engine.compile_counts() == compiled
     outs = [outs[0], *outs[2:4], *outs[5:]], outs[1], outs[4]
     beam_outs, greedy_out, sampled_out = outs
     for req, out, case in zip(beams, beam_outs, BEAM_CASES, strict=True):

@@ -17,6 +17,7 @@ from encdec.whisper.audio import SAMPLE_RATE, resample
 from encdec.whisper.serving import transcribe_with_engine, whisper_engine
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import transcribe
+from tests.engine.test_engine import holds_no_pages
 from tests.whisper.test_transcribe import _tone, _wav
 from tests.whisper.tiny_whisper import DE, EN, EOT, NO_TIMESTAMPS, SOT, TRANSCRIBE
 
@@ -143,7 +144,7 @@ def test_bad_audio_requests_fail_alone(model, tmp_path):
         assert out.finish_reason == "error" and message.split()[0] in out.error
     for key, audio, out in zip(["array0", "array2", "array4"], good, outputs[:1] + outputs[-2:], strict=True):
         assert _generated(out) == _reference(model, key, audio, LIMIT)[0]
-    assert engine.self_alloc.num_used == 0 and engine.cross_alloc.num_used == 0
+    assert holds_no_pages(engine)
 
 
 def test_no_recompilation_after_warmup(model):
@@ -164,7 +165,7 @@ def test_no_recompilation_after_warmup(model):
     outputs = engine.generate(requests)
     assert all(o.finish_reason in ("stop", "length") for o in outputs)
     assert engine.compile_counts() == warm
-    assert engine.self_alloc.num_used == 0 and engine.cross_alloc.num_used == 0
+    assert holds_no_pages(engine)
 
 
 def test_transcribe_with_engine_joins_windows_like_transcribe(model, tmp_path):
@@ -217,7 +218,7 @@ def test_whisper_base_engine_matches_ctranslate2(whisper_base_path, espeak_clips
     texts = [model.tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in theirs]
     assert [o.text for o in outputs] == texts
     assert wer(sentences, [o.text for o in outputs]) < 0.35
-    assert engine.self_alloc.num_used == 0 and engine.cross_alloc.num_used == 0
+    assert holds_no_pages(engine)
 
 
 def test_long_audio_is_refused_from_its_length_before_decoding(model, tmp_path, monkeypatch):
@@ -268,3 +269,32 @@ def test_a_fifo_is_refused_not_opened(model, tmp_path):
     engine = whisper_engine(model, _config(num_slots=1))
     with pytest.raises(RequestError, match="is not a regular file|does not exist as a regular file"):
         engine.submit(Request(inputs=tmp_path / "clip.wav"))
+
+
+@pytest.mark.slow
+def test_whisper_base_beam_search_matches_ctranslate2(whisper_base_path, espeak_clips):
+    """Beam 5 (faster-whisper's default) gives CTranslate2's ``beam_size=5`` tokens on every clip."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from encdec.whisper.audio import features_for
+    from encdec.whisper.tokens import WhisperTokens
+    from encdec.whisper.transcribe import load_whisper
+
+    sentences, paths = espeak_clips
+    model = load_whisper(whisper_base_path)
+    engine = whisper_engine(
+        model, EngineConfig(num_slots=10, max_new_tokens=224, max_encoder_tokens=2 * 1500, max_num_beams=5)
+    )
+    outputs = engine.generate([Request(inputs=p, num_beams=5) for p in paths])
+    tokens = WhisperTokens.from_dir(whisper_base_path)
+    mel = np.stack([features_for(p)[0][0] for p in paths])
+    peer = ctranslate2.models.Whisper(
+        str(whisper_base_path), device="cpu", compute_type="float32", intra_threads=2
+    )
+    theirs = peer.generate(
+        ctranslate2.StorageView.from_array(mel), [tokens.prompt("en")] * len(paths), beam_size=5
+    )
+    for sentence, mine, their in zip(sentences, outputs, theirs, strict=True):
+        assert mine.finish_reason == "stop", sentence
+        assert mine.token_ids == [*their.sequences_ids[0], tokens.eot], sentence
+    stats = engine.stats()
+    assert (stats.self_pages_used, stats.cross_pages_used, stats.tracked_requests) == (0, 0, 0)
