@@ -44,9 +44,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _transcribe(args: argparse.Namespace) -> int:
-    from encdec.whisper.serving import transcribe_cli
+    from encdec.whisper.command import transcribe_cli
 
-    return transcribe_cli(args.files, model=args.model, language=args.language)
+    return transcribe_cli(args)
 
 
 DEFAULT_SERVE_SHAPE = "t5-small"
@@ -105,12 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="output folder (default: results/<name>)")
         p.set_defaults(func=func)
 
-    tr = sub.add_parser("transcribe", help="transcribe WAV files with Whisper")
-    tr.add_argument("files", nargs="+")
+    tr = sub.add_parser("transcribe", help="transcribe audio files with Whisper (text, srt, vtt, json)")
+    tr.add_argument("files", nargs="+", help="audio files (wav, mp3, flac, ogg, m4a, ...)")
+    tr.add_argument("--model", default=None, help="HF or CTranslate2 Whisper directory (default: base)")
+    tr.add_argument("--language", default="auto", help="spoken language code, or auto: detected per file")
+    tr.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    tr.add_argument("--beam-size", type=int, default=5, help="beams (1: greedy); 5 as faster-whisper")
+    formats = ["txt", "srt", "vtt", "json"]
+    tr.add_argument("--output-format", default=None, choices=formats, help="write DIR/<name>.<format>")
+    tr.add_argument("--output-dir", default=None, help="where to write transcripts (default: .)")
+    tr.add_argument("--no-vad", action="store_true", help="do not cut files at silences")
+    tr.add_argument("--no-condition-on-previous-text", action="store_true", help="no previous-text prompts")
     tr.add_argument(
-        "--model", default=None, help="HF or CTranslate2 Whisper directory (default: whisper-base)"
+        "--temperature-increment-on-fallback",
+        type=float,
+        default=0.2,
+        help="temperature step of each retry of a failed window, up to 1 (0: no retries)",
     )
-    tr.add_argument("--language", default="en")
+    tr.add_argument("--num-slots", type=int, default=16, help="windows decoded together")
     tr.set_defaults(func=_transcribe)
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")

@@ -9,8 +9,12 @@ fi
 python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[cpu,test,bench]"
-# espeak-ng synthesizes the Whisper test clips (Debian package; skipped where apt is absent).
-if ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) || echo "setup: espeak-ng not installed"
+python -m pip install -q -e ".[cpu,audio,test,bench]"
+# espeak-ng synthesizes the Whisper test clips; bible-kjv (the `bible` program) and bible-kjv-text
+# (the King James Version, public domain) are the text of the long Whisper recordings. Debian
+# packages; skipped where apt is absent.
+if { ! command -v espeak-ng || ! command -v bible; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq espeak-ng bible-kjv bible-kjv-text >/dev/null) \
+    || echo "setup: espeak-ng / bible-kjv not installed"
 fi

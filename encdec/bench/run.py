@@ -153,10 +153,21 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
 
 def run_experiment_cli(experiment_path: str, overrides: list[str], out: str | None) -> int:
     """``encdec run EXPERIMENT.yaml [--set key=value ...] [--out DIR]``: text experiments here,
-    ``kind: whisper`` files through :mod:`encdec.bench.whisper`, ``kind: serve_load`` through
+    ``kind: whisper`` files through :mod:`encdec.bench.whisper`, ``kind: whisper_longform``
+    through :mod:`encdec.bench.whisper_longform`, ``kind: serve_load`` through
     :mod:`encdec.bench.serve_load`; prints the results table."""
     kind = read_yaml(experiment_path).get("kind")
-    if kind == "serve_load":
+    if kind == "whisper_longform":
+        from encdec.bench.whisper_longform import (
+            LongFormExperimentConfig,
+            longform_table,
+            run_longform_experiment,
+        )
+
+        lcfg = LongFormExperimentConfig.load(experiment_path, overrides)
+        out_dir = Path(out) if out else Path("results") / lcfg.name
+        table = longform_table(run_longform_experiment(lcfg, out_dir))
+    elif kind == "serve_load":
         from encdec.bench.serve_load import ServeLoadConfig, run_serve_load, serve_load_table
 
         scfg = ServeLoadConfig.load(experiment_path, overrides)

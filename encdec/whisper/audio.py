@@ -1,4 +1,9 @@
-"""Audio in: WAV files (stdlib ``wave``), resampling to 16 kHz, Whisper's log-mel front end.
+"""Audio in: audio files, resampling to 16 kHz, Whisper's log-mel front end.
+
+PCM WAV files are read with the standard library (``wave``) and resampled here; every other
+file (mp3, flac, ogg/opus, m4a/aac, float WAV, video containers: whatever FFmpeg decodes) through
+PyAV (the ``audio`` extra), which also resamples to 16 kHz mono. Either way the length comes from
+the file's header before anything is decoded, so a too-long file is refused at once.
 
 The log-mel numerics are Whisper's reference (and ``transformers.WhisperFeatureExtractor``'s):
 a periodic Hann window of 400 samples, hop 160, centred frames with reflect padding, power
@@ -15,6 +20,7 @@ import functools
 import math
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +71,79 @@ def read_wav(path: str | Path, max_seconds: float | None = None) -> tuple[np.nda
         raise AudioError(f"{path} holds no audio samples")
     samples = _pcm_to_float(raw, width).reshape(-1, channels).mean(axis=1, dtype=np.float32)
     return samples, rate
+
+
+def _is_pcm_wav(path: Path) -> bool:
+    """A RIFF/WAVE file in a format the standard library reads (integer PCM)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return False
+        with wave.open(str(path), "rb"):
+            return True
+    except (wave.Error, EOFError, OSError):
+        return False
+
+
+def _pyav() -> Any:
+    try:
+        import av
+    except ImportError:
+        raise AudioError(
+            "reading this file needs PyAV (pip install av, or encdec's `audio` extra); "
+            "without it only PCM WAV files are read"
+        ) from None
+    return av
+
+
+def read_audio_file(path: str | Path, max_seconds: float | None = None) -> np.ndarray:
+    """16 kHz mono float32 samples of any audio file: PCM WAV here, anything else through PyAV.
+
+    ``max_seconds``: refuse longer audio (:class:`AudioTooLong`) from the header, before decoding.
+    """
+    path = Path(path)
+    if not path.is_file():
+        kind = " as a regular file" if path.exists() else ""
+        raise AudioError(f"audio file {path} does not exist{kind}")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path} is empty (0 bytes)")
+    if _is_pcm_wav(path):
+        samples, rate = read_wav(path, max_seconds)
+        return resample(samples, rate)
+    av = _pyav()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise AudioError(f"{path} has no audio stream")
+            stream = container.streams.audio[0]
+            seconds = _header_seconds(container, stream)
+            if max_seconds is not None and seconds is not None and seconds > max_seconds:
+                raise AudioTooLong(str(path), seconds, max_seconds)
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            pieces = []
+            for frame in container.decode(stream):
+                pieces += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            pieces += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    except AudioError:
+        raise
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise AudioError(f"cannot decode {path} as audio: {e}") from None
+    samples = np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
+    if samples.size == 0:
+        raise AudioError(f"{path} holds no audio samples")
+    if max_seconds is not None and samples.size / SAMPLE_RATE > max_seconds:  # a header that lied
+        raise AudioTooLong(str(path), samples.size / SAMPLE_RATE, max_seconds)
+    return samples
+
+
+def _header_seconds(container: Any, stream: Any) -> float | None:
+    """Duration from the stream's or the container's header, if either states one."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # AV_TIME_BASE
+    return None
 
 
 def _pcm_to_float(raw: bytes, width: int) -> np.ndarray:
@@ -124,7 +203,7 @@ def _sinc_taps(dist: np.ndarray, half: int, cutoff: float, beta: float = 8.6) ->
 def load_audio(
     source: str | Path | np.ndarray, sample_rate: int | None = None, *, max_seconds: float | None = None
 ) -> np.ndarray:
-    """16 kHz mono float32 samples from a WAV path or an array (``sample_rate`` defaults to 16 kHz).
+    """16 kHz mono float32 samples from an audio file or an array (``sample_rate`` defaults to 16 kHz).
 
     Arrays are float samples in [-1, 1], ``[n]`` or ``[n, channels]``. Empty, non-finite or
     unconvertible audio raises :class:`AudioError`; audio over ``max_seconds`` raises
@@ -133,22 +212,23 @@ def load_audio(
     """
     if isinstance(source, (str, Path)):
         if sample_rate is not None:
-            raise ValueError("sample_rate is read from the WAV header; pass it only with an array")
-        samples, rate = read_wav(source, max_seconds)
-        name = str(source)
-    else:
-        samples, name = np.asarray(source), "audio array"
-        rate = SAMPLE_RATE if sample_rate is None else sample_rate
-        if samples.ndim == 2:
-            samples = samples.mean(axis=1)
-        if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.number):
-            raise AudioError(
-                f"{name} must be a numeric [samples] or [samples, channels] array, got {samples.shape}"
-            )
-        if samples.size == 0:
-            raise AudioError(f"{name} is empty")
-        if max_seconds is not None and rate > 0 and samples.size / rate > max_seconds:
-            raise AudioTooLong(name, samples.size / rate, max_seconds)
+            raise ValueError("sample_rate is read from the file's header; pass it only with an array")
+        samples = read_audio_file(source, max_seconds)
+        if not np.all(np.isfinite(samples)):
+            raise AudioError(f"{source} has non-finite samples (NaN or inf)")
+        return samples
+    samples, name = np.asarray(source), "audio array"
+    rate = SAMPLE_RATE if sample_rate is None else sample_rate
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1)
+    if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.number):
+        raise AudioError(
+            f"{name} must be a numeric [samples] or [samples, channels] array, got {samples.shape}"
+        )
+    if samples.size == 0:
+        raise AudioError(f"{name} is empty")
+    if max_seconds is not None and rate > 0 and samples.size / rate > max_seconds:
+        raise AudioTooLong(name, samples.size / rate, max_seconds)
     if not np.all(np.isfinite(samples)):
         raise AudioError(f"{name} has non-finite samples (NaN or inf)")
     out = resample(samples, int(rate))
@@ -191,8 +271,19 @@ def mel_filters(n_mels: int, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE)
     return weights
 
 
-def log_mel_spectrogram(samples: np.ndarray, n_mels: int = 80) -> np.ndarray:
-    """Whisper's features ``[n_mels, 3000]`` (float32) for up to 30 s of 16 kHz audio."""
+PADDINGS = ("audio", "features")
+
+
+def log_mel_spectrogram(samples: np.ndarray, n_mels: int = 80, padding: str = "audio") -> np.ndarray:
+    """Whisper's features ``[n_mels, 3000]`` (float32) for up to 30 s of 16 kHz audio.
+
+    ``padding``: how a window under 30 s is filled: ``"audio"`` with silent samples before the
+    transform (HF's feature extractor, openai-whisper's one-window ``decode``), ``"features"``
+    with zeros after it (openai-whisper's and faster-whisper's long-form transcription, which
+    slice a longer spectrogram and zero-pad the slice).
+    """
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     samples = np.asarray(samples, np.float64)
     if samples.ndim != 1 or samples.size == 0:
         raise AudioError(f"expected non-empty 1-D 16 kHz samples, got shape {samples.shape}")
@@ -209,11 +300,16 @@ def log_mel_spectrogram(samples: np.ndarray, n_mels: int = 80) -> np.ndarray:
     mel = power[:-1] @ mel_filters(n_mels)
     log_spec = np.log10(np.maximum(mel, 1e-10))
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return np.ascontiguousarray(((log_spec + 4.0) / 4.0).T, dtype=np.float32)
+    features = (log_spec + 4.0) / 4.0
+    if padding == "features":
+        features[samples.size // HOP_LENGTH :] = 0.0
+    return np.ascontiguousarray(features.T, dtype=np.float32)
 
 
-def features_for(source: str | Path | np.ndarray, n_mels: int = 80, sample_rate: int | None = None):
+def features_for(
+    source: str | Path | np.ndarray, n_mels: int = 80, sample_rate: int | None = None, padding: str = "audio"
+):
     """Log-mel windows ``[windows, n_mels, 3000]`` and the audio's length in seconds."""
     samples = load_audio(source, sample_rate)
-    windows = [log_mel_spectrogram(w, n_mels) for w in split_windows(samples)]
+    windows = [log_mel_spectrogram(w, n_mels, padding) for w in split_windows(samples)]
     return np.stack(windows), samples.size / SAMPLE_RATE

@@ -10,7 +10,9 @@ takes that many cross positions in the cross page pool.
 
 Whisper's decoder prompt becomes the request's forced decoder prefix, and its
 ``suppress_tokens`` / ``begin_suppress_tokens`` become the two vocabulary masks the decode step
-applies before sampling (:attr:`WhisperFrontEnd.masks`).
+applies before sampling (:attr:`WhisperFrontEnd.masks`). Its timestamp rules and the language
+detection step are the on-device logits hook (:attr:`WhisperFrontEnd.logits_processor`,
+:mod:`encdec.whisper.rules`); a request's prompt says which applies.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from encdec.whisper.audio import (
     CHUNK_SECONDS,
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
+    PADDINGS,
     SAMPLE_RATE,
     AudioTooLong,
     load_audio,
     log_mel_spectrogram,
 )
+from encdec.whisper.rules import WhisperRules
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import default_max_new_tokens
 
@@ -58,6 +62,9 @@ class AudioInput:
     """Spoken language, for the model's default decoder prompt (``<|en|>``)."""
     task: str = rule(OneOf(("transcribe", "translate")), "transcribe")
     """``transcribe`` or ``translate`` (into English), for the default decoder prompt."""
+    padding: str = rule(OneOf(PADDINGS), "audio")
+    """How audio under 30 s is padded: ``audio`` (silence before the log-mel) or ``features``
+    (zero log-mel frames, as long-form transcription does; see ``log_mel_spectrogram``)."""
 
 
 def as_audio_input(inputs: Any) -> AudioInput:
@@ -87,20 +94,28 @@ def encode_mel(params, cfg, mel_bCA: jax.Array, encoder_len_b: jax.Array, *, dty
 class WhisperFrontEnd:
     """What an engine needs to serve one Whisper model's audio requests.
 
-    ``tokens`` overrides the special tokens and suppression lists read from the model's directory.
+    ``tokens`` overrides the special tokens and suppression lists read from the model's directory;
+    ``max_initial_timestamp`` (seconds) bounds a window's first timestamp (None: no bound).
     """
 
     encode = staticmethod(encode_mel)
-    logits_processor = None
 
-    def __init__(self, model: Model, tokens: WhisperTokens | None = None):
+    def __init__(
+        self, model: Model, tokens: WhisperTokens | None = None, *, max_initial_timestamp: float | None = 1.0
+    ):
         cfg = model.config
         if not cfg.is_audio:
             raise ValueError(f"{cfg.model_type} has no audio encoder")
         self.model_config = cfg
         self.tokenizer = model.tokenizer
         self.tokens = tokens or WhisperTokens.from_dir(model.path)
+        self.logits_processor = WhisperRules.from_tokens(self.tokens, max_initial_timestamp)
+        # <|nospeech|> is banned by the hook once a row samples, not by the static mask, so a
+        # prompt's log-probabilities can report it (see encdec.whisper.rules).
         every_V, first_V = self.tokens.suppression_masks(cfg.decoder_vocab_size)
+        if self.logits_processor.no_speech is not None:
+            every_V = every_V.at[self.logits_processor.no_speech].set(False)
+            first_V = first_V.at[self.logits_processor.no_speech].set(False)
         self.masks = TokenMasks(every_V, first_V)
         self.default_prefix_len = len(self.tokens.prompt())
 
@@ -115,7 +130,7 @@ class WhisperFrontEnd:
         audio = as_audio_input(request.inputs)
         try:
             samples = load_audio(audio.source, audio.sample_rate, max_seconds=CHUNK_SECONDS)
-            mel_CA = log_mel_spectrogram(samples, self.model_config.num_mel_bins)
+            mel_CA = log_mel_spectrogram(samples, self.model_config.num_mel_bins, audio.padding)
             prompt = self.tokens.prompt(audio.language, audio.task)
         except AudioTooLong as e:
             raise RequestError(

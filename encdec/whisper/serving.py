@@ -1,15 +1,17 @@
-"""Whisper transcription through the in-flight batching engine (``encdec transcribe``).
+"""Whisper engines, and fixed-window transcription through one.
 
-Every file's audio is split into 30 s windows, each window is one engine request (log-mel at
-submit, encoder in the engine's encoder batches, cross K/V in the cross page pool, Whisper's
-prompt as a forced decoder prefix), and the window texts are joined, as :func:`transcribe`
-does on its dense cache. A file that cannot be read fails alone.
+:func:`whisper_engine` builds an engine with Whisper's front end; :func:`longform_engine` sizes
+one for long-form transcription (:mod:`encdec.whisper.longform`, ``encdec transcribe``).
+
+:func:`transcribe_with_engine` is the plain path without timestamps: every file's audio split
+into fixed 30 s windows, each window one engine request (log-mel at submit, encoder in the
+engine's encoder batches, cross K/V in the cross page pool, Whisper's prompt as a forced decoder
+prefix), the window texts joined, as :func:`transcribe` does on its dense cache (a word at a
+cut may be lost). A file that cannot be read fails alone.
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,8 +22,9 @@ from encdec.engine import Engine, EngineConfig, Request, RequestOutput
 from encdec.lora.bank import AdapterBank
 from encdec.whisper.audio import AudioError, load_audio, split_windows
 from encdec.whisper.frontend import AudioInput, WhisperFrontEnd
+from encdec.whisper.options import LongFormOptions
 from encdec.whisper.tokens import WhisperTokens
-from encdec.whisper.transcribe import Transcript, default_max_new_tokens, load_whisper
+from encdec.whisper.transcribe import Transcript
 
 
 def whisper_engine_config(
@@ -34,16 +37,18 @@ def whisper_engine_config(
     prompt_len: int = 4,
 ) -> EngineConfig:
     """An engine config for a Whisper model: ``num_slots`` windows decoded together, at most
-    ``encoder_batch`` windows per encoder call, the model's token limit, a cross pool for
-    ``num_slots`` windows."""
+    ``encoder_batch`` windows per encoder call, prompts of up to ``prompt_len`` tokens and the
+    model's token limit after them, a cross pool for ``num_slots`` windows."""
     cfg = model.config
+    P = cfg.max_positions
     return EngineConfig(
         num_slots=num_slots,
         page_size=page_size,
-        max_new_tokens=default_max_new_tokens(cfg, prompt_len),
+        max_new_tokens=min(P // 2, P - prompt_len + 1),
         max_encoder_batch=encoder_batch,
         max_encoder_tokens=encoder_batch * cfg.audio_positions,
         steps_per_dispatch=steps_per_dispatch,
+        max_decoder_prefix=prompt_len,
     )
 
 
@@ -53,6 +58,7 @@ def whisper_engine(
     *,
     tokens: WhisperTokens | None = None,
     adapters: AdapterBank | None = None,
+    max_initial_timestamp: float | None = 1.0,
     **config_kw,
 ) -> Engine:
     """An :class:`Engine` serving ``model``'s audio requests through a :class:`WhisperFrontEnd`.
@@ -63,7 +69,39 @@ def whisper_engine(
     if config is not None and config_kw:
         raise ValueError(f"give config or whisper_engine_config options, not both: {sorted(config_kw)}")
     config = config or whisper_engine_config(model, **config_kw)
-    return Engine(model, config, frontend=WhisperFrontEnd(model, tokens), adapters=adapters)
+    frontend = WhisperFrontEnd(model, tokens, max_initial_timestamp=max_initial_timestamp)
+    return Engine(model, config, frontend=frontend, adapters=adapters)
+
+
+def longform_engine(
+    model: Model,
+    options: LongFormOptions | None = None,
+    *,
+    num_slots: int = 16,
+    encoder_batch: int = 4,
+    steps_per_dispatch: int = 4,
+    max_initial_timestamp: float | None = 1.0,
+    tokens: WhisperTokens | None = None,
+) -> Engine:
+    """A Whisper engine sized for :class:`~encdec.whisper.longform.LongFormTranscriber` with
+    ``options``: prompts with the previous text fit, ``beam_size`` beams fit in the slots."""
+    options = options or LongFormOptions()
+    sampling = any(t > 0 for t in options.temperatures)
+    if max(options.beam_size, options.best_of if sampling else 1) > num_slots:
+        raise ValueError(
+            f"beam_size={options.beam_size} and best_of={options.best_of} each need as many decode slots, "
+            f"got num_slots={num_slots}"
+        )
+    tokens = tokens or WhisperTokens.from_dir(model.path)
+    return whisper_engine(
+        model,
+        tokens=tokens,
+        num_slots=num_slots,
+        encoder_batch=encoder_batch,
+        steps_per_dispatch=steps_per_dispatch,
+        prompt_len=max(len(tokens.prompt()), options.prefix_len(model.config.max_positions)),
+        max_initial_timestamp=max_initial_timestamp,
+    )
 
 
 def transcribe_with_engine(
@@ -130,34 +168,3 @@ def _join(tokens: WhisperTokens, tokenizer, outputs: list[RequestOutput]) -> Tra
         finish_reason="stop" if all(o.finish_reason == "stop" for o in outputs) else "length",
         timings=timings,
     )
-
-
-def transcribe_cli(files: list[str], model: str | None, language: str) -> int:
-    """``encdec transcribe FILE.wav ...``: all files through the engine, one ``file<TAB>text`` line
-    each; per-file timings and errors on stderr (exit status 2 if any file failed)."""
-    loaded = load_whisper(model)
-    start = time.perf_counter()
-    engine = whisper_engine(loaded, num_slots=min(16, len(files)))
-    results = transcribe_with_engine(engine, files, language=language)
-    elapsed = time.perf_counter() - start
-    failed = 0
-    for file, result in zip(files, results, strict=True):
-        if result.error is not None:
-            failed += 1
-            print(f"encdec transcribe: error: {file}: {result.error}", file=sys.stderr)
-            continue
-        print(f"{file}\t{result.text}")
-        t = result.timings
-        first, done = t["first_token"] - t["arrival"], t["done"] - t["arrival"]
-        print(
-            f"{file}: {result.audio_seconds:.1f} s of audio, first token after {first:.2f} s, "
-            f"done after {done:.2f} s",
-            file=sys.stderr,
-        )
-    seconds = sum(r.audio_seconds for r in results)
-    print(
-        f"{len(files) - failed} file(s), {seconds:.1f} s of audio in {elapsed:.1f} s "
-        f"(engine compile included)",
-        file=sys.stderr,
-    )
-    return 2 if failed else 0

@@ -3,7 +3,12 @@
 - CTranslate2 / faster-whisper: ``vocabulary.txt`` (or ``.json``) names every id; ``config.json`` holds
   ``suppress_ids``, ``suppress_ids_begin`` and ``lang_ids``.
 - Hugging Face: ``generation_config.json`` holds ``suppress_tokens``, ``begin_suppress_tokens``,
-  ``lang_to_id``, ``task_to_id``, ``no_timestamps_token_id`` and ``decoder_start_token_id``.
+  ``lang_to_id``, ``task_to_id``, ``no_timestamps_token_id`` and ``decoder_start_token_id``; the
+  timestamp tokens follow ``<|notimestamps|>`` and ``<|nospeech|>`` precedes it (HF's convention).
+
+Long-form transcription also needs the timestamp tokens ``<|0.00|>`` .. ``<|30.00|>`` (one per 20 ms,
+from :attr:`WhisperTokens.timestamp_begin` to the end of the vocabulary), ``<|startofprev|>``
+(previous text as a prompt) and ``<|nospeech|>`` (``<|nocaptions|>`` in older vocabularies).
 """
 
 from __future__ import annotations
@@ -38,23 +43,59 @@ class WhisperTokens:
     """Ids banned at every step."""
     suppress_begin: tuple[int, ...]
     """Ids also banned at the first generated step (blank, ``<|endoftext|>``)."""
+    timestamp_begin: int | None = None
+    """``<|0.00|>``; every id from it up is a timestamp (None: the model has none)."""
+    sot_prev: int | None = None
+    """``<|startofprev|>``: previous text follows it, before ``<|startoftranscript|>``."""
+    no_speech: int | None = None
+    """``<|nospeech|>``: its probability right after ``<|startoftranscript|>`` says a window is silent."""
 
-    def prompt(self, language: str = "en", task: str = "transcribe") -> list[int]:
-        """``<|startoftranscript|><|lang|><|task|><|notimestamps|>`` (lang/task where the model has them)."""
+    @property
+    def language_ids(self) -> tuple[int, ...]:
+        return tuple(i for _, i in self.languages)
+
+    def language_of(self, token: int) -> str | None:
+        """The language code of a language token id (None for any other id)."""
+        return next((code for code, i in self.languages if i == token), None)
+
+    def check_language(self, language: str) -> None:
+        """``ValueError`` naming the model's languages unless ``language`` is one of them."""
+        langs = dict(self.languages)
+        if langs and language not in langs:
+            raise ValueError(f"language {language!r} is not one of the model's: {', '.join(sorted(langs))}")
+        if not langs and language != "en":
+            raise ValueError(f"this model is English-only: language {language!r} is not available")
+
+    def prompt(
+        self,
+        language: str = "en",
+        task: str = "transcribe",
+        *,
+        timestamps: bool = False,
+        previous: Sequence[int] = (),
+    ) -> list[int]:
+        """``<|startoftranscript|><|lang|><|task|><|notimestamps|>`` (lang/task where the model has them).
+
+        ``timestamps``: leave out ``<|notimestamps|>``, so the model writes timestamp tokens.
+        ``previous``: text tokens of the preceding audio, given as ``<|startofprev|>`` + tokens
+        before the rest (openai-whisper's ``condition_on_previous_text``).
+        """
         prompt = [self.sot]
         if self.languages:
-            langs = dict(self.languages)
-            if language not in langs:
-                raise ValueError(
-                    f"language {language!r} is not one of the model's: {', '.join(sorted(langs))}"
-                )
-            prompt.append(langs[language])
+            self.check_language(language)
+            prompt.append(dict(self.languages)[language])
         if self.tasks:
             tasks = dict(self.tasks)
             if task not in tasks:
                 raise ValueError(f"task {task!r} is not one of {', '.join(sorted(tasks))}")
             prompt.append(tasks[task])
-        return prompt + [self.no_timestamps]
+        if timestamps and self.timestamp_begin is None:
+            raise ValueError("this model has no timestamp tokens")
+        if previous:
+            if self.sot_prev is None:
+                raise ValueError("this model has no <|startofprev|> token for a previous-text prompt")
+            prompt = [self.sot_prev, *previous, *prompt]
+        return prompt if timestamps else prompt + [self.no_timestamps]
 
     def suppression_masks(self, vocab_size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Boolean ``[V]`` masks: banned at every step, and banned at the first step."""
@@ -65,9 +106,12 @@ class WhisperTokens:
         return jnp.asarray(every), jnp.asarray(first)
 
     def decode(self, tokenizer: Any, ids: Sequence[int]) -> str:
+        """The text of ``ids`` (special and timestamp tokens dropped); without a tokenizer, the
+        text tokens' ids joined by spaces."""
+        text = [t for t in ids if t < self.eot]
         if tokenizer is None:
-            return " ".join(map(str, ids))
-        return tokenizer.decode([t for t in ids if t < self.eot], skip_special_tokens=True).strip()
+            return " ".join(map(str, text))
+        return tokenizer.decode(text, skip_special_tokens=True).strip()
 
     @classmethod
     def from_vocabulary(
@@ -87,8 +131,18 @@ class WhisperTokens:
         if lang_ids is None:
             lang_ids = [i for tok, i in ids.items() if _LANGUAGE.match(tok)]
         languages = tuple((vocabulary[i][2:-2], int(i)) for i in lang_ids)
+        no_speech = ids.get("<|nospeech|>", ids.get("<|nocaptions|>"))
         return cls(
-            sot, eot, no_ts, tasks, languages, tuple(map(int, suppress)), tuple(map(int, suppress_begin))
+            sot,
+            eot,
+            no_ts,
+            tasks,
+            languages,
+            tuple(map(int, suppress)),
+            tuple(map(int, suppress_begin)),
+            timestamp_begin=ids.get("<|0.00|>"),
+            sot_prev=ids.get("<|startofprev|>"),
+            no_speech=no_speech,
         )
 
     @classmethod
@@ -114,16 +168,21 @@ class WhisperTokens:
         cfg = read_json(path / "config.json", "model config")
         eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
         try:
+            no_ts = int(gen["no_timestamps_token_id"])
+            prev = gen.get("prev_sot_token_id")
             return cls(
                 sot=int(gen.get("decoder_start_token_id", cfg.get("decoder_start_token_id"))),
                 eot=int(eos[0] if isinstance(eos, list) else eos),
-                no_timestamps=int(gen["no_timestamps_token_id"]),
+                no_timestamps=no_ts,
                 tasks=tuple((k, int(v)) for k, v in (gen.get("task_to_id") or {}).items()),
                 languages=tuple((k[2:-2], int(v)) for k, v in (gen.get("lang_to_id") or {}).items()),
                 suppress=tuple(gen.get("suppress_tokens") or cfg.get("suppress_tokens") or ()),
                 suppress_begin=tuple(
                     gen.get("begin_suppress_tokens") or cfg.get("begin_suppress_tokens") or ()
                 ),
+                timestamp_begin=no_ts + 1,
+                sot_prev=None if prev is None else int(prev),
+                no_speech=no_ts - 1,
             )
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{gen_file} lacks Whisper's token ids: {e}") from e

@@ -111,15 +111,17 @@ def transcribe(
     max_new_tokens: int | None = None,
     batch_size: int = 16,
     encoder_batch: int = 4,
+    padding: str = "audio",
 ) -> list[Transcript]:
-    """Transcribe WAV paths or 16 kHz arrays, ``batch_size`` 30 s windows per decode batch."""
+    """Transcribe WAV paths or 16 kHz arrays, ``batch_size`` 30 s windows per decode batch
+    (``padding``: of a window under 30 s, see :func:`~encdec.whisper.audio.log_mel_spectrogram`)."""
     if not model.config.is_audio:
         raise ValueError(f"{model.config.model_type} is not a Whisper model")
     if len(audio) == 0:
         raise ValueError("no audio to transcribe")
     tokens = tokens or WhisperTokens.from_dir(model.path)
     prompt = tokens.prompt(language, task)
-    feats = [features_for(a, model.config.num_mel_bins) for a in audio]
+    feats = [features_for(a, model.config.num_mel_bins, padding=padding) for a in audio]
     rows = [(i, w) for i, (mel, _) in enumerate(feats) for w in range(len(mel))]
     ids: dict[tuple[int, int], list[int]] = {}
     stops: dict[tuple[int, int], bool] = {}

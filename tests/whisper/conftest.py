@@ -5,5 +5,7 @@ from tests.whisper.fixtures import (  # noqa: F401
     tiny_ct2_dir,
     tiny_hf_dir,
     tiny_hf_model,
+    tiny_longform_ct2_dir,
+    tiny_longform_hf_model,
     whisper_base_path,
 )

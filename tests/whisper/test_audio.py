@@ -1,4 +1,5 @@
-"""WAV reading, resampling and the log-mel front end (against ``transformers.WhisperFeatureExtractor``)."""
+"""Audio files (WAV here, other formats through PyAV), resampling and the log-mel front end
+(against ``transformers.WhisperFeatureExtractor``)."""
 
 import struct
 import wave
@@ -10,6 +11,7 @@ from transformers import WhisperFeatureExtractor
 from encdec.whisper.audio import (
     N_SAMPLES,
     AudioError,
+    AudioTooLong,
     features_for,
     load_audio,
     log_mel_spectrogram,
@@ -36,6 +38,15 @@ def test_log_mel_matches_hf_feature_extractor(seconds, n_mels):
     ours = log_mel_spectrogram(audio, n_mels)
     assert ours.shape == (n_mels, 3000) and ours.dtype == np.float32 and ours.flags.c_contiguous
     np.testing.assert_allclose(ours, ref.input_features[0], atol=1e-4, rtol=0)
+
+
+def test_feature_padding_zeroes_the_frames_past_the_audio():
+    """Long-form windows are padded as openai-whisper's ``transcribe`` pads a spectrogram slice."""
+    x = _speechlike(7.3)
+    audio_padded, feature_padded = log_mel_spectrogram(x), log_mel_spectrogram(x, padding="features")
+    content = x.size // 160
+    np.testing.assert_array_equal(feature_padded[:, :content], audio_padded[:, :content])
+    assert not feature_padded[:, content:].any() and (audio_padded[:, content + 2 :] < -0.5).all()
 
 
 def test_mel_filters_match_hf():
@@ -103,19 +114,16 @@ def test_empty_audio_is_a_clear_error(tmp_path):
 
 def test_unreadable_or_unconvertible_audio_is_a_clear_error(tmp_path):
     (tmp_path / "noise.wav").write_bytes(np.random.default_rng(0).bytes(1000))
-    with pytest.raises(AudioError, match="cannot read .* as a PCM WAV file"):
+    with pytest.raises(AudioError, match="cannot decode .*noise.wav as audio"):
         load_audio(tmp_path / "noise.wav")
+    (tmp_path / "notes.mp3").write_text("this is not audio\n" * 50)
+    with pytest.raises(AudioError, match="cannot decode .*notes.mp3 as audio"):
+        load_audio(tmp_path / "notes.mp3")
+    (tmp_path / "zero.flac").write_bytes(b"")
+    with pytest.raises(AudioError, match=r"zero.flac is empty \(0 bytes\)"):
+        load_audio(tmp_path / "zero.flac")
     with pytest.raises(AudioError, match="does not exist"):
         load_audio(tmp_path / "missing.wav")
-    # IEEE-float WAV (format 3): the stdlib reader knows PCM only.
-    fmt = struct.pack("<HHIIHH", 3, 1, 16_000, 64_000, 4, 32)
-    data = np.zeros(10, "<f4").tobytes()
-    body = (
-        b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
-    )
-    (tmp_path / "float.wav").write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
-    with pytest.raises(AudioError, match="PCM WAV"):
-        load_audio(tmp_path / "float.wav")
     _write_wav(tmp_path / "slow.wav", np.zeros((100, 1)), rate=500)
     with pytest.raises(AudioError, match="500 Hz cannot be converted to 16000 Hz"):
         load_audio(tmp_path / "slow.wav")
@@ -123,3 +131,53 @@ def test_unreadable_or_unconvertible_audio_is_a_clear_error(tmp_path):
         load_audio(np.array([0.0, np.nan, 0.1]))
     with pytest.raises(AudioError, match="numeric"):
         load_audio(np.zeros((2, 2, 2)))
+
+
+def test_float_wav_is_read_through_pyav(tmp_path):
+    """IEEE-float WAV (format 3): the standard library reads PCM only, PyAV reads the rest."""
+    x = (0.5 * np.sin(2 * np.pi * 440 * np.arange(1600) / 16_000)).astype("<f4")
+    fmt = struct.pack("<HHIIHH", 3, 1, 16_000, 64_000, 4, 32)
+    data = x.tobytes()
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    body = b"WAVE" + chunks
+    (tmp_path / "float.wav").write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    np.testing.assert_allclose(load_audio(tmp_path / "float.wav"), x, atol=1e-6)
+
+
+def _encode(path, samples, rate, codec, fmt=None):
+    """Write 16 kHz samples with PyAV (FFmpeg's encoders) at ``rate``."""
+    import av
+
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        resampler = av.AudioResampler(format=stream.codec_context.format, layout="mono", rate=rate)
+        frame = av.AudioFrame.from_ndarray(samples[None, :].astype(np.float32), format="flt", layout="mono")
+        frame.sample_rate = 16_000
+        for f in [*resampler.resample(frame), *resampler.resample(None)]:
+            for packet in stream.encode(f):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+FORMATS = [
+    ("a.mp3", "mp3", 44_100, None),
+    ("a.flac", "flac", 22_050, None),
+    ("a.ogg", "libopus", 48_000, None),
+    ("a.m4a", "aac", 48_000, "ipod"),
+]
+
+
+@pytest.mark.parametrize("name, codec, rate, fmt", FORMATS)
+def test_compressed_formats_are_read(tmp_path, name, codec, rate, fmt):
+    pytest.importorskip("av")
+    t = np.arange(int(2.5 * 16_000)) / 16_000
+    tone = 0.4 * np.sin(2 * np.pi * 700 * t) * (t > 0.5)  # 0.5 s of silence, then 700 Hz
+    _encode(tmp_path / name, tone, rate, codec, fmt)
+    got = load_audio(tmp_path / name)
+    assert got.dtype == np.float32 and abs(got.size / 16_000 - 2.5) < 0.1  # encoder padding aside
+    spectrum = np.abs(np.fft.rfft(got[16_000:32_000]))
+    assert abs(np.argmax(spectrum) - 700) <= 2  # 1 Hz bins over one second
+    assert np.sqrt(np.mean(got[:6_000] ** 2)) < 0.02 < np.sqrt(np.mean(got[16_000:32_000] ** 2))
+    with pytest.raises(AudioTooLong, match="2.5.* over the 2 s limit"):
+        load_audio(tmp_path / name, max_seconds=2)

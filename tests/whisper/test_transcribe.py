@@ -1,4 +1,4 @@
-"""``transcribe`` and ``encdec transcribe`` on the tiny model: batching, long audio, errors."""
+"""``transcribe`` (the dense reference) on the tiny model: batching, long audio, errors."""
 
 import wave
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import encdec
-from encdec.cli import main
 from encdec.whisper.audio import SAMPLE_RATE, log_mel_spectrogram
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import greedy_decode, transcribe
@@ -62,13 +61,3 @@ def test_bad_requests_are_clear_errors(model):
         transcribe(model, [np.zeros(0, np.float32)])
     with pytest.raises(ValueError, match="no audio"):
         transcribe(model, [])
-
-
-def test_cli(tiny_ct2_dir, tmp_path, capsys):
-    wav = _wav(tmp_path / "a.wav", _tone(1.5, 440))
-    assert main(["transcribe", wav, "--model", str(tiny_ct2_dir)]) == 0
-    line = capsys.readouterr().out.strip()
-    assert line.startswith(f"{wav}\t")  # the tiny model has no tokenizer: ids are printed
-    (tmp_path / "bad.wav").write_bytes(b"not a wav file")
-    assert main(["transcribe", str(tmp_path / "bad.wav"), "--model", str(tiny_ct2_dir)]) == 2
-    assert "as a PCM WAV file" in capsys.readouterr().err

@@ -29,11 +29,18 @@ SPECIALS = [
     "<|nocaptions|>",
     "<|notimestamps|>",
 ]
-VOCABULARY = (
-    [f"t{i}" for i in range(EOT)]
-    + SPECIALS
-    + [f"<|{0.02 * i:.2f}|>" for i in range(VOCAB - EOT - len(SPECIALS))]
-)
+TIMESTAMP_BEGIN = EOT + len(SPECIALS)
+
+
+def vocabulary(vocab_size: int = VOCAB) -> list[str]:
+    """Text tokens, the specials, then timestamps ``<|0.00|>``, ``<|0.02|>``... up to ``vocab_size``."""
+    timestamps = vocab_size - TIMESTAMP_BEGIN
+    return [f"t{i}" for i in range(EOT)] + SPECIALS + [f"<|{0.02 * i:.2f}|>" for i in range(timestamps)]
+
+
+VOCABULARY = vocabulary()
+LONGFORM_VOCAB = TIMESTAMP_BEGIN + 1501
+"""A vocabulary with all of Whisper's timestamps (0 to 30 s): for long-form tests."""
 # A third of the text tokens, some the random model favours, and the task tokens; token 2 (its
 # favourite first token) only at the first step. Suppression then changes the greedy output.
 SUPPRESS = sorted({*range(0, EOT, 3), 53, 92, SOT, TRANSLATE, TRANSCRIBE, 86, 87, 88})
@@ -42,10 +49,10 @@ MEL_BINS = 16
 PROMPT = [SOT, EN, TRANSCRIBE, NO_TIMESTAMPS]
 
 
-def make_tiny_whisper(seed: int = 0) -> tf.WhisperForConditionalGeneration:
+def make_tiny_whisper(seed: int = 0, vocab_size: int = VOCAB) -> tf.WhisperForConditionalGeneration:
     torch.manual_seed(seed)
     config = tf.WhisperConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         num_mel_bins=MEL_BINS,
         d_model=32,
         encoder_layers=2,
@@ -90,8 +97,11 @@ class _Vocab:
 
     additional_special_tokens: list[str] = []
 
+    def __init__(self, vocab_size: int):
+        self.tokens = vocabulary(vocab_size)
+
     def get_vocab(self) -> dict[str, int]:
-        return {tok: i for i, tok in enumerate(VOCABULARY)}
+        return {tok: i for i, tok in enumerate(self.tokens)}
 
 
 def save_ct2(
@@ -101,7 +111,7 @@ def save_ct2(
     from ctranslate2.converters.transformers import WhisperLoader
 
     # The converter's spec holds the model's own tensors and quantizes them in place: convert a copy.
-    spec = WhisperLoader()(copy.deepcopy(model), _Vocab())
+    spec = WhisperLoader()(copy.deepcopy(model), _Vocab(model.config.vocab_size))
     spec.validate()
     spec.optimize(quantization=quantization)
     directory.mkdir(parents=True, exist_ok=True)
