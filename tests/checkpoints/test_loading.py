@@ -2,7 +2,9 @@
 
 import json
 import shutil
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -194,6 +196,21 @@ def test_shard_paths_are_confined_to_the_model_directory(tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="outside the model directory"):
         encdec.load_pretrained(d)
+
+
+def test_shards_linked_into_a_hub_cache_blob_folder_load(tmp_path):
+    """The HF hub cache's snapshot files are symlinks to ``../../blobs/<hash>``: allowed."""
+    d = tmp_path / "snapshots" / "abc"
+    save_hf_model("t5v1_1", d, max_shard_size="20KB")
+    want = encdec.load_pretrained(d).params
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for shard in d.glob("*.safetensors"):
+        shutil.move(shard, blobs / shard.name)
+        shard.symlink_to(Path("../..") / "blobs" / shard.name)
+    got = encdec.load_pretrained(d).params
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_a_fifo_named_config_json_is_refused_not_opened(t5_dir, tmp_path):
