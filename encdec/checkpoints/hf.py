@@ -290,9 +290,15 @@ def _canonical(name: str) -> str:
     return name[len("model.") :] if name.startswith("model.") else name
 
 
-def load_params(path: str | Path, cfg: ModelConfig, *, dtype: Any = np.float32) -> dict[str, Any]:
-    """Read and check every tensor; return the encdec tree as ``jax.Array``s of ``dtype``."""
-    import jax.numpy as jnp
+def load_params(
+    path: str | Path, cfg: ModelConfig, *, dtype: Any = np.float32, mesh=None
+) -> dict[str, Any]:
+    """Read and check every tensor; return the encdec tree as ``jax.Array``s of ``dtype``.
+
+    ``mesh``: place each tensor by :mod:`encdec.sharding`'s rules as it is read, each device
+    receiving only its block (host memory still holds one tensor at a time).
+    """
+    from encdec.sharding import place_param
 
     path = Path(path)
     specs = tensor_specs(cfg)
@@ -319,7 +325,7 @@ def load_params(path: str | Path, cfg: ModelConfig, *, dtype: Any = np.float32) 
                 f"tensor {raw_name!r} has shape {tuple(array.shape)}, "
                 f"expected {spec.hf_shape} from the config"
             )
-        set_path(params, spec.path, jnp.asarray(spec.layout(array), dtype=dtype))
+        set_path(params, spec.path, place_param(spec.path, spec.layout(array), dtype, mesh))
         found.add(name)
     missing = [n for n in specs if n not in found]
     if missing:
@@ -327,7 +333,8 @@ def load_params(path: str | Path, cfg: ModelConfig, *, dtype: Any = np.float32) 
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint {path} is missing tensor(s): {shown}{more}")
     if cfg.position == "sinusoidal":
-        table = jnp.asarray(sinusoidal_table(cfg.max_positions, cfg.d_model), dtype=dtype)
+        sinusoids = sinusoidal_table(cfg.max_positions, cfg.d_model)
+        table = place_param(("pos_embedding_KD",), sinusoids, dtype, mesh)
         params["encoder"]["pos_embedding_KD"] = table
         params["decoder"]["pos_embedding_KD"] = table
     return params

@@ -86,6 +86,11 @@ class EngineConfig:
     """Truncate inputs longer than ``max_encoder_len`` instead of rejecting them."""
     cache_dtype: str | None = rule(OneOf((None, "float32", "bfloat16", "float16")), None)
     """KV cache dtype; None: float32 on CPU (XLA:CPU scatters into bfloat16 slowly), else the model's."""
+    mesh_shape: tuple[int, int] | None = rule(Ints(Int(1), length=2, optional=True), None)
+    """``(data, model)``: run over a device mesh of that shape (:mod:`encdec.sharding`): heads, MLP
+    and vocabulary split over ``model`` (tensor parallel), slots, encoder rows and pages over
+    ``data``; ``num_slots`` must be a multiple of ``data``, and page counts and
+    ``memory_budget_bytes`` are totals over the data shards. None: one device, no sharding."""
 
     def __post_init__(self):
         try:

@@ -42,11 +42,13 @@ from encdec.engine.request import (
     group_width,
 )
 from encdec.engine.scheduler import Admission, NeverFits, Scheduler, SeqSpec
+from encdec.engine.sharded import sharded_state, sharded_steps
 from encdec.engine.slots import SlotParams, SlotShape, init_state, slot_row, stack_rows
 from encdec.engine.stats import Counters, EngineStats
 from encdec.engine.steps import FINISHED_BIT, FORCED_BIT, StepResults, jitted_steps
 from encdec.engine.stream import TokenStream
 from encdec.lora.bank import AdapterBank, gather_rows
+from encdec.sharding import DATA, axis_size, make_mesh, shard_params, to_host
 
 
 @dataclasses.dataclass
@@ -81,6 +83,9 @@ class Engine:
 
     ``frontend`` turns requests into encoder inputs (default :class:`TextFrontEnd`; Whisper's is
     ``encdec.whisper.WhisperFrontEnd``, see ``encdec.whisper.whisper_engine``).
+
+    ``mesh`` (or ``EngineConfig.mesh_shape``): a ``(data, model)`` device mesh
+    (:func:`encdec.sharding.make_mesh`) to run over; see :mod:`encdec.sharding`.
     """
 
     def __init__(
@@ -90,9 +95,14 @@ class Engine:
         *,
         frontend: FrontEnd | None = None,
         adapters: AdapterBank | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         self.model = model
         self.config = config = config or EngineConfig()
+        if mesh is None and config.mesh_shape is not None:
+            mesh = make_mesh(config.mesh_shape)
+        self.mesh = mesh
+        self.data_shards = axis_size(mesh, DATA)
         self.frontend = frontend = frontend or TextFrontEnd(model)
         self.adapters = adapters
         cfg = model.config
@@ -112,20 +122,21 @@ class Engine:
             stop_tokens=config.max_stop_tokens,
             prefix=self.max_prefix,
             suppress=config.max_suppress_tokens,
-            group=min(config.max_num_beams, config.num_slots),
+            group=min(config.max_num_beams, config.num_slots // self.data_shards),
             max_new=config.max_new_tokens,
             top_logprobs=config.max_logprobs,
         )
         on_cpu = jax.default_backend() == "cpu"
         cache_dtype = config.cache_dtype or ("float32" if on_cpu else jnp.dtype(model.dtype).name)
         self.pool_config = self._pool_config(cache_dtype)
+        D = self.data_shards
         self.scheduler = Scheduler(
             config,
-            num_self_pages=self.pool_config.num_self_pages,
-            num_cross_pages=self.pool_config.num_cross_pages,
+            num_self_pages=self.pool_config.num_self_pages // D,
+            num_cross_pages=self.pool_config.num_cross_pages // D,
+            data_shards=D,
         )
-        self.state = init_state(init_pools(self.pool_config), config.num_slots, self.slot_shape)
-        self._encode, self._decode, self._release = jitted_steps(
+        step_args = (
             cfg,
             jnp.dtype(model.dtype).name,
             config.steps_per_dispatch,
@@ -135,6 +146,16 @@ class Engine:
             frontend.logits_processor,
             None if adapters is None else gather_rows,
         )
+        if mesh is None:
+            self.params = model.params
+            self.state = init_state(init_pools(self.pool_config), config.num_slots, self.slot_shape)
+            self._encode, self._decode, self._release = jitted_steps(*step_args)
+        else:  # the same steps per data shard, tensor parallel inside (encdec.engine.sharded)
+            self.params = shard_params(model.params, mesh)
+            if adapters is not None:
+                adapters.shard(mesh)
+            self.state = sharded_state(self.pool_config, config.num_slots, self.slot_shape, mesh)
+            self._encode, self._decode, self._release = sharded_steps(mesh, cfg.decoder_heads, *step_args)
         self._lock = threading.RLock()
         self._handles = itertools.count()
         self._tracked: dict[int, _Tracked] = {}
@@ -142,21 +163,33 @@ class Engine:
         self.reset_stats()
 
     def _pool_config(self, dtype: str) -> PoolConfig:
-        c, cfg, shape = self.config, self.model.config, self.slot_shape
+        """Both pools; with data shards, each shard's block gets an equal whole share (its own
+        sentinel included), so the totals are rounded down to a multiple of the shard count."""
+        c, cfg, shape, D = self.config, self.model.config, self.slot_shape, self.data_shards
         if c.num_self_pages is None and c.num_cross_pages is None and c.memory_budget_bytes is not None:
-            return PoolConfig.from_budget(
+            pools = PoolConfig.from_budget(
                 cfg,
                 memory_bytes=c.memory_budget_bytes,
                 page_size=c.page_size,
                 cross_kv_fraction=c.cross_kv_fraction,
                 dtype=dtype,
             )
-        num_self, num_cross = c.num_self_pages, c.num_cross_pages  # None: every slot at its longest
+            num_self, num_cross = pools.num_self_pages, pools.num_cross_pages
+        else:
+            num_self, num_cross = c.num_self_pages, c.num_cross_pages  # None: every slot at its longest
+            slots = c.num_slots // D
+            num_self = D * (slots * shape.self_pages + 1) if num_self is None else num_self
+            num_cross = D * (slots * shape.cross_pages + 1) if num_cross is None else num_cross
+        if D > 1 and min(num_self, num_cross) < 2 * D:
+            raise ValueError(
+                f"{num_self} self and {num_cross} cross pages cannot give each of {D} data shards "
+                "a sentinel page and one more"
+            )
         return PoolConfig.from_pages(
             cfg,
             page_size=c.page_size,
-            num_self_pages=c.num_slots * shape.self_pages + 1 if num_self is None else num_self,
-            num_cross_pages=c.num_slots * shape.cross_pages + 1 if num_cross is None else num_cross,
+            num_self_pages=num_self // D * D,
+            num_cross_pages=num_cross // D * D,
             dtype=dtype,
         )
 
@@ -382,7 +415,7 @@ class Engine:
                 for rows in [*sizes, limit]:
                     self._run_encode(bucket, rows, [], [])  # padding rows only: writes nothing
             self.state, results = self._decode(
-                self.model.params, self.state, np.int32(c.steps_per_dispatch), **self._decode_args()
+                self.params, self.state, np.int32(c.steps_per_dispatch), **self._decode_args()
             )
             self.state = self._release(self.state, jnp.zeros((c.num_slots,), bool))
             jax.block_until_ready(results)
@@ -452,7 +485,7 @@ class Engine:
             previous, self._pending = self._pending, None
             if plan.num_steps:
                 self.state, results = self._decode(
-                    self.model.params, self.state, np.int32(plan.num_steps), **self._decode_args()
+                    self.params, self.state, np.int32(plan.num_steps), **self._decode_args()
                 )
                 self._pending = (results, plan.owners)
                 busy = sum(rid is not None for rid in plan.owners)
@@ -487,16 +520,22 @@ class Engine:
             by_bucket[bucket].append((tracked, a))
         for bucket, group in sorted(by_bucket.items()):
             limit = self.config.encoder_batch_rows(bucket)
-            for i in range(0, len(group), limit):
-                self._encode_group(bucket, group[i : i + limit])
+            # Each data shard encodes its own requests: a batch holds up to ``limit`` of each.
+            by_shard = collections.defaultdict(list)
+            for item in group:
+                by_shard[self.scheduler.shards.shard_of(item[1].slots[0])].append(item)
+            for i in range(0, max(map(len, by_shard.values())), limit):
+                self._encode_group(bucket, [x for d in sorted(by_shard) for x in by_shard[d][i : i + limit]])
 
     def _encode_group(self, bucket: int, group: list[tuple[_Tracked, Admission]]) -> None:
         """Encode one batch; if it fails, each request alone, so one bad request fails alone."""
         try:
             rows = [self._slot_row(t, a) for t, a in group]
-            # Power-of-two row counts (capped): a lone refill does not pay for a full batch, and
-            # each bucket compiles at most log2(limit) + 1 variants.
-            size = min(self.config.encoder_batch_rows(bucket), 1 << (len(group) - 1).bit_length())
+            # Power-of-two row counts (capped) per data shard: a lone refill does not pay for a full
+            # batch, and each bucket compiles at most log2(limit) + 1 variants.
+            per_shard = collections.Counter(self.scheduler.shards.shard_of(a.slots[0]) for _, a in group)
+            most = max(per_shard.values())
+            size = min(self.config.encoder_batch_rows(bucket), 1 << (most - 1).bit_length())
             self._run_encode(bucket, size, [t.prepared.inputs for t, _ in group], rows, [a for _, a in group])
         except Exception as e:  # noqa: BLE001 - isolate the request that caused it
             if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.state)):
@@ -532,24 +571,35 @@ class Engine:
         rows: list[SlotParams],
         admitted: Sequence[Admission] = (),
     ) -> None:
-        batch = self.frontend.encoder_batch(bucket, size, inputs)
-        shape = self.slot_shape
-        slot_bK = np.full((size, shape.group), self.config.num_slots, np.int32)
-        pages_bKM = np.zeros((size, shape.group, shape.self_pages), np.int32)
-        for r, a in enumerate(admitted):
-            slot_bK[r, : len(a.slots)] = a.slots
-            for j, pages in enumerate(a.self_pages):
-                pages_bKM[r, j, : len(pages)] = pages
-        params_b = jax.tree.map(jnp.asarray, stack_rows(rows, size, shape))
+        """One encoder batch of ``size`` rows per data shard: shard ``d``'s requests (in order) fill
+        rows ``d * size ..``, with slot and page ids local to the shard; the rest is padding."""
+        shape, shards = self.slot_shape, self.scheduler.shards
+        D, local_slots = shards.num_shards, shards.slots_per_shard
+        mine = [[r for r, a in enumerate(admitted) if shards.shard_of(a.slots[0]) == d] for d in range(D)]
+        batch = np.concatenate(
+            [self.frontend.encoder_batch(bucket, size, [inputs[r] for r in rs]) for rs in mine]
+        )
+        slot_bK = np.full((D * size, shape.group), local_slots, np.int32)
+        pages_bKM = np.zeros((D * size, shape.group, shape.self_pages), np.int32)
+        for d, rs in enumerate(mine):
+            for i, r in enumerate(rs):
+                a = admitted[r]
+                slot_bK[d * size + i, : len(a.slots)] = [shards.local_slot(s) for s in a.slots]
+                for j, pages in enumerate(a.self_pages):
+                    pages_bKM[d * size + i, j, : len(pages)] = pages
+        params_b = jax.tree.map(
+            lambda *x: jnp.asarray(np.concatenate(x)),
+            *[stack_rows([rows[r] for r in rs], size, shape) for rs in mine],
+        )
         bank = {} if self.adapters is None else {"lora_bank": self.adapters.stacked}
         self.state = self._encode(
-            self.model.params, self.state, jnp.asarray(batch), jnp.asarray(slot_bK), jnp.asarray(pages_bKM),
+            self.params, self.state, jnp.asarray(batch), jnp.asarray(slot_bK), jnp.asarray(pages_bKM),
             params_b, **bank,
         )
         self._counters.encode_batches += 1
 
     def _read(self, results: StepResults, owners: tuple[int | None, ...]) -> None:
-        res = jax.device_get(results)
+        res = to_host(results)
         now = time.perf_counter()
         eos = self.model.config.eos_token_id
         for s, step_row in enumerate(res.tokens_SB):

@@ -29,8 +29,9 @@ import collections
 import dataclasses
 from collections.abc import Iterator
 
-from encdec.cache.allocator import PageAllocator, pages_for
+from encdec.cache.allocator import pages_for
 from encdec.engine.config import EngineConfig
+from encdec.engine.data_shards import DataShards
 
 
 class NeverFits(ValueError):
@@ -97,10 +98,19 @@ class _Running:
 class Scheduler:
     """Slots, both page allocators and the request queue of one engine (see the module doc)."""
 
-    def __init__(self, config: EngineConfig, *, num_self_pages: int, num_cross_pages: int):
+    def __init__(
+        self, config: EngineConfig, *, num_self_pages: int, num_cross_pages: int, data_shards: int = 1
+    ):
+        """``num_*_pages``: each data shard's pages (its pool block, sentinel included)."""
         self.config = config
-        self.self_alloc = PageAllocator(num_self_pages)
-        self.cross_alloc = PageAllocator(num_cross_pages)
+        self.shards = DataShards(
+            config.num_slots,
+            data_shards,
+            self_pages_per_shard=num_self_pages,
+            cross_pages_per_shard=num_cross_pages,
+        )
+        self.self_alloc = self.shards.self_alloc
+        self.cross_alloc = self.shards.cross_alloc
         self.slots: list[int | None] = [None] * config.num_slots
         self._queue: collections.deque[SeqSpec] = collections.deque()
         self._queued_ids: set[int] = set()
@@ -117,12 +127,14 @@ class Scheduler:
     def add(self, spec: SeqSpec) -> None:
         """Queue a request; :class:`NeverFits` if it needs more slots or pages than there are."""
         need_self, need_cross = self.pages_needed(spec)
-        if spec.width > len(self.slots):
-            raise NeverFits(f"request needs {spec.width} slots; the engine has {len(self.slots)}")
-        if need_self * spec.width > self.self_alloc.capacity or need_cross > self.cross_alloc.capacity:
+        shards = self.shards
+        if spec.width > shards.slots_per_shard:
+            where = "the engine" if shards.num_shards == 1 else "a data shard"
+            raise NeverFits(f"request needs {spec.width} slots; {where} has {shards.slots_per_shard}")
+        if need_self * spec.width > shards.self_capacity or need_cross > shards.cross_capacity:
             raise NeverFits(
                 f"request needs {need_self * spec.width} self and {need_cross} cross pages; the cache has "
-                f"{self.self_alloc.capacity} and {self.cross_alloc.capacity}: it can never fit"
+                f"{shards.self_capacity} and {shards.cross_capacity}: it can never fit"
             )
         if spec.rid in self._running or spec.rid in self._queued_ids:
             raise ValueError(f"request {spec.rid} is already scheduled")
@@ -178,40 +190,32 @@ class Scheduler:
         budgeted = c.mode == "inflight" and len(free) < c.num_slots
         budget = c.encoder_budget
         admitted: list[Admission] = []
-        while self._queue and len(free) >= self._queue[0].width:
+        while self._queue:
             spec = self._queue[0]
             if budgeted and admitted and spec.bucket > budget:
                 break
-            need_self, need_cross = self.pages_needed(spec)
-            self_pages = self.self_alloc.allocate(need_self * spec.width)
-            if self_pages is None:
-                break
-            cross_pages = self.cross_alloc.allocate(need_cross)
-            if cross_pages is None:
-                self.self_alloc.free(self_pages)
+            # Slots and pages from one data shard (with one shard: the first free slots).
+            placed = self.shards.place(self.slots, spec.width, *self.pages_needed(spec))
+            if placed is None:
                 break
             self._queue.popleft()
             self._queued_ids.discard(spec.rid)
             if budgeted:
                 budget -= spec.bucket
-            slots, free = tuple(free[: spec.width]), free[spec.width :]
-            per_slot = tuple(
-                tuple(self_pages[i * need_self : (i + 1) * need_self]) for i in range(spec.width)
-            )
+            slots, per_slot, cross_pages = placed.slots, placed.self_pages, placed.cross_pages
             for slot in slots:
                 self.slots[slot] = spec.rid
-            self._running[spec.rid] = _Running(spec, slots, per_slot, tuple(cross_pages))
-            admitted.append(Admission(spec.rid, slots, per_slot, tuple(cross_pages)))
+            self._running[spec.rid] = _Running(spec, slots, per_slot, cross_pages)
+            admitted.append(Admission(spec.rid, slots, per_slot, cross_pages))
         if admitted:  # before any hand-on: a request may give its pages back in the same round
             self.peak_self_pages = max(self.peak_self_pages, self.self_alloc.num_used)
             self.peak_cross_pages = max(self.peak_cross_pages, self.cross_alloc.num_used)
         return tuple(admitted)
 
     def _release(self, run: _Running) -> None:
-        for slot, pages in zip(run.slots, run.self_pages, strict=True):
+        for slot in run.slots:
             self.slots[slot] = None
-            self.self_alloc.free(pages)
-        self.cross_alloc.free(run.cross_pages)
+        self.shards.release(run.slots, run.self_pages, run.cross_pages)
 
     # ---- what is where ---------------------------------------------------------------------------
 
