@@ -92,6 +92,14 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     return Mesh(grid, (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
+def check_mesh(mesh: Mesh, shape: Sequence[int] | None = None) -> None:
+    """Raise ``ValueError`` unless ``mesh`` has the axes ``(data, model)`` (and ``shape``, if given)."""
+    if tuple(mesh.axis_names) != (DATA, MODEL):
+        raise ValueError(f"the mesh's axes must be ({DATA!r}, {MODEL!r}), got {tuple(mesh.axis_names)}")
+    if shape is not None and tuple(mesh.devices.shape) != tuple(shape):
+        raise ValueError(f"mesh_shape={tuple(shape)} but the mesh given is {tuple(mesh.devices.shape)}")
+
+
 def axis_size(mesh: Mesh | None, axis: str) -> int:
     return 1 if mesh is None else mesh.shape[axis]
 

@@ -48,7 +48,7 @@ from encdec.engine.stats import Counters, EngineStats
 from encdec.engine.steps import FINISHED_BIT, FORCED_BIT, StepResults, jitted_steps
 from encdec.engine.stream import TokenStream
 from encdec.lora.bank import AdapterBank, gather_rows
-from encdec.sharding import DATA, axis_size, make_mesh, shard_params, to_host
+from encdec.sharding import DATA, axis_size, check_mesh, make_mesh, shard_params, to_host
 
 
 @dataclasses.dataclass
@@ -85,7 +85,9 @@ class Engine:
     ``encdec.whisper.WhisperFrontEnd``, see ``encdec.whisper.whisper_engine``).
 
     ``mesh`` (or ``EngineConfig.mesh_shape``): a ``(data, model)`` device mesh
-    (:func:`encdec.sharding.make_mesh`) to run over; see :mod:`encdec.sharding`.
+    (:func:`encdec.sharding.make_mesh`) to run over; see :mod:`encdec.sharding`. The engine then
+    holds its own split copy of parameters not loaded onto that mesh (``load_pretrained(...,
+    mesh=)`` avoids the copy), and splits an adapter bank in place.
     """
 
     def __init__(
@@ -101,6 +103,8 @@ class Engine:
         self.config = config = config or EngineConfig()
         if mesh is None and config.mesh_shape is not None:
             mesh = make_mesh(config.mesh_shape)
+        if mesh is not None:
+            check_mesh(mesh, config.mesh_shape)
         self.mesh = mesh
         self.data_shards = axis_size(mesh, DATA)
         self.frontend = frontend = frontend or TextFrontEnd(model)
