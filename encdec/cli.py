@@ -1,4 +1,4 @@
-"""``encdec generate | run | finetune | transcribe`` — thin wrappers over the library.
+"""``encdec generate | run | finetune | transcribe | serve`` — thin wrappers over the library.
 
 Each subcommand parses its arguments and calls one library function; the logic lives there.
 """
@@ -49,6 +49,34 @@ def _transcribe(args: argparse.Namespace) -> int:
     return transcribe_cli(args.files, model=args.model, language=args.language)
 
 
+DEFAULT_SERVE_SHAPE = "t5-small"
+"""What ``encdec serve`` serves without ``--model``: the quickstart's random-weight t5-small checkpoint."""
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from encdec.serving.server import serve_cli
+
+    model, name = args.model, args.served_model_name
+    if model is None:  # the embedded default: written once into the shape cache
+        from encdec.bench.shapes import write_shape
+
+        model, name = write_shape(DEFAULT_SERVE_SHAPE), name or DEFAULT_SERVE_SHAPE
+    return serve_cli(
+        model,
+        name=name,
+        adapters=args.adapter,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        num_slots=args.num_slots,
+        engine_options=args.engine,
+        max_pending=args.max_pending,
+        dtype=args.dtype,
+        warmup=not args.no_warmup,
+        log_level=args.log_level,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="encdec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--language", default="en")
     tr.set_defaults(func=_transcribe)
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    sv.add_argument(
+        "--model",
+        default=None,
+        help="HF or CTranslate2 model directory, or whisper-base (default: a random-weight t5-small)",
+    )
+    sv.add_argument("--served-model-name", default=None, help="the base model's name in requests")
+    sv.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=DIR", help="a PEFT LoRA adapter (repeatable)"
+    )
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    sv.add_argument("--num-slots", type=int, default=None, help="decode slots (default: the engine's)")
+    sv.add_argument(
+        "--engine", action="append", default=[], metavar="KEY=VALUE", help="EngineConfig field (repeatable)"
+    )
+    sv.add_argument("--max-pending", type=int, default=256, help="unfinished requests before 429")
+    sv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    sv.add_argument("--no-warmup", action="store_true", help="compile on first use instead of up front")
+    sv.add_argument("--log-level", default="info")
+    sv.set_defaults(func=_serve)
     return parser
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 Activation = Literal["relu", "gelu", "gelu_new", "silu"]
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5", "bart", "mbart", "marian", "whisper")
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5", "bart", "mbart", "marian", "pegasus", "m2m_100", "whisper")
 
 
 class UnsupportedModelError(ValueError):
@@ -26,14 +26,15 @@ class ModelConfig:
     """Architecture of an encoder-decoder transformer (hashable: usable as a jit static arg)."""
 
     model_type: str
-    """The Hugging Face ``model_type`` it came from (``t5``, ``mt5``, ``bart``, ``mbart``, ``marian``,
-    ``whisper``)."""
+    """The Hugging Face ``model_type`` it came from (one of ``SUPPORTED_MODEL_TYPES``; ``m2m_100``
+    covers NLLB-200 too)."""
     vocab_size: int
     """Rows of the (encoder) embedding table."""
     d_model: int
     """Width of the residual stream (D)."""
     head_dim: int
-    """Per-head width (H); T5's ``d_kv`` may differ from ``d_model / heads``."""
+    """Per-head width (H) of the decoder's self- and cross-attention (the KV cache's H); T5's
+    ``d_kv`` may differ from ``d_model / heads``."""
     encoder_layers: int
     decoder_layers: int
     encoder_heads: int
@@ -55,8 +56,11 @@ class ModelConfig:
     """A norm after the last encoder and decoder layer (T5, mBART)."""
     embedding_norm: bool
     """BART's ``layernorm_embedding`` after token + position embeddings."""
-    position: Literal["relative", "learned", "sinusoidal"]
-    """T5 relative bias, BART learned positions (offset 2), Marian sinusoidal positions."""
+    position: Literal["relative", "learned", "sinusoidal", "padded_sinusoidal"]
+    """T5 relative bias; BART learned positions (offset 2); Marian and Pegasus sinusoidal positions
+    (sines then cosines, from row 0); M2M100/NLLB ``padded_sinusoidal``: fairseq's table read from
+    row ``pad_token_id + 1``, with pad tokens on the all-zero row ``pad_token_id`` and not
+    counted (an encoder position is the number of non-pad tokens before it)."""
     max_positions: int
     """Positions the learned/sinusoidal table covers; unbounded (relative) is reported as a large value."""
     relative_num_buckets: int
@@ -86,6 +90,25 @@ class ModelConfig:
     """Audio encoders (Whisper): log-mel channels the conv stem reads; 0 for text encoders."""
     audio_positions: int = 0
     """Audio encoders: encoder positions after the stride-2 conv stem (Whisper: 1500 for 30 s); else 0."""
+    encoder_head_dim: int = 0
+    """Per-head width of the encoder's self-attention; 0 means ``head_dim``. BART-family configs
+    may give the encoder and decoder different head counts (``d_model / heads`` each)."""
+    relative_bias_per_layer: bool = False
+    """Every self-attention layer has its own relative-bias table (UMT5) instead of all layers
+    sharing layer 0's (T5, mT5)."""
+    float16_residual_in_float32: bool = False
+    """Under float16, keep the residual stream and the FFN output projection's result in float32.
+    T5-family activations outgrow float16's range (65,504) in the FFN output and the residual
+    sum; HF keeps ``wo`` in float32 for the same reason, which also turns its residual float32."""
+    forced_bos_token_id: int | None = None
+    """The token HF ``generate`` forces right after the start token (a target-language code for
+    NLLB/M2M100/mBART-50, ``<s>`` for BART-large-CNN), when the checkpoint names one; None otherwise.
+    Informational: a request forces it with ``Request.forced_bos_token_id`` (HF's semantics, part
+    of the output) or ``decoder_prefix=[start, token]`` (not part of the output)."""
+
+    def __post_init__(self):
+        if not self.encoder_head_dim:
+            object.__setattr__(self, "encoder_head_dim", self.head_dim)
 
     @property
     def is_t5(self) -> bool:
@@ -108,7 +131,7 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        if model_type in ("t5", "mt5"):
+        if model_type in ("t5", "mt5", "umt5"):
             return _from_t5(hf)
         if model_type == "whisper":
             return _from_whisper(hf)
@@ -124,6 +147,10 @@ def _first_id(value: Any) -> int:
     return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
+def _optional_id(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def _from_t5(hf: dict[str, Any]) -> ModelConfig:
     proj = hf.get("feed_forward_proj", "relu")
     gated = proj.startswith("gated-")
@@ -136,8 +163,9 @@ def _from_t5(hf: dict[str, Any]) -> ModelConfig:
     layers = int(hf["num_layers"])
     tie = bool(hf.get("tie_word_embeddings", True))
     # Original T5 rescales before its tied head, v1.1 (saved with tie_word_embeddings=false) does
-    # not; transformers 5 always ties and records the rescale as `scale_decoder_outputs`.
-    rescale = bool(hf.get("scale_decoder_outputs", tie)) and hf["model_type"] == "t5"
+    # not; transformers 5 always ties and records the rescale as `scale_decoder_outputs`. UMT5
+    # follows the same rule; mT5 never rescales.
+    rescale = bool(hf.get("scale_decoder_outputs", tie)) and hf["model_type"] in ("t5", "umt5")
     return ModelConfig(
         model_type=hf["model_type"],
         vocab_size=int(hf["vocab_size"]),
@@ -171,10 +199,26 @@ def _from_t5(hf: dict[str, Any]) -> ModelConfig:
         pad_token_id=int(hf.get("pad_token_id", 0)),
         eos_token_id=_first_id(hf.get("eos_token_id", 1)),
         decoder_start_token_id=int(hf.get("decoder_start_token_id", hf.get("pad_token_id", 0))),
+        relative_bias_per_layer=hf["model_type"] == "umt5",
+        float16_residual_in_float32=True,
+        forced_bos_token_id=_optional_id(hf.get("forced_bos_token_id")),
     )
 
 
 _BART_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "swish": "silu", "silu": "silu", "gelu_new": "gelu_new"}
+
+
+# What sets the BART-like families apart (HF's code decides, whatever `normalize_before` says):
+# pre-LN with final norms, BART's `layernorm_embedding`, positions, a `final_logits_bias`.
+_BART_LIKE = {
+    #           pre_norm, embedding_norm, position, final_logits_bias
+    "bart": (False, True, "learned", True),
+    "mbart": (True, True, "learned", True),
+    "marian": (False, False, "sinusoidal", True),
+    "pegasus": (True, False, "sinusoidal", True),
+    "m2m_100": (True, False, "padded_sinusoidal", False),
+    "whisper": (False, True, "learned", True),  # replaced by _from_whisper
+}
 
 
 def _from_bart_family(hf: dict[str, Any]) -> ModelConfig:
@@ -184,29 +228,26 @@ def _from_bart_family(hf: dict[str, Any]) -> ModelConfig:
         raise UnsupportedModelError(f"{model_type} option activation_function={act!r} is not supported")
     d_model = int(hf["d_model"])
     enc_heads, dec_heads = int(hf["encoder_attention_heads"]), int(hf["decoder_attention_heads"])
-    if d_model % enc_heads or d_model % dec_heads:
-        raise UnsupportedModelError(f"{model_type}: d_model={d_model} is not divisible by the head counts")
-    if enc_heads != dec_heads:
-        # Cross-attention projects with decoder heads; both must share head_dim.
-        raise UnsupportedModelError(
-            f"{model_type}: encoder_attention_heads={enc_heads} != decoder_attention_heads={dec_heads}"
-        )
-    is_marian = model_type == "marian"
-    is_mbart = model_type == "mbart"
-    # HF's BART and Marian code is post-LN and mBART pre-LN whatever `normalize_before` says.
-    pre_norm = is_mbart
+    for side, heads in (("encoder", enc_heads), ("decoder", dec_heads)):
+        if heads <= 0 or d_model % heads:
+            # HF's attention modules raise on this too: head_dim is d_model / heads.
+            raise UnsupportedModelError(
+                f"{model_type}: d_model={d_model} is not divisible by {side}_attention_heads={heads}"
+            )
+    pre_norm, embedding_norm, position, logits_bias = _BART_LIKE[model_type]
     vocab = int(hf["vocab_size"])
     shared = bool(hf.get("share_encoder_decoder_embeddings", True))
     eos = _first_id(hf.get("eos_token_id", 2))
     pad = int(hf.get("pad_token_id", 1))
     start = hf.get("decoder_start_token_id")
     if start is None:
-        start = pad if is_marian else eos
+        start = pad if model_type in ("marian", "pegasus") else eos
     return ModelConfig(
         model_type=model_type,
         vocab_size=vocab,
         d_model=d_model,
         head_dim=d_model // dec_heads,
+        encoder_head_dim=d_model // enc_heads,
         encoder_layers=int(hf["encoder_layers"]),
         decoder_layers=int(hf["decoder_layers"]),
         encoder_heads=enc_heads,
@@ -219,8 +260,8 @@ def _from_bart_family(hf: dict[str, Any]) -> ModelConfig:
         norm_eps=1e-5,
         pre_norm=pre_norm,
         final_norm=pre_norm,
-        embedding_norm=not is_marian,
-        position="sinusoidal" if is_marian else "learned",
+        embedding_norm=embedding_norm,
+        position=position,
         max_positions=int(hf.get("max_position_embeddings", 1024)),
         relative_num_buckets=0,
         relative_max_distance=0,
@@ -229,12 +270,13 @@ def _from_bart_family(hf: dict[str, Any]) -> ModelConfig:
         embed_scale=math.sqrt(d_model) if hf.get("scale_embedding", False) else 1.0,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
         tied_output_rescale=False,
-        final_logits_bias=True,
+        final_logits_bias=logits_bias,
         shared_decoder_embeddings=shared,
         decoder_vocab_size=int(hf.get("decoder_vocab_size") or vocab),
         pad_token_id=pad,
         eos_token_id=eos,
         decoder_start_token_id=int(start),
+        forced_bos_token_id=_optional_id(hf.get("forced_bos_token_id")),
     )
 
 

@@ -18,6 +18,7 @@ FORBIDDEN = {
     "encdec.checkpoints": ("encdec.engine", "encdec.whisper", "encdec.bench"),
     "encdec.whisper": ("encdec.bench", "encdec.cli"),
     "encdec.lora": ("encdec.bench", "encdec.whisper", "encdec.cli"),
+    "encdec.serving": ("encdec.bench", "encdec.cli"),
     "pallas_kernels": ("encdec",),
 }
 """package -> packages none of its modules may import."""

@@ -14,12 +14,16 @@ import numpy as np
 
 from encdec.bench.config import SYSTEMS
 
+SERVE_SYSTEMS = ("encdec-offline", "encdec-serve")
+"""The serving load test's two runs (``encdec.bench.serve_load``)."""
+
 
 def system_color(system: str) -> Any:
     """The same color for a system in every plot."""
     import matplotlib
 
-    i = SYSTEMS.index(system) if system in SYSTEMS else len(SYSTEMS)
+    names = SYSTEMS + SERVE_SYSTEMS
+    i = names.index(system) if system in names else len(names)
     return matplotlib.colormaps["tab10"](i % 10)
 
 
@@ -136,3 +140,31 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> None:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_dir / "latency_cdf.png", dpi=120)
+
+
+def plot_ttft_cdf(results: dict[str, Any], ax) -> None:
+    """Per run, the fraction of requests whose first token had arrived by each time."""
+    for r in (r for r in results["runs"] if r.get("ttfts_s")):
+        x, y = latency_cdf(r["ttfts_s"])
+        label = f"{r['system']} (p50 {r['ttft_p50_s']:.3g} s, p99 {r['ttft_p99_s']:.3g} s)"
+        ax.step(np.r_[x[0], x], np.r_[0.0, y], where="post", color=system_color(r["system"]), label=label)
+    ax.set_xlabel("time to first token (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+
+
+def plot_serve_load(results: dict[str, Any], out_dir: Path) -> None:
+    """``serve_load.png``: throughput offline vs served, and the latency and TTFT CDFs."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.5))
+    ax_tput, ax_lat, ax_ttft = fig.subplots(1, 3)
+    plot_tokens_per_s(results, ax_tput)
+    plot_latency_cdf(results, ax_lat)
+    ax_lat.set_title("latency (served: client-side, completed requests)", fontsize=9)
+    plot_ttft_cdf(results, ax_ttft)
+    ax_ttft.set_title("time to first token", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "serve_load.png", dpi=120)

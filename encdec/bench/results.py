@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-CSV_SKIP = ("latencies_s", "first_mismatch", "repeat_wall_s", "compiled")
+CSV_SKIP = ("latencies_s", "ttfts_s", "first_mismatch", "repeat_wall_s", "compiled")
 """Per-run fields too long for a CSV cell (they stay in results.json)."""
 
 

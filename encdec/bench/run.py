@@ -153,8 +153,16 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
 
 def run_experiment_cli(experiment_path: str, overrides: list[str], out: str | None) -> int:
     """``encdec run EXPERIMENT.yaml [--set key=value ...] [--out DIR]``: text experiments here,
-    ``kind: whisper`` files through :mod:`encdec.bench.whisper`; prints the results table."""
-    if read_yaml(experiment_path).get("kind") == "whisper":
+    ``kind: whisper`` files through :mod:`encdec.bench.whisper`, ``kind: serve_load`` through
+    :mod:`encdec.bench.serve_load`; prints the results table."""
+    kind = read_yaml(experiment_path).get("kind")
+    if kind == "serve_load":
+        from encdec.bench.serve_load import ServeLoadConfig, run_serve_load, serve_load_table
+
+        scfg = ServeLoadConfig.load(experiment_path, overrides)
+        out_dir = Path(out) if out else Path("results") / scfg.name
+        table = serve_load_table(run_serve_load(scfg, out_dir))
+    elif kind == "whisper":
         from encdec.bench.whisper import WhisperExperimentConfig, run_whisper_experiment, whisper_table
 
         wcfg = WhisperExperimentConfig.load(experiment_path, overrides)

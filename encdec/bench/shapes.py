@@ -28,7 +28,7 @@ class Shape:
 
     name: str
     family: str
-    """``t5`` or ``bart``."""
+    """The HF ``model_type``: ``t5``, ``bart``, ``pegasus`` or ``m2m_100`` (NLLB)."""
     hf_config: dict[str, Any]
     """Keyword arguments of the family's transformers config class."""
 
@@ -41,7 +41,9 @@ class Shape:
         """``[low, high)`` ids that are ordinary tokens: no pad/eos/bos/unk/mask, no T5 sentinels."""
         if self.family == "t5":
             return 3, min(self.vocab_size, 32100)
-        return 4, self.vocab_size - 1
+        if self.family == "pegasus":
+            return 3, self.vocab_size  # pad 0, eos 1, unk 2, as in the T5-style tokenizer
+        return 4, self.vocab_size - 1  # BART and NLLB: bos 0, pad 1, eos 2, unk 3, ..., mask
 
 
 def _t5(d_model, d_kv, d_ff, layers, heads, *, gated=False, vocab=32128) -> dict[str, Any]:
@@ -64,6 +66,30 @@ def _bart(d_model, layers, heads, ffn, *, vocab=50265, max_positions=1024) -> di
     )
 
 
+def _pegasus(d_model, layers, heads, ffn, *, vocab=96103, max_positions=1024) -> dict[str, Any]:
+    """google/pegasus-large's options: pre-LN with final norms, sinusoidal positions, scaled embeddings."""
+    return dict(
+        vocab_size=vocab, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, max_position_embeddings=max_positions,
+        activation_function="relu", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        scale_embedding=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        forced_eos_token_id=None,
+    )
+
+
+def _nllb(d_model, layers, heads, ffn, *, vocab=256206, max_positions=1024) -> dict[str, Any]:
+    """facebook/nllb-200-distilled-600M's options (``m2m_100``): pre-LN, padded sinusoidal positions."""
+    return dict(
+        vocab_size=vocab, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, max_position_embeddings=max_positions,
+        activation_function="relu", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0, scale_embedding=True, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    )
+
+
 SHAPES: dict[str, Shape] = {
     s.name: s
     for s in (
@@ -72,9 +98,14 @@ SHAPES: dict[str, Shape] = {
         Shape("flan-t5-large", "t5", _t5(1024, 64, 2816, 24, 16, gated=True)),
         Shape("bart-base", "bart", _bart(768, 6, 12, 3072)),
         Shape("bart-large", "bart", _bart(1024, 12, 16, 4096)),
+        Shape("pegasus-large", "pegasus", _pegasus(1024, 16, 16, 4096)),
+        Shape("nllb-600m", "m2m_100", _nllb(1024, 12, 16, 4096)),
         # For tests: a few hundred kilobytes, same families and options.
         Shape("tiny-t5", "t5", _t5(64, 16, 96, 2, 4, vocab=512)),
         Shape("tiny-bart", "bart", _bart(64, 2, 4, 96, vocab=512, max_positions=1024)),
+        Shape("tiny-pegasus", "pegasus", _pegasus(64, 2, 4, 96, vocab=512)),
+        # Six layers: with two, the random tiny NLLB emitted one token whatever the input.
+        Shape("tiny-nllb", "m2m_100", _nllb(64, 6, 4, 96, vocab=512)),
     )
 }
 
@@ -104,10 +135,13 @@ def build_hf_model(name: str, seed: int = 0):
 
     shape = get_shape(name)
     torch.manual_seed(seed)
-    if shape.family == "t5":
-        model = tf.T5ForConditionalGeneration(tf.T5Config(**shape.hf_config))
-    else:
-        model = tf.BartForConditionalGeneration(tf.BartConfig(**shape.hf_config))
+    config_cls, model_cls = {
+        "t5": (tf.T5Config, tf.T5ForConditionalGeneration),
+        "bart": (tf.BartConfig, tf.BartForConditionalGeneration),
+        "pegasus": (tf.PegasusConfig, tf.PegasusForConditionalGeneration),
+        "m2m_100": (tf.M2M100Config, tf.M2M100ForConditionalGeneration),
+    }[shape.family]
+    model = model_cls(config_cls(**shape.hf_config))
     _randomize(model, seed)
     return model.eval()
 
@@ -118,7 +152,8 @@ def _randomize(model, seed: int) -> None:
     With Hugging Face's own init a tied random model copies its input embedding through the
     residual stream and greedy decoding repeats one token (T5: ``<pad>`` for every input), so a
     parity check would compare constants. Here matrices are ``N(0, 1/fan_in)``, embeddings
-    ``N(0, 0.1^2)``, norm scales 1 and biases 0. Speed does not depend on the values.
+    ``N(0, 0.1^2)``, norm scales 1 and biases 0; frozen tensors (Pegasus's sinusoidal position
+    table) keep their values. Speed does not depend on the values.
 
     T5 does not scale attention logits by ``d_kv**-0.5``, so its queries are drawn that much
     smaller (as HF's own T5 init does). Unscaled, the 24-layer flan-t5-large shape was chaotic:
@@ -131,6 +166,8 @@ def _randomize(model, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
             if p.ndim >= 2:
                 std = 0.1 if ("embed" in name or "shared" in name) else p.shape[-1] ** -0.5
                 if d_kv is not None and name.endswith(".q.weight"):
@@ -148,10 +185,11 @@ def build_tokenizer(name: str):
 
     shape = get_shape(name)
     V = shape.vocab_size
-    if shape.family == "t5":
+    if shape.family in ("t5", "pegasus"):  # pad 0, eos 1, unk 2
         pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
         pieces += [(f"\u2581t{i}", -i / V) for i in range(3, V)]
         return tf.T5Tokenizer(vocab=pieces, extra_ids=0)
+    # BART's layout, which NLLB shares (bos 0, pad 1, eos 2, unk 3).
     names = ["<s>", "<pad>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, V - 1)] + ["<mask>"]
     return tf.BartTokenizer(vocab={n: i for i, n in enumerate(names)}, merges=[])
 
@@ -189,8 +227,11 @@ def ct2_dir(name: str, seed: int = 0, cache_dir: str | Path | None = None) -> Pa
 def convert_ct2(hf_dir: Path, final: Path) -> Path:
     """Convert the HF checkpoint ``hf_dir`` to CTranslate2 (float32) at ``final``, unless it is there.
 
-    BART under transformers 5 lacks ``normalize_before``, which the converter reads: it converts
-    a copy whose ``config.json`` says ``"normalize_before": false`` (BART is post-LN).
+    BART and Pegasus under transformers 5 lack ``normalize_before``, which the converter reads
+    (and Pegasus ``normalize_embedding``, which it takes as true when absent): it converts a copy
+    whose ``config.json`` states them (BART post-LN; Pegasus pre-LN, no embedding norm). Configs
+    with unequal encoder and decoder head counts are refused: CTranslate2's transformer spec
+    has one head count for both.
     """
     from ctranslate2.converters import TransformersConverter
 
@@ -204,8 +245,17 @@ def convert_ct2(hf_dir: Path, final: Path) -> Path:
                 os.symlink(f.resolve(), src / f.name)
         with open(hf_dir / "config.json") as fh:
             config = json.load(fh)
+        heads = config.get("encoder_attention_heads"), config.get("decoder_attention_heads")
+        if heads[0] != heads[1]:
+            raise ValueError(
+                f"{hf_dir}: CTranslate2 converts one attention head count for encoder and decoder; "
+                f"this model has encoder_attention_heads={heads[0]}, decoder_attention_heads={heads[1]}"
+            )
         if config.get("model_type") == "bart":
             config.setdefault("normalize_before", False)
+        if config.get("model_type") == "pegasus":
+            config.setdefault("normalize_before", True)
+            config.setdefault("normalize_embedding", False)
         with open(src / "config.json", "w") as fh:
             json.dump(config, fh, indent=2)
         out = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))

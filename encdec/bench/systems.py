@@ -101,7 +101,7 @@ class HFGenerate:
         self.dtype_bytes = _DTYPE_BYTES[dtype]
         c = self.model.config
         # HF T5's cache update fails when encoder and decoder depths differ (FACTS).
-        self.use_cache = not (c.model_type in ("t5", "mt5") and c.num_layers != c.num_decoder_layers)
+        self.use_cache = not (c.model_type in ("t5", "mt5", "umt5") and c.num_layers != c.num_decoder_layers)
 
     def generation_config(self, length: int, num_beams: int = 1):
         import transformers as tf

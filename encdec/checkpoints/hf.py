@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from encdec.config import ModelConfig
-from encdec.models.layers import sinusoidal_table
+from encdec.models.layers import padded_sinusoidal_table, sinusoidal_table
 
 
 class CheckpointError(ValueError):
@@ -61,6 +61,9 @@ class TensorSpec:
     layout: Callable[[np.ndarray], np.ndarray]
     aliases: tuple[str, ...] = ()
     """Other names a tied tensor may be saved under."""
+    if_absent: str = "error"
+    """``"error"``, ``"zeros"`` (HF's BART family tolerates a missing ``final_logits_bias`` the
+    same way) or ``"skip"`` (see :func:`_settle_embeddings`)."""
 
 
 def as_is(x):
@@ -87,9 +90,10 @@ def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     return _bart_specs(cfg)
 
 
-def attention_specs(specs, hf, path, cfg, heads, bias, names):
-    """Add an attention block's q/k/v/o tensors (HF names ``names``) as heads-split projections."""
-    D, N, H = cfg.d_model, heads, cfg.head_dim
+def attention_specs(specs, hf, path, cfg, heads, bias, names, head_dim=None):
+    """Add an attention block's q/k/v/o tensors (HF names ``names``) as heads-split projections
+    of ``heads`` heads, ``head_dim`` wide (the decoder's ``cfg.head_dim`` by default)."""
+    D, N, H = cfg.d_model, heads, head_dim or cfg.head_dim
 
     def qkv(x):
         return x.T.reshape(D, N, H)
@@ -131,16 +135,21 @@ def _t5_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
         ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
     )
     qkvo = ("q", "k", "v", "o")
-    for stack, n_layers, heads, ffn_dim in (
-        ("encoder", cfg.encoder_layers, cfg.encoder_heads, cfg.encoder_ffn_dim),
-        ("decoder", cfg.decoder_layers, cfg.decoder_heads, cfg.decoder_ffn_dim),
+    for stack, n_layers, heads, head_dim, ffn_dim in (
+        ("encoder", cfg.encoder_layers, cfg.encoder_heads, cfg.encoder_head_dim, cfg.encoder_ffn_dim),
+        ("decoder", cfg.decoder_layers, cfg.decoder_heads, cfg.head_dim, cfg.decoder_ffn_dim),
     ):
-        specs[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = TensorSpec(
-            (stack, "rel_bias_NR"), (cfg.relative_num_buckets, heads), _transpose
-        )
+        for i in range(n_layers if cfg.relative_bias_per_layer else 1):
+            # T5 and mT5: layer 0's table serves every layer; UMT5: every layer has its own.
+            where = (stack, "layers", i) if cfg.relative_bias_per_layer else (stack,)
+            specs[f"{stack}.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"] = TensorSpec(
+                (*where, "rel_bias_NR"), (cfg.relative_num_buckets, heads), _transpose
+            )
         for i in range(n_layers):
             blk, path = f"{stack}.block.{i}.layer", (stack, "layers", i)
-            attention_specs(specs, f"{blk}.0.SelfAttention", (*path, "attn"), cfg, heads, False, qkvo)
+            attention_specs(
+                specs, f"{blk}.0.SelfAttention", (*path, "attn"), cfg, heads, False, qkvo, head_dim
+            )
             norm_specs(specs, f"{blk}.0.layer_norm", (*path, "attn_norm"), cfg)
             ffn = 1
             if stack == "decoder":
@@ -165,7 +174,16 @@ def _bart_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     V, D = cfg.vocab_size, cfg.d_model
     enc_alias = ("encoder.embed_tokens.weight",)
     dec_alias = ("decoder.embed_tokens.weight",)
-    if cfg.shared_decoder_embeddings:
+    if cfg.shared_decoder_embeddings and not cfg.tie_word_embeddings:
+        # transformers 5 unties every table when tie_word_embeddings is false: `shared`, the
+        # encoder's and the decoder's embed_tokens may then all differ (older files hold copies).
+        for name, where in (
+            ("shared.weight", "shared"),
+            ("encoder.embed_tokens.weight", "encoder"),
+            ("decoder.embed_tokens.weight", "decoder"),
+        ):
+            specs[name] = TensorSpec((where, "embedding_VD"), (V, D), as_is, if_absent="skip")
+    elif cfg.shared_decoder_embeddings:
         head_alias = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
         specs["shared.weight"] = TensorSpec(
             ("shared", "embedding_VD"), (V, D), as_is, enc_alias + dec_alias + head_alias
@@ -180,11 +198,14 @@ def _bart_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
         )
     if not cfg.tie_word_embeddings:
         specs["lm_head.weight"] = TensorSpec(("lm_head", "w"), (cfg.decoder_vocab_size, D), _transpose)
-    specs["final_logits_bias"] = TensorSpec(("final_logits_bias_V",), (1, cfg.decoder_vocab_size), _row)
+    if cfg.final_logits_bias:
+        specs["final_logits_bias"] = TensorSpec(
+            ("final_logits_bias_V",), (1, cfg.decoder_vocab_size), _row, if_absent="zeros"
+        )
     qkvo = ("q_proj", "k_proj", "v_proj", "out_proj")
-    for stack, n_layers, heads, ffn_dim in (
-        ("encoder", cfg.encoder_layers, cfg.encoder_heads, cfg.encoder_ffn_dim),
-        ("decoder", cfg.decoder_layers, cfg.decoder_heads, cfg.decoder_ffn_dim),
+    for stack, n_layers, heads, head_dim, ffn_dim in (
+        ("encoder", cfg.encoder_layers, cfg.encoder_heads, cfg.encoder_head_dim, cfg.encoder_ffn_dim),
+        ("decoder", cfg.decoder_layers, cfg.decoder_heads, cfg.head_dim, cfg.decoder_ffn_dim),
     ):
         if cfg.position == "learned":
             specs[f"{stack}.embed_positions.weight"] = TensorSpec(
@@ -196,7 +217,7 @@ def _bart_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
             norm_specs(specs, f"{stack}.layer_norm", (stack, "final_norm"), cfg)
         for i in range(n_layers):
             hf, path = f"{stack}.layers.{i}", (stack, "layers", i)
-            attention_specs(specs, f"{hf}.self_attn", (*path, "attn"), cfg, heads, True, qkvo)
+            attention_specs(specs, f"{hf}.self_attn", (*path, "attn"), cfg, heads, True, qkvo, head_dim)
             norm_specs(specs, f"{hf}.self_attn_layer_norm", (*path, "attn_norm"), cfg)
             if stack == "decoder":
                 attention_specs(specs, f"{hf}.encoder_attn", (*path, "cross_attn"), cfg, heads, True, qkvo)
@@ -207,8 +228,13 @@ def _bart_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     return specs
 
 
-# Tensors a checkpoint may carry that encdec recomputes or does not use.
-_IGNORED_SUFFIXES = ("embed_positions.weight", "embed_positions._float_tensor")
+# Tensors a checkpoint may carry that encdec recomputes or does not use (older T5/UMT5 files
+# hold an unused cross-attention bias table).
+_IGNORED_SUFFIXES = (
+    "embed_positions.weight",
+    "embed_positions._float_tensor",
+    "layer.1.EncDecAttention.relative_attention_bias.weight",
+)
 
 
 def _checkpoint_files(path: Path) -> list[Path]:
@@ -327,17 +353,55 @@ def load_params(
             )
         set_path(params, spec.path, place_param(spec.path, spec.layout(array), dtype, mesh))
         found.add(name)
-    missing = [n for n in specs if n not in found]
+    for name, spec in specs.items():
+        if spec.if_absent == "zeros" and name not in found:
+            zeros = spec.layout(np.zeros(spec.hf_shape))
+            set_path(params, spec.path, place_param(spec.path, zeros, dtype, mesh))
+    missing = [n for n, spec in specs.items() if n not in found and spec.if_absent == "error"]
     if missing:
         shown = ", ".join(f"{n} {specs[n].hf_shape}" for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint {path} is missing tensor(s): {shown}{more}")
-    if cfg.position == "sinusoidal":
-        sinusoids = sinusoidal_table(cfg.max_positions, cfg.d_model)
-        table = place_param(("pos_embedding_KD",), sinusoids, dtype, mesh)
-        params["encoder"]["pos_embedding_KD"] = table
-        params["decoder"]["pos_embedding_KD"] = table
+    _settle_embeddings(params, path)
+    add_position_tables(params, cfg, dtype, mesh=mesh)
     return params
+
+
+def _settle_embeddings(params: dict[str, Any], path: Path) -> None:
+    """Untied BART-family tables: ``shared`` from whichever was saved; a stack's own table is
+    kept only where it differs from ``shared`` (equal copies share one array)."""
+    shared = params.setdefault("shared", {})
+    stacks = [params.get(s, {}) for s in ("encoder", "decoder")]
+    if "embedding_VD" not in shared:
+        tables = [s["embedding_VD"] for s in stacks if "embedding_VD" in s]
+        if not tables:
+            raise CheckpointError(
+                f"checkpoint {path} has no token embeddings (shared.weight or embed_tokens)"
+            )
+        shared["embedding_VD"] = tables[0]
+    table_VD = shared["embedding_VD"]
+    for stack in stacks:
+        own = stack.get("embedding_VD")
+        if own is not None and own.shape == table_VD.shape and bool((own == table_VD).all()):
+            del stack["embedding_VD"]
+
+
+def add_position_tables(
+    params: dict[str, Any], cfg: ModelConfig, dtype: Any = np.float32, *, mesh=None
+) -> None:
+    """Put the computed (sinusoidal) position tables in ``params``; checkpoints do not hold them.
+    ``mesh``: placed on it by :mod:`encdec.sharding`'s rules (replicated), like the read tensors."""
+    from encdec.sharding import place_param
+
+    if cfg.position == "sinusoidal":
+        table = sinusoidal_table(cfg.max_positions, cfg.d_model)
+    elif cfg.position == "padded_sinusoidal":
+        table = padded_sinusoidal_table(cfg.max_positions, cfg.d_model, cfg.pad_token_id)
+    else:
+        return
+    table = place_param(("pos_embedding_KD",), table, dtype, mesh)
+    params["encoder"]["pos_embedding_KD"] = table
+    params["decoder"]["pos_embedding_KD"] = table
 
 
 def set_path(tree: dict, path: tuple, value) -> None:

@@ -51,6 +51,11 @@ def load_pretrained(path: str | Path, dtype: Any = "float32", *, tokenizer: bool
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json")
     hf_config = read_json(config_file, "model config")
+    generation_file = path / "generation_config.json"
+    if hf_config.get("forced_bos_token_id") is None and generation_file.exists():
+        # transformers 5 keeps generation defaults (NLLB's and mBART-50's forced language) here.
+        forced = read_json(generation_file, "generation config").get("forced_bos_token_id")
+        hf_config = {**hf_config, "forced_bos_token_id": forced}
     try:
         cfg = ModelConfig.from_hf(hf_config)
     except UnsupportedModelError:

@@ -82,6 +82,23 @@ class EngineConfig:
     """Most alternatives a request may ask for per token (``Request.logprobs``, OpenAI's limit is 5)."""
     max_suppress_tokens: int = rule(Int(0, 65536), 128)
     """Most ids in a request's ``suppress_tokens`` (and in its ``begin_suppress_tokens``)."""
+    kv_allocation: Literal["reserve", "incremental"] = rule(OneOf(("reserve", "incremental")), "reserve")
+    """Self pages: ``reserve`` gives a request pages for its whole ``max_new_tokens`` at admission
+    (TensorRT-LLM's guaranteed-no-evict; never preempts); ``incremental`` gives pages as its
+    sequence grows and preempts the latest-admitted request when the pool runs dry (it resumes
+    by re-encoding and replaying its tokens, with the same output). Incremental fits more
+    sequences in the same memory when requests stop early."""
+    kv_reserve_pages: int | None = rule(Int(0, optional=True), None)
+    """``incremental``: self pages a new request must leave free for the running ones to grow
+    into (besides their next dispatch's). None: one per slot. Over data shards (``mesh_shape``),
+    a total: each shard keeps its share (rounded up) in its own pool."""
+    cross_kv_reuse: bool = rule(OneOf((True, False)), True)
+    """Requests with the same encoder input and adapter share one copy of the cross K/V and
+    skip the encoder (many prompts on one document, retries of one audio window)."""
+    cross_cache_pages: int | None = rule(Int(0, optional=True), None)
+    """Cross pages kept after their requests end, for later requests with the same input
+    (least recently used first out; evicted whenever a fresh allocation needs room). None: no
+    limit but the pool; 0: nothing kept."""
     truncate_long_inputs: bool = rule(OneOf((False, True)), False)
     """Truncate inputs longer than ``max_encoder_len`` instead of rejecting them."""
     cache_dtype: str | None = rule(OneOf((None, "float32", "bfloat16", "float16")), None)
@@ -107,6 +124,11 @@ class EngineConfig:
     def default_max_new_tokens(self) -> int:
         """What a text request that does not say ``max_new_tokens`` gets."""
         return min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens)
+
+    @property
+    def self_reserve_pages(self) -> int:
+        """Free self pages an ``incremental`` admission leaves for the running requests."""
+        return self.num_slots if self.kv_reserve_pages is None else self.kv_reserve_pages
 
     @property
     def encoder_budget(self) -> int:

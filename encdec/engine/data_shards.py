@@ -1,35 +1,27 @@
 """Slots and pages split over a mesh's ``data`` axis, and where a request runs (host, pure Python).
 
 With ``D`` data shards, shard ``d`` owns slots ``d * B/D .. (d + 1) * B/D - 1`` and a block of
-each page pool with its own :class:`~encdec.cache.allocator.PageAllocator`: page ids are local
-to the block (page 0 is the shard's sentinel), because the device steps run per data shard on
-their block alone (:func:`encdec.sharding.over_data`). A request takes all its slots (a beam group
-or its samples) and all its pages from one shard, so page tables and beam parents never cross
-shards. With one shard this is exactly the single-device policy: the first free slots, pages
-from the one allocator.
+each page pool with its own :class:`~encdec.cache.allocator.PageAllocator` and its own
+:class:`~encdec.engine.cross_cache.CrossCache`: page ids are local to the block (page 0 is the
+shard's sentinel), because the device steps run per data shard on their block alone
+(:func:`encdec.sharding.over_data`). A request takes all its slots (a beam group or its
+samples), its self pages, its page grants and its cross pages from one shard, so page tables and
+beam parents never cross shards, and a cached cross entry is shared only by requests placed on
+the shard that holds it. With one shard this is exactly the single-device policy: the first
+free slots, pages from the one allocator, the one cross cache.
 
-The choice among shards: the one with the most free slots that also has the pages (the lowest
-index on ties), which spreads requests evenly and is deterministic (every host of a multi-host
-engine makes the same choice).
+The choice among the shards where a request fits (:meth:`DataShards.choose`): one whose cross
+cache holds its input (no encode), else the one with the most free slots (the lowest index on
+ties), which spreads requests evenly and is deterministic (every host of a multi-host engine
+makes the same choice).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 from encdec.cache.allocator import PageAllocator
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where an admitted request runs: its slots (global ids) and pages (ids local to its shard)."""
-
-    shard: int
-    slots: tuple[int, ...]
-    self_pages: tuple[tuple[int, ...], ...]
-    """Each slot's own self pages."""
-    cross_pages: tuple[int, ...]
+from encdec.engine.cross_cache import CrossCache
 
 
 class AllocatorShards:
@@ -62,11 +54,48 @@ class AllocatorShards:
         return f"AllocatorShards({self.shards!r})"
 
 
+class CrossCacheShards:
+    """Several shards' cross caches read as one (figures, adapter changes, tests)."""
+
+    def __init__(self, caches: Sequence[CrossCache]):
+        self.shards = list(caches)
+
+    @property
+    def idle_pages(self) -> int:
+        return sum(c.idle_pages for c in self.shards)
+
+    @property
+    def lookups(self) -> int:
+        return sum(c.lookups for c in self.shards)
+
+    @property
+    def hits(self) -> int:
+        return sum(c.hits for c in self.shards)
+
+    def reset_counts(self) -> None:
+        for c in self.shards:
+            c.reset_counts()
+
+    def forget(self, stale: Callable[[Hashable], bool]) -> None:
+        for c in self.shards:
+            c.forget(stale)
+
+    def clear_idle(self) -> None:
+        for c in self.shards:
+            c.clear_idle()
+
+
 class DataShards:
-    """Slot ranges and per-shard page allocators of ``num_shards`` data shards."""
+    """Slot ranges, per-shard page allocators and cross caches of ``num_shards`` data shards."""
 
     def __init__(
-        self, num_slots: int, num_shards: int, *, self_pages_per_shard: int, cross_pages_per_shard: int
+        self,
+        num_slots: int,
+        num_shards: int,
+        *,
+        self_pages_per_shard: int,
+        cross_pages_per_shard: int,
+        cross_cache_pages: int | None = None,
     ):
         if num_shards < 1 or num_slots % num_shards:
             raise ValueError(
@@ -77,9 +106,11 @@ class DataShards:
         self.slots_per_shard = num_slots // num_shards
         self.self_allocs = [PageAllocator(self_pages_per_shard) for _ in range(num_shards)]
         self.cross_allocs = [PageAllocator(cross_pages_per_shard) for _ in range(num_shards)]
+        self.cross_caches = [CrossCache(a, cross_cache_pages) for a in self.cross_allocs]
         one = num_shards == 1
         self.self_alloc = self.self_allocs[0] if one else AllocatorShards(self.self_allocs)
         self.cross_alloc = self.cross_allocs[0] if one else AllocatorShards(self.cross_allocs)
+        self.cross_cache = self.cross_caches[0] if one else CrossCacheShards(self.cross_caches)
 
     def shard_of(self, slot: int) -> int:
         return slot // self.slots_per_shard
@@ -97,36 +128,34 @@ class DataShards:
     def cross_capacity(self) -> int:
         return self.cross_allocs[0].capacity
 
-    def place(
-        self, owners: Sequence[int | None], width: int, need_self: int, need_cross: int
-    ) -> Placement | None:
-        """Slots and pages for a request of ``width`` slots (``need_self`` self pages each,
-        ``need_cross`` shared cross pages) in one shard, allocated; None (nothing changed) if no
-        shard has them. ``owners`` is the scheduler's slot table (None: free)."""
+    def free_slots(self, owners: Sequence[int | None], shard: int) -> list[int]:
+        """The shard's free slots (global ids, ascending); ``owners`` is the scheduler's slot table."""
         S = self.slots_per_shard
+        return [S * shard + i for i in range(S) if owners[S * shard + i] is None]
+
+    def choose(
+        self,
+        owners: Sequence[int | None],
+        width: int,
+        self_pages: int,
+        keep_free: Sequence[int],
+        key: Hashable | None,
+        cross_pages: int,
+    ) -> tuple[int, bool] | None:
+        """The shard to start a request in and whether its cross cache holds the input (a hit),
+        or None if no shard has ``width`` free slots, ``self_pages`` free self pages beyond its
+        ``keep_free[d]`` and room for the cross pages (changes nothing)."""
         best = None
         for d in range(self.num_shards):
-            free = [S * d + i for i in range(S) if owners[S * d + i] is None]
+            free = len(self.free_slots(owners, d))
             fits = (
-                len(free) >= width
-                and self.self_allocs[d].can_allocate(need_self * width)
-                and self.cross_allocs[d].can_allocate(need_cross)
+                free >= width
+                and self.self_allocs[d].num_free - self_pages >= keep_free[d]
+                and self.cross_caches[d].can_acquire(key, cross_pages)
             )
-            if fits and (best is None or len(free) > len(best[1])):
-                best = (d, free)
-        if best is None:
-            return None
-        d, free = best
-        self_pages = self.self_allocs[d].allocate(need_self * width)
-        cross_pages = self.cross_allocs[d].allocate(need_cross)
-        per_slot = tuple(tuple(self_pages[i * need_self : (i + 1) * need_self]) for i in range(width))
-        return Placement(d, tuple(free[:width]), per_slot, tuple(cross_pages))
-
-    def release(
-        self, slots: Sequence[int], self_pages: Sequence[Sequence[int]], cross_pages: Sequence[int]
-    ) -> None:
-        """Give a request's pages back to its shard's allocators."""
-        d = self.shard_of(slots[0])
-        for pages in self_pages:
-            self.self_allocs[d].free(pages)
-        self.cross_allocs[d].free(cross_pages)
+            if not fits:
+                continue
+            rank = (self.cross_caches[d].find(key) is not None, free)
+            if best is None or rank > best[0]:
+                best = (rank, d)
+        return None if best is None else (best[1], best[0][0])

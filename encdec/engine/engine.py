@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import itertools
 import threading
 import time
@@ -41,7 +42,7 @@ from encdec.engine.request import (
     checked_request,
     group_width,
 )
-from encdec.engine.scheduler import Admission, NeverFits, Scheduler, SeqSpec
+from encdec.engine.scheduler import Admission, NeverFits, PageGrant, Scheduler, SeqSpec
 from encdec.engine.sharded import sharded_state, sharded_steps
 from encdec.engine.slots import SlotParams, SlotShape, init_state, slot_row, stack_rows
 from encdec.engine.stats import Counters, EngineStats
@@ -65,6 +66,10 @@ class _Tracked:
     slots: tuple[int, ...] = ()
     """The slots it was admitted to; sample ``i`` decodes in ``slots[i]``."""
     prompt_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    spec: SeqSpec | None = None
+    preemptions: int = 0
+    """Times it gave its slots back; it resumes by replaying its tokens (one sequence) or afresh
+    (a group: its samples' repeated tokens are then skipped)."""
     output: RequestOutput | None = None
     done_sink: set[int] | None = None
     """Where ``generate`` learns that it finished."""
@@ -124,7 +129,8 @@ class Engine:
             self_pages=pages_for(decoder_len, G),
             cross_pages=pages_for(self.encoder_len, G),
             stop_tokens=config.max_stop_tokens,
-            prefix=self.max_prefix,
+            # A resumed request replays its tokens as a longer prefix.
+            prefix=self.max_prefix + (config.max_new_tokens if config.kv_allocation == "incremental" else 0),
             suppress=config.max_suppress_tokens,
             group=min(config.max_num_beams, config.num_slots // self.data_shards),
             max_new=config.max_new_tokens,
@@ -153,13 +159,15 @@ class Engine:
         if mesh is None:
             self.params = model.params
             self.state = init_state(init_pools(self.pool_config), config.num_slots, self.slot_shape)
-            self._encode, self._decode, self._release = jitted_steps(*step_args)
+            steps = jitted_steps(*step_args)
         else:  # the same steps per data shard, tensor parallel inside (encdec.engine.sharded)
             self.params = shard_params(model.params, mesh)
             if adapters is not None:
                 adapters.shard(mesh)
             self.state = sharded_state(self.pool_config, config.num_slots, self.slot_shape, mesh)
-            self._encode, self._decode, self._release = sharded_steps(mesh, cfg.decoder_heads, *step_args)
+            steps = sharded_steps(mesh, cfg.decoder_heads, *step_args)
+        self._encode, self._insert, self._decode, self._release, self._grant = steps
+        self._grant_width = config.num_slots * (config.steps_per_dispatch // G + 2)
         self._lock = threading.RLock()
         self._handles = itertools.count()
         self._tracked: dict[int, _Tracked] = {}
@@ -253,7 +261,7 @@ class Engine:
         bucket = next(b for b in self.encoder_buckets if b >= prepared.encoder_len)
         steps = len(prepared.prefix) - 1 + prepared.max_new_tokens
         width = group_width(request)
-        spec = SeqSpec(rid, prepared.encoder_len, bucket, steps, width)
+        spec = SeqSpec(rid, prepared.encoder_len, bucket, steps, width, self._input_key(request, prepared))
         timings = {"arrival": arrival}
         seqs = [SequenceState() for _ in range(1 if request.num_beams > 1 else width)]
         with self._lock:
@@ -261,7 +269,16 @@ class Engine:
                 self.scheduler.add(spec)
             except NeverFits as e:
                 raise RequestError(str(e)) from None
-            self._tracked[rid] = _Tracked(rid, request, prepared, timings, seqs, done_sink=done_sink)
+            tracked = _Tracked(rid, request, prepared, timings, seqs, spec=spec, done_sink=done_sink)
+            self._tracked[rid] = tracked
+
+    def _input_key(self, request: Request, prepared: Prepared) -> tuple | None:
+        """What makes two requests' cross K/V equal: encoder row and adapter (None: never share)."""
+        if not self.config.cross_kv_reuse or prepared.inputs is None:
+            return None
+        row = np.ascontiguousarray(prepared.inputs)
+        digest = hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest()
+        return (request.adapter_id, prepared.encoder_len, row.dtype.str, row.shape, digest)
 
     def cancel(self, handle: int) -> bool:
         """Stop a request; its slot and pages return to the pool and its output (``cancelled``)
@@ -290,6 +307,7 @@ class Engine:
             raise ValueError("this engine has no adapter bank (pass adapters=AdapterBank(...))")
         with self._lock:
             self.adapters.load(adapter_id, lora)
+            self.scheduler.cross_cache.forget(lambda key: key[0] == adapter_id)
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Remove an adapter; refused while a queued or running request uses it."""
@@ -418,6 +436,17 @@ class Engine:
                     rows *= 2
                 for rows in [*sizes, limit]:
                     self._run_encode(bucket, rows, [], [])  # padding rows only: writes nothing
+            if c.cross_kv_reuse:  # starts that share cross pages, padding rows only
+                size, most = 1, self.scheduler.shards.slots_per_shard
+                while True:
+                    slot_bK, pages_bKM = self._slot_arrays(size, ())
+                    rows = self._stack_rows(size, [], ())
+                    self.state = self._insert(self.state, jnp.asarray(slot_bK), jnp.asarray(pages_bKM), rows)
+                    if size >= most:
+                        break
+                    size = min(2 * size, most)
+            if c.kv_allocation == "incremental":
+                self._grant_pages(())
             self.state, results = self._decode(
                 self.params, self.state, np.int32(c.steps_per_dispatch), **self._decode_args()
             )
@@ -429,13 +458,15 @@ class Engine:
     def compile_counts(self) -> dict[str, int]:
         """Compiled variants of each jitted step.
 
-        Bounded: one decode, one release, and per encoder bucket one encode per power-of-two
-        batch size up to its row limit.
+        Bounded: one decode, one release, one page grant, per encoder bucket one encode per
+        power-of-two batch size up to its row limit, and one shared-input start per power-of-two
+        batch size up to the slot count.
         """
-        return {
-            name: fn._cache_size()
-            for name, fn in (("encode", self._encode), ("decode", self._decode), ("release", self._release))
+        steps = {
+            "encode": self._encode, "insert": self._insert, "decode": self._decode,
+            "release": self._release, "grant": self._grant,
         }
+        return {name: fn._cache_size() for name, fn in steps.items()}
 
     # ---- figures ------------------------------------------------------------------------------
 
@@ -444,6 +475,8 @@ class Engine:
         with self._lock:
             self._counters = Counters(self.config.num_slots)
             self.scheduler.reset_peaks()
+            self.scheduler.preemptions = 0
+            self.scheduler.cross_cache.reset_counts()
 
     def stats(self) -> EngineStats:
         """Counters since :meth:`reset_stats`, cache and request figures now."""
@@ -461,7 +494,7 @@ class Engine:
                 self_pages_total=self.self_alloc.capacity,
                 cross_pages_total=self.cross_alloc.capacity,
                 self_pages_used=self.self_alloc.num_used,
-                cross_pages_used=self.cross_alloc.num_used,
+                cross_pages_used=self.cross_alloc.num_used - self.scheduler.cross_cache.idle_pages,
                 peak_self_pages=self.scheduler.peak_self_pages,
                 peak_cross_pages=self.scheduler.peak_cross_pages,
                 peak_kv_bytes=(self.scheduler.peak_self_pages + self.scheduler.peak_cross_pages) * page_bytes,
@@ -470,6 +503,10 @@ class Engine:
                 tracked_requests=len(self._tracked),
                 queued_requests=self.scheduler.num_queued,
                 running_requests=self.scheduler.num_running,
+                preemptions=self.scheduler.preemptions,
+                cross_reuse_lookups=self.scheduler.cross_cache.lookups,
+                cross_reuse_hits=self.scheduler.cross_cache.hits,
+                cross_idle_pages=self.scheduler.cross_cache.idle_pages,
             )
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -485,7 +522,11 @@ class Engine:
         """
         with self._lock:
             plan = self.scheduler.schedule()
+            if plan.preempted:
+                self._preempt(plan.preempted)
             self._start(plan.admitted)
+            if plan.grants:
+                self._grant_pages(plan.grants)
             previous, self._pending = self._pending, None
             if plan.num_steps:
                 self.state, results = self._decode(
@@ -507,65 +548,159 @@ class Engine:
             args["masks"] = self.frontend.masks
         return args
 
+    def _preempt(self, rids: Sequence[int]) -> None:
+        """Stop preempted requests' slots; their tokens so far stay, and they resume later."""
+        slots = []
+        for rid in rids:
+            tracked = self._tracked[rid]
+            slots.extend(tracked.slots)
+            tracked.preemptions += 1
+        self._stop_slots(slots)
+
+    def _grant_pages(self, grants: Sequence[PageGrant]) -> None:
+        width = self._grant_width
+        slot_X = np.full(width, self.config.num_slots, np.int32)
+        index_X, page_X = np.zeros(width, np.int32), np.zeros(width, np.int32)
+        for i, g in enumerate(grants):
+            slot_X[i], index_X[i], page_X[i] = g.slot, g.index, g.page
+        self.state = self._grant(self.state, jnp.asarray(slot_X), jnp.asarray(index_X), jnp.asarray(page_X))
+
     def _start(self, admitted: Sequence[Admission]) -> None:
-        """Encode the admitted requests, grouped by bucket in batches of the bucket's row limit."""
+        """Encode the admitted requests, grouped by bucket in batches of the bucket's row limit;
+        start those that share an earlier request's cross pages without encoding."""
         if not admitted:
             return
         now = time.perf_counter()
         c = self._counters
         by_bucket: dict[int, list[tuple[_Tracked, Admission]]] = collections.defaultdict(list)
+        shared: list[tuple[_Tracked, Admission]] = []
         for a in admitted:
             tracked = self._tracked[a.rid]
-            tracked.timings["admitted"] = now
+            tracked.timings.setdefault("admitted", now)
             tracked.slots = a.slots
+            if tracked.preemptions and len(tracked.seqs) > 1:  # samples start over: skip repeats
+                for seq in tracked.seqs:
+                    seq.skip = len(seq.tokens)
             for slot in a.slots:
                 c.slot_fills[slot] += 1
+            if not a.encode:
+                shared.append((tracked, a))
+                continue
             bucket = next(b for b in self.encoder_buckets if b >= tracked.prepared.encoder_len)
             by_bucket[bucket].append((tracked, a))
+        failed: set[tuple[int, tuple[int, ...]]] = set()
         for bucket, group in sorted(by_bucket.items()):
             limit = self.config.encoder_batch_rows(bucket)
             # Each data shard encodes its own requests: a batch holds up to ``limit`` of each.
             by_shard = collections.defaultdict(list)
             for item in group:
-                by_shard[self.scheduler.shards.shard_of(item[1].slots[0])].append(item)
+                by_shard[self._shard_of(item[1])].append(item)
             for i in range(0, max(map(len, by_shard.values())), limit):
-                self._encode_group(bucket, [x for d in sorted(by_shard) for x in by_shard[d][i : i + limit]])
+                batch = [x for d in sorted(by_shard) for x in by_shard[d][i : i + limit]]
+                failed |= self._encode_group(bucket, batch)
+        if shared:
+            self._insert_shared(shared, failed)
 
-    def _encode_group(self, bucket: int, group: list[tuple[_Tracked, Admission]]) -> None:
-        """Encode one batch; if it fails, each request alone, so one bad request fails alone."""
+    def _shard_of(self, a: Admission) -> int:
+        return self.scheduler.shards.shard_of(a.slots[0])
+
+    def _rows_per_shard(self, admitted: Sequence[Admission], limit: int) -> int:
+        """Rows per data shard of a batch of ``admitted``: the busiest shard's count rounded up to
+        a power of two (capped), so a lone refill does not pay for a full batch and each batch
+        kind compiles at most log2(limit) + 1 variants."""
+        most = max(collections.Counter(map(self._shard_of, admitted)).values())
+        return min(limit, 1 << (most - 1).bit_length())
+
+    def _insert_shared(
+        self, shared: list[tuple[_Tracked, Admission]], failed: set[tuple[int, tuple[int, ...]]]
+    ) -> None:
+        """Start requests whose cross pages an earlier request's encode wrote (or failed to)."""
+
+        def entry(a: Admission) -> tuple[int, tuple[int, ...]]:
+            return self._shard_of(a), a.cross_pages
+
+        for tracked, _ in [(t, a) for t, a in shared if entry(a) in failed]:
+            self._finish(tracked, "error", error="encoding failed for a request with the same input")
+        live = [(t, a) for t, a in shared if entry(a) not in failed]
+        if not live:
+            return
+        admitted = [a for _, a in live]
+        size = self._rows_per_shard(admitted, self.scheduler.shards.slots_per_shard)
+        slot_bK, pages_bKM = self._slot_arrays(size, admitted)
+        rows = self._stack_rows(size, [self._slot_row(t, a) for t, a in live], admitted)
+        self.state = self._insert(self.state, jnp.asarray(slot_bK), jnp.asarray(pages_bKM), rows)
+        self._counters.shared_starts += len(live)
+        if self.config.kv_allocation != "incremental":
+            for tracked, _ in live:
+                tracked.prepared.inputs = None
+
+    def _encode_group(
+        self, bucket: int, group: list[tuple[_Tracked, Admission]]
+    ) -> set[tuple[int, tuple[int, ...]]]:
+        """Encode one batch; if it fails, each request alone, so one bad request fails alone.
+        Returns the (data shard, cross pages) of the requests whose encode failed."""
         try:
             rows = [self._slot_row(t, a) for t, a in group]
-            # Power-of-two row counts (capped) per data shard: a lone refill does not pay for a full
-            # batch, and each bucket compiles at most log2(limit) + 1 variants.
-            per_shard = collections.Counter(self.scheduler.shards.shard_of(a.slots[0]) for _, a in group)
-            most = max(per_shard.values())
-            size = min(self.config.encoder_batch_rows(bucket), 1 << (most - 1).bit_length())
-            self._run_encode(bucket, size, [t.prepared.inputs for t, _ in group], rows, [a for _, a in group])
+            admitted = [a for _, a in group]
+            size = self._rows_per_shard(admitted, self.config.encoder_batch_rows(bucket))
+            self._run_encode(bucket, size, [t.prepared.inputs for t, _ in group], rows, admitted)
         except Exception as e:  # noqa: BLE001 - isolate the request that caused it
             if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.state)):
                 raise RuntimeError("the engine's device state was lost in a failed encode") from e
             if len(group) > 1:
-                for item in group:
-                    self._encode_group(bucket, [item])
-                return
-            tracked, _ = group[0]
+                return set().union(*(self._encode_group(bucket, [item]) for item in group))
+            tracked, a = group[0]
+            self.scheduler.forget_cross(a)
             self._finish(tracked, "error", error=f"encoding failed: {type(e).__name__}: {e}")
-            return
-        for tracked, _ in group:
-            tracked.prepared.inputs = None  # the cross pages hold what the decoder needs now
+            return {(self._shard_of(a), a.cross_pages)}
+        if self.config.kv_allocation != "incremental":  # else kept: a preempted request re-encodes
+            for tracked, _ in group:
+                tracked.prepared.inputs = None  # the cross pages hold what the decoder needs now
+        return set()
 
     def _slot_row(self, tracked: _Tracked, a: Admission) -> SlotParams:
         request, prepared = tracked.request, tracked.prepared
         adapter = request.adapter_id
+        prefix = prepared.prefix
+        if tracked.preemptions and len(tracked.seqs) == 1:  # resume: replay its tokens
+            prefix = (*prefix, *tracked.seqs[0].tokens)
         return slot_row(
             self.slot_shape,
             request,
             cross_pages=a.cross_pages,
             encoder_len=prepared.encoder_len,
-            prefix=prepared.prefix,
+            prefix=prefix,
             max_new_tokens=prepared.max_new_tokens,
             adapter_row=0 if adapter is None else self.adapters.row_of(adapter),
+            gen_start=len(prepared.prefix),
         )
+
+    def _by_shard(self, admitted: Sequence[Admission]) -> list[list[int]]:
+        """Indices into ``admitted`` of each data shard's requests, in order."""
+        D = self.scheduler.shards.num_shards
+        return [[r for r, a in enumerate(admitted) if self._shard_of(a) == d] for d in range(D)]
+
+    def _slot_arrays(self, size: int, admitted: Sequence[Admission]) -> tuple[np.ndarray, np.ndarray]:
+        """Each request's slots and each slot's own self pages, ``size`` rows per data shard: shard
+        ``d``'s requests (in order) fill rows ``d * size ..`` with slot ids local to the shard (page
+        ids are already); the rest is padding (no slot)."""
+        shape, shards = self.slot_shape, self.scheduler.shards
+        D = shards.num_shards
+        slot_bK = np.full((D * size, shape.group), shards.slots_per_shard, np.int32)
+        pages_bKM = np.zeros((D * size, shape.group, shape.self_pages), np.int32)
+        for d, rs in enumerate(self._by_shard(admitted)):
+            for i, r in enumerate(rs):
+                a = admitted[r]
+                slot_bK[d * size + i, : len(a.slots)] = [shards.local_slot(s) for s in a.slots]
+                for j, pages in enumerate(a.self_pages):
+                    pages_bKM[d * size + i, j, : len(pages)] = pages
+        return slot_bK, pages_bKM
+
+    def _stack_rows(self, size: int, rows: list[SlotParams], admitted: Sequence[Admission]) -> SlotParams:
+        """``rows`` (one per admitted request) laid out as :meth:`_slot_arrays` lays out slots."""
+        shape = self.slot_shape
+        stacked = [stack_rows([rows[r] for r in rs], size, shape) for rs in self._by_shard(admitted)]
+        return jax.tree.map(lambda *x: jnp.asarray(np.concatenate(x)), *stacked)
 
     def _run_encode(
         self,
@@ -575,26 +710,13 @@ class Engine:
         rows: list[SlotParams],
         admitted: Sequence[Admission] = (),
     ) -> None:
-        """One encoder batch of ``size`` rows per data shard: shard ``d``'s requests (in order) fill
-        rows ``d * size ..``, with slot and page ids local to the shard; the rest is padding."""
-        shape, shards = self.slot_shape, self.scheduler.shards
-        D, local_slots = shards.num_shards, shards.slots_per_shard
-        mine = [[r for r, a in enumerate(admitted) if shards.shard_of(a.slots[0]) == d] for d in range(D)]
+        """One encoder batch of ``size`` rows per data shard, laid out as :meth:`_slot_arrays`."""
+        mine = self._by_shard(admitted)
         batch = np.concatenate(
             [self.frontend.encoder_batch(bucket, size, [inputs[r] for r in rs]) for rs in mine]
         )
-        slot_bK = np.full((D * size, shape.group), local_slots, np.int32)
-        pages_bKM = np.zeros((D * size, shape.group, shape.self_pages), np.int32)
-        for d, rs in enumerate(mine):
-            for i, r in enumerate(rs):
-                a = admitted[r]
-                slot_bK[d * size + i, : len(a.slots)] = [shards.local_slot(s) for s in a.slots]
-                for j, pages in enumerate(a.self_pages):
-                    pages_bKM[d * size + i, j, : len(pages)] = pages
-        params_b = jax.tree.map(
-            lambda *x: jnp.asarray(np.concatenate(x)),
-            *[stack_rows([rows[r] for r in rs], size, shape) for rs in mine],
-        )
+        slot_bK, pages_bKM = self._slot_arrays(size, admitted)
+        params_b = self._stack_rows(size, rows, admitted)
         bank = {} if self.adapters is None else {"lora_bank": self.adapters.stacked}
         self.state = self._encode(
             self.params, self.state, jnp.asarray(batch), jnp.asarray(slot_bK), jnp.asarray(pages_bKM),
@@ -616,7 +738,7 @@ class Engine:
                 token = value & (FINISHED_BIT - 1)  # clears FORCED_BIT too
                 request = tracked.request
                 if value & FORCED_BIT:
-                    if request.prompt_logprobs is not None:
+                    if request.prompt_logprobs is not None and not tracked.preemptions:
                         tracked.prompt_logprobs.append(
                             top_dict(res, s, slot, request.prompt_logprobs, token)
                         )
@@ -628,6 +750,9 @@ class Engine:
                     self._finish(tracked, tracked.seqs[0].finish_reason or "length")
                     continue
                 seq = tracked.seqs[tracked.slots.index(slot)]
+                if seq.skip:  # a resumed sample repeats its tokens up to where it stopped
+                    seq.skip -= 1
+                    continue
                 seq.append(token, float(res.logprob_SB[s, slot]), request.logprobs, res, s, slot)
                 if value & FINISHED_BIT:
                     stopped = token == eos or token in request.stop_token_ids
@@ -667,6 +792,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - tokens are still worth returning
                 error = f"detokenizing failed: {type(e).__name__}: {e}"
         tracked.prepared.inputs = None
+        tracked.spec = None
         tracked.output = request_output(
             tracked.rid,
             tracked.request,

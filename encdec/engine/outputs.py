@@ -26,6 +26,8 @@ class SequenceState:
     top: list[dict[int, float]] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
     score: float | None = None
+    skip: int = 0
+    """Tokens to ignore: a resumed sample's repeats of what it already produced."""
 
     def append(self, token: int, logprob: float, n_top: int | None, res: Any, s: int, slot: int) -> None:
         self.tokens.append(token)

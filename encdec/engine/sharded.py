@@ -20,7 +20,15 @@ from jax.sharding import PartitionSpec as P
 
 from encdec.cache.pools import PoolConfig, init_pools
 from encdec.engine.slots import DecodeState, SlotShape, init_state
-from encdec.engine.steps import StepResults, decode_steps, encode_insert, release_slots
+from encdec.engine.steps import (
+    JittedSteps,
+    StepResults,
+    decode_steps,
+    encode_insert,
+    grant_pages,
+    release_slots,
+    start_slots,
+)
 from encdec.sharding import DATA, MODEL, over_data
 
 
@@ -63,9 +71,11 @@ def sharded_steps(
     encoder,
     hook,
     lora_gather,
-) -> tuple[Any, Any, Any]:
-    """``encode``, ``decode`` and ``release`` as :func:`~encdec.engine.steps.jitted_steps` makes
-    them (same signatures, the state donated), per data shard over ``mesh``."""
+) -> JittedSteps:
+    """The steps :func:`~encdec.engine.steps.jitted_steps` makes (same signatures, the state
+    donated) over ``mesh``: ``encode``, ``insert`` and ``decode`` per data shard (their slot ids
+    local to it), ``release`` and ``grant`` on the whole state (global slot ids: they only
+    write slot rows, and a granted page id is already local to the slot's shard)."""
     split = heads_split(mesh, num_heads)
 
     def specs_of(state, manual_only):
@@ -96,6 +106,12 @@ def sharded_steps(
         state = run(params, state, inputs, slot_bK, self_pages_bKM, rows, lora_bank)
         return jax.lax.with_sharding_constraint(state, shardings_of(state))
 
+    def insert(state, slot_bK, self_pages_bKM, rows):
+        specs = specs_of(state, True)
+        run = over_data(start_slots, mesh, (specs, P(DATA), P(DATA), P(DATA)), specs)
+        state = run(state, slot_bK, self_pages_bKM, rows)
+        return jax.lax.with_sharding_constraint(state, shardings_of(state))
+
     def decode(params, state, steps, lora_bank=None, masks=None):
         specs = specs_of(state, True)
         results = P(None, DATA)  # [S, B, ...]: steps, then slots
@@ -107,11 +123,12 @@ def sharded_steps(
     def release(state, release_B):
         return jax.lax.with_sharding_constraint(release_slots(state, release_B), shardings_of(state))
 
-    return (
-        jax.jit(encode, donate_argnames=("state",)),
-        jax.jit(decode, donate_argnames=("state",)),
-        jax.jit(release, donate_argnames=("state",)),
-    )
+    def grant(state, slot_X, index_X, page_X):
+        state = grant_pages(state, slot_X, index_X, page_X)
+        return jax.lax.with_sharding_constraint(state, shardings_of(state))
+
+    donated = functools.partial(jax.jit, donate_argnames=("state",))
+    return JittedSteps(donated(encode), donated(insert), donated(decode), donated(release), donated(grant))
 
 
 def _results_specs(per_step: P) -> StepResults:

@@ -42,7 +42,7 @@ class SlotShape:
     stop_tokens: int
     """Stop ids per slot besides EOS."""
     prefix: int
-    """Forced decoder tokens per slot."""
+    """Forced decoder tokens per slot (a resumed request's replayed tokens included)."""
     suppress: int
     """Suppressed token ids per slot (each list)."""
     group: int
@@ -90,6 +90,9 @@ class SlotParams:
     prefix_X: jax.Array = _slot_field(np.int32, "prefix")
     """Forced decoder tokens (start token first), padded with 0."""
     prefix_len: jax.Array = _slot_field(np.int32, fill=1)
+    gen_start: jax.Array = _slot_field(np.int32, fill=1)
+    """Position of the first generated token: the request's own prefix length. A resumed
+    (preempted) request's prefix runs further, replaying its tokens: counted, not reported."""
     repetition_penalty: jax.Array = _slot_field(np.float32, fill=1.0, request="repetition_penalty")
     no_repeat_ngram: jax.Array = _slot_field(np.int32, request="no_repeat_ngram_size")
     forced_bos: jax.Array = _slot_field(np.int32, fill=-1, request="forced_bos_token_id")
@@ -128,6 +131,7 @@ def slot_row(
     prefix: Sequence[int],
     max_new_tokens: int,
     adapter_row: int,
+    gen_start: int | None = None,
 ) -> SlotParams:
     """One request's row (numpy, leading axis 1) from its checked request and admission.
 
@@ -150,6 +154,7 @@ def slot_row(
     p.adapter_row[0] = adapter_row
     p.prefix_X[0, : len(prefix)] = prefix
     p.prefix_len[0] = len(prefix)
+    p.gen_start[0] = len(prefix) if gen_start is None else gen_start
     p.top_logprobs[0] = max(request.logprobs or 0, request.prompt_logprobs or 0)
     p.early_stopping[0] = EARLY_STOPPING[request.early_stopping]
     return p

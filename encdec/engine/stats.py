@@ -32,6 +32,7 @@ class EngineStats:
     cross_pages_total: int
     self_pages_used: int
     cross_pages_used: int
+    """Cross pages held by queued or running requests (idle cached ones: ``cross_idle_pages``)."""
     peak_self_pages: int
     peak_cross_pages: int
     peak_kv_bytes: int
@@ -42,12 +43,25 @@ class EngineStats:
     """Requests the engine still holds: queued, running, or finished but not yet handed over."""
     queued_requests: int
     running_requests: int
+    preemptions: int = 0
+    """Requests that gave their pages back to let older ones grow (``kv_allocation="incremental"``)."""
+    cross_reuse_lookups: int = 0
+    """Admitted requests with an encoder-input key (``cross_kv_reuse``)."""
+    cross_reuse_hits: int = 0
+    """Of them, those that shared cross pages already written (no encode)."""
+    cross_idle_pages: int = 0
+    """Cross pages kept after their requests ended, for later requests with the same input."""
+
+    @property
+    def cross_reuse_hit_rate(self) -> float | None:
+        return self.cross_reuse_hits / self.cross_reuse_lookups if self.cross_reuse_lookups else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and dicts, for JSON."""
         out = dataclasses.asdict(self)
         out["slot_fills"] = list(self.slot_fills)
         out["slot_occupancy"] = [list(s) for s in self.slot_occupancy]
+        out["cross_reuse_hit_rate"] = self.cross_reuse_hit_rate
         return out
 
 
@@ -59,6 +73,7 @@ class Counters:
         self.decode_steps = 0
         self.encode_batches = 0
         self.early_releases = 0
+        self.shared_starts = 0
         self.slot_fills = [0] * num_slots
         self._times = np.zeros(OCCUPANCY_SAMPLES, np.float64)
         self._busy = np.zeros(OCCUPANCY_SAMPLES, np.int32)

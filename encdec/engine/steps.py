@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -62,6 +62,16 @@ class StepResults:
     """Beam groups' hypotheses at the end of the dispatch (read when a group finishes)."""
 
 
+class JittedSteps(NamedTuple):
+    """Every compiled step of one engine (shared between engines of the same model and shapes)."""
+
+    encode: Any
+    insert: Any
+    decode: Any
+    release: Any
+    grant: Any
+
+
 def _lora_rows(lora_bank, lora_gather, rows):
     return None if lora_bank is None else lora_gather(lora_bank, rows)
 
@@ -97,6 +107,14 @@ def encode_insert(
         rows.cross_page_table_M,
         rows.cross_length,
     )
+    return start_slots(state.replace(pools=pools), slot_bK, self_pages_bKM, rows)
+
+
+def start_slots(
+    state: DecodeState, slot_bK: jax.Array, self_pages_bKM: jax.Array, rows: SlotParams
+) -> DecodeState:
+    """Start each request's slots from its row (its cross pages already hold its encoder output:
+    written by :func:`encode_insert`, or shared with an earlier request of the same input)."""
     b, K = slot_bK.shape
     B = state.active_B.shape[0]
     slot_X = slot_bK.reshape(-1)
@@ -114,7 +132,6 @@ def encode_insert(
     first_XT = jnp.where(jnp.arange(T)[None, :] == 0, rows_X.prefix_X[:, :1], -1)
     hyps = state.hyps
     return state.replace(
-        pools=pools,
         slots=jax.tree.map(put, state.slots, rows_X),
         self_table_BM=put(state.self_table_BM, rows_X.self_page_table_M),
         self_lengths_B=put(state.self_lengths_B, 0),
@@ -320,6 +337,7 @@ def decode_steps(
         )
 
         emits_B = active_B & ~forced_B
+        replaying_B = forced_B & (L_B + 1 >= s.gen_start)  # a resumed request's own tokens
         stop_B = (token_B == cfg.eos_token_id) | jnp.any(token_B[:, None] == s.stop_ids_X, axis=-1)
         ended_B = emits_B & (stop_B | (n_B + 1 >= s.max_new))
         finished_B = jnp.where(beam_rows_B, choice.done_B & beaming_B, ended_B)
@@ -329,7 +347,8 @@ def decode_steps(
             jnp.where(finished_B & leader_B, FINISHED_BIT, -1),
             jnp.where(emits_B, token_B | jnp.where(finished_B, FINISHED_BIT, 0), -1),
         )
-        reported_B = jnp.where(active_B & forced_B & leader_B, forced_token_B | FORCED_BIT, reported_B)
+        prompt_B = active_B & forced_B & ~replaying_B & leader_B
+        reported_B = jnp.where(prompt_B, forced_token_B | FORCED_BIT, reported_B)
         none = (jnp.zeros((B, n_top), jnp.int32), jnp.zeros((B, n_top), jnp.float32))
         top_ids_BX, top_lp_BX = none if not n_top else jax.lax.cond(
             jnp.any(active_B & (top > 0)), lambda: _top(lp_BV, n_top), lambda: none
@@ -339,7 +358,7 @@ def decode_steps(
             self_table_BM=table_BM,
             self_lengths_B=stored_B,
             last_token_B=jnp.where(active_B, token_B, state.last_token_B),
-            num_generated_B=n_B + emits_B.astype(jnp.int32),
+            num_generated_B=n_B + (emits_B | (active_B & replaying_B)).astype(jnp.int32),
             active_B=active_B & ~finished_B,
             history_BT=history_BT,
             beam_score_B=jnp.where(beaming_B, choice.score_B, state.beam_score_B),
@@ -376,14 +395,28 @@ def _top(lp_BV: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
 
 
 def release_slots(state: DecodeState, release_B: jax.Array) -> DecodeState:
-    """Stop the given slots (cancellation); their pages are freed by the host."""
+    """Stop the given slots (cancellation, preemption); their pages are freed by the host."""
     return state.replace(active_B=state.active_B & ~release_B)
+
+
+def grant_pages(state: DecodeState, slot_X: jax.Array, index_X: jax.Array, page_X: jax.Array) -> DecodeState:
+    """Add self pages to running slots' tables (entry ``index_X`` of slot ``slot_X``; a slot
+    of ``num_slots`` is padding, dropped). A new page is past every borrowed one, so a beam's
+    current table gets it as its own table does."""
+    s = state.slots
+
+    def put(table_BM):
+        return table_BM.at[slot_X, index_X].set(page_X, mode="drop")
+
+    return state.replace(
+        slots=s.replace(self_page_table_M=put(s.self_page_table_M)), self_table_BM=put(state.self_table_BM)
+    )
 
 
 @functools.lru_cache(maxsize=32)
 def jitted_steps(
     cfg, dtype: str, num_steps: int, top_logprobs: int, implementation: str, encoder, hook, lora_gather
-) -> tuple[Any, Any, Any]:
+) -> JittedSteps:
     """The jitted steps, shared by engines of the same model config and front end: a new engine
     (another mode, another slot count) reuses compiled variants instead of compiling them again."""
     lora_kw = {} if lora_gather is None else {"lora_gather": lora_gather}
@@ -404,4 +437,5 @@ def jitted_steps(
         ),
         donate_argnames=("state",),
     )
-    return encode, decode, jax.jit(release_slots, donate_argnames=("state",))
+    donated = functools.partial(jax.jit, donate_argnames=("state",))
+    return JittedSteps(encode, donated(start_slots), decode, donated(release_slots), donated(grant_pages))

@@ -7,8 +7,8 @@ For a projection whose weight ``w`` is ``[*in, *out]`` (e.g. ``q``: ``[D, N, H]`
 ``lora["decoder"]["layers"][i]["cross_attn"]["q"]`` mirrors ``params`` exactly.
 
 Which projections can carry an adapter is read from :func:`encdec.checkpoints.tensor_specs`, by
-PEFT's module names (T5: ``q k v o wi wo wi_0 wi_1``; BART/Marian: ``q_proj k_proj v_proj
-out_proj fc1 fc2``), so PEFT files map onto the same paths.
+PEFT's module names (T5, mT5, UMT5: ``q k v o wi wo wi_0 wi_1``; BART, mBART, Marian, Pegasus,
+M2M100/NLLB: ``q_proj k_proj v_proj out_proj fc1 fc2``), so PEFT files map onto the same paths.
 """
 
 from __future__ import annotations

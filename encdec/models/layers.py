@@ -4,6 +4,7 @@ Every projection in every family goes through :func:`project`, so LoRA (and late
 quantization) is added in one place.
 """
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,13 +22,17 @@ def lead(x: jax.Array, ndim: int) -> jax.Array:
     return x.reshape((1,) * (ndim - x.ndim) + x.shape)
 
 
-def project(p: Params, x: jax.Array, eq: str, lora: Params | None = None) -> jax.Array:
+def project(
+    p: Params, x: jax.Array, eq: str, lora: Params | None = None, *, out_dtype: Any = None
+) -> jax.Array:
     """``einsum(eq, x, p["w"]) + p["b"]``, plus a low-rank update when ``lora`` is given.
 
     ``lora`` holds ``a`` (input dims -> rank) and ``b`` (rank -> output dims) in the same
     layout as ``w`` split at the rank, and ``scale`` (alpha / rank); see ``encdec.lora``.
+    ``out_dtype`` (default ``x``'s) is the result's dtype, accumulated in it: float32 out of
+    float16 inputs keeps a sum that outgrows float16 finite.
     """
-    y = _as_matmul(eq, x, p["w"].astype(x.dtype))
+    y = _as_matmul(eq, x, p["w"].astype(x.dtype), out_dtype)
     if "b" in p:
         y = y + lead(p["b"].astype(y.dtype), y.ndim)
     if lora is not None:
@@ -35,7 +40,7 @@ def project(p: Params, x: jax.Array, eq: str, lora: Params | None = None) -> jax
     return y
 
 
-def _as_matmul(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+def _as_matmul(eq: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
     """``einsum(eq, x, w)`` as one 2-D matrix product when ``x`` ends and ``w`` starts with the
     contracted axes (every projection here): the reshapes are free, and XLA:CPU otherwise picked
     layouts that transposed the attention output weight ``[N, H, D]`` on every decode step."""
@@ -45,9 +50,9 @@ def _as_matmul(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     n = len(contracted)
     matmul_shaped = x_spec.endswith(contracted) and w_spec.startswith(contracted)
     if not (matmul_shaped and out == x_spec[:-n] + w_spec[n:]):
-        return jnp.einsum(eq, x, w)
+        return jnp.einsum(eq, x, w, preferred_element_type=out_dtype)
     size = int(np.prod(w.shape[:n]))
-    y = jnp.dot(x.reshape(-1, size), w.reshape(size, -1))
+    y = jnp.dot(x.reshape(-1, size), w.reshape(size, -1), preferred_element_type=out_dtype)
     return y.reshape(x.shape[:-n] + w.shape[n:])
 
 
@@ -116,3 +121,21 @@ def sinusoidal_table(num_positions: int, dim: int) -> np.ndarray:
     table[:, :half] = np.sin(angle[:, 0::2])
     table[:, half:] = np.cos(angle[:, 1::2])
     return table
+
+
+def padded_sinusoidal_table(num_positions: int, dim: int, pad_token_id: int) -> np.ndarray:
+    """M2M100/NLLB's (fairseq's) position table: ``pad_token_id + 1 + num_positions`` rows.
+
+    Sines then cosines, frequencies spaced over ``dim / 2 - 1`` (an odd ``dim`` ends in a zero
+    column); row ``pad_token_id`` is all zeros (pad tokens' position) and position ``p`` reads
+    row ``pad_token_id + 1 + p``. Computed in float32, as HF does, so the angles round alike.
+    """
+    half = dim // 2
+    step = np.float32(math.log(10000) / (half - 1))
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -step)
+    angle = np.arange(pad_token_id + 1 + num_positions, dtype=np.float32)[:, None] * freqs[None, :]
+    table = np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
+    if dim % 2:
+        table = np.concatenate([table, np.zeros((len(table), 1), np.float32)], axis=1)
+    table[pad_token_id] = 0.0
+    return table.astype(np.float32)

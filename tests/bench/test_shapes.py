@@ -25,11 +25,14 @@ def cache(tmp_path_factory):
         ("flan-t5-large", "t5", 1024, 24, 16, 2816, 32128),
         ("bart-base", "bart", 768, 6, 12, 3072, 50265),
         ("bart-large", "bart", 1024, 12, 16, 4096, 50265),
+        ("pegasus-large", "pegasus", 1024, 16, 16, 4096, 96103),
+        ("nllb-600m", "m2m_100", 1024, 12, 16, 4096, 256206),
     ],
 )
 def test_real_shapes_have_real_dimensions(name, family, d_model, layers, heads, ffn, vocab):
     shape = shapes.get_shape(name)
-    hf_cls = tf.T5Config if family == "t5" else tf.BartConfig
+    assert shape.family == family
+    hf_cls = tf.CONFIG_MAPPING[family]
     cfg = ModelConfig.from_hf(hf_cls(**shape.hf_config).to_dict())
     assert (cfg.d_model, cfg.encoder_layers, cfg.decoder_layers) == (d_model, layers, layers)
     assert cfg.decoder_heads == heads
@@ -37,6 +40,9 @@ def test_real_shapes_have_real_dimensions(name, family, d_model, layers, heads, 
     if name == "flan-t5-large":
         # transformers 5 always ties T5's head; v1.1 / Flan is told apart by not rescaling before it.
         assert cfg.gated_ffn and not cfg.tied_output_rescale and cfg.activation == "gelu_new"
+    if family in ("pegasus", "m2m_100"):
+        assert cfg.pre_norm and cfg.final_norm and cfg.embed_scale == 32.0 and cfg.activation == "relu"
+        assert cfg.position == ("sinusoidal" if family == "pegasus" else "padded_sinusoidal")
     low, high = shape.token_range
     specials = {cfg.pad_token_id, cfg.eos_token_id, cfg.decoder_start_token_id}
     assert all(not low <= s < high for s in specials)
@@ -88,7 +94,7 @@ def test_random_weights_make_input_dependent_outputs(cache):
     assert len(firsts) > 1 and len({t for o in outs for t in o.token_ids}) > 4
 
 
-@pytest.mark.parametrize("name", ["tiny-t5", "tiny-bart"])
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-bart", "tiny-pegasus"])
 def test_ct2_conversion_is_cached_and_keeps_the_vocabulary(name, cache):
     pytest.importorskip("ctranslate2")
     path = shapes.ct2_dir(name, cache_dir=cache)
@@ -97,3 +103,14 @@ def test_ct2_conversion_is_cached_and_keeps_the_vocabulary(name, cache):
     vocab = shapes.ct2_vocabulary(path)
     tok = tf.AutoTokenizer.from_pretrained(str(shapes.write_shape(name, cache_dir=cache)))
     assert vocab == tok.convert_ids_to_tokens(list(range(len(vocab))))
+
+
+def test_ct2_conversion_refuses_unequal_head_counts(tmp_path):
+    """CTranslate2's transformer spec has one head count; converting would silently misread."""
+    config = {**shapes.get_shape("tiny-nllb").hf_config, "model_type": "m2m_100"}
+    config["decoder_attention_heads"] = 2
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="encoder_attention_heads=4, decoder_attention_heads=2"):
+        shapes.convert_ct2(tmp_path / "hf", tmp_path / "ct2")
+    assert not (tmp_path / "ct2").exists()

@@ -29,7 +29,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("shapes")
 
 
-@pytest.fixture(scope="module", params=["tiny-t5", "tiny-bart"])
+@pytest.fixture(scope="module", params=["tiny-t5", "tiny-bart", "tiny-nllb"])
 def case(request, cache):
     """A shape, its checkpoint, a trace with varied lengths and the reference tokens."""
     name = request.param

@@ -23,10 +23,11 @@ from tests.tiny_models import VOCAB, save_hf_model
 LENGTHS = [7, 3, 11]  # encoder lengths of the three real rows
 STARTS = [0, 0, 5]  # the decode step at which each row joins (in-flight batching)
 STEPS = 24  # tokens decoded per row: past T5's max_distance (20) of the tiny models
-PAGE_SIZE = {"t5": 4, "bart": 8}
+PAGE_SIZE = {"t5": 4, "bart": 8, "umt5": 4}
+FAMILIES = ("t5", "bart")  # every test; UMT5 (a bias table per layer) in the kernel test only
 
 
-@pytest.fixture(scope="module", params=sorted(PAGE_SIZE))
+@pytest.fixture(scope="module", params=FAMILIES)
 def model(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     save_hf_model(request.param, directory)
@@ -131,6 +132,20 @@ def _check_step(logits, t, active, dense_logits, dense_tokens, done, start):
     "implementation, interpret", [("xla", False), pytest.param("pallas", True, id="pallas-interpret")]
 )
 def test_paged_greedy_equals_dense_greedy(model, implementation, interpret):
+    _check_paged_greedy(model, implementation, interpret)
+
+
+def test_umt5_per_layer_bias_through_the_pallas_kernel(tmp_path):
+    """UMT5 adds a different relative-bias table in every decoder layer; the kernel's fused-bias
+    path (interpret mode here) must read each layer's, over that layer of the stacked pools."""
+    save_hf_model("umt5", tmp_path)
+    model = encdec.load_pretrained(tmp_path, tokenizer=False)
+    tables = [np.asarray(layer["rel_bias_NR"]) for layer in model.params["decoder"]["layers"]]
+    assert len(tables) == 3 and not np.allclose(tables[0], tables[1])
+    _check_paged_greedy(model, "pallas", True)
+
+
+def _check_paged_greedy(model, implementation, interpret):
     cfg = model.config
     ids, mask = _encoder_batch(cfg)
     enc = encode(model.params, cfg, ids, mask)

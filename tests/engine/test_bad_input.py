@@ -49,6 +49,15 @@ BAD_REQUESTS = {
     "empty prefix": ({"decoder_prefix": []}, "decoder_prefix must hold at least 1"),
     "bool max_new_tokens": ({"max_new_tokens": True}, "max_new_tokens must be an integer"),
     "int adapter id": ({"adapter_id": 3}, "adapter_id must be a string"),
+    # the decoding fields (beams, processors, log-probabilities, stop strings)
+    "nan length_penalty": ({"length_penalty": math.nan}, "length_penalty must be finite"),
+    "string repetition_penalty": ({"repetition_penalty": "2"}, "repetition_penalty must be a number"),
+    "float num_beams": ({"num_beams": 2.0}, "num_beams must be an integer"),
+    "suppress_tokens None": ({"suppress_tokens": None}, "suppress_tokens must be a list or tuple"),
+    "early_stopping 1": ({"early_stopping": 1}, "early_stopping must be one of"),
+    "negative logprobs": ({"logprobs": -1}, "logprobs must be in"),
+    "stop int": ({"stop": 5}, "stop must be a string or a list of strings"),
+    "forced bos outside the vocabulary": ({"forced_bos_token_id": 500}, "forced_bos_token_id has ids"),
 }
 """name -> (Request fields over a good request's, the error it must raise)."""
 
@@ -268,6 +277,17 @@ PLAUSIBLE = {
     "stop_token_ids": st.lists(st.integers(0, 95), max_size=4),
     "decoder_prefix": st.none() | st.lists(st.integers(0, 95), min_size=1, max_size=2),
     "arrival_time": st.none() | st.floats(0.0, 0.01),
+    "num_beams": st.sampled_from([1, 1, 2, 3]),
+    "length_penalty": st.floats(-2.0, 2.0),
+    "early_stopping": st.sampled_from([False, True, "never"]),
+    "num_return_sequences": st.sampled_from([1, 1, 2]),
+    "repetition_penalty": st.sampled_from([1.0, 1.0, 0.7, 1.5]),
+    "no_repeat_ngram_size": st.none() | st.integers(1, 4),
+    "suppress_tokens": st.lists(st.integers(0, 95), max_size=3),
+    "begin_suppress_tokens": st.lists(st.integers(0, 95), max_size=2),
+    "forced_bos_token_id": st.none() | st.integers(0, 95),
+    "logprobs": st.none() | st.integers(0, 5),
+    "prompt_logprobs": st.none() | st.integers(0, 2),
 }
 
 
@@ -310,7 +330,10 @@ def test_fuzzed_requests_succeed_or_fail_alone(tiny_models, fields):
         assert 0 < len(out.token_ids) <= (fields["max_new_tokens"] or min(32, MAX_NEW))
         if fields["temperature"] == 0:  # greedy from the default prefix: the reference's tokens
             plain = fields["decoder_prefix"] is None and len(fields["stop_token_ids"]) == 0
-            plain = plain and fields["min_new_tokens"] == 0
+            plain = plain and fields["min_new_tokens"] == 0 and fields["num_beams"] == 1
+            plain = plain and fields["repetition_penalty"] == 1.0 and fields["no_repeat_ngram_size"] is None
+            plain = plain and not fields["suppress_tokens"] and not fields["begin_suppress_tokens"]
+            plain = plain and fields["forced_bos_token_id"] is None
             if plain:
                 ids = tuple(int(t) for t in fields["inputs"])
                 assert out.token_ids == _reference("t5", model, ids, len(out.token_ids))

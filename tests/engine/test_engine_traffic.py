@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from encdec.engine import Engine, Request
-from tests.engine.test_engine import MAX_IN, MAX_NEW, _config, _reference
+from tests.engine.test_engine import MAX_IN, MAX_NEW, _config, _reference, holds_no_pages
 
 INPUTS = [
     tuple(np.random.default_rng(i).integers(3, 90, n).tolist()) for i, n in enumerate((1, 4, 9, 15, MAX_IN))
@@ -17,14 +17,15 @@ INPUTS = [
 class EngineTrafficMachine(RuleBasedStateMachine):
     model = None  # set by the test from the session fixture
 
-    @initialize(slots=st.integers(1, 4), tight=st.booleans())
-    def start(self, slots, tight):
+    @initialize(slots=st.integers(1, 4), tight=st.booleans(), incremental=st.booleans())
+    def start(self, slots, tight, incremental):
         pages = (
             dict(num_self_pages=1 + 2 * -(-MAX_NEW // 4), num_cross_pages=1 + 2 * -(-MAX_IN // 4))
             if tight
             else {}
         )
-        self.engine = Engine(self.model, _config(num_slots=slots, **pages))
+        allocation = dict(kv_allocation="incremental", kv_reserve_pages=0) if incremental else {}
+        self.engine = Engine(self.model, _config(num_slots=slots, **pages, **allocation))
         self.requests: dict[int, Request] = {}
         self.cancelled: set[int] = set()
         self.outputs: dict = {}  # outputs are handed over once: keep them
@@ -59,10 +60,13 @@ class EngineTrafficMachine(RuleBasedStateMachine):
         s = e.scheduler
         holders = [rid for rid in s.slots if rid is not None]
         assert len(set(holders)) == len(holders)
+        holders = list(dict.fromkeys(holders))  # a request is listed once (its group's slots)
         self_pages = [p for rid in holders for p in s.pages_of(rid)[0]]
-        cross_pages = [p for rid in holders for p in s.pages_of(rid)[1]]
+        entries = {s.pages_of(rid)[1] for rid in holders}  # requests with one input share pages
+        cross_pages = [p for pages in entries for p in pages]
         assert len(set(self_pages)) == len(self_pages) and len(set(cross_pages)) == len(cross_pages)
-        assert e.self_alloc.num_used == len(self_pages) and e.cross_alloc.num_used == len(cross_pages)
+        idle = s.cross_cache.idle_pages
+        assert e.self_alloc.num_used == len(self_pages) and e.cross_alloc.num_used == len(cross_pages) + idle
         assert set(holders).isdisjoint(s.queued())
         e.self_alloc.check_invariants()
         e.cross_alloc.check_invariants()
@@ -71,7 +75,7 @@ class EngineTrafficMachine(RuleBasedStateMachine):
         if not hasattr(self, "engine"):
             return
         self.engine.run_until_idle()
-        assert self.engine.self_alloc.num_used == 0 and self.engine.cross_alloc.num_used == 0
+        assert holds_no_pages(self.engine)
         for handle, req in self.requests.items():
             out = self.outputs.get(handle) or self.engine.result(handle)
             assert out is not None, "a waiting request starved"

@@ -17,6 +17,7 @@ from encdec.whisper.audio import SAMPLE_RATE, resample
 from encdec.whisper.serving import transcribe_with_engine, whisper_engine
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import transcribe
+from tests.engine.test_engine import holds_no_pages
 from tests.whisper.test_transcribe import _tone, _wav
 from tests.whisper.tiny_whisper import DE, EN, EOT, NO_TIMESTAMPS, SOT, TRANSCRIBE
 
@@ -143,7 +144,7 @@ def test_bad_audio_requests_fail_alone(model, tmp_path):
         assert out.finish_reason == "error" and message.split()[0] in out.error
     for key, audio, out in zip(["array0", "array2", "array4"], good, outputs[:1] + outputs[-2:], strict=True):
         assert _generated(out) == _reference(model, key, audio, LIMIT)[0]
-    assert engine.self_alloc.num_used == 0 and engine.cross_alloc.num_used == 0
+    assert holds_no_pages(engine)
 
 
 def test_no_recompilation_after_warmup(model):
@@ -164,7 +165,7 @@ def test_no_recompilation_after_warmup(model):
     outputs = engine.generate(requests)
     assert all(o.finish_reason in ("stop", "length") for o in outputs)
     assert engine.compile_counts() == warm
-    assert engine.self_alloc.num_used == 0 and engine.cross_alloc.num_used == 0
+    assert holds_no_pages(engine)
 
 
 def test_transcribe_with_engine_joins_windows_like_transcribe(model, tmp_path):
@@ -217,7 +218,7 @@ def test_whisper_base_engine_matches_ctranslate2(whisper_base_path, espeak_clips
     texts = [model.tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in theirs]
     assert [o.text for o in outputs] == texts
     assert wer(sentences, [o.text for o in outputs]) < 0.35
-    assert engine.self_alloc.num_used == 0 and engine.cross_alloc.num_used == 0
+    assert holds_no_pages(engine)
 
 
 def test_long_audio_is_refused_from_its_length_before_decoding(model, tmp_path, monkeypatch):

@@ -2,10 +2,12 @@
 
 A simulated device runs each plan (a request ends at its EOS step or its budget) and reports an
 end one dispatch late, as the engine reads results. Requests hold one slot or a group (beams,
-samples): one self-page set per slot, one cross-page set per request. After every round: slots
-and pages are owned once, admission is FIFO, the encoder budget and dispatch lengths hold,
-every handed-on request really ends inside its last dispatch; at the end nothing starved and no
-page is held.
+samples): one self-page set per slot, one cross-page set per request, shared between requests
+with the same input. Pages are reserved at admission or granted as sequences grow, with
+preemption under pressure (a preempted request starts over on the device, as its replay does).
+After every round: slots and pages are owned once, admission is FIFO, the encoder budget and
+dispatch lengths hold, no slot runs past its pages, every handed-on request really ends inside
+its last dispatch; at the end nothing starved and no page is held.
 """
 
 import dataclasses
@@ -40,12 +42,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         mode=st.sampled_from(["inflight", "static"]),
         steps=st.integers(1, 4),
         budget=st.sampled_from([None, 8, 16, 40]),
+        incremental=st.booleans(),
+        idle=st.sampled_from([None, 0, 5]),
     )
-    def start(self, slots, tight, mode, steps, budget):
+    def start(self, slots, tight, mode, steps, budget, incremental, idle):
         self.config = EngineConfig(
             num_slots=slots, page_size=PAGE, max_encoder_len=MAX_IN, max_new_tokens=MAX_NEW,
             encoder_buckets=BUCKETS, steps_per_dispatch=steps, mode=mode, encoder_tokens_per_dispatch=budget,
-            max_encoder_tokens=40,
+            max_encoder_tokens=40, kv_allocation="incremental" if incremental else "reserve",
+            kv_reserve_pages=0, cross_cache_pages=idle,
         )
         full = 1 + slots * pages_for(1 + MAX_NEW, PAGE), 1 + slots * pages_for(MAX_IN, PAGE)
         pages = (1 + 2 * pages_for(1 + MAX_NEW, PAGE) + 1, 1 + pages_for(MAX_IN, PAGE) + 2) if tight else full
@@ -58,10 +63,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.rounds = 0
 
     @rule(enc_len=st.integers(1, MAX_IN), max_new=st.integers(1, MAX_NEW), prefix=st.integers(1, 2),
-          eos=st.none() | st.integers(1, MAX_NEW), width=st.sampled_from([1, 1, 1, 2, 3]))
-    def submit(self, enc_len, max_new, prefix, eos, width):
+          eos=st.none() | st.integers(1, MAX_NEW), width=st.sampled_from([1, 1, 1, 2, 3]),
+          key=st.none() | st.integers(0, 2))
+    def submit(self, enc_len, max_new, prefix, eos, width, key):
         steps = prefix - 1 + max_new
-        spec = SeqSpec(self.next_id, enc_len, next(b for b in BUCKETS if b >= enc_len), steps, width)
+        if key is not None:  # requests of one input have one encoder length
+            enc_len = 3 + 7 * key
+        bucket = next(b for b in BUCKETS if b >= enc_len)
+        spec = SeqSpec(self.next_id, enc_len, bucket, steps, width, None if key is None else ("input", key))
         self.next_id += 1
         try:
             self.sched.add(spec)
@@ -96,18 +105,28 @@ class SchedulerMachine(RuleBasedStateMachine):
         busy_before = [s for s in slots_before if s is not None]
         plan = sched.schedule()
         self.rounds += 1
+        for rid in plan.preempted:  # it starts over (replaying its tokens) when admitted again
+            assert rid in self.sims and rid in set(sched.queued())
+            self.sims[rid].dispatched = self.sims[rid].done = 0
+            queue_before.insert(0, rid)
+        queue_before = list(dict.fromkeys(queue_before))
         admitted = [a.rid for a in plan.admitted]
+        if plan.preempted:
+            assert not set(admitted) & set(plan.preempted), "a preempted request resumes next round"
+            queue_before = [r for r in queue_before if r not in plan.preempted]
         assert admitted == queue_before[: len(admitted)], "admission is FIFO"
         if admitted and c.mode == "static":
             assert not busy_before, "static mode admits into an all-free batch only"
         if admitted and c.mode == "inflight" and busy_before and len(admitted) > 1:
-            assert sum(self.sims[r].spec.bucket for r in admitted) <= c.encoder_budget
+            encoded = [a.rid for a in plan.admitted if a.encode]  # shared inputs cost no encode
+            assert sum(self.sims[r].spec.bucket for r in encoded) <= c.encoder_budget
         for a in plan.admitted:
             spec = self.sims[a.rid].spec
             assert len(a.slots) == len(a.self_pages) == spec.width
             assert all(plan.owners[i] == a.rid and slots_before[i] is None for i in a.slots)
             need_self, need_cross = sched.pages_needed(spec)
-            assert [len(p) for p in a.self_pages] == [need_self] * spec.width
+            if c.kv_allocation == "reserve":
+                assert [len(p) for p in a.self_pages] == [need_self] * spec.width
             assert len(a.cross_pages) == need_cross
         held = [r for r in plan.owners if r is not None]
         owners = list(dict.fromkeys(held))
@@ -119,6 +138,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert 1 <= plan.num_steps <= min(c.steps_per_dispatch, max(remaining))
             if c.mode == "inflight" and sched.num_queued:
                 assert plan.num_steps <= min(remaining), "a dispatch runs past a budget while requests wait"
+        for rid in owners:  # every slot has pages for every position this dispatch writes
+            if rid in sched._running and not sched.is_draining(rid):
+                run = sched._running[rid]
+                stored = min(run.steps_dispatched, run.spec.decode_steps)
+                assert all(len(p) >= pages_for(stored, PAGE) for p in run.self_pages)
         ended = []
         for rid in owners:  # the device runs the dispatch
             sim = self.sims[rid]
@@ -145,9 +169,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert all(held.count(r) == self.sims[r].spec.width for r in holders)
         assert set(holders).isdisjoint(s.queued())
         self_pages = [p for r in holders for p in s.pages_of(r)[0]]
-        cross_pages = [p for r in holders for p in s.pages_of(r)[1]]
+        entries = {s.pages_of(r)[1] for r in holders}  # one input: one set of cross pages
+        cross_pages = [p for pages in entries for p in pages]
         assert len(set(self_pages)) == len(self_pages) and len(set(cross_pages)) == len(cross_pages)
-        assert s.self_alloc.num_used == len(self_pages) and s.cross_alloc.num_used == len(cross_pages)
+        idle = s.cross_cache.idle_pages
+        assert s.self_alloc.num_used == len(self_pages) and s.cross_alloc.num_used == len(cross_pages) + idle
         s.self_alloc.check_invariants()
         s.cross_alloc.check_invariants()
 
@@ -160,6 +186,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self._round()
         assert not self.sched.has_work() and not self.reported, "a request starved"
         assert self.finished | self.cancelled == set(self.sims)
+        self.sched.cross_cache.clear_idle()
         assert self.sched.self_alloc.num_used == 0 and self.sched.cross_alloc.num_used == 0
         assert self.sched.num_running == 0 and self.sched.num_queued == 0
 

@@ -13,14 +13,16 @@ from tests.tiny_models import FAMILIES, VOCAB, hf_generation_config, save_hf_mod
 LENGTHS = [7, 3, 11]  # a padded batch: rows of different lengths
 
 
-def _batch(pad_id, seed=1):
+def _batch(pad_id, seed=1, left_padded_row=None):
+    """Right-padded rows; ``left_padded_row`` puts that row's tokens at the end instead."""
     rng = np.random.default_rng(seed)
     S = max(LENGTHS)
     ids = np.full((len(LENGTHS), S), pad_id, np.int64)
     mask = np.zeros((len(LENGTHS), S), np.int64)
     for i, n in enumerate(LENGTHS):
-        ids[i, :n] = rng.integers(3, VOCAB - 2, n)
-        mask[i, :n] = 1
+        where = slice(S - n, S) if i == left_padded_row else slice(0, n)
+        ids[i, where] = rng.integers(3, VOCAB - 2, n)
+        mask[i, where] = 1
     return ids, mask
 
 
@@ -32,11 +34,15 @@ def pair(request, tmp_path_factory):
 
 
 def test_encoder_and_decoder_logits_match_hf(pair):
+    """Teacher-forced, one row left-padded and a pad token last in the decoder input: M2M100/NLLB
+    number only non-pad tokens (a left-padded row gets right-padded positions) and put pad
+    tokens on the zero position row; the other families index positions by place."""
     hf, model = pair
     cfg = model.config
-    ids, mask = _batch(cfg.pad_token_id)
+    ids, mask = _batch(cfg.pad_token_id, left_padded_row=1)
     dec_ids = np.random.default_rng(2).integers(3, VOCAB - 2, (ids.shape[0], 9))
     dec_ids[:, 0] = cfg.decoder_start_token_id
+    dec_ids[:, -1] = cfg.pad_token_id
     with torch.no_grad():
         out = hf(
             input_ids=torch.tensor(ids),
@@ -75,7 +81,7 @@ def test_greedy_tokens_match_hf_for_32_steps(pair):
     hf, model = pair
     cfg = model.config
     ids, mask = _batch(cfg.pad_token_id, seed=4)
-    use_cache = hf.config.model_type not in ("t5", "mt5") or cfg.encoder_layers == cfg.decoder_layers
+    use_cache = hf.config.model_type not in ("t5", "mt5", "umt5") or cfg.encoder_layers == cfg.decoder_layers
     with torch.no_grad():
         hf_out = hf.generate(
             input_ids=torch.tensor(ids),
@@ -96,8 +102,15 @@ def test_greedy_tokens_match_hf_for_32_steps(pair):
     np.testing.assert_allclose(logits, hf_logits, atol=1e-4, rtol=0)
 
 
+# Their bfloat16 code paths are T5's and Marian's (per-layer tables, sinusoidal positions);
+# skipped to keep CI time (M2M100's position rows, new code, stay in).
+_BF16_COVERED_ELSEWHERE = ("umt5", "pegasus")
+
+
 def test_bfloat16_stays_close_to_float32(pair, tmp_path):
     _, model32 = pair
+    if model32.config.model_type in _BF16_COVERED_ELSEWHERE:
+        pytest.skip("same bfloat16 code path as T5 (per-layer tables aside) or Marian")
     model16 = encdec.load_pretrained(model32.path, dtype="bfloat16")
     cfg = model32.config
     ids, mask = _batch(cfg.pad_token_id)

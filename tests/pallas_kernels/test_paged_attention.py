@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import T5Config
+from transformers import T5Config, UMT5Config
 from transformers.models.t5.modeling_t5 import T5Attention
+from transformers.models.umt5.modeling_umt5 import UMT5Attention
 
 from pallas_kernels.paged_attention import PagedAttentionBlock, paged_attention
 from pallas_kernels.paged_attention.api import default_block
@@ -198,6 +199,15 @@ class PagedAttentionTest:
     def test_hugging_face_t5_bias(self):
         np.testing.assert_allclose(*hf_t5_outputs(self.pallas), rtol=1e-5, atol=1e-5)
 
+    def test_hugging_face_umt5_bias_of_every_layer(self):
+        """UMT5: each layer's own table, fused, over that layer of the stacked pools."""
+
+        def attend(case, inputs, layer):
+            return run(case, inputs, implementation="pallas", interpret=self.INTERPRET, layer=layer)
+
+        for out, expected in hf_umt5_outputs(attend):
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
     @pytest.mark.parametrize("layer", [0, 2])
     def test_stacked_layer_pools_read_the_right_layer(self, layer):
         """``layer=`` on stacked ``[L, N, P, G, H]`` pools equals passing that layer's pool."""
@@ -254,6 +264,50 @@ def hf_t5_outputs(attend):
             scores_NL = torch.einsum("NH,NLH->NL", torch.as_tensor(np.array(q[b])), k_NLH) + bias_NL
             expected[b] = torch.einsum("NL,NLH->NH", scores_NL.softmax(-1), v_NLH).numpy()
     return np.asarray(out), expected
+
+
+def hf_umt5_outputs(attend, num_layers=3):
+    """Per layer: ``attend`` with that layer's table and stacked pools vs softmax(q.k + HF UMT5's
+    ``compute_bias`` of that layer) v. The tables differ, so a kernel reading layer 0's would fail."""
+    config = UMT5Config(
+        d_model=24,
+        d_kv=8,
+        num_heads=3,
+        relative_attention_num_buckets=12,
+        relative_attention_max_distance=20,
+        is_decoder=True,
+    )
+    torch.manual_seed(0)
+    layers = [UMT5Attention(config, has_relative_attention_bias=True).eval() for _ in range(num_layers)]
+    case = Case(
+        N=3, H=8, G=8, M=6, lengths=(45, 1, 21, 8), bias=True, scale=1.0, max_distance=20, num_buckets=12
+    )
+    q, _, _, table, lengths, _ = make_inputs(case, seed=1)
+    pools = [make_inputs(case, seed=1 + i)[1:3] for i in range(num_layers)]
+    k_stack, v_stack = (jnp.stack([p[j] for p in pools]) for j in (0, 1))
+    results = []
+    for i, attention in enumerate(layers):
+        bias_NR = jnp.asarray(attention.relative_attention_bias.weight.detach().numpy().T)
+        out = attend(case, (q, k_stack, v_stack, table, lengths, bias_NR), i)
+        k_pool, v_pool = (np.asarray(x) for x in pools[i])
+        expected = np.zeros(q.shape, np.float32)
+        with torch.no_grad():
+            for b, L in enumerate(case.lengths):
+                pos = np.arange(L)
+                pages, rows = np.asarray(table)[b, pos // case.G], pos % case.G
+                k_NLH, v_NLH = (torch.as_tensor(x[:, pages, rows]) for x in (k_pool, v_pool))
+                bias_NL = attention.compute_bias(1, L, past_seen_tokens=L - 1)[0, :, -1, :]
+                scores_NL = torch.einsum("NH,NLH->NL", torch.as_tensor(np.array(q[b])), k_NLH) + bias_NL
+                expected[b] = torch.einsum("NL,NLH->NH", scores_NL.softmax(-1), v_NLH).numpy()
+        results.append((np.asarray(out), expected))
+    return results
+
+
+def test_reference_matches_hugging_face_umt5_bias_of_every_layer():
+    for out, expected in hf_umt5_outputs(
+        lambda case, inputs, layer: run(case, inputs, implementation="xla", layer=layer)
+    ):
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_matches_hugging_face_t5_bias():

@@ -20,14 +20,17 @@ from encdec.config import ModelConfig
 from encdec.sharding import MODEL, bytes_per_device, make_mesh, split_bytes
 
 _PROBE = """
-import os, resource, sys
+import os, sys
 import encdec, jax, jax.numpy as jnp
 from encdec.sharding import make_mesh
 jnp.zeros(1).block_until_ready()
 mesh = make_mesh((1, 8)) if sys.argv[2] == "mesh" else None
 before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident now
 model = encdec.load_pretrained(sys.argv[1], tokenizer=False, mesh=mesh)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# This process's own high-water mark: ru_maxrss would also count the pytest process it was
+# forked from (Linux carries the parent's peak across fork and exec).
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+peak = int(status["VmHWM"].split()[0]) * 1024
 assert jax.device_count() == 8
 print(peak - before, max(len(x.sharding.device_set) for x in jax.tree.leaves(model.params)))
 """
@@ -39,7 +42,7 @@ HF = {
     "d_model": 512,
     "d_kv": 64,
     "d_ff": 2048,
-    "num_layers": 2,
+    "num_layers": 4,
     "num_heads": 8,
     "feed_forward_proj": "gated-gelu",
     "tie_word_embeddings": False,

@@ -1,0 +1,143 @@
+"""``POST /v1/audio/transcriptions`` and ``/v1/audio/translations`` for Whisper models.
+
+The upload (multipart: ``file`` and the form fields) is read as a WAV file into 16 kHz
+samples, cut into 30 s windows, and each window is one engine request (Whisper's prompt as
+its forced prefix), as ``encdec transcribe`` does; the windows run in parallel slots. Each
+window becomes one :class:`~encdec.serving.formats.Segment` (its start and end in the file),
+and the requested format is rendered from the segments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from typing import Any
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import UploadFile
+
+from encdec.engine import Request, RequestOutput, RequestStream
+from encdec.serving.completions import check_output
+from encdec.serving.formats import Segment, render
+from encdec.serving.models import ServedModel
+from encdec.serving.protocol import APIError, TranscriptionForm, parse_form
+from encdec.serving.streaming import unless_disconnected
+from encdec.whisper.audio import CHUNK_SECONDS, SAMPLE_RATE, AudioError, load_audio, split_windows
+from encdec.whisper.frontend import AudioInput
+
+DEFAULT_MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+"""OpenAI's upload limit."""
+
+
+async def read_form(http: HTTPRequest, max_upload_bytes: int) -> tuple[UploadFile, TranscriptionForm]:
+    """The uploaded file and the other fields, checked; 400 / 413 errors naming the problem."""
+    length = http.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
+        raise APIError(413, f"the upload is larger than {max_upload_bytes} bytes", param="file")
+    try:
+        form = await http.form(max_files=1, max_fields=32)
+    except Exception as e:  # noqa: BLE001 - a malformed multipart body
+        raise APIError(400, f"the body is not a readable multipart form: {e}") from None
+    fields: dict[str, Any] = {}
+    for key in set(form.keys()):
+        values = form.getlist(key)
+        name = key.removesuffix("[]")
+        fields[name] = values if key.endswith("[]") else values[-1]
+    upload = fields.pop("file", None)
+    if not isinstance(upload, UploadFile):
+        raise APIError(400, "file is required: the audio to transcribe, as a multipart upload", param="file")
+    if upload.size is not None and upload.size > max_upload_bytes:
+        raise APIError(
+            413, f"file is {upload.size} bytes, above the {max_upload_bytes}-byte limit", param="file"
+        )
+    parsed = parse_form(TranscriptionForm, fields)
+    assert isinstance(parsed, TranscriptionForm)
+    return upload, parsed
+
+
+def read_samples(upload: UploadFile) -> Any:
+    """16 kHz samples of the upload (written to a temporary file: the WAV reader takes a path)."""
+    upload.file.seek(0)
+    fd, path = tempfile.mkstemp(suffix=".wav")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            while chunk := upload.file.read(1 << 20):
+                f.write(chunk)
+        return load_audio(path)
+    except AudioError as e:
+        name = upload.filename or "the upload"
+        raise APIError(
+            400, f"file: {name} is not usable audio: {e}".replace(path, name), param="file"
+        ) from None
+    finally:
+        os.unlink(path)
+
+
+def _segment(
+    served: ServedModel, index: int, output: RequestOutput, duration: float, temperature: float
+) -> Segment:
+    tokens = served.engine.engine.frontend.tokens
+    ids = tuple(t for t in output.token_ids if t != tokens.eot)
+    text = output.text if output.text is not None else tokens.decode(None, ids)
+    start = index * CHUNK_SECONDS
+    avg = None if output.logprobs is None else sum(output.logprobs) / (len(ids) + 1)
+    return Segment(start, min(start + CHUNK_SECONDS, duration), text, ids, temperature, avg)
+
+
+async def create_transcription(
+    served: ServedModel, http: HTTPRequest, *, task: str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+) -> Response:
+    upload, form = await read_form(http, max_upload_bytes)
+    adapter_id = served.resolve(form.model)
+    if not served.is_audio:
+        raise APIError(400, f"{form.model!r} is not a speech-recognition model", param="model")
+    if form.prompt:
+        raise APIError(400, "prompt: a text prompt for Whisper is not supported yet", param="prompt")
+    if "word" in (form.timestamp_granularities or ()):
+        raise APIError(
+            400, "timestamp_granularities: word timestamps are not supported", param="timestamp_granularities"
+        )
+    samples = await asyncio.to_thread(read_samples, upload)
+    duration = samples.size / SAMPLE_RATE
+    language = form.language or "en"
+    streams: list[RequestStream] = []
+    try:
+        for window in split_windows(samples):
+            request = Request(
+                AudioInput(window, language=language, task=task),
+                temperature=form.temperature,
+                logprobs=0,
+                adapter_id=adapter_id,
+            )
+            streams.append(await served.engine.submit_async(request))
+    except BaseException:
+        for s in streams:
+            s.cancel()
+        raise
+
+    async def outputs() -> list[RequestOutput]:
+        async def one(stream: RequestStream) -> RequestOutput:
+            async for _ in stream:
+                pass
+            assert stream.output is not None
+            return stream.output
+
+        return list(await asyncio.gather(*(one(s) for s in streams)))
+
+    def cancel_all() -> None:
+        for s in streams:
+            s.cancel()
+
+    try:
+        results = await unless_disconnected(http, outputs(), cancel_all)
+    finally:
+        cancel_all()
+    for output in results:
+        check_output(output)  # a failed window fails the request (500), a shutdown cancels it (503)
+    segments = [_segment(served, i, o, duration, form.temperature) for i, o in enumerate(results)]
+    body, media_type = render(form.response_format, segments, task=task, language=language, duration=duration)
+    if isinstance(body, dict):
+        return JSONResponse(body)
+    return PlainTextResponse(body, media_type=media_type)

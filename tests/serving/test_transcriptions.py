@@ -1,0 +1,148 @@
+"""``/v1/audio/transcriptions`` and ``/translations`` on the tiny random Whisper (no downloads):
+every response format against ``transcribe`` (the dense reference) window by window, and the
+error cases."""
+
+import re
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+import encdec
+from encdec.engine import EngineConfig
+from encdec.serving import ServerThread, build_app, serve_model
+from encdec.whisper.audio import N_SAMPLES
+from encdec.whisper.transcribe import transcribe
+from tests.whisper.test_transcribe import _tone, _wav
+
+LIMIT = 20
+"""The tiny model's token limit: min(40 / 2, 40 - 4)."""
+
+
+@pytest.fixture(scope="module")
+def whisper(tiny_ct2_dir):
+    return encdec.load_pretrained(tiny_ct2_dir)
+
+
+@pytest.fixture(scope="module")
+def server(whisper):
+    config = EngineConfig(
+        num_slots=3,
+        page_size=16,
+        max_new_tokens=LIMIT,
+        steps_per_dispatch=3,
+        max_encoder_batch=4,
+        max_encoder_tokens=4 * 1500,
+    )
+    served = serve_model(whisper, name="tiny-whisper", config=config, warmup=False)
+    with ServerThread(build_app(served)) as http:
+        yield http, served
+    served.engine.shutdown(drain=False)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0].url + "/v1", api_key="-", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """41.5 s of tones: two 30 s windows, the second 11.5 s long."""
+    samples = np.concatenate([_tone(20.0, 300, 1), _tone(21.5, 900, 2)])
+    return _wav(tmp_path_factory.mktemp("audio") / "clip.wav", samples), samples
+
+
+@pytest.fixture(scope="module")
+def expected(whisper, clip):
+    """Each window transcribed alone by the dense reference: (text, tokens) per window."""
+    _, samples = clip
+    windows = [samples[i : i + N_SAMPLES] for i in range(0, len(samples), N_SAMPLES)]
+    out = {}
+    for task in ("transcribe", "translate"):
+        refs = transcribe(whisper, windows, task=task, max_new_tokens=LIMIT)
+        out[task] = [(r.text, r.token_ids) for r in refs]
+    assert out["transcribe"][0] != out["transcribe"][1] != out["translate"][1]
+    return out
+
+
+def _create(client, clip, **kw):
+    with open(clip[0], "rb") as f:
+        return client.audio.transcriptions.create(file=("clip.wav", f), model="tiny-whisper", **kw)
+
+
+def test_every_response_format(client, clip, expected):
+    (t0, ids0), (t1, ids1) = expected["transcribe"]
+    text = f"{t0} {t1}"
+    assert _create(client, clip).text == text
+    assert _create(client, clip, response_format="text") == text + "\n"
+    srt = _create(client, clip, response_format="srt")
+    assert srt == f"1\n00:00:00,000 --> 00:00:30,000\n{t0}\n\n2\n00:00:30,000 --> 00:00:41,500\n{t1}\n"
+    vtt = _create(client, clip, response_format="vtt")
+    assert vtt == f"WEBVTT\n\n00:00:00.000 --> 00:00:30.000\n{t0}\n\n00:00:30.000 --> 00:00:41.500\n{t1}\n"
+    verbose = _create(client, clip, response_format="verbose_json")
+    assert (verbose.text, verbose.duration, verbose.language) == (text, 41.5, "en")
+    segments = [(s.start, s.end, s.text, s.tokens) for s in verbose.segments]
+    assert segments == [(0.0, 30.0, t0, ids0), (30.0, 41.5, t1, ids1)]
+    assert all(s.avg_logprob < 0 for s in verbose.segments)
+
+
+def test_translation_and_language(client, server, clip, expected):
+    with open(clip[0], "rb") as f:
+        got = client.audio.translations.create(
+            file=("clip.wav", f), model="tiny-whisper", response_format="verbose_json"
+        )
+    assert [s.tokens for s in got.segments] == [ids for _, ids in expected["translate"]]
+    with open(clip[0], "rb") as f:  # the whole form on the wire: language and temperature too
+        r = httpx.post(
+            server[0].url + "/v1/audio/transcriptions",
+            files={"file": ("clip.wav", f, "audio/wav")},
+            data={"model": "tiny-whisper", "language": "de", "temperature": "0", "response_format": "json"},
+        )
+    assert r.status_code == 200 and r.json()["text"]
+
+
+@pytest.mark.parametrize(
+    "data, files, status, message",
+    [
+        ({"model": "tiny-whisper"}, None, 400, "file is required"),
+        (
+            {"model": "tiny-whisper"},
+            {"file": ("notes.wav", b"not a wav file")},
+            400,
+            "notes.wav is not usable audio",
+        ),
+        ({"model": "whisper-9"}, "clip", 404, "the model 'whisper-9' does not exist"),
+        (
+            {"model": "tiny-whisper", "response_format": "mp3"},
+            "clip",
+            400,
+            "response_format: Input should be",
+        ),
+        ({"model": "tiny-whisper", "language": "xx"}, "clip", 400, "language 'xx' is not one of"),
+        ({"model": "tiny-whisper", "temperature": "-1"}, "clip", 400, "temperature must be in"),
+        (
+            {"model": "tiny-whisper", "temperature": "hot"},
+            "clip",
+            400,
+            "temperature: Input should be a valid number",
+        ),
+        ({"model": "tiny-whisper", "prompt": "Hello."}, "clip", 400, "prompt: a text prompt"),
+        ({"model": "tiny-whisper", "size": "large"}, "clip", 400, "size: is not a known parameter"),
+        ({}, "clip", 400, "model: is required"),
+    ],
+)
+def test_bad_uploads_get_named_errors(server, clip, data, files, status, message):
+    http, served = server
+    if files == "clip":
+        files = {"file": ("clip.wav", open(clip[0], "rb").read())}
+    r = httpx.post(http.url + "/v1/audio/transcriptions", data=data, files=files)
+    assert r.status_code == status, r.text
+    assert re.search(message, r.json()["error"]["message"]), r.json()
+    snapshot = served.engine.snapshot()
+    assert snapshot.pending == 0 and snapshot.alive
+
+
+def test_completions_are_refused_by_a_whisper_model(client):
+    with pytest.raises(openai.BadRequestError, match="speech-recognition model"):
+        client.completions.create(model="tiny-whisper", prompt="hello")
