@@ -19,6 +19,9 @@ import pytest  # noqa: E402
 from tests.whisper.fixtures import tiny_ct2_dir, tiny_hf_model  # noqa: E402,F401 (fixtures)
 
 MESH_SHAPES = [(1, 8), (2, 4), (8, 1), (1, 1)]
+FAMILY_SHAPES = {"t5": MESH_SHAPES, "bart": [(2, 4), (8, 1)], "whisper": [(1, 8), (2, 4)]}
+"""Engine runs per family (each compiles its steps; CI time): T5 on every shape, BART and Whisper
+on two each, so every shape also runs a second family."""
 
 
 def pytest_collection_modifyitems(config, items):

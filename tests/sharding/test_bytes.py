@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from encdec.sharding import bytes_per_device, split_bytes
-from tests.sharding.conftest import MESH_SHAPES
+from tests.sharding.conftest import FAMILY_SHAPES
 from tests.sharding.runs import run
 
 
@@ -27,7 +27,7 @@ def test_bytes_per_device(models, family):
     total = sum(x.nbytes for x in jax.tree.leaves(models[family].params))
     print(f"\n{family}: parameters {total:,} bytes; bytes per device")
     print("  mesh    params/device = split/model + replicated          KV pools/device = KV / shards")
-    for shape in MESH_SHAPES:
+    for shape in FAMILY_SHAPES[family]:
         engine, _ = run(models[family], family, shape)
         data, model = shape
         params, pools = engine.params, engine.state.pools

@@ -1,4 +1,5 @@
-"""Every mesh shape gives the single-device engine's tokens: greedy, seeded samples, beams, LoRA.
+"""Every mesh shape gives the single-device engine's tokens: greedy, seeded samples, beams, LoRA
+(T5 on all four shapes, BART and Whisper on two each: ``FAMILY_SHAPES``).
 
 T5's vocabulary (99) divides no model axis here and its 4 heads do not divide 8: the fallbacks
 (width-split vocabulary, replicated attention) run beside the plain splits of BART and Whisper.
@@ -10,7 +11,7 @@ import pytest
 
 from encdec.engine import Engine
 from tests.sharding.batch import engine_config, requests
-from tests.sharding.conftest import MESH_SHAPES
+from tests.sharding.conftest import FAMILY_SHAPES
 from tests.sharding.runs import run
 
 
@@ -18,8 +19,11 @@ def _sequences(out):
     return [(s.token_ids, s.finish_reason) for s in out.sequences]
 
 
-@pytest.mark.parametrize("mesh_shape", MESH_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("family", ["t5", "bart", "whisper"])
+@pytest.mark.parametrize(
+    "family, mesh_shape",
+    [(family, shape) for family, shapes in FAMILY_SHAPES.items() for shape in shapes],
+    ids=lambda x: x if isinstance(x, str) else f"{x[0]}x{x[1]}",
+)
 def test_mesh_tokens_equal_single_device(models, family, mesh_shape):
     _, expected = run(models[family], family, None)
     engine, outputs = run(models[family], family, mesh_shape)
