@@ -11,12 +11,15 @@ jitted step that donates the ``PagedKV`` (or the whole engine state) never copie
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from encdec.cache.allocator import SENTINEL_PAGE
 from encdec.cache.pools import PagePools, write_layer_pages, write_layer_rows
+from encdec.sharding import per_head_shard
 from pallas_kernels.paged_attention import paged_attention
 
 
@@ -67,19 +70,23 @@ class PagedKV:
         # pool on every call wherever the kernel cannot fuse the slice (Pallas on GPU).
         if q_BTNH.shape[1] != 1:
             raise ValueError(f"PagedKV decodes one token per step; got T={q_BTNH.shape[1]}")
-        out_BNH = paged_attention(
-            q_BTNH[:, 0],
-            k_LNPGH,
-            v_LNPGH,
-            page_table_BM,
-            lengths_B,
+        attend = functools.partial(
+            paged_attention,
             scale=float(scale),
-            bias_NR=bias_NR,
             max_distance=max_distance,
             implementation=self.implementation,
             interpret=self.interpret,
             layer=layer,
         )
+
+        def attend_heads(q_BNH, k_LNPGH, v_LNPGH, page_table_BM, lengths_B, bias_NR):
+            return attend(q_BNH, k_LNPGH, v_LNPGH, page_table_BM, lengths_B, bias_NR=bias_NR)
+
+        # Under a mesh that splits the heads, each model device runs the kernel on its own heads
+        # (XLA cannot partition a custom kernel); elsewhere this is the call itself.
+        if self.implementation != "xla":
+            attend_heads = per_head_shard(attend_heads, q_BTNH.shape[2], has_bias=bias_NR is not None)
+        out_BNH = attend_heads(q_BTNH[:, 0], k_LNPGH, v_LNPGH, page_table_BM, lengths_B, bias_NR)
         return out_BNH[:, None]
 
     def self_attention(self, layer, q_BTNH, k_BTNH, v_BTNH, positions_BT, *, scale, bias_NR, max_distance):

@@ -249,9 +249,10 @@ def whisper_hf_config(ct2: Ct2File, vocabulary: list[str]) -> dict[str, Any]:
         raise CheckpointError(f"CTranslate2 Whisper model lacks {e.args[0]!r}") from e
 
 
-def whisper_params(ct2: Ct2File, cfg: ModelConfig, *, dtype: Any = np.float32) -> dict[str, Any]:
-    """The encdec parameter tree of a CTranslate2 Whisper model (fused projections split)."""
-    import jax.numpy as jnp
+def whisper_params(ct2: Ct2File, cfg: ModelConfig, *, dtype: Any = np.float32, mesh=None) -> dict[str, Any]:
+    """The encdec parameter tree of a CTranslate2 Whisper model (fused projections split); ``mesh``:
+    placed on it as read (:func:`encdec.sharding.place_param`)."""
+    from encdec.sharding import place_param
 
     D, N, H = cfg.d_model, cfg.decoder_heads, cfg.head_dim
     used: set[str] = set()
@@ -267,7 +268,7 @@ def whisper_params(ct2: Ct2File, cfg: ModelConfig, *, dtype: Any = np.float32) -
         return array
 
     def put(path: tuple, array: np.ndarray) -> None:
-        set_path(params, path, jnp.asarray(array, dtype=dtype))
+        set_path(params, path, place_param(path, array, dtype, mesh))
 
     def norm(ct2_name: str, path: tuple) -> None:
         put((*path, "scale"), get(f"{ct2_name}/gamma", (D,)))
@@ -325,7 +326,9 @@ def whisper_params(ct2: Ct2File, cfg: ModelConfig, *, dtype: Any = np.float32) -
     return params
 
 
-def load_ct2_whisper(path: str | Path, *, dtype: Any = np.float32) -> tuple[ModelConfig, dict[str, Any]]:
+def load_ct2_whisper(
+    path: str | Path, *, dtype: Any = np.float32, mesh=None
+) -> tuple[ModelConfig, dict[str, Any]]:
     """Config and parameters of a CTranslate2 / faster-whisper model directory."""
     path = Path(path)
     vocabulary = read_vocabulary(path)
@@ -335,4 +338,4 @@ def load_ct2_whisper(path: str | Path, *, dtype: Any = np.float32) -> tuple[Mode
         raise CheckpointError(
             f"{path}'s vocabulary has {len(vocabulary)} tokens, the model's embeddings {cfg.vocab_size}"
         )
-    return cfg, whisper_params(ct2, cfg, dtype=dtype)
+    return cfg, whisper_params(ct2, cfg, dtype=dtype, mesh=mesh)

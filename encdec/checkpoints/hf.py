@@ -318,9 +318,15 @@ def _canonical(name: str) -> str:
     return name[len("model.") :] if name.startswith("model.") else name
 
 
-def load_params(path: str | Path, cfg: ModelConfig, *, dtype: Any = np.float32) -> dict[str, Any]:
-    """Read and check every tensor; return the encdec tree as ``jax.Array``s of ``dtype``."""
-    import jax.numpy as jnp
+def load_params(
+    path: str | Path, cfg: ModelConfig, *, dtype: Any = np.float32, mesh=None
+) -> dict[str, Any]:
+    """Read and check every tensor; return the encdec tree as ``jax.Array``s of ``dtype``.
+
+    ``mesh``: place each tensor by :mod:`encdec.sharding`'s rules as it is read, each device
+    receiving only its block (host memory still holds one tensor at a time).
+    """
+    from encdec.sharding import place_param
 
     path = Path(path)
     specs = tensor_specs(cfg)
@@ -347,18 +353,19 @@ def load_params(path: str | Path, cfg: ModelConfig, *, dtype: Any = np.float32) 
                 f"tensor {raw_name!r} has shape {tuple(array.shape)}, "
                 f"expected {spec.hf_shape} from the config"
             )
-        set_path(params, spec.path, jnp.asarray(spec.layout(array), dtype=dtype))
+        set_path(params, spec.path, place_param(spec.path, spec.layout(array), dtype, mesh))
         found.add(name)
     for name, spec in specs.items():
         if spec.if_absent == "zeros" and name not in found:
-            set_path(params, spec.path, jnp.asarray(spec.layout(np.zeros(spec.hf_shape)), dtype=dtype))
+            zeros = spec.layout(np.zeros(spec.hf_shape))
+            set_path(params, spec.path, place_param(spec.path, zeros, dtype, mesh))
     missing = [n for n, spec in specs.items() if n not in found and spec.if_absent == "error"]
     if missing:
         shown = ", ".join(f"{n} {specs[n].hf_shape}" for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint {path} is missing tensor(s): {shown}{more}")
     _settle_embeddings(params, path)
-    add_position_tables(params, cfg, dtype)
+    add_position_tables(params, cfg, dtype, mesh=mesh)
     return params
 
 
@@ -381,9 +388,12 @@ def _settle_embeddings(params: dict[str, Any], path: Path) -> None:
             del stack["embedding_VD"]
 
 
-def add_position_tables(params: dict[str, Any], cfg: ModelConfig, dtype: Any = np.float32) -> None:
-    """Put the computed (sinusoidal) position tables in ``params``; checkpoints do not hold them."""
-    import jax.numpy as jnp
+def add_position_tables(
+    params: dict[str, Any], cfg: ModelConfig, dtype: Any = np.float32, *, mesh=None
+) -> None:
+    """Put the computed (sinusoidal) position tables in ``params``; checkpoints do not hold them.
+    ``mesh``: placed on it by :mod:`encdec.sharding`'s rules (replicated), like the read tensors."""
+    from encdec.sharding import place_param
 
     if cfg.position == "sinusoidal":
         table = sinusoidal_table(cfg.max_positions, cfg.d_model)
@@ -391,7 +401,7 @@ def add_position_tables(params: dict[str, Any], cfg: ModelConfig, dtype: Any = n
         table = padded_sinusoidal_table(cfg.max_positions, cfg.d_model, cfg.pad_token_id)
     else:
         return
-    table = jnp.asarray(table, dtype=dtype)
+    table = place_param(("pos_embedding_KD",), table, dtype, mesh)
     params["encoder"]["pos_embedding_KD"] = table
     params["decoder"]["pos_embedding_KD"] = table
 

@@ -34,17 +34,19 @@ def resolve_dtype(dtype: Any) -> Any:
     return jnp.dtype(dtype).type
 
 
-def load_pretrained(path: str | Path, dtype: Any = "float32", *, tokenizer: bool = True) -> Model:
+def load_pretrained(path: str | Path, dtype: Any = "float32", *, tokenizer: bool = True, mesh=None) -> Model:
     """Load a Hugging Face-layout directory (``config.json`` + weights + optional tokenizer).
 
     A directory with a ``model.bin`` is read as a CTranslate2 model (Whisper only; see
-    ``encdec.checkpoints.ctranslate2``).
+    ``encdec.checkpoints.ctranslate2``). ``mesh``: a ``jax.sharding.Mesh`` (axes ``data`` and
+    ``model``, :func:`encdec.sharding.make_mesh`); each tensor goes straight to its devices, split
+    by :mod:`encdec.sharding`'s rules, so no device ever holds the whole model.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
     if (path / "model.bin").exists():
-        return _load_ctranslate2(path, resolve_dtype(dtype), tokenizer)
+        return _load_ctranslate2(path, resolve_dtype(dtype), tokenizer, mesh)
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json")
@@ -61,7 +63,7 @@ def load_pretrained(path: str | Path, dtype: Any = "float32", *, tokenizer: bool
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{config_file} is not a usable model config: {type(e).__name__}: {e}") from e
     dtype = resolve_dtype(dtype)
-    params = load_params(path, cfg, dtype=dtype)
+    params = load_params(path, cfg, dtype=dtype, mesh=mesh)
     tok = load_tokenizer(path) if tokenizer else None
     return Model(config=cfg, params=params, tokenizer=tok, dtype=dtype, path=path)
 
@@ -78,10 +80,10 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _load_ctranslate2(path: Path, dtype: Any, tokenizer: bool) -> Model:
+def _load_ctranslate2(path: Path, dtype: Any, tokenizer: bool, mesh) -> Model:
     from encdec.checkpoints.ctranslate2 import load_ct2_whisper
 
-    cfg, params = load_ct2_whisper(path, dtype=dtype)
+    cfg, params = load_ct2_whisper(path, dtype=dtype, mesh=mesh)
     tok = None
     if tokenizer and (path / "tokenizer.json").exists():
         from transformers import PreTrainedTokenizerFast

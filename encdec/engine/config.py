@@ -90,7 +90,8 @@ class EngineConfig:
     sequences in the same memory when requests stop early."""
     kv_reserve_pages: int | None = rule(Int(0, optional=True), None)
     """``incremental``: self pages a new request must leave free for the running ones to grow
-    into (besides their next dispatch's). None: one per slot."""
+    into (besides their next dispatch's). None: one per slot. Over data shards (``mesh_shape``),
+    a total: each shard keeps its share (rounded up) in its own pool."""
     cross_kv_reuse: bool = rule(OneOf((True, False)), True)
     """Requests with the same encoder input and adapter share one copy of the cross K/V and
     skip the encoder (many prompts on one document, retries of one audio window)."""
@@ -102,6 +103,11 @@ class EngineConfig:
     """Truncate inputs longer than ``max_encoder_len`` instead of rejecting them."""
     cache_dtype: str | None = rule(OneOf((None, "float32", "bfloat16", "float16")), None)
     """KV cache dtype; None: float32 on CPU (XLA:CPU scatters into bfloat16 slowly), else the model's."""
+    mesh_shape: tuple[int, int] | None = rule(Ints(Int(1), length=2, optional=True), None)
+    """``(data, model)``: run over a device mesh of that shape (:mod:`encdec.sharding`): heads, MLP
+    and vocabulary split over ``model`` (tensor parallel), slots, encoder rows and pages over
+    ``data``; ``num_slots`` must be a multiple of ``data``, and page counts and
+    ``memory_budget_bytes`` are totals over the data shards. None: one device, no sharding."""
 
     def __post_init__(self):
         try:

@@ -43,6 +43,9 @@ class CrossCache:
     def idle_pages(self) -> int:
         return sum(len(e.pages) for e in self._idle.values())
 
+    def reset_counts(self) -> None:
+        self.lookups = self.hits = 0
+
     def find(self, key: Hashable | None) -> CrossEntry | None:
         """The entry a request with ``key`` would share, if any (no change)."""
         if key is None:

@@ -43,11 +43,13 @@ from encdec.engine.request import (
     group_width,
 )
 from encdec.engine.scheduler import Admission, NeverFits, PageGrant, Scheduler, SeqSpec
+from encdec.engine.sharded import sharded_state, sharded_steps
 from encdec.engine.slots import SlotParams, SlotShape, init_state, slot_row, stack_rows
 from encdec.engine.stats import Counters, EngineStats
 from encdec.engine.steps import FINISHED_BIT, FORCED_BIT, StepResults, jitted_steps
 from encdec.engine.stream import TokenStream
 from encdec.lora.bank import AdapterBank, gather_rows
+from encdec.sharding import DATA, axis_size, check_mesh, make_mesh, shard_params, to_host
 
 
 @dataclasses.dataclass
@@ -86,6 +88,11 @@ class Engine:
 
     ``frontend`` turns requests into encoder inputs (default :class:`TextFrontEnd`; Whisper's is
     ``encdec.whisper.WhisperFrontEnd``, see ``encdec.whisper.whisper_engine``).
+
+    ``mesh`` (or ``EngineConfig.mesh_shape``): a ``(data, model)`` device mesh
+    (:func:`encdec.sharding.make_mesh`) to run over; see :mod:`encdec.sharding`. The engine then
+    holds its own split copy of parameters not loaded onto that mesh (``load_pretrained(...,
+    mesh=)`` avoids the copy), and splits an adapter bank in place.
     """
 
     def __init__(
@@ -95,9 +102,16 @@ class Engine:
         *,
         frontend: FrontEnd | None = None,
         adapters: AdapterBank | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         self.model = model
         self.config = config = config or EngineConfig()
+        if mesh is None and config.mesh_shape is not None:
+            mesh = make_mesh(config.mesh_shape)
+        if mesh is not None:
+            check_mesh(mesh, config.mesh_shape)
+        self.mesh = mesh
+        self.data_shards = axis_size(mesh, DATA)
         self.frontend = frontend = frontend or TextFrontEnd(model)
         self.adapters = adapters
         cfg = model.config
@@ -118,20 +132,21 @@ class Engine:
             # A resumed request replays its tokens as a longer prefix.
             prefix=self.max_prefix + (config.max_new_tokens if config.kv_allocation == "incremental" else 0),
             suppress=config.max_suppress_tokens,
-            group=min(config.max_num_beams, config.num_slots),
+            group=min(config.max_num_beams, config.num_slots // self.data_shards),
             max_new=config.max_new_tokens,
             top_logprobs=config.max_logprobs,
         )
         on_cpu = jax.default_backend() == "cpu"
         cache_dtype = config.cache_dtype or ("float32" if on_cpu else jnp.dtype(model.dtype).name)
         self.pool_config = self._pool_config(cache_dtype)
+        D = self.data_shards
         self.scheduler = Scheduler(
             config,
-            num_self_pages=self.pool_config.num_self_pages,
-            num_cross_pages=self.pool_config.num_cross_pages,
+            num_self_pages=self.pool_config.num_self_pages // D,
+            num_cross_pages=self.pool_config.num_cross_pages // D,
+            data_shards=D,
         )
-        self.state = init_state(init_pools(self.pool_config), config.num_slots, self.slot_shape)
-        steps = jitted_steps(
+        step_args = (
             cfg,
             jnp.dtype(model.dtype).name,
             config.steps_per_dispatch,
@@ -141,6 +156,16 @@ class Engine:
             frontend.logits_processor,
             None if adapters is None else gather_rows,
         )
+        if mesh is None:
+            self.params = model.params
+            self.state = init_state(init_pools(self.pool_config), config.num_slots, self.slot_shape)
+            steps = jitted_steps(*step_args)
+        else:  # the same steps per data shard, tensor parallel inside (encdec.engine.sharded)
+            self.params = shard_params(model.params, mesh)
+            if adapters is not None:
+                adapters.shard(mesh)
+            self.state = sharded_state(self.pool_config, config.num_slots, self.slot_shape, mesh)
+            steps = sharded_steps(mesh, cfg.decoder_heads, *step_args)
         self._encode, self._insert, self._decode, self._release, self._grant = steps
         self._grant_width = config.num_slots * (config.steps_per_dispatch // G + 2)
         self._lock = threading.RLock()
@@ -150,21 +175,33 @@ class Engine:
         self.reset_stats()
 
     def _pool_config(self, dtype: str) -> PoolConfig:
-        c, cfg, shape = self.config, self.model.config, self.slot_shape
+        """Both pools; with data shards, each shard's block gets an equal whole share (its own
+        sentinel included), so the totals are rounded down to a multiple of the shard count."""
+        c, cfg, shape, D = self.config, self.model.config, self.slot_shape, self.data_shards
         if c.num_self_pages is None and c.num_cross_pages is None and c.memory_budget_bytes is not None:
-            return PoolConfig.from_budget(
+            pools = PoolConfig.from_budget(
                 cfg,
                 memory_bytes=c.memory_budget_bytes,
                 page_size=c.page_size,
                 cross_kv_fraction=c.cross_kv_fraction,
                 dtype=dtype,
             )
-        num_self, num_cross = c.num_self_pages, c.num_cross_pages  # None: every slot at its longest
+            num_self, num_cross = pools.num_self_pages, pools.num_cross_pages
+        else:
+            num_self, num_cross = c.num_self_pages, c.num_cross_pages  # None: every slot at its longest
+            slots = c.num_slots // D
+            num_self = D * (slots * shape.self_pages + 1) if num_self is None else num_self
+            num_cross = D * (slots * shape.cross_pages + 1) if num_cross is None else num_cross
+        if D > 1 and min(num_self, num_cross) < 2 * D:
+            raise ValueError(
+                f"{num_self} self and {num_cross} cross pages cannot give each of {D} data shards "
+                "a sentinel page and one more"
+            )
         return PoolConfig.from_pages(
             cfg,
             page_size=c.page_size,
-            num_self_pages=c.num_slots * shape.self_pages + 1 if num_self is None else num_self,
-            num_cross_pages=c.num_slots * shape.cross_pages + 1 if num_cross is None else num_cross,
+            num_self_pages=num_self // D * D,
+            num_cross_pages=num_cross // D * D,
             dtype=dtype,
         )
 
@@ -400,18 +437,18 @@ class Engine:
                 for rows in [*sizes, limit]:
                     self._run_encode(bucket, rows, [], [])  # padding rows only: writes nothing
             if c.cross_kv_reuse:  # starts that share cross pages, padding rows only
-                size = 1
+                size, most = 1, self.scheduler.shards.slots_per_shard
                 while True:
                     slot_bK, pages_bKM = self._slot_arrays(size, ())
-                    rows = jax.tree.map(jnp.asarray, stack_rows([], size, self.slot_shape))
+                    rows = self._stack_rows(size, [], ())
                     self.state = self._insert(self.state, jnp.asarray(slot_bK), jnp.asarray(pages_bKM), rows)
-                    if size >= c.num_slots:
+                    if size >= most:
                         break
-                    size = min(2 * size, c.num_slots)
+                    size = min(2 * size, most)
             if c.kv_allocation == "incremental":
                 self._grant_pages(())
             self.state, results = self._decode(
-                self.model.params, self.state, np.int32(c.steps_per_dispatch), **self._decode_args()
+                self.params, self.state, np.int32(c.steps_per_dispatch), **self._decode_args()
             )
             self.state = self._release(self.state, jnp.zeros((c.num_slots,), bool))
             jax.block_until_ready(results)
@@ -439,7 +476,7 @@ class Engine:
             self._counters = Counters(self.config.num_slots)
             self.scheduler.reset_peaks()
             self.scheduler.preemptions = 0
-            self.scheduler.cross_cache.lookups = self.scheduler.cross_cache.hits = 0
+            self.scheduler.cross_cache.reset_counts()
 
     def stats(self) -> EngineStats:
         """Counters since :meth:`reset_stats`, cache and request figures now."""
@@ -493,7 +530,7 @@ class Engine:
             previous, self._pending = self._pending, None
             if plan.num_steps:
                 self.state, results = self._decode(
-                    self.model.params, self.state, np.int32(plan.num_steps), **self._decode_args()
+                    self.params, self.state, np.int32(plan.num_steps), **self._decode_args()
                 )
                 self._pending = (results, plan.owners)
                 busy = sum(rid is not None for rid in plan.owners)
@@ -551,49 +588,71 @@ class Engine:
                 continue
             bucket = next(b for b in self.encoder_buckets if b >= tracked.prepared.encoder_len)
             by_bucket[bucket].append((tracked, a))
-        failed: set[tuple[int, ...]] = set()
+        failed: set[tuple[int, tuple[int, ...]]] = set()
         for bucket, group in sorted(by_bucket.items()):
             limit = self.config.encoder_batch_rows(bucket)
-            for i in range(0, len(group), limit):
-                failed |= self._encode_group(bucket, group[i : i + limit])
+            # Each data shard encodes its own requests: a batch holds up to ``limit`` of each.
+            by_shard = collections.defaultdict(list)
+            for item in group:
+                by_shard[self._shard_of(item[1])].append(item)
+            for i in range(0, max(map(len, by_shard.values())), limit):
+                batch = [x for d in sorted(by_shard) for x in by_shard[d][i : i + limit]]
+                failed |= self._encode_group(bucket, batch)
         if shared:
             self._insert_shared(shared, failed)
 
-    def _insert_shared(self, shared: list[tuple[_Tracked, Admission]], failed: set[tuple[int, ...]]) -> None:
+    def _shard_of(self, a: Admission) -> int:
+        return self.scheduler.shards.shard_of(a.slots[0])
+
+    def _rows_per_shard(self, admitted: Sequence[Admission], limit: int) -> int:
+        """Rows per data shard of a batch of ``admitted``: the busiest shard's count rounded up to
+        a power of two (capped), so a lone refill does not pay for a full batch and each batch
+        kind compiles at most log2(limit) + 1 variants."""
+        most = max(collections.Counter(map(self._shard_of, admitted)).values())
+        return min(limit, 1 << (most - 1).bit_length())
+
+    def _insert_shared(
+        self, shared: list[tuple[_Tracked, Admission]], failed: set[tuple[int, tuple[int, ...]]]
+    ) -> None:
         """Start requests whose cross pages an earlier request's encode wrote (or failed to)."""
-        for tracked, _ in [(t, a) for t, a in shared if a.cross_pages in failed]:
+
+        def entry(a: Admission) -> tuple[int, tuple[int, ...]]:
+            return self._shard_of(a), a.cross_pages
+
+        for tracked, _ in [(t, a) for t, a in shared if entry(a) in failed]:
             self._finish(tracked, "error", error="encoding failed for a request with the same input")
-        live = [(t, a) for t, a in shared if a.cross_pages not in failed]
+        live = [(t, a) for t, a in shared if entry(a) not in failed]
         if not live:
             return
-        size = min(self.config.num_slots, 1 << (len(live) - 1).bit_length())
-        slot_bK, pages_bKM = self._slot_arrays(size, [a for _, a in live])
-        rows = stack_rows([self._slot_row(t, a) for t, a in live], size, self.slot_shape)
-        rows = jax.tree.map(jnp.asarray, rows)
+        admitted = [a for _, a in live]
+        size = self._rows_per_shard(admitted, self.scheduler.shards.slots_per_shard)
+        slot_bK, pages_bKM = self._slot_arrays(size, admitted)
+        rows = self._stack_rows(size, [self._slot_row(t, a) for t, a in live], admitted)
         self.state = self._insert(self.state, jnp.asarray(slot_bK), jnp.asarray(pages_bKM), rows)
         self._counters.shared_starts += len(live)
         if self.config.kv_allocation != "incremental":
             for tracked, _ in live:
                 tracked.prepared.inputs = None
 
-    def _encode_group(self, bucket: int, group: list[tuple[_Tracked, Admission]]) -> set[tuple[int, ...]]:
+    def _encode_group(
+        self, bucket: int, group: list[tuple[_Tracked, Admission]]
+    ) -> set[tuple[int, tuple[int, ...]]]:
         """Encode one batch; if it fails, each request alone, so one bad request fails alone.
-        Returns the cross pages of the requests whose encode failed."""
+        Returns the (data shard, cross pages) of the requests whose encode failed."""
         try:
             rows = [self._slot_row(t, a) for t, a in group]
-            # Power-of-two row counts (capped): a lone refill does not pay for a full batch, and
-            # each bucket compiles at most log2(limit) + 1 variants.
-            size = min(self.config.encoder_batch_rows(bucket), 1 << (len(group) - 1).bit_length())
-            self._run_encode(bucket, size, [t.prepared.inputs for t, _ in group], rows, [a for _, a in group])
+            admitted = [a for _, a in group]
+            size = self._rows_per_shard(admitted, self.config.encoder_batch_rows(bucket))
+            self._run_encode(bucket, size, [t.prepared.inputs for t, _ in group], rows, admitted)
         except Exception as e:  # noqa: BLE001 - isolate the request that caused it
             if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.state)):
                 raise RuntimeError("the engine's device state was lost in a failed encode") from e
             if len(group) > 1:
                 return set().union(*(self._encode_group(bucket, [item]) for item in group))
             tracked, a = group[0]
-            self.scheduler.cross_cache.forget_entry_of(a.cross_pages)
+            self.scheduler.forget_cross(a)
             self._finish(tracked, "error", error=f"encoding failed: {type(e).__name__}: {e}")
-            return {a.cross_pages}
+            return {(self._shard_of(a), a.cross_pages)}
         if self.config.kv_allocation != "incremental":  # else kept: a preempted request re-encodes
             for tracked, _ in group:
                 tracked.prepared.inputs = None  # the cross pages hold what the decoder needs now
@@ -616,16 +675,32 @@ class Engine:
             gen_start=len(prepared.prefix),
         )
 
+    def _by_shard(self, admitted: Sequence[Admission]) -> list[list[int]]:
+        """Indices into ``admitted`` of each data shard's requests, in order."""
+        D = self.scheduler.shards.num_shards
+        return [[r for r, a in enumerate(admitted) if self._shard_of(a) == d] for d in range(D)]
+
     def _slot_arrays(self, size: int, admitted: Sequence[Admission]) -> tuple[np.ndarray, np.ndarray]:
-        """Each request's slots and each slot's own self pages, ``size`` rows (padding: no slot)."""
-        shape = self.slot_shape
-        slot_bK = np.full((size, shape.group), self.config.num_slots, np.int32)
-        pages_bKM = np.zeros((size, shape.group, shape.self_pages), np.int32)
-        for r, a in enumerate(admitted):
-            slot_bK[r, : len(a.slots)] = a.slots
-            for j, pages in enumerate(a.self_pages):
-                pages_bKM[r, j, : len(pages)] = pages
+        """Each request's slots and each slot's own self pages, ``size`` rows per data shard: shard
+        ``d``'s requests (in order) fill rows ``d * size ..`` with slot ids local to the shard (page
+        ids are already); the rest is padding (no slot)."""
+        shape, shards = self.slot_shape, self.scheduler.shards
+        D = shards.num_shards
+        slot_bK = np.full((D * size, shape.group), shards.slots_per_shard, np.int32)
+        pages_bKM = np.zeros((D * size, shape.group, shape.self_pages), np.int32)
+        for d, rs in enumerate(self._by_shard(admitted)):
+            for i, r in enumerate(rs):
+                a = admitted[r]
+                slot_bK[d * size + i, : len(a.slots)] = [shards.local_slot(s) for s in a.slots]
+                for j, pages in enumerate(a.self_pages):
+                    pages_bKM[d * size + i, j, : len(pages)] = pages
         return slot_bK, pages_bKM
+
+    def _stack_rows(self, size: int, rows: list[SlotParams], admitted: Sequence[Admission]) -> SlotParams:
+        """``rows`` (one per admitted request) laid out as :meth:`_slot_arrays` lays out slots."""
+        shape = self.slot_shape
+        stacked = [stack_rows([rows[r] for r in rs], size, shape) for rs in self._by_shard(admitted)]
+        return jax.tree.map(lambda *x: jnp.asarray(np.concatenate(x)), *stacked)
 
     def _run_encode(
         self,
@@ -635,18 +710,22 @@ class Engine:
         rows: list[SlotParams],
         admitted: Sequence[Admission] = (),
     ) -> None:
-        batch = self.frontend.encoder_batch(bucket, size, inputs)
+        """One encoder batch of ``size`` rows per data shard, laid out as :meth:`_slot_arrays`."""
+        mine = self._by_shard(admitted)
+        batch = np.concatenate(
+            [self.frontend.encoder_batch(bucket, size, [inputs[r] for r in rs]) for rs in mine]
+        )
         slot_bK, pages_bKM = self._slot_arrays(size, admitted)
-        params_b = jax.tree.map(jnp.asarray, stack_rows(rows, size, self.slot_shape))
+        params_b = self._stack_rows(size, rows, admitted)
         bank = {} if self.adapters is None else {"lora_bank": self.adapters.stacked}
         self.state = self._encode(
-            self.model.params, self.state, jnp.asarray(batch), jnp.asarray(slot_bK), jnp.asarray(pages_bKM),
+            self.params, self.state, jnp.asarray(batch), jnp.asarray(slot_bK), jnp.asarray(pages_bKM),
             params_b, **bank,
         )
         self._counters.encode_batches += 1
 
     def _read(self, results: StepResults, owners: tuple[int | None, ...]) -> None:
-        res = jax.device_get(results)
+        res = to_host(results)
         now = time.perf_counter()
         eos = self.model.config.eos_token_id
         for s, step_row in enumerate(res.tokens_SB):

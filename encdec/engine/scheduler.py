@@ -24,6 +24,9 @@ Policy:
   running request is never preempted for a younger one, so nothing starves.
 - **Cross pages** (:mod:`encdec.engine.cross_cache`): shared between requests with the same
   encoder input (no second encode), and kept idle after use until the pool needs them.
+- **Data shards** (:mod:`encdec.engine.data_shards`): over a mesh with ``D`` data shards each
+  shard has its own slots, self and cross allocators and cross cache; a request starts, grows
+  and is preempted within one shard, and the reserve and preemption rules above apply per shard.
 - **Encoder budget** (``EngineConfig.encoder_budget``): while slots are decoding, at most that
   many padded encoder tokens are admitted per round (always at least one request).
 - **Dispatch length**: ``steps_per_dispatch``, cut where the longest remaining budget ends and,
@@ -40,9 +43,10 @@ import dataclasses
 import itertools
 from collections.abc import Hashable, Iterator
 
-from encdec.cache.allocator import PageAllocator, pages_for
+from encdec.cache.allocator import pages_for
 from encdec.engine.config import EngineConfig
-from encdec.engine.cross_cache import CrossCache, CrossEntry
+from encdec.engine.cross_cache import CrossEntry
+from encdec.engine.data_shards import DataShards
 
 
 class NeverFits(ValueError):
@@ -83,7 +87,8 @@ class Admission:
 
 @dataclasses.dataclass(frozen=True)
 class PageGrant:
-    """A self page a running slot gains before the dispatch: entry ``index`` of its table."""
+    """A self page a running slot gains before the dispatch: entry ``index`` of its table
+    (``page``: an id in the slot's data shard's block)."""
 
     slot: int
     index: int
@@ -114,6 +119,8 @@ class _Running:
     slots: tuple[int, ...]
     self_pages: list[list[int]]
     cross: CrossEntry
+    shard: int
+    """The data shard holding its slots and pages."""
     order: int
     """Admission order (preemption takes the latest first)."""
     steps_dispatched: int = 0
@@ -132,11 +139,22 @@ class _Running:
 class Scheduler:
     """Slots, both page allocators and the request queue of one engine (see the module doc)."""
 
-    def __init__(self, config: EngineConfig, *, num_self_pages: int, num_cross_pages: int):
+    def __init__(
+        self, config: EngineConfig, *, num_self_pages: int, num_cross_pages: int, data_shards: int = 1
+    ):
+        """``num_*_pages``: each data shard's pages (its pool block, sentinel included)."""
         self.config = config
-        self.self_alloc = PageAllocator(num_self_pages)
-        self.cross_alloc = PageAllocator(num_cross_pages)
-        self.cross_cache = CrossCache(self.cross_alloc, config.cross_cache_pages)
+        self.shards = DataShards(
+            config.num_slots,
+            data_shards,
+            self_pages_per_shard=num_self_pages,
+            cross_pages_per_shard=num_cross_pages,
+            cross_cache_pages=config.cross_cache_pages,
+        )
+        # With one shard, its allocators and cache; with several, views summing over the shards.
+        self.self_alloc = self.shards.self_alloc
+        self.cross_alloc = self.shards.cross_alloc
+        self.cross_cache = self.shards.cross_cache
         self.slots: list[int | None] = [None] * config.num_slots
         self._queue: collections.deque[SeqSpec] = collections.deque()
         self._queued_ids: set[int] = set()
@@ -160,12 +178,15 @@ class Scheduler:
         """Queue a request (``front``: a preempted one, ahead of the rest); :class:`NeverFits` if
         it needs more slots or pages than there are."""
         need_self, need_cross = self.pages_needed(spec)
-        if spec.width > len(self.slots):
-            raise NeverFits(f"request needs {spec.width} slots; the engine has {len(self.slots)}")
-        if need_self * spec.width > self.self_alloc.capacity or need_cross > self.cross_alloc.capacity:
+        shards = self.shards
+        if spec.width > shards.slots_per_shard:
+            where = "the engine" if shards.num_shards == 1 else "a data shard"
+            raise NeverFits(f"request needs {spec.width} slots; {where} has {shards.slots_per_shard}")
+        if need_self * spec.width > shards.self_capacity or need_cross > shards.cross_capacity:
+            where = "the cache has" if shards.num_shards == 1 else "a data shard's cache has"
             raise NeverFits(
-                f"request needs {need_self * spec.width} self and {need_cross} cross pages; the cache has "
-                f"{self.self_alloc.capacity} and {self.cross_alloc.capacity}: it can never fit"
+                f"request needs {need_self * spec.width} self and {need_cross} cross pages; {where} "
+                f"{shards.self_capacity} and {shards.cross_capacity}: it can never fit"
             )
         if spec.rid in self._running or spec.rid in self._queued_ids:
             raise ValueError(f"request {spec.rid} is already scheduled")
@@ -232,22 +253,26 @@ class Scheduler:
     def _growth(self, run: _Running, steps: int) -> int:
         return sum(max(0, self._pages_for_steps(run, steps) - len(p)) for p in run.self_pages)
 
-    def _running_growth(self) -> int:
-        """Self pages the running requests need for a full dispatch."""
+    def _running_growth(self, shard: int) -> int:
+        """Self pages the shard's running requests need for a full dispatch."""
         steps = self.config.steps_per_dispatch
-        return sum(self._growth(r, steps) for r in self._running.values() if not r.draining)
+        return sum(
+            self._growth(r, steps) for r in self._running.values() if not r.draining and r.shard == shard
+        )
 
     def _make_room(self) -> tuple[int, ...]:
-        """Preempt the latest-admitted requests until the others' next dispatch fits."""
+        """Preempt the latest-admitted requests of each data shard until the others' next
+        dispatch fits in the shard's self pages."""
         preempted = []
-        while self._running_growth() > self.self_alloc.num_free:
-            live = [r for r in self._running.values() if not r.draining]
-            if len(live) <= 1:
-                break  # alone, a request always fits (``add`` checked its whole budget)
-            victim = max(live, key=lambda r: r.order)
-            del self._running[victim.spec.rid]
-            self._release(victim)
-            preempted.append(victim)
+        for d, alloc in enumerate(self.shards.self_allocs):
+            while self._running_growth(d) > alloc.num_free:
+                live = [r for r in self._running.values() if not r.draining and r.shard == d]
+                if len(live) <= 1:
+                    break  # alone, a request always fits (``add`` checked its whole budget)
+                victim = max(live, key=lambda r: r.order)
+                del self._running[victim.spec.rid]
+                self._release(victim)
+                preempted.append(victim)
         for victim in sorted(preempted, key=lambda r: -r.order):
             self.add(victim.spec, front=True)  # the earliest of them ends up first
         self.preemptions += len(preempted)
@@ -257,8 +282,9 @@ class Scheduler:
         grants = []
         for run in holders:
             need = self._pages_for_steps(run, steps)
+            alloc = self.shards.self_allocs[run.shard]
             for slot, pages in zip(run.slots, run.self_pages, strict=True):
-                new = self.self_alloc.allocate(max(0, need - len(pages)))
+                new = alloc.allocate(max(0, need - len(pages)))
                 assert new is not None, "room was made for every running request's next dispatch"
                 grants.extend(PageGrant(slot, len(pages) + i, p) for i, p in enumerate(new))
                 pages.extend(new)
@@ -272,36 +298,43 @@ class Scheduler:
             return ()
         budgeted = c.mode == "inflight" and len(free) < c.num_slots
         budget = c.encoder_budget
-        reserve = self._running_growth() + c.self_reserve_pages if self.incremental else 0
+        shards = self.shards
+        # Self pages each shard keeps free for its running requests to grow into (none while it
+        # runs nothing: alone, a request always fits); ``kv_reserve_pages`` is a total, like the
+        # page counts, and each shard keeps its share.
+        share = -(-c.self_reserve_pages // shards.num_shards)
+        reserve = [
+            self._running_growth(d) + share if self.incremental else 0 for d in range(shards.num_shards)
+        ]
+        busy = {r.shard for r in self._running.values()}
         admitted: list[Admission] = []
-        while self._queue and len(free) >= self._queue[0].width:
+        while self._queue:
             spec = self._queue[0]
             if spec.rid in preempted:
                 break  # its last dispatch's tokens are read after this round: resume it next round
             need_self, need_cross = self.pages_needed(spec)
             if self.incremental:
                 need_self = pages_for(min(c.steps_per_dispatch, spec.decode_steps), c.page_size)
-            shared = self.cross_cache.find(spec.input_key) is not None
+            keep = [reserve[d] if d in busy else 0 for d in range(shards.num_shards)]
+            key, width = spec.input_key, spec.width
+            chosen = shards.choose(self.slots, width, need_self * width, keep, key, need_cross)
+            if chosen is None:
+                break
+            d, shared = chosen
             if budgeted and admitted and not shared and spec.bucket > budget:
                 break
-            alone = not self._running
-            if self.self_alloc.num_free - need_self * spec.width < (0 if alone else reserve):
-                break
-            if not self.cross_cache.can_acquire(spec.input_key, need_cross):
-                break
-            self_pages = self.self_alloc.allocate(need_self * spec.width)
-            if self_pages is None:
-                break
-            cross, hit = self.cross_cache.acquire(spec.input_key, need_cross)
+            self_pages = shards.self_allocs[d].allocate(need_self * spec.width)
+            cross, hit = shards.cross_caches[d].acquire(spec.input_key, need_cross)
             self._queue.popleft()
             self._queued_ids.discard(spec.rid)
             if budgeted and not hit:
                 budget -= spec.bucket
-            slots, free = tuple(free[: spec.width]), free[spec.width :]
+            slots = tuple(shards.free_slots(self.slots, d)[: spec.width])
             per_slot = [self_pages[i * need_self : (i + 1) * need_self] for i in range(spec.width)]
             for slot in slots:
                 self.slots[slot] = spec.rid
-            self._running[spec.rid] = _Running(spec, slots, per_slot, cross, next(self._order))
+            busy.add(d)
+            self._running[spec.rid] = _Running(spec, slots, per_slot, cross, d, next(self._order))
             admitted.append(
                 Admission(spec.rid, slots, tuple(map(tuple, per_slot)), cross.pages, encode=not hit)
             )
@@ -313,8 +346,13 @@ class Scheduler:
     def _release(self, run: _Running) -> None:
         for slot, pages in zip(run.slots, run.self_pages, strict=True):
             self.slots[slot] = None
-            self.self_alloc.free(pages)
-        self.cross_cache.release(run.cross)
+            self.shards.self_allocs[run.shard].free(pages)
+        self.shards.cross_caches[run.shard].release(run.cross)
+
+    def forget_cross(self, admission: Admission) -> None:
+        """Never share an admitted request's cross entry again (its encode failed)."""
+        shard = self.shards.shard_of(admission.slots[0])
+        self.shards.cross_caches[shard].forget_entry_of(admission.cross_pages)
 
     # ---- what is where ---------------------------------------------------------------------------
 

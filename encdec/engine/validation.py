@@ -136,11 +136,19 @@ class Ints:
     """A sequence of integers, each checked by ``item`` (config lists such as bucket lengths)."""
 
     item: Int
+    length: int | None = None
+    """Exactly this many integers (None: any number)."""
+    optional: bool = False
 
-    def check(self, field: str, value: Any) -> tuple[int, ...]:
+    def check(self, field: str, value: Any) -> tuple[int, ...] | None:
+        if value is None and self.optional:
+            return None
         if isinstance(value, str | bytes) or not isinstance(value, Iterable):
             raise FieldError(field, f"must be a sequence of integers, got {_show(value)}")
-        return tuple(self.item.check(f"{field}[{i}]", v) for i, v in enumerate(value))
+        out = tuple(self.item.check(f"{field}[{i}]", v) for i, v in enumerate(value))
+        if self.length is not None and len(out) != self.length:
+            raise FieldError(field, f"must hold {self.length} integers, got {len(out)}")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

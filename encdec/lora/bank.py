@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from encdec.config import ModelConfig
 from encdec.lora.adapters import (
@@ -30,6 +32,7 @@ from encdec.lora.adapters import (
     rank_of,
     target_sites,
 )
+from encdec.sharding import adapter_shardings
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -72,6 +75,8 @@ class AdapterBank:
             }
         self.stacked = build_tree(entries, params)
         self._row_of: dict[str, int] = {}
+        self._mesh: Mesh | None = None
+        self._shardings = None
 
     # ---- bookkeeping ---------------------------------------------------------------------------
 
@@ -151,7 +156,17 @@ class AdapterBank:
         return build_tree(entries, self.params)
 
     def _write(self, row: int, entry: Any) -> None:
+        if self._shardings is not None:  # an adapter trained on one device joins the mesh whole
+            entry = jax.device_put(entry, NamedSharding(self._mesh, P()))
         self.stacked = _write_row(self.stacked, jnp.int32(row), entry)
+        if self._shardings is not None:  # keep the bank's layout whatever XLA chose for the update
+            self.stacked = jax.device_put(self.stacked, self._shardings)
+
+    def shard(self, mesh: Mesh) -> None:
+        """Split the bank over ``mesh`` like the weights it adapts (each ``a`` takes its weight's
+        input axes, each ``b`` its output axes: an adapter on the heads of ``q`` splits by heads)."""
+        self._mesh, self._shardings = mesh, adapter_shardings(self.stacked, mesh, rows=True)
+        self.stacked = jax.device_put(self.stacked, self._shardings)
 
     # ---- reading -------------------------------------------------------------------------------
 

@@ -4,6 +4,11 @@ Only the adapter's ``a``/``b`` weights are differentiated and seen by the optimi
 parameters are a plain (non-differentiated) argument of the step, and the adapter scales are
 fixed. Gradient accumulation is a ``lax.scan`` over micro-batches inside the step, weighting
 every label token equally, so ``grad_accum=k`` with batch ``b`` equals one batch of ``k*b``.
+
+Over a ``(data, model)`` mesh (``fit(..., mesh=)``) the same step runs data and tensor parallel:
+the frozen base split over ``model`` (:func:`encdec.sharding.shard_params`), the adapter and its
+optimizer moments split like the weights they adapt, each batch's examples over ``data``
+(:func:`shard_batch`); XLA adds the gradient all-reduce over ``data``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from encdec.checkpoints.pretrained import Model
 from encdec.config import ModelConfig
@@ -25,6 +32,7 @@ from encdec.generate import reference_generate
 from encdec.lora.adapters import LoraConfig, init_lora, iter_adapters, join_trainable, split_trainable
 from encdec.lora.data import DataConfig, Example, make_batch, train_batch
 from encdec.models import decode, encode, init_dense_kv
+from encdec.sharding import DATA, adapter_shardings, shard_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +133,20 @@ def init_state(params: Mapping[str, Any], cfg: ModelConfig, lc: LoraConfig, tc: 
     # Committed to a device like a state restored by orbax: jit keys its cache on commitment, and
     # fresh and resumed runs then share one compiled step.
     return jax.device_put(state, jax.local_devices()[0])
+
+
+def shard_train_state(state: TrainState, mesh: Mesh) -> TrainState:
+    """The state on ``mesh``: adapter weights and optimizer moments split like the weights they
+    adapt, the rest (step, scales, key, counts) replicated."""
+    return jax.device_put(state, adapter_shardings(state, mesh))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """A ``[grad_accum, B, ...]`` training batch with its examples split over ``data``."""
+    B, data = jax.tree.leaves(batch)[0].shape[1], mesh.shape[DATA]
+    if B % data:
+        raise ValueError(f"batch_size={B} must be a multiple of the mesh's data axis ({data})")
+    return jax.device_put(dict(batch), NamedSharding(mesh, P(None, DATA)))
 
 
 def token_nll(params, cfg: ModelConfig, lora, batch: Mapping[str, jax.Array], dtype=jnp.float32):
@@ -265,19 +287,25 @@ def fit(
     checkpointer=None,
     stop_after: int | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> FitResult:
     """Train an adapter for ``tc.steps`` updates, resuming from ``checkpointer`` when it holds one.
 
     Evaluates at step 0, every ``eval_every`` steps and at the end (when there are held-out
     examples); saves through ``checkpointer`` (an :class:`~encdec.lora.checkpoint.AdapterCheckpointer`)
     as it decides. ``stop_after`` ends the run after that many updates in this call (an
-    interruption, for tests); the state is checkpointed first.
+    interruption, for tests); the state is checkpointed first. ``mesh``: train data and tensor
+    parallel over it (see the module doc).
     """
+    if mesh is not None:
+        model = dataclasses.replace(model, params=shard_params(model.params, mesh))
     cfg, params = model.config, model.params
     state = init_state(params, cfg, lc, tc)
     history: list[dict[str, float]] = []
     if checkpointer is not None and checkpointer.latest_step() is not None:
         state, history = checkpointer.restore(state)
+    if mesh is not None:
+        state = shard_train_state(state, mesh)
     step_fn = make_train_step(cfg, lc, tc, dtype=model.dtype)
 
     def evaluate(row):
@@ -295,6 +323,8 @@ def fit(
     done_here = 0
     for step in range(start, tc.steps):
         batch = train_batch(train_examples, cfg, data, step, tc.batch_size, tc.grad_accum)
+        if mesh is not None:
+            batch = shard_batch(batch, mesh)
         state, metrics = step_fn(state, params, batch)
         row = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
         last = step + 1 == tc.steps

@@ -271,7 +271,8 @@ def logits(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
         )
     if cfg.final_logits_bias:
         out_BTV = out_BTV + lead(params["final_logits_bias_V"].astype(jnp.float32), 3)
-    return out_BTV
+    # A vocabulary padded to split evenly over devices (encdec.sharding) ends at the real one.
+    return out_BTV[..., : cfg.decoder_vocab_size]
 
 
 def init_dense_kv(
