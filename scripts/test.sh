@@ -5,18 +5,51 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check encdec pallas_kernels tests scripts
-# One pytest process per test folder: a single process accumulating thousands of XLA
-# compilations crashed once inside XLA:CPU's compiler (and tests/sharding sets JAX's device
-# count before JAX starts, which needs a process of its own). pytest exits 5 when it collects
-# nothing; set -e turns that (and any failure) into a failed run.
-status=0
-decoding="tests/engine/test_beams.py tests/engine/test_decoding.py tests/engine/test_memory_policies.py"
-ignore_decoding=$(for f in $decoding; do printf -- "--ignore=%s " "$f"; done)
-for group in "tests/test_*.py" tests/models tests/checkpoints tests/cache tests/pallas_kernels \
-             "tests/engine $ignore_decoding" "$decoding" tests/lora tests/bench tests/whisper tests/serving \
-             tests/notebooks tests/sharding; do
-  echo "== pytest $group"
-  # shellcheck disable=SC2086  # a group is several words
-  python -m pytest -p no:cacheprovider $group "$@" || status=$?
+# One pytest process per test folder (per file in tests/engine, which compiles the most): a
+# single process accumulating thousands of XLA compilations crashed inside XLA:CPU's compiler,
+# and tests/sharding sets JAX's device count before JAX starts. pytest exits 5 when it
+# collects nothing, which fails the run like any failure.
+#
+# Tiny-model tests are mostly XLA compilation, which uses one core: two lanes of groups run
+# side by side (balanced by their measured times), each lane's output printed when it ends.
+lane1=(tests/engine/test_engine.py tests/engine/test_engine_whisper.py tests/engine/test_lifecycle.py
+       tests/engine/test_memory_policies.py tests/sharding tests/whisper tests/models tests/checkpoints
+       tests/engine/test_fixtures.py)
+lane2=(tests/engine/test_engine_lora.py tests/engine/test_bad_input.py tests/engine/test_beams.py
+       tests/notebooks tests/lora tests/bench tests/serving tests/engine/test_engine_families.py
+       tests/engine/test_engine_traffic.py tests/engine/test_decoding.py "tests/test_*.py" tests/cache
+       tests/pallas_kernels tests/engine/test_scheduler_properties.py)
+
+# Every test file must be in a lane: a new file in tests/engine, or a new folder, goes in one.
+listed=" ${lane1[*]} ${lane2[*]} "
+for path in tests/engine/test_*.py tests/*/; do
+  path=${path%/}
+  case "$path" in tests/__pycache__|tests/engine) continue ;; esac
+  if [[ "$listed" != *" $path "* ]]; then
+    echo "scripts/test.sh: $path is in no lane" >&2
+    exit 1
+  fi
 done
+
+run_lane() {
+  local status=0 group
+  for group in "$@"; do
+    echo "== pytest $group (at ${SECONDS}s)"
+    # shellcheck disable=SC2086  # "tests/test_*.py" expands here
+    python -m pytest -p no:cacheprovider $group "${PYTEST_ARGS[@]}" || status=$?
+  done
+  echo "== lane done at ${SECONDS}s, status $status"
+  return $status
+}
+
+PYTEST_ARGS=("$@")
+logs=$(mktemp -d)
+run_lane "${lane1[@]}" >"$logs/1" 2>&1 & pid1=$!
+run_lane "${lane2[@]}" >"$logs/2" 2>&1 & pid2=$!
+status=0
+wait $pid1 || status=$?
+cat "$logs/1"
+wait $pid2 || status=$?
+cat "$logs/2"
+echo "== done in ${SECONDS}s"
 exit $status
