@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import encdec
-from encdec.engine import Engine, EngineConfig, Request
+from encdec.engine import Engine, Request
+from tests.engine.test_engine import MAX_NEW, _requests
+from tests.engine.test_engine import _config as engine_config
 from tests.tiny_models import ENGINE_OVERRIDES, hf_generation_config, save_hf_model
 
-MAX_IN, MAX_NEW = 20, 12
 NEW_FAMILIES = ("m2m_100", "pegasus", "umt5")
 
 
@@ -33,28 +34,9 @@ def pairs(tmp_path_factory):
 
 
 def _config(**kw):
-    base = dict(
-        num_slots=8,
-        page_size=4,
-        max_encoder_len=MAX_IN,
-        max_new_tokens=MAX_NEW,
-        encoder_buckets=(8, 16),
-        steps_per_dispatch=2,
-        max_encoder_batch=4,
-        max_decoder_prefix=2,  # room for a forced language token; one compiled step for both tests
-    )
-    base.update(kw)
-    return EngineConfig(**base)
-
-
-def _requests(n, seed, vocab=90):
-    rng = np.random.default_rng(seed)
-    lengths = np.concatenate([[1, MAX_IN], rng.integers(1, MAX_IN + 1, n - 2)])
-    news = np.concatenate([[MAX_NEW, 1], rng.integers(1, MAX_NEW + 1, n - 2)])
-    return [
-        Request(inputs=rng.integers(3, vocab, int(s)).tolist(), max_new_tokens=int(m))
-        for s, m in zip(lengths, news, strict=True)
-    ]
+    # The CPU window path (the default), and room for a forced language token; one compiled step
+    # for both tests.
+    return engine_config(**{"attention_impl": "auto", "max_decoder_prefix": 2, **kw})
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)

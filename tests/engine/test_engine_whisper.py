@@ -191,10 +191,21 @@ def test_text_inputs_and_positions_are_checked(model, tiny_models):
         text_engine.submit(Request(inputs=AudioInput(_tone(1.0, 300))))
 
 
+def _ctranslate2_english(path, audio_paths, tokens, beam_size):
+    """CTranslate2's English transcription of each clip on the same weights (float32, 2 threads)."""
+    import ctranslate2
+
+    from encdec.whisper.audio import features_for
+
+    mel = np.stack([features_for(p)[0][0] for p in audio_paths])
+    peer = ctranslate2.models.Whisper(str(path), device="cpu", compute_type="float32", intra_threads=2)
+    prompts = [tokens.prompt("en")] * len(audio_paths)
+    return peer.generate(ctranslate2.StorageView.from_array(mel), prompts, beam_size=beam_size)
+
+
 @pytest.mark.slow
 def test_whisper_base_engine_matches_ctranslate2(whisper_base_path, espeak_clips):
-    ctranslate2 = pytest.importorskip("ctranslate2")
-    from encdec.whisper.audio import features_for
+    pytest.importorskip("ctranslate2")
     from encdec.whisper.clips import wer
     from encdec.whisper.tokens import WhisperTokens
     from encdec.whisper.transcribe import load_whisper
@@ -205,13 +216,7 @@ def test_whisper_base_engine_matches_ctranslate2(whisper_base_path, espeak_clips
     outputs = engine.generate([Request(inputs=p) for p in paths])
 
     tokens = WhisperTokens.from_dir(whisper_base_path)
-    mel = np.stack([features_for(p)[0][0] for p in paths])
-    peer = ctranslate2.models.Whisper(
-        str(whisper_base_path), device="cpu", compute_type="float32", intra_threads=2
-    )
-    theirs = peer.generate(
-        ctranslate2.StorageView.from_array(mel), [tokens.prompt("en")] * len(paths), beam_size=1
-    )
+    theirs = _ctranslate2_english(whisper_base_path, paths, tokens, beam_size=1)
     for sentence, mine, their in zip(sentences, outputs, theirs, strict=True):
         assert mine.finish_reason == "stop", sentence
         assert mine.token_ids == [*their.sequences_ids[0], tokens.eot], sentence
@@ -274,8 +279,7 @@ def test_a_fifo_is_refused_not_opened(model, tmp_path):
 @pytest.mark.slow
 def test_whisper_base_beam_search_matches_ctranslate2(whisper_base_path, espeak_clips):
     """Beam 5 (faster-whisper's default) gives CTranslate2's ``beam_size=5`` tokens on every clip."""
-    ctranslate2 = pytest.importorskip("ctranslate2")
-    from encdec.whisper.audio import features_for
+    pytest.importorskip("ctranslate2")
     from encdec.whisper.tokens import WhisperTokens
     from encdec.whisper.transcribe import load_whisper
 
@@ -286,13 +290,7 @@ def test_whisper_base_beam_search_matches_ctranslate2(whisper_base_path, espeak_
     )
     outputs = engine.generate([Request(inputs=p, num_beams=5) for p in paths])
     tokens = WhisperTokens.from_dir(whisper_base_path)
-    mel = np.stack([features_for(p)[0][0] for p in paths])
-    peer = ctranslate2.models.Whisper(
-        str(whisper_base_path), device="cpu", compute_type="float32", intra_threads=2
-    )
-    theirs = peer.generate(
-        ctranslate2.StorageView.from_array(mel), [tokens.prompt("en")] * len(paths), beam_size=5
-    )
+    theirs = _ctranslate2_english(whisper_base_path, paths, tokens, beam_size=5)
     for sentence, mine, their in zip(sentences, outputs, theirs, strict=True):
         assert mine.finish_reason == "stop", sentence
         assert mine.token_ids == [*their.sequences_ids[0], tokens.eot], sentence
