@@ -86,13 +86,13 @@ def workload(n, max_in, max_new, vocab, seed=0, forced=False, few_shapes=False):
     return reqs
 
 
-def correctness(dirs, quick):
+def correctness(dirs, quick, impls=("pallas", "xla")):
     report = {}
     for name, d in dirs.items():
         model = encdec.load_pretrained(d)
         reqs = workload(12 if quick else 32, 100, 40, 512, seed=1, few_shapes=True)
         refs = [encdec.reference_generate(model, [r.inputs], r.max_new_tokens)[0].token_ids for r in reqs]
-        for impl in ("xla",) if quick else ("pallas", "xla"):
+        for impl in ("xla",) if quick else impls:
             cfg = EngineConfig(
                 num_slots=8,
                 page_size=16,
@@ -169,7 +169,9 @@ def hf_throughput(directory, reqs, batch, device, dtype):
     return tokens / (time.perf_counter() - t0)
 
 
-def throughput(tmp, quick):
+def throughput(tmp, quick, runs=None, hf=True):
+    """``runs``: ``mode:impl[:overhead]`` strings (overhead: ``EngineConfig.dispatch_overhead_steps``,
+    default the backend's)."""
     import jax
 
     directory, _ = base_shape(tmp, quick)
@@ -178,9 +180,12 @@ def throughput(tmp, quick):
     n, slots = (24, 8) if quick else (384, 64)
     reqs = workload(n, 64 if quick else 512, 32 if quick else 128, 1000, seed=2, forced=True)
     on_gpu = jax.default_backend() == "gpu"
+    if runs is None:
+        runs = ["inflight:auto", "static:auto"] + (["inflight:xla"] if on_gpu else [])
     results = {}
-    runs = [("inflight", "auto"), ("static", "auto")] + ([("inflight", "xla")] if on_gpu else [])
-    for mode, impl in runs:
+    for run in runs:
+        mode, impl, *rest = run.split(":")
+        overhead = float(rest[0]) if rest else None
         cfg = EngineConfig(
             num_slots=slots,
             page_size=16,
@@ -192,28 +197,36 @@ def throughput(tmp, quick):
             steps_per_dispatch=8,
             attention_impl=impl,
             mode=mode,
+            dispatch_overhead_steps=overhead,
         )
         engine = Engine(model, cfg)
         t0 = time.perf_counter()
         engine.warmup()  # compile every encode variant and the decode step
-        print(f"{mode}-{impl} warmup {time.perf_counter() - t0:.1f}s", flush=True)
+        print(f"{run} warmup {time.perf_counter() - t0:.1f}s", flush=True)
         t0 = time.perf_counter()
         outs = engine.generate(reqs)
         wall = time.perf_counter() - t0
         toks = sum(len(o.token_ids) for o in outs)
         lat = sorted(o.timings["done"] - t0 for o in outs)
-        key = f"encdec-{mode}-{impl}"
+        stats = engine.stats()
+        key = f"encdec-{run}"
         results[key] = {
             "output_tokens_per_s": toks / wall,
             "wall_s": wall,
             "p50_latency_s": lat[len(lat) // 2],
+            "dispatches": stats.dispatches,
+            "decode_steps": stats.decode_steps,
+            "encode_batches": stats.encode_batches,
+            "mean_busy_slots": stats.mean_busy_slots,
             "compiled": engine.compile_counts(),
         }
         print(key, json.dumps(results[key]), flush=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf = hf_throughput(directory, reqs, slots, device, torch.bfloat16 if device == "cuda" else torch.float32)
-    results["hf-generate"] = {"output_tokens_per_s": hf}
-    print("hf-generate", hf, flush=True)
+    if hf:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        hf_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        hf_tps = hf_throughput(directory, reqs, slots, device, hf_dtype)
+        results["hf-generate"] = {"output_tokens_per_s": hf_tps}
+        print("hf-generate", hf_tps, flush=True)
     return results
 
 
@@ -222,6 +235,9 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--impls", default="pallas,xla", help="correctness: attention implementations")
+    parser.add_argument("--runs", default=None, help="throughput: comma-separated mode:impl[:overhead]")
+    parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
     import jax
 
@@ -229,8 +245,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         report = {"devices": [str(d) for d in jax.devices()]}
         if not args.skip_correctness:
-            report["correctness"] = correctness(small_models(tmp), args.quick)
-        report["throughput"] = throughput(tmp, args.quick)
+            report["correctness"] = correctness(small_models(tmp), args.quick, args.impls.split(","))
+        runs = None if args.runs is None else args.runs.split(",")
+        report["throughput"] = throughput(tmp, args.quick, runs, hf=not args.skip_hf)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -60,6 +60,14 @@ class EngineConfig:
     """Most decode steps per jitted call (a device-side loop): fewer host round trips. A dispatch
     is cut short where a slot's ``max_new_tokens`` ends while requests wait, so such a slot is
     refilled at once; a slot ending at EOS idles until the next dispatch ends."""
+    dispatch_overhead_steps: float | None = rule(Float(0, 1e6, optional=True), None)
+    """The fixed cost of one dispatch (host work, the round's encodes, launches), in decode steps.
+    While requests wait, a dispatch is as long as maximizes slot-steps of work per unit of time,
+    ``sum(min(steps, remaining)) / (overhead + steps)``: 0 cuts it where the first slot's budget
+    ends (best when a step is dear, as on CPU); a larger figure lets slots idle for a few steps
+    rather than pay for another dispatch (as on GPU, where a step is cheap). None: 0 on CPU, 8
+    elsewhere (on an H200, flan-t5-base at 64 slots: 0 gave 5.9k tokens/s over 226 dispatches,
+    8 gave 11.7k over 60; docs/PERFORMANCE.md)."""
     attention_impl: Literal["auto", "pallas", "xla", "window"] = rule(
         OneOf(("auto", "pallas", "xla", "window")), "auto"
     )
@@ -135,6 +143,15 @@ class EngineConfig:
         """Padded encoder tokens admitted per decode dispatch while slots decode."""
         budget = self.encoder_tokens_per_dispatch
         return self.max_encoder_tokens if budget is None else budget
+
+    @property
+    def dispatch_overhead(self) -> float:
+        """:attr:`dispatch_overhead_steps`, its default resolved for the backend."""
+        if self.dispatch_overhead_steps is not None:
+            return self.dispatch_overhead_steps
+        import jax  # noqa: PLC0415 - config stays importable without initializing a backend
+
+        return 0.0 if jax.default_backend() == "cpu" else 8.0
 
     def encoder_batch_rows(self, bucket: int) -> int:
         """Static row count of the encoder batch for ``bucket``."""

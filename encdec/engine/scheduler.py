@@ -30,7 +30,9 @@ Policy:
 - **Encoder budget** (``EngineConfig.encoder_budget``): while slots are decoding, at most that
   many padded encoder tokens are admitted per round (always at least one request).
 - **Dispatch length**: ``steps_per_dispatch``, cut where the longest remaining budget ends and,
-  while requests wait (in-flight), where the first one does, so that slot is refilled at once.
+  while requests wait (in-flight), at the length that does the most work per unit of time given
+  the dispatch's fixed cost (:func:`dispatch_length`): where the first budget ends when a
+  dispatch costs nothing extra (CPU), longer where a step is cheap next to it (GPU).
 - **Early hand-on**: a request whose token budget ends inside the dispatch just planned gives
   up its slot and pages in the same plan; it drains on the device while the next request's
   encode is queued behind it.
@@ -113,6 +115,24 @@ class Plan:
     """Requests that gave their slots and pages back (stop their slots; they are queued again)."""
 
 
+def dispatch_length(budgets: list[tuple[int, int]], most: int, overhead: float) -> int:
+    """Steps for a dispatch while requests wait: the length in ``1 .. most`` that does the most
+    slot-steps of work per unit of time, ``sum(width * min(steps, remaining)) / (overhead + steps)``
+    over ``budgets`` (each running request's slots and remaining steps); the longest on ties.
+
+    A slot whose budget ends inside the dispatch idles until it ends, so with no overhead the
+    dispatch stops where the first budget ends; a dispatch that costs ``overhead`` steps of time
+    besides its steps lets a few slots idle rather than pay for another.
+    """
+    best, best_rate = 1, -1.0
+    for steps in range(1, most + 1):
+        work = sum(width * min(steps, remaining) for width, remaining in budgets)
+        rate = work / (overhead + steps)
+        if rate >= best_rate * (1 - 1e-12):
+            best, best_rate = steps, rate
+    return best
+
+
 @dataclasses.dataclass
 class _Running:
     spec: SeqSpec
@@ -161,6 +181,7 @@ class Scheduler:
         self._running: dict[int, _Running] = {}
         self._order = itertools.count()
         self.preemptions = 0
+        self._overhead = config.dispatch_overhead
         self.reset_peaks()
 
     @property
@@ -233,7 +254,8 @@ class Scheduler:
             return Plan(admitted, 0, owners, (), (), preempted)
         steps = min(c.steps_per_dispatch, max(r.remaining for r in holders))
         if c.mode == "inflight" and self._queue:
-            steps = min(steps, min(r.remaining for r in holders))
+            budgets = [(r.spec.width, r.remaining) for r in holders]
+            steps = dispatch_length(budgets, steps, self._overhead)
         steps = max(1, steps)
         grants = self._grow(holders, steps) if self.incremental else ()
         handed_on = []

@@ -98,6 +98,17 @@ def test_sampling_is_batch_invariant(tiny_models):
     assert other != alone
 
 
+def test_dispatch_overhead_gives_fewer_dispatches_and_the_same_tokens(tiny_models):
+    model = tiny_models["t5"]
+    requests = _requests(24, 7)
+    runs = {}
+    for overhead in (0, 100):
+        engine = Engine(model, _config(steps_per_dispatch=4, dispatch_overhead_steps=overhead))
+        runs[overhead] = ([o.token_ids for o in engine.generate(requests)], engine.stats().dispatches)
+    assert runs[100][0] == runs[0][0]
+    assert runs[100][1] < runs[0][1]
+
+
 def test_no_recompilation_after_warmup(tiny_models):
     model = tiny_models["bart"]
     engine = Engine(model, _config(steps_per_dispatch=3))

@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from encdec.cache.allocator import pages_for
 from encdec.engine import EngineConfig, Scheduler
-from encdec.engine.scheduler import NeverFits, SeqSpec
+from encdec.engine.scheduler import NeverFits, SeqSpec, dispatch_length
 
 MAX_IN, MAX_NEW, PAGE = 20, 12, 4
 BUCKETS = (8, 16, 20)
@@ -44,13 +44,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         budget=st.sampled_from([None, 8, 16, 40]),
         incremental=st.booleans(),
         idle=st.sampled_from([None, 0, 5]),
+        overhead=st.sampled_from([0.0, 3.0]),
     )
-    def start(self, slots, tight, mode, steps, budget, incremental, idle):
+    def start(self, slots, tight, mode, steps, budget, incremental, idle, overhead):
         self.config = EngineConfig(
             num_slots=slots, page_size=PAGE, max_encoder_len=MAX_IN, max_new_tokens=MAX_NEW,
             encoder_buckets=BUCKETS, steps_per_dispatch=steps, mode=mode, encoder_tokens_per_dispatch=budget,
             max_encoder_tokens=40, kv_allocation="incremental" if incremental else "reserve",
-            kv_reserve_pages=0, cross_cache_pages=idle,
+            kv_reserve_pages=0, cross_cache_pages=idle, dispatch_overhead_steps=overhead,
         )
         full = 1 + slots * pages_for(1 + MAX_NEW, PAGE), 1 + slots * pages_for(MAX_IN, PAGE)
         pages = (1 + 2 * pages_for(1 + MAX_NEW, PAGE) + 1, 1 + pages_for(MAX_IN, PAGE) + 2) if tight else full
@@ -138,7 +139,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             remaining = [self.sims[r].spec.decode_steps - self.sims[r].dispatched for r in owners]
             assert 1 <= plan.num_steps <= min(c.steps_per_dispatch, max(remaining))
-            if c.mode == "inflight" and sched.num_queued:
+            if c.mode == "inflight" and sched.num_queued and c.dispatch_overhead == 0:
                 assert plan.num_steps <= min(remaining), "a dispatch runs past a budget while requests wait"
         for rid in owners:  # every slot has pages for every position this dispatch writes
             if rid in sched._running and not sched.is_draining(rid):
@@ -222,3 +223,19 @@ def test_encoder_budget_spreads_a_burst_over_dispatches():
     for rid in range(8):
         idle.add(SeqSpec(rid, MAX_IN, 20, MAX_NEW))
     assert len(idle.schedule().admitted) == 8
+
+
+def test_dispatch_length_weighs_idle_slots_against_the_dispatch_cost():
+    # No overhead: stop where the first budget ends (the freed slot refills at once).
+    assert dispatch_length([(1, 5), (1, 2), (1, 9)], 8, 0.0) == 2
+    # A dispatch that costs a lot: run as long as any slot has work.
+    assert dispatch_length([(1, 5), (1, 2), (1, 9)], 8, 1e6) == 8
+    assert dispatch_length([(1, 3), (1, 2)], 8, 1e6) == 3
+    # Overhead 1: 2 steps do 6 slot-steps in 3 units (2.0/unit), 3 steps 7 in 4, 8 steps 12 in 9.
+    assert dispatch_length([(1, 2), (1, 2), (1, 10)], 8, 1.0) == 2
+    # Slots count: a 4-beam group ending after 2 steps outweighs one long sequence.
+    assert dispatch_length([(1, 2), (1, 8)], 8, 4.0) == 8
+    assert dispatch_length([(4, 2), (1, 8)], 8, 4.0) == 2
+    # 63 long sequences and one ending now: on a GPU-like overhead, do not stop for it.
+    assert dispatch_length([(63, 100), (1, 1)], 8, 8.0) == 8
+    assert dispatch_length([(63, 100), (1, 1)], 8, 0.0) == 1
