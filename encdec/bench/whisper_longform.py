@@ -69,6 +69,10 @@ class LongFormExperimentConfig:
     steps_per_dispatch: int = 4
     batch_size: int = 8
     """faster-whisper ``BatchedInferencePipeline`` chunks per batch (its default)."""
+    condition_on_previous_text: bool = True
+    """encdec and sequential faster-whisper prompt each window with the text decoded before it
+    (both tools' default). faster-whisper's batched pipeline never does: set False to compare
+    like with like (and to skip feeding up to 224 prompt tokens per window)."""
 
     def __post_init__(self):
         for run in self.runs:
@@ -121,6 +125,7 @@ def run_longform_experiment(cfg: LongFormExperimentConfig, out_dir: str | Path) 
             encoder_batch=cfg.encoder_batch,
             steps_per_dispatch=cfg.steps_per_dispatch,
             batch_size=cfg.batch_size,
+            condition_on_previous_text=cfg.condition_on_previous_text,
         )
         runner.warmup(files[0].path)
         row: dict[str, Any] = {"run": run, "system": system, "beam_size": int(beam)}

@@ -55,9 +55,13 @@ class EncdecLongForm:
         encoder_batch: int,
         steps_per_dispatch: int,
         vad: bool = True,
+        condition_on_previous_text: bool = True,
     ):
         self.options = LongFormOptions(
-            language=language, beam_size=beam_size, vad=vad, condition_on_previous_text=True
+            language=language,
+            beam_size=beam_size,
+            vad=vad,
+            condition_on_previous_text=condition_on_previous_text,
         )
         self.engine = longform_engine(
             model,
@@ -117,14 +121,17 @@ class FasterWhisper:
         threads: int,
         batched: bool = False,
         batch_size: int = 8,
+        condition_on_previous_text: bool = True,
     ):
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
         self.model = WhisperModel(str(model_dir), device="cpu", compute_type="float32", cpu_threads=threads)
         self.pipeline = BatchedInferencePipeline(self.model) if batched else None
         self.kw: dict[str, Any] = {"beam_size": beam_size, "language": language}
-        if batched:
+        if batched:  # the pipeline never prompts with previous text
             self.kw["batch_size"] = batch_size
+        else:
+            self.kw["condition_on_previous_text"] = condition_on_previous_text
 
     def warmup(self, path: Path) -> None:
         self([path])
@@ -197,11 +204,15 @@ def make_longform_system(
     encoder_batch: int,
     steps_per_dispatch: int,
     batch_size: int,
+    condition_on_previous_text: bool = True,
 ):
     """A runner: ``runner(paths) -> [FileOutput]`` with a ``warmup(path)``."""
     engine_kw = dict(num_slots=num_slots, encoder_batch=encoder_batch, steps_per_dispatch=steps_per_dispatch)
+    prompt = condition_on_previous_text
     if name == "encdec":
-        return EncdecLongForm(model, beam_size=beam_size, language=language, **engine_kw)
+        return EncdecLongForm(
+            model, beam_size=beam_size, language=language, condition_on_previous_text=prompt, **engine_kw
+        )
     if name == "encdec_windows":
         return EncdecWindows(model, language=language or "en", **engine_kw)
     if name in ("faster_whisper", "faster_whisper_batched"):
@@ -213,6 +224,7 @@ def make_longform_system(
             threads=threads,
             batched=batched,
             batch_size=batch_size,
+            condition_on_previous_text=prompt,
         )
     if name == "ctranslate2":
         lang = language or "en"

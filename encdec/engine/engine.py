@@ -261,7 +261,12 @@ class Engine:
         bucket = next(b for b in self.encoder_buckets if b >= prepared.encoder_len)
         steps = len(prepared.prefix) - 1 + prepared.max_new_tokens
         width = group_width(request)
-        spec = SeqSpec(rid, prepared.encoder_len, bucket, steps, width, self._input_key(request, prepared))
+        # The prefix but its last token is stored at the encode step, unless the request wants
+        # the prefix's log-probabilities (the decode steps report them).
+        prefill = len(prepared.prefix) - 1 if request.prompt_logprobs is None else 0
+        spec = SeqSpec(
+            rid, prepared.encoder_len, bucket, steps, width, self._input_key(request, prepared), prefill
+        )
         timings = {"arrival": arrival}
         seqs = [SequenceState() for _ in range(1 if request.num_beams > 1 else width)]
         with self._lock:
@@ -673,6 +678,7 @@ class Engine:
             max_new_tokens=prepared.max_new_tokens,
             adapter_row=0 if adapter is None else self.adapters.row_of(adapter),
             gen_start=len(prepared.prefix),
+            prefilled=a.prefilled,
         )
 
     def _by_shard(self, admitted: Sequence[Admission]) -> list[list[int]]:

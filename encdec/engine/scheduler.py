@@ -72,6 +72,10 @@ class SeqSpec:
     all read one copy of its cross K/V."""
     input_key: Hashable | None = None
     """Identity of its encoder input (row and adapter): equal keys share cross pages. None: never."""
+    prefill: int = 0
+    """Of ``decode_steps``, forced prefix steps its encode step runs at once (the decoder over the
+    prefix in one pass: Whisper's previous-text prompt) when it is encoded; a start on shared
+    cross pages feeds them a step at a time."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,8 @@ class Admission:
     cross_pages: tuple[int, ...]
     encode: bool = True
     """False: its cross pages already hold its encoder output (shared); only start its slots."""
+    prefilled: int = 0
+    """Forced prefix steps the encode step runs (:attr:`SeqSpec.prefill` when encoded, else 0)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,13 +149,15 @@ class _Running:
     """The data shard holding its slots and pages."""
     order: int
     """Admission order (preemption takes the latest first)."""
+    prefilled: int = 0
+    """Steps its encode step ran (:attr:`Admission.prefilled`)."""
     steps_dispatched: int = 0
     draining: bool = False
     """Its slot and pages were handed on; the dispatch in flight ends it on the device."""
 
     @property
     def remaining(self) -> int:
-        return self.spec.decode_steps - self.steps_dispatched
+        return self.spec.decode_steps - self.prefilled - self.steps_dispatched
 
     @property
     def cross_pages(self) -> tuple[int, ...]:
@@ -269,7 +277,7 @@ class Scheduler:
 
     def _pages_for_steps(self, run: _Running, steps: int) -> int:
         """Self pages one of ``run``'s slots needs to run ``steps`` more steps."""
-        stored = min(run.steps_dispatched + steps, run.spec.decode_steps)
+        stored = min(run.prefilled + run.steps_dispatched + steps, run.spec.decode_steps)
         return pages_for(stored, self.config.page_size)
 
     def _growth(self, run: _Running, steps: int) -> int:
@@ -336,7 +344,8 @@ class Scheduler:
                 break  # its last dispatch's tokens are read after this round: resume it next round
             need_self, need_cross = self.pages_needed(spec)
             if self.incremental:
-                need_self = pages_for(min(c.steps_per_dispatch, spec.decode_steps), c.page_size)
+                first = spec.prefill + c.steps_per_dispatch  # a shared start then holds a few early
+                need_self = pages_for(min(first, spec.decode_steps), c.page_size)
             keep = [reserve[d] if d in busy else 0 for d in range(shards.num_shards)]
             key, width = spec.input_key, spec.width
             chosen = shards.choose(self.slots, width, need_self * width, keep, key, need_cross)
@@ -356,9 +365,12 @@ class Scheduler:
             for slot in slots:
                 self.slots[slot] = spec.rid
             busy.add(d)
-            self._running[spec.rid] = _Running(spec, slots, per_slot, cross, d, next(self._order))
+            prefilled = 0 if hit else spec.prefill
+            run = _Running(spec, slots, per_slot, cross, d, next(self._order), prefilled=prefilled)
+            self._running[spec.rid] = run
+            pages = tuple(map(tuple, per_slot))
             admitted.append(
-                Admission(spec.rid, slots, tuple(map(tuple, per_slot)), cross.pages, encode=not hit)
+                Admission(spec.rid, slots, pages, cross.pages, encode=not hit, prefilled=prefilled)
             )
         if admitted:  # before any hand-on: a request may give its pages back in the same round
             self.peak_self_pages = max(self.peak_self_pages, self.self_alloc.num_used)

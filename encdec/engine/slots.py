@@ -93,6 +93,9 @@ class SlotParams:
     gen_start: jax.Array = _slot_field(np.int32, fill=1)
     """Position of the first generated token: the request's own prefix length. A resumed
     (preempted) request's prefix runs further, replaying its tokens: counted, not reported."""
+    prefilled: jax.Array = _slot_field(np.int32)
+    """Prefix positions the encode step stores at once (the decoder over the prefix in one
+    pass); the decode steps start from there. 0: every prefix token takes a decode step."""
     repetition_penalty: jax.Array = _slot_field(np.float32, fill=1.0, request="repetition_penalty")
     no_repeat_ngram: jax.Array = _slot_field(np.int32, request="no_repeat_ngram_size")
     forced_bos: jax.Array = _slot_field(np.int32, fill=-1, request="forced_bos_token_id")
@@ -132,6 +135,7 @@ def slot_row(
     max_new_tokens: int,
     adapter_row: int,
     gen_start: int | None = None,
+    prefilled: int = 0,
 ) -> SlotParams:
     """One request's row (numpy, leading axis 1) from its checked request and admission.
 
@@ -155,6 +159,7 @@ def slot_row(
     p.prefix_X[0, : len(prefix)] = prefix
     p.prefix_len[0] = len(prefix)
     p.gen_start[0] = len(prefix) if gen_start is None else gen_start
+    p.prefilled[0] = prefilled
     p.top_logprobs[0] = max(request.logprobs or 0, request.prompt_logprobs or 0)
     p.early_stopping[0] = EARLY_STOPPING[request.early_stopping]
     return p

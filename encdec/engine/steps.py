@@ -7,10 +7,12 @@ traced trip count): logits, the front end's masks and hook, the request's logits
 then sampling, or beam selection for beam groups, and stop checks. Both take the state donated
 and return it. The host reads one small :class:`StepResults` per decode dispatch.
 
-A slot starts from its request's forced decoder prefix (the start token, or Whisper's 4-token
-prompt): while the next position is inside the prefix, the step feeds the prefix token instead
-of the sampled one and reports it flagged ``FORCED_BIT`` with its log-probability (prompt
-log-probabilities), so one compiled step serves every prompt length.
+A slot starts from its request's forced decoder prefix (the start token, or Whisper's prompt).
+The encode step stores the prefix but its last token at once (:mod:`encdec.engine.prefill`);
+a request that asks for prompt log-probabilities, or starts on shared cross pages, feeds it
+through the decode steps instead: while the next position is inside the prefix, the step feeds
+the prefix token instead of the sampled one and reports it flagged ``FORCED_BIT`` with its
+log-probability, so one compiled step serves every prompt length.
 
 Beams move by page-table permutation: a beam that continues another takes over that beam's
 full self pages by reference and copies only its partially filled last page into its own
@@ -34,6 +36,7 @@ from encdec.cache.paged_kv import PagedKV, write_cross
 from encdec.cache.pools import copy_layer_pages
 from encdec.cache.window_kv import WindowKV, open_window
 from encdec.config import ModelConfig
+from encdec.engine.prefill import prefill_prefix
 from encdec.engine.slots import NO_SCORE, DecodeState, Hypotheses, SlotParams
 from encdec.models import decode, project_cross_kv
 from encdec.processors import DecodeContext, LogitsHook, process_scores
@@ -107,7 +110,12 @@ def encode_insert(
         rows.cross_page_table_M,
         rows.cross_length,
     )
-    return start_slots(state.replace(pools=pools), slot_bK, self_pages_bKM, rows)
+    state = start_slots(state.replace(pools=pools), slot_bK, self_pages_bKM, rows)
+    if rows.prefix_X.shape[1] > 1:  # a prefix longer than the start token can be prefilled
+        state = prefill_prefix(
+            params, state, k_LbSNH, v_LbSNH, rows, slot_bK, self_pages_bKM, cfg=cfg, dtype=dtype, lora=lora
+        )
+    return state
 
 
 def start_slots(

@@ -108,6 +108,33 @@ def test_prompt_logprobs_are_the_forced_prefix_scores(t5):
         assert all(entry[t] == pytest.approx(lp[i, t], abs=2e-5) for t in best)
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_prefilled_prefix_equals_hf_and_the_step_by_step_prefix(t5, num_beams):
+    """A forced decoder prefix is stored by the encode step in one decoder pass (no decode step
+    per prefix token): the output equals HF ``generate`` from those ``decoder_input_ids`` and the
+    engine's own step-by-step path (taken when prompt log-probabilities are asked for)."""
+    hf, model = t5
+    ids, prefix = [5, 17, 33, 8], [0, 44, 12, 70, 9, 61, 23]
+    kw = dict(max_new_tokens=MAX_NEW, decoder_prefix=prefix, num_beams=num_beams)
+    fast = Engine(model, _config(max_decoder_prefix=8))
+    slow = Engine(model, _config(max_decoder_prefix=8))
+    crowd = [Request([7, 8, 9 + i], max_new_tokens=5 + i) for i in range(3)]  # slots beside it
+    got = fast.generate([*crowd, Request(ids, **kw)])
+    stepped = slow.generate([*crowd, Request(ids, **kw, prompt_logprobs=0)])
+    assert [o.token_ids for o in got] == [o.token_ids for o in stepped]
+    cfg = hf.config
+    gc = tf.GenerationConfig(
+        max_new_tokens=MAX_NEW, do_sample=False, num_beams=num_beams, eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id, decoder_start_token_id=cfg.decoder_start_token_id,
+    )
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), decoder_input_ids=torch.tensor([prefix]), generation_config=gc)
+    theirs, n = ref[0, len(prefix) :].tolist(), len(got[-1].token_ids)
+    assert got[-1].token_ids == theirs[:n] and set(theirs[n:]) <= {0, 1}
+    # The prefix cost decode steps only where it was fed step by step.
+    assert fast.stats().decode_steps < slow.stats().decode_steps
+
+
 def test_seeded_sampling_with_processors_is_batch_invariant(t5):
     _, model = t5
     target = Request([5, 9, 17], max_new_tokens=MAX_NEW, temperature=1.2, seed=4, repetition_penalty=1.5,

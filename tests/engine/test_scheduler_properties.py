@@ -63,15 +63,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.next_id = 0
         self.rounds = 0
 
-    @rule(enc_len=st.integers(1, MAX_IN), max_new=st.integers(1, MAX_NEW), prefix=st.integers(1, 2),
+    @rule(enc_len=st.integers(1, MAX_IN), max_new=st.integers(1, MAX_NEW), prefix=st.integers(1, 4),
           eos=st.none() | st.integers(1, MAX_NEW), width=st.sampled_from([1, 1, 1, 2, 3]),
-          key=st.none() | st.integers(0, 2))
-    def submit(self, enc_len, max_new, prefix, eos, width, key):
+          key=st.none() | st.integers(0, 2), prefill=st.booleans())
+    def submit(self, enc_len, max_new, prefix, eos, width, key, prefill):
         steps = prefix - 1 + max_new
         if key is not None:  # requests of one input have one encoder length
             enc_len = 3 + 7 * key
         bucket = next(b for b in BUCKETS if b >= enc_len)
-        spec = SeqSpec(self.next_id, enc_len, bucket, steps, width, None if key is None else ("input", key))
+        input_key = None if key is None else ("input", key)
+        spec = SeqSpec(self.next_id, enc_len, bucket, steps, width, input_key, prefix - 1 if prefill else 0)
         self.next_id += 1
         try:
             self.sched.add(spec)
@@ -125,6 +126,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert sum(self.sims[r].spec.bucket for r in encoded) <= c.encoder_budget
         for a in plan.admitted:
             spec = self.sims[a.rid].spec
+            # An encoded start runs its prefill in the encode step; a shared one steps through it.
+            assert a.prefilled == (spec.prefill if a.encode else 0)
+            self.sims[a.rid].dispatched = self.sims[a.rid].done = a.prefilled
             assert len(a.slots) == len(a.self_pages) == spec.width
             assert all(plan.owners[i] == a.rid and slots_before[i] is None for i in a.slots)
             need_self, need_cross = sched.pages_needed(spec)
@@ -144,7 +148,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for rid in owners:  # every slot has pages for every position this dispatch writes
             if rid in sched._running and not sched.is_draining(rid):
                 run = sched._running[rid]
-                stored = min(run.steps_dispatched, run.spec.decode_steps)
+                stored = min(run.prefilled + run.steps_dispatched, run.spec.decode_steps)
                 assert all(len(p) >= pages_for(stored, PAGE) for p in run.self_pages)
         ended = []
         for rid in owners:  # the device runs the dispatch
