@@ -155,6 +155,7 @@ class Engine:
             frontend.encode,
             frontend.logits_processor,
             None if adapters is None else gather_rows,
+            self.max_prefix - 1,  # prefill width: a request's own prefix but its last token
         )
         if mesh is None:
             self.params = model.params

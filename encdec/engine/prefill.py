@@ -7,7 +7,8 @@ runs the decoder over each request's prefix at once (dense causal self-attention
 over the encoder output it just computed), writes the self K/V of positions ``0 ..
 prefilled - 1`` into every slot of the request's group, and leaves the slot where the decode
 steps would have: ``prefilled`` tokens stored, the next prefix token as its last token, the
-history filled. The prefix width is the engine's static ``SlotShape.prefix``.
+history filled. The pass is as wide as the engine's longest own prefix (static), never the room
+a resumed request's replayed tokens need.
 """
 
 from __future__ import annotations
@@ -31,19 +32,21 @@ def prefill_prefix(
     slot_bK: jax.Array,
     self_pages_bKM: jax.Array,
     *,
+    width: int,
     cfg: ModelConfig,
     dtype,
     lora=None,
 ) -> DecodeState:
-    """Store each row's first ``rows.prefilled`` prefix positions in its slots (started already).
-
-    Rows with ``prefilled == 0`` (and padding rows, slot ``num_slots``) change nothing.
+    """Store each row's first ``rows.prefilled`` (at most ``width``) prefix positions in its
+    slots, started already. Rows with ``prefilled == 0`` (and padding rows, slot ``num_slots``)
+    change nothing.
     """
     b, K = slot_bK.shape
     B = state.active_B.shape[0]
-    P = rows.prefix_X.shape[1]
+    P = rows.prefix_X.shape[1]  # the prefix with room for a resumed request's replayed tokens
+    W = min(width, P)
     L, _, S, N, H = cross_k_LbSNH.shape  # N: this device's heads under tensor parallelism
-    heads_dims = (N, P, H)
+    heads_dims = (N, W, H)
     kv = DenseKV(
         self_k_BNKH=tuple(jnp.zeros((b, *heads_dims), dtype) for _ in range(L)),
         self_v_BNKH=tuple(jnp.zeros((b, *heads_dims), dtype) for _ in range(L)),
@@ -52,17 +55,17 @@ def prefill_prefix(
         cross_mask_BS=jnp.arange(S)[None, :] < rows.cross_length[:, None],
         index=jnp.zeros((), jnp.int32),
     )
-    positions_bP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (b, P))
-    _, kv = decode(params, cfg, rows.prefix_X, positions_bP, kv, dtype=dtype, lora=lora)
+    positions_bW = jnp.broadcast_to(jnp.arange(W, dtype=jnp.int32), (b, W))
+    _, kv = decode(params, cfg, rows.prefix_X[:, :W], positions_bW, kv, dtype=dtype, lora=lora)
 
     # Every slot of a group stores the same prefix in its own pages.
     slot_X = slot_bK.reshape(-1)
-    n_X = jnp.where(slot_X < B, jnp.repeat(rows.prefilled, K), 0)
+    n_X = jnp.where(slot_X < B, jnp.minimum(jnp.repeat(rows.prefilled, K), W), 0)
     pages_XM = self_pages_bKM.reshape(b * K, -1)
 
-    def pages(per_layer):  # [L][b, N, P, H] -> [L, b*K, P, N, H]
-        x_LbPNH = jnp.swapaxes(jnp.stack(per_layer), 2, 3)
-        return jnp.repeat(x_LbPNH, K, axis=1).astype(state.pools.self_k_LNPGH.dtype)
+    def pages(per_layer):  # [L][b, N, W, H] -> [L, b*K, W, N, H]
+        x_LbWNH = jnp.swapaxes(jnp.stack(per_layer), 2, 3)
+        return jnp.repeat(x_LbWNH, K, axis=1).astype(state.pools.self_k_LNPGH.dtype)
 
     pools = state.pools.replace(
         self_k_LNPGH=write_layer_pages(state.pools.self_k_LNPGH, pages_XM, pages(kv.self_k_BNKH), n_X),

@@ -71,6 +71,7 @@ def sharded_steps(
     encoder,
     hook,
     lora_gather,
+    prefill_width: int = 0,
 ) -> JittedSteps:
     """The steps :func:`~encdec.engine.steps.jitted_steps` makes (same signatures, the state
     donated) over ``mesh``: ``encode``, ``insert`` and ``decode`` per data shard (their slot ids
@@ -86,7 +87,8 @@ def sharded_steps(
 
     lora_kw = {} if lora_gather is None else {"lora_gather": lora_gather}
     encode_fn = functools.partial(
-        encode_insert, cfg=cfg, dtype=jax.numpy.dtype(dtype), encoder=encoder, **lora_kw
+        encode_insert, cfg=cfg, dtype=jax.numpy.dtype(dtype), encoder=encoder, prefill_width=prefill_width,
+        **lora_kw,
     )
     decode_fn = functools.partial(
         decode_steps,

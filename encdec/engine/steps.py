@@ -92,12 +92,14 @@ def encode_insert(
     dtype,
     encoder: EncoderFn,
     lora_gather=None,
+    prefill_width: int = 0,
 ) -> DecodeState:
     """Encode a batch, write its cross K/V pages once per request and start its slots.
 
     ``inputs`` is the front end's encoder batch (right-padded token ids ``[b, S]``, or log-mel
     windows); ``slot_bK`` lists each request's slots (``num_slots``: none, dropped) and
-    ``self_pages_bKM`` each slot's own self pages.
+    ``self_pages_bKM`` each slot's own self pages. ``prefill_width`` (static): the most prefix
+    positions a row stores at once (:mod:`encdec.engine.prefill`); 0: none.
     """
     lora = _lora_rows(lora_bank, lora_gather, rows.adapter_row)
     enc_bSD = encoder(params, cfg, inputs, rows.cross_length, dtype=dtype, lora=lora)
@@ -111,9 +113,10 @@ def encode_insert(
         rows.cross_length,
     )
     state = start_slots(state.replace(pools=pools), slot_bK, self_pages_bKM, rows)
-    if rows.prefix_X.shape[1] > 1:  # a prefix longer than the start token can be prefilled
+    if prefill_width > 0:  # prefixes longer than the start token
         state = prefill_prefix(
-            params, state, k_LbSNH, v_LbSNH, rows, slot_bK, self_pages_bKM, cfg=cfg, dtype=dtype, lora=lora
+            params, state, k_LbSNH, v_LbSNH, rows, slot_bK, self_pages_bKM,
+            width=prefill_width, cfg=cfg, dtype=dtype, lora=lora,
         )
     return state
 
@@ -423,13 +426,28 @@ def grant_pages(state: DecodeState, slot_X: jax.Array, index_X: jax.Array, page_
 
 @functools.lru_cache(maxsize=32)
 def jitted_steps(
-    cfg, dtype: str, num_steps: int, top_logprobs: int, implementation: str, encoder, hook, lora_gather
+    cfg,
+    dtype: str,
+    num_steps: int,
+    top_logprobs: int,
+    implementation: str,
+    encoder,
+    hook,
+    lora_gather,
+    prefill_width: int = 0,
 ) -> JittedSteps:
     """The jitted steps, shared by engines of the same model config and front end: a new engine
     (another mode, another slot count) reuses compiled variants instead of compiling them again."""
     lora_kw = {} if lora_gather is None else {"lora_gather": lora_gather}
     encode = jax.jit(
-        functools.partial(encode_insert, cfg=cfg, dtype=jnp.dtype(dtype), encoder=encoder, **lora_kw),
+        functools.partial(
+            encode_insert,
+            cfg=cfg,
+            dtype=jnp.dtype(dtype),
+            encoder=encoder,
+            prefill_width=prefill_width,
+            **lora_kw,
+        ),
         donate_argnames=("state",),
     )
     decode = jax.jit(
