@@ -262,9 +262,11 @@ class Engine:
         bucket = next(b for b in self.encoder_buckets if b >= prepared.encoder_len)
         steps = len(prepared.prefix) - 1 + prepared.max_new_tokens
         width = group_width(request)
-        # The prefix but its last token is stored at the encode step, unless the request wants
-        # the prefix's log-probabilities (the decode steps report them).
-        prefill = len(prepared.prefix) - 1 if request.prompt_logprobs is None else 0
+        # The prefix but its last token is stored at the encode step, except the positions whose
+        # log-probabilities the request wants (the decode steps report them).
+        prefill = len(prepared.prefix) - 1
+        if request.prompt_logprobs is not None:
+            prefill = min(prefill, request.prompt_logprobs_from)
         spec = SeqSpec(
             rid, prepared.encoder_len, bucket, steps, width, self._input_key(request, prepared), prefill
         )
@@ -584,6 +586,8 @@ class Engine:
             tracked = self._tracked[a.rid]
             tracked.timings.setdefault("admitted", now)
             tracked.slots = a.slots
+            if tracked.request.prompt_logprobs is not None and not tracked.preemptions:
+                tracked.prompt_logprobs = [{} for _ in range(a.prefilled)]  # stored, not reported
             if tracked.preemptions and len(tracked.seqs) > 1:  # samples start over: skip repeats
                 for seq in tracked.seqs:
                     seq.skip = len(seq.tokens)

@@ -95,6 +95,10 @@ class Request:
     prompt_logprobs: int | None = rule(Int(0, optional=True), None)
     """The n most likely tokens, and the forced token, at each forced decoder-prefix position
     after the first (entry i predicts prefix token i + 1); None: not reported."""
+    prompt_logprobs_from: int = rule(Int(0), 0)
+    """With ``prompt_logprobs``: the first prefix position reported; earlier entries are empty,
+    and the engine stores those positions at once instead of a decode step each (Whisper asks
+    only from ``<|startoftranscript|>`` on, not over its previous-text prompt)."""
     stop: Sequence[str] = rule(Texts(), ())
     """Strings that end the sequence when its text contains one; the text then ends before it."""
 

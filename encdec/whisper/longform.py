@@ -260,6 +260,7 @@ class LongFormTranscriber:
             kw["logprobs"] = 0
         if th.no_speech is not None and tokens.no_speech is not None:
             kw["prompt_logprobs"] = 1
+            kw["prompt_logprobs_from"] = st.sot_index  # the previous text is prefilled
         if t == 0 and opts.beam_size > 1:
             kw["num_beams"] = opts.beam_size
         elif t > 0:

@@ -288,6 +288,7 @@ PLAUSIBLE = {
     "forced_bos_token_id": st.none() | st.integers(0, 95),
     "logprobs": st.none() | st.integers(0, 5),
     "prompt_logprobs": st.none() | st.integers(0, 2),
+    "prompt_logprobs_from": st.integers(0, 3),
 }
 
 

@@ -108,6 +108,22 @@ def test_prompt_logprobs_are_the_forced_prefix_scores(t5):
         assert all(entry[t] == pytest.approx(lp[i, t], abs=2e-5) for t in best)
 
 
+def test_prompt_logprobs_from_a_position_prefill_the_positions_before_it(t5):
+    _, model = t5
+    ids, prefix = [5, 17, 33], [0, 44, 12, 70, 9, 61]
+    kw = dict(max_new_tokens=3, decoder_prefix=prefix, prompt_logprobs=2)
+    full_engine, part_engine = (Engine(model, _config(max_decoder_prefix=6)) for _ in range(2))
+    full = full_engine.generate([Request(ids, **kw)])[0]
+    part = part_engine.generate([Request(ids, **kw, prompt_logprobs_from=3)])[0]
+    assert part.token_ids == full.token_ids
+    assert len(part.prompt_logprobs) == len(full.prompt_logprobs) == len(prefix) - 1
+    assert part.prompt_logprobs[:3] == [{}, {}, {}]
+    for mine, theirs in zip(part.prompt_logprobs[3:], full.prompt_logprobs[3:], strict=True):
+        assert mine.keys() == theirs.keys()
+        assert all(mine[t] == pytest.approx(theirs[t], abs=2e-5) for t in mine)
+    assert part_engine.stats().decode_steps < full_engine.stats().decode_steps
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_a_prefilled_prefix_equals_hf_and_the_step_by_step_prefix(t5, num_beams):
     """A forced decoder prefix is stored by the encode step in one decoder pass (no decode step
