@@ -29,6 +29,8 @@ class SystemRun:
     """Arrival to first token, per request, where the system streams."""
     memory: dict[str, Any] = dataclasses.field(default_factory=dict)
     """KV memory figures (see :func:`dense_kv_memory`, the engine's ``stats()``)."""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Further figures a system measures (the engine's decode-step time)."""
 
 
 def reference_outputs(model, trace: Trace, *, chunk: int = 64, progress: bool = False) -> list[list[int]]:
@@ -226,6 +228,7 @@ def summarize(
     for k in ("peak_kv_bytes", "kv_bytes_total", "kv_utilization", "slot_occupancy", "compiled"):
         row[k] = run.memory.get(k)
     row["kv_estimated"] = bool(run.memory.get("estimated", False))
+    row.update(run.extra)
     row["latencies_s"] = [float(x) for x in run.latency_s]
     return row
 
