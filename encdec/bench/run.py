@@ -20,7 +20,7 @@ from encdec.bench.machine import machine_info
 from encdec.bench.metrics import SystemRun, TieCheck, reference_outputs, summarize, teacher_forced_agreement
 from encdec.bench.models import resolve_model
 from encdec.bench.results import write_results
-from encdec.bench.systems import System, hf_beam_reference, make_system
+from encdec.bench.systems import EncdecEngine, System, hf_beam_reference, make_system
 from encdec.bench.workloads import Trace, make_trace
 from encdec.checkpoints.pretrained import split_dtype
 from encdec.experiment_config import read_yaml
@@ -115,7 +115,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
                     comparable = trace.num_beams == 1 or name.startswith("encdec")
                     ref = reference if comparable else None
                     row = summarize(_median_run(runs), trace, ref, tie_check, cfg.tie_checks)
-                    system_model = getattr(systems[name], "model", None)
+                    is_engine = isinstance(systems[name], EncdecEngine)
+                    system_model = systems[name].model if is_engine else None
                     if row.get("decode_step_ms") is not None and system_model is not None:
                         wb = decode_weight_bytes(system_model.params, system_model.config)
                         row["weight_bytes_per_step"] = wb
