@@ -9,7 +9,9 @@ import pytest
 import encdec
 from encdec.bench.metrics import position_agreement, teacher_forced_agreement
 from encdec.engine import Engine, EngineConfig, Request
+from encdec.lora.adapters import AdapterError, LoraConfig, init_lora, merge_adapter
 from encdec.models import decode, encode, init_dense_kv
+from encdec.models.layers import project
 from encdec.models.quant import (
     METHOD_ENV,
     QuantizationError,
@@ -126,3 +128,23 @@ def test_bad_input_is_refused(pair, tmp_path):
     again = encdec.quantize_model(fp)  # the float model is left as it was
     assert again.quantize == "int8" and fp.quantize is None
     assert all(x.dtype != jnp.int8 for x in jax.tree_util.tree_leaves(fp.params))
+
+
+def test_lora_applies_on_top_of_int8_in_float(pair, monkeypatch):
+    """An adapter on an int8 projection adds its float low-rank term: with weight-only int8 the
+    result is the dequantized float projection's with the same adapter. Merging is refused."""
+    fp, q = pair
+    monkeypatch.setenv(METHOD_ENV, "weight_only")
+    lora = init_lora(
+        jax.random.PRNGKey(0), q.params, q.config, LoraConfig(rank=2, target_modules="all-linear")
+    )
+    site = lora["decoder"]["layers"][0]["attn"]["q"]
+    site = {**site, "b": jax.random.normal(jax.random.PRNGKey(1), site["b"].shape)}  # b = 0 at init
+    p_q = q.params["decoder"]["layers"][0]["attn"]["q"]
+    p_f = dequantize_params(q.params)["decoder"]["layers"][0]["attn"]["q"]
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 2, q.config.d_model))
+    got = project(p_q, x, "BTD,DNH->BTNH", site)
+    np.testing.assert_allclose(got, project(p_f, x, "BTD,DNH->BTNH", site), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(got - project(p_q, x, "BTD,DNH->BTNH"))).max() > 1e-3
+    with pytest.raises(AdapterError, match="int8 weights take adapters on top"):
+        merge_adapter(q.params, lora)
