@@ -12,7 +12,7 @@ import sys
 def _generate(args: argparse.Namespace) -> int:
     import encdec
 
-    model = encdec.load_pretrained(args.model, dtype=args.dtype)
+    model = encdec.load_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
     if args.ids:
         inputs = [[int(t) for t in s.split()] for s in args.input]
     else:
@@ -72,9 +72,13 @@ def _serve(args: argparse.Namespace) -> int:
         engine_options=args.engine,
         max_pending=args.max_pending,
         dtype=args.dtype,
+        quantize=args.quantize,
         warmup=not args.no_warmup,
         log_level=args.log_level,
     )
+
+
+QUANTIZE_HELP = "int8 weights, float32 activations (int8 CTranslate2 files load as int8 anyway)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
     gen.set_defaults(func=_generate)
 
     for name, func, help_ in (
@@ -123,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="temperature step of each retry of a failed window, up to 1 (0: no retries)",
     )
     tr.add_argument("--num-slots", type=int, default=16, help="windows decoded together")
+    tr.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
     tr.set_defaults(func=_transcribe)
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
@@ -144,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--max-pending", type=int, default=256, help="unfinished requests before 429")
     sv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    sv.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
     sv.add_argument("--no-warmup", action="store_true", help="compile on first use instead of up front")
     sv.add_argument("--log-level", default="info")
     sv.set_defaults(func=_serve)

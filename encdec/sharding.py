@@ -64,6 +64,7 @@ _PROJECTION_AXES = {
 
 _LEAF_AXES = {
     "embedding_VD": ("vocab", "embed"),
+    "embedding_scale_V": ("vocab",),
     "pos_embedding_KD": (None, "embed"),
     "rel_bias_NR": ("heads", None),
     "final_logits_bias_V": ("vocab",),
@@ -113,9 +114,9 @@ def logical_axes(path: Sequence[Any], ndim: int) -> tuple[str | None, ...]:
     axes: tuple[str | None, ...] | None = None
     if keys and keys[-1] in _LEAF_AXES:
         axes = _LEAF_AXES[keys[-1]]
-    elif len(keys) >= 2 and keys[-1] in ("w", "b") and keys[-2] in _PROJECTION_AXES:
+    elif len(keys) >= 2 and keys[-1] in ("w", "b", "w_scale") and keys[-2] in _PROJECTION_AXES:
         w_axes, b_axes = _PROJECTION_AXES[keys[-2]]
-        axes = w_axes if keys[-1] == "w" else b_axes
+        axes = w_axes if keys[-1] == "w" else b_axes  # an int8 weight's scales: its output dims
     if axes is None or len(axes) != ndim:
         return (None,) * ndim
     return axes

@@ -22,7 +22,15 @@ from encdec.experiment_config import (
 )
 from encdec.experiment_config import require as _require
 
-SYSTEMS = ("encdec-inflight", "encdec-static", "hf-generate", "ctranslate2", "ctranslate2-int8")
+SYSTEMS = (
+    "encdec-inflight",
+    "encdec-static",
+    "encdec-inflight-int8",
+    "encdec-static-int8",
+    "hf-generate",
+    "ctranslate2",
+    "ctranslate2-int8",
+)
 PROFILES = ("translation", "summarization", "mixed")
 
 
@@ -92,8 +100,9 @@ class ModelSpec:
     path: str | None = None
     """A local Hugging Face checkpoint directory (``config.json`` + safetensors or
     ``pytorch_model.bin``, and a tokenizer for CTranslate2) instead of a shape."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights and activations for every system (CTranslate2's ``compute_type``)."""
+    dtype: Literal["float32", "bfloat16", "int8"] = "float32"
+    """Weights and activations for every system (CTranslate2's ``compute_type``); ``int8``: int8
+    weights with float32 activations (the reference stays float32; no ``hf-generate``)."""
     seed: int = 0
     """Seed of a shape's random weights; the checkpoint is cached per shape and seed."""
 

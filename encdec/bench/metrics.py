@@ -29,6 +29,8 @@ class SystemRun:
     """Arrival to first token, per request, where the system streams."""
     memory: dict[str, Any] = dataclasses.field(default_factory=dict)
     """KV memory figures (see :func:`dense_kv_memory`, the engine's ``stats()``)."""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Further figures a system measures (the engine's decode-step time)."""
 
 
 def reference_outputs(model, trace: Trace, *, chunk: int = 64, progress: bool = False) -> list[list[int]]:
@@ -55,6 +57,50 @@ def reference_outputs(model, trace: Trace, *, chunk: int = 64, progress: bool = 
         for i, g in zip(idx, gens, strict=True):
             out[i] = list(g.token_ids[: trace.requests[i].output_len])
     return out
+
+
+def teacher_forced_agreement(
+    model, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *, chunk: int = 16,
+    ban_eos: bool = True,
+) -> float:
+    """Fraction of target positions where ``model``'s greedy choice, fed the target's prefix,
+    is the target token: the per-step agreement of a quantized model with the float greedy
+    output, free of the cascade that one early flip causes in a free-running comparison.
+    ``ban_eos``: EOS is never chosen (as in the bench's references, which ban it)."""
+    import jax.numpy as jnp
+
+    from encdec.models import decode, encode, init_dense_kv
+
+    cfg = model.config
+    hits = total = 0
+    for start in range(0, len(inputs), chunk):
+        xs, ys = inputs[start : start + chunk], targets[start : start + chunk]
+        S, T = max(len(x) for x in xs), max(len(y) for y in ys)
+        ids = np.full((len(xs), S), cfg.pad_token_id, np.int32)
+        mask = np.zeros((len(xs), S), bool)
+        toks = np.full((len(xs), T), cfg.pad_token_id, np.int32)
+        toks[:, 0] = cfg.decoder_start_token_id
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            ids[i, : len(x)], mask[i, : len(x)] = x, True
+            toks[i, 1 : len(y)] = y[:-1]
+        enc = encode(model.params, cfg, jnp.asarray(ids), jnp.asarray(mask), dtype=model.dtype)
+        kv = init_dense_kv(model.params, cfg, enc, jnp.asarray(mask), T, dtype=model.dtype)
+        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], toks.shape)
+        logits, _ = decode(model.params, cfg, jnp.asarray(toks), pos, kv, dtype=model.dtype)
+        logits = np.array(logits, np.float32)
+        if ban_eos and cfg.eos_token_id is not None:
+            logits[..., cfg.eos_token_id] = -np.inf
+        choice = logits.argmax(-1)
+        for i, y in enumerate(ys):
+            hits += int((choice[i, : len(y)] == np.asarray(y)).sum())
+            total += len(y)
+    return hits / max(total, 1)
+
+
+def position_agreement(got: Sequence[Sequence[int]], expected: Sequence[Sequence[int]]) -> float:
+    """Fraction of the reference's positions where the free-running output has the same token."""
+    hits = sum(sum(a == b for a, b in zip(g, e, strict=False)) for g, e in zip(got, expected, strict=True))
+    return hits / max(sum(len(e) for e in expected), 1)
 
 
 TIE_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
@@ -137,6 +183,7 @@ def compare_outputs(
     return {
         "outputs_match_reference": first_real is None,
         "match_fraction": float(np.mean(exact)) if exact else 1.0,
+        "token_agreement": position_agreement(got, expected),
         "tie_divergences": ties,
         "first_mismatch": first_real or first_tie,
     }
@@ -175,11 +222,13 @@ def summarize(
     if reference is not None:
         row.update(compare_outputs(run.token_ids, reference, tie_check, max_tie_checks))
     else:
-        for k in ("outputs_match_reference", "match_fraction", "tie_divergences", "first_mismatch"):
+        keys = ("outputs_match_reference", "match_fraction", "token_agreement", "tie_divergences")
+        for k in (*keys, "first_mismatch"):
             row[k] = None
     for k in ("peak_kv_bytes", "kv_bytes_total", "kv_utilization", "slot_occupancy", "compiled"):
         row[k] = run.memory.get(k)
     row["kv_estimated"] = bool(run.memory.get("estimated", False))
+    row.update(run.extra)
     row["latencies_s"] = [float(x) for x in run.latency_s]
     return row
 

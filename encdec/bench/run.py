@@ -14,13 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from encdec.bench.bandwidth import decode_weight_bytes, floor_ms, measure_bandwidth
 from encdec.bench.config import ExperimentConfig, load_experiment, plain
 from encdec.bench.machine import machine_info
-from encdec.bench.metrics import SystemRun, TieCheck, reference_outputs, summarize
+from encdec.bench.metrics import SystemRun, TieCheck, reference_outputs, summarize, teacher_forced_agreement
 from encdec.bench.models import resolve_model
 from encdec.bench.results import write_results
-from encdec.bench.systems import System, hf_beam_reference, make_system
+from encdec.bench.systems import EncdecEngine, System, hf_beam_reference, make_system
 from encdec.bench.workloads import Trace, make_trace
+from encdec.checkpoints.pretrained import split_dtype
 from encdec.experiment_config import read_yaml
 
 TABLE_COLUMNS = (
@@ -34,6 +36,10 @@ TABLE_COLUMNS = (
     ("ttft_p50_s", "TTFT p50 s"),
     ("kv_utilization", "KV util"),
     ("outputs_match_reference", "match"),
+    ("token_agreement", "agree"),
+    ("teacher_forced_agreement", "TF agree"),
+    ("decode_step_ms", "step ms"),
+    ("floor_ms", "floor ms"),
 )
 
 
@@ -69,7 +75,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
         "experiment": cfg.name,
         "description": cfg.description,
         "config": cfg.to_dict(),
-        "machine": machine_info(),
+        "machine": {**machine_info(), "bandwidth": measure_bandwidth()},
         "model": {},
         "workload": {},
         "runs": [],
@@ -80,7 +86,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
         bar.set_postfix_str(f"preparing {label}")
         bench_model = resolve_model(spec, cfg.cache_dir)
         model_dir = bench_model.hf_dir
-        model = encdec.load_pretrained(model_dir, dtype=spec.dtype, tokenizer=False)
+        # dtype int8: the float32 model gives the reference, its int8 copy runs the engine.
+        model = encdec.load_pretrained(model_dir, dtype=split_dtype(spec.dtype)[0], tokenizer=False)
+        engine_model = encdec.quantize_model(model) if spec.dtype == "int8" else model
         results["model"][label] = bench_model.info
         max_in = None if model.config.position == "relative" else model.config.max_positions
         systems: dict[str, System] = {}
@@ -95,17 +103,28 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
                     tie_check = TieCheck(model, trace)
                 elif cfg.check_outputs:
                     bar.set_postfix_str(f"HF beam reference {label} {wl.name}")
-                    reference = hf_beam_reference(model_dir, spec.dtype, trace, progress=progress)
+                    ref_dtype = split_dtype(spec.dtype)[0]
+                    reference = hf_beam_reference(model_dir, ref_dtype, trace, progress=progress)
                 for slots, name in itertools.product(cfg.num_slots, cfg.systems):
                     bar.set_postfix_str(f"{label} {wl.name} slots={slots} {name}")
                     if name not in systems:
-                        systems[name] = make_system(name, spec, cfg, model_dir=model_dir, model=model)
+                        systems[name] = make_system(name, spec, cfg, model_dir=model_dir, model=engine_model)
                     runs = _timed_runs(systems[name], trace, slots, cfg)
                     # Static baselines cut a beam batch's hypotheses at each request's length:
                     # not what beam search at that length gives, so there is nothing to compare.
                     comparable = trace.num_beams == 1 or name.startswith("encdec")
                     ref = reference if comparable else None
                     row = summarize(_median_run(runs), trace, ref, tie_check, cfg.tie_checks)
+                    is_engine = isinstance(systems[name], EncdecEngine)
+                    system_model = systems[name].model if is_engine else None
+                    if row.get("decode_step_ms") is not None and system_model is not None:
+                        wb = decode_weight_bytes(system_model.params, system_model.config)
+                        row["weight_bytes_per_step"] = wb
+                        row["floor_ms"] = floor_ms(wb, results["machine"]["bandwidth"]["jax_read_GBps"])
+                        row["step_over_floor"] = row["decode_step_ms"] / row["floor_ms"]
+                    if ref is not None and system_model is not None and system_model.quantize is not None:
+                        inputs = [list(r.input_ids) for r in trace.requests]
+                        row["teacher_forced_agreement"] = teacher_forced_agreement(system_model, inputs, ref)
                     where = {"model": label, "dtype": spec.dtype, "workload": wl.name, "num_slots": slots}
                     results["runs"].append({**where, **row, "repeat_wall_s": [r.wall_s for r in runs]})
                     write_results(results, out_dir)

@@ -45,6 +45,11 @@ class SystemUnavailable(RuntimeError):
     """A system's dependency is missing in this environment."""
 
 
+ENCDEC_SYSTEMS = ("encdec-inflight", "encdec-static", "encdec-inflight-int8", "encdec-static-int8")
+"""The engine's systems; ``-int8``: the same model with int8 weights (:func:`encdec.quantize_model`),
+so one run puts float32, int8 and CTranslate2 int8 side by side against one float32 reference."""
+
+
 def available_systems() -> dict[str, str | None]:
     """Each system name -> ``None`` when it can run here, else why not."""
     reasons: dict[str, str | None] = {}
@@ -54,7 +59,8 @@ def available_systems() -> dict[str, str | None]:
         engine_reason = None if hasattr(eng, "Engine") else "encdec.engine has no Engine yet"
     except ImportError as e:
         engine_reason = f"encdec.engine cannot be imported: {e}"
-    reasons["encdec-inflight"] = reasons["encdec-static"] = engine_reason
+    for name in ENCDEC_SYSTEMS:
+        reasons[name] = engine_reason
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -228,25 +234,67 @@ class EncdecEngine:
         stats = self._engine.stats()
         memory = engine_memory(stats, trace.engine_slots(num_slots))
         memory["compiled"] = stats.compiled
+        probe = [
+            Request(inputs=list(r.input_ids), max_new_tokens=r.output_len, min_new_tokens=r.output_len)
+            for r in trace.requests[:num_slots]
+        ]
+        extra = {"decode_step_ms": decode_step_ms(self._engine, probe) if trace.num_beams == 1 else None}
         return SystemRun(
             system=self.name, token_ids=[list(map(int, o.token_ids)) for o in outs], latency_s=latency,
-            wall_s=max(o.timings["done"] for o in outs) - t0, ttft_s=ttft, memory=memory,
+            wall_s=max(o.timings["done"] for o in outs) - t0, ttft_s=ttft, memory=memory, extra=extra,
         )
 
     def close(self) -> None:
         self._key, self._engine = None, None
 
 
+def decode_step_ms(engine: Any, requests: list) -> float | None:
+    """Milliseconds per decode step, every dispatch waited on, over one batch of ``requests``
+    (at most the engine's slots, so every step runs about full): what the bench prints beside
+    the memory floor. None when the engine has no ``_decode`` to time."""
+    import jax
+
+    jitted = getattr(engine, "_decode", None)
+    if jitted is None or not requests:
+        return None
+    spent: list[float] = []
+
+    def waited(*a, **kw):
+        start = time.perf_counter()
+        out = jax.block_until_ready(jitted(*a, **kw))
+        spent.append(time.perf_counter() - start)
+        return out
+
+    before = engine.stats().decode_steps
+    engine._decode = waited
+    try:
+        engine.generate(requests)
+    finally:
+        engine._decode = jitted
+    steps = engine.stats().decode_steps - before
+    return sum(spent) / steps * 1e3 if steps else None
+
+
 def make_system(name: str, spec: ModelSpec, cfg: ExperimentConfig, *, model_dir: Path, model: Any) -> System:
-    """Build system ``name`` for one model; ``model`` is the loaded encdec ``Model`` (shared)."""
+    """Build system ``name`` for one model; ``model`` is the loaded encdec ``Model`` (shared; int8
+    when the spec's dtype is ``int8``)."""
     reason = available_systems().get(name, f"unknown system {name!r}")
     if reason is not None:
         raise SystemUnavailable(f"{name}: {reason}")
-    if name in ("encdec-inflight", "encdec-static"):
-        return EncdecEngine(name, model, name.split("-", 1)[1], cfg.engine)
+    if name in ENCDEC_SYSTEMS:
+        if name.endswith("-int8") and model.quantize is None:
+            from encdec import quantize_model
+
+            model = quantize_model(model)
+        return EncdecEngine(name, model, name.split("-")[1], cfg.engine)
     if name == "hf-generate":
+        if spec.dtype == "int8":
+            raise SystemUnavailable("hf-generate: no int8 weights (dtype int8)")
         return HFGenerate(model_dir, spec.dtype, cfg.hf)
     from encdec.bench.models import ct2_model_dir
 
-    compute = spec.dtype if name == "ctranslate2" else f"int8_{spec.dtype}"
+    if spec.dtype == "int8":  # int8 weights, float32 activations: CTranslate2's int8 / int8_float32
+        compute = "int8" if name == "ctranslate2" else "int8_float32"
+    else:
+        compute = spec.dtype if name == "ctranslate2" else f"int8_{spec.dtype}"
     return CT2Translate(name, ct2_model_dir(spec, cfg.cache_dir), compute, cfg.ctranslate2)

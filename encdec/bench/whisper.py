@@ -62,6 +62,9 @@ class WhisperExperimentConfig:
     ct2_threads: int = 2
     """CTranslate2 ``intra_threads`` (match the cores JAX uses)."""
     ct2_compute_type: str = "float32"
+    quantize: str | None = None
+    """encdec's weights: ``int8`` for int8 weights (:func:`encdec.load_pretrained`); set
+    ``ct2_compute_type: int8`` beside it for CTranslate2's int8 on the same file."""
     systems: tuple[str, ...] = ("encdec", "ctranslate2")
     """Any of ``encdec`` (the engine), ``encdec_dense`` (``transcribe``) and ``ctranslate2``."""
 
@@ -95,7 +98,7 @@ def run_whisper_experiment(cfg: WhisperExperimentConfig, out_dir: str | Path) ->
     if len(sentences) < cfg.num_clips:
         raise ValueError(f"only {len(sentences)} sentences for num_clips={cfg.num_clips}")
     paths = synthesize(sentences, out_dir / "clips", voice=cfg.voice, speed=cfg.speed)
-    model = load_whisper(cfg.model)
+    model = load_whisper(cfg.model, quantize=cfg.quantize)
     audio_seconds = sum(features_for(p)[1] for p in paths)
 
     runners = {}

@@ -1,6 +1,6 @@
 """Checkpoint formats: Hugging Face directories -> :class:`encdec.Model`."""
 
 from encdec.checkpoints.hf import CheckpointError, load_params, tensor_specs
-from encdec.checkpoints.pretrained import Model, load_pretrained
+from encdec.checkpoints.pretrained import Model, load_pretrained, quantize_model
 
-__all__ = ["CheckpointError", "Model", "load_params", "load_pretrained", "tensor_specs"]
+__all__ = ["CheckpointError", "Model", "load_params", "load_pretrained", "quantize_model", "tensor_specs"]

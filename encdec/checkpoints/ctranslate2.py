@@ -63,10 +63,24 @@ class Ct2File:
             return (raw.astype(np.uint32) << 16).view(np.float32)
         if dtype not in ("float32", "float16"):
             raise UnsupportedModelError(
-                f"variable {name!r} is {dtype}: quantized CTranslate2 models are not supported "
-                "(convert with --quantization float16 or float32)"
+                f"variable {name!r} is {dtype}: CTranslate2 models quantized to {dtype} are not "
+                f"supported (int8, int8_float16, int8_float32, int8_bfloat16, float16, bfloat16 and "
+                "float32 are)"
             )
         return raw.astype(np.float32)
+
+    def weight(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """A layer's ``weight``: float32 with no scale, or, saved in int8 (CTranslate2's
+        ``int8*`` quantizations), the int8 codes and the per-row scale that dequantizes them
+        (CTranslate2 stores its inverse: ``float = int8 / weight_scale``)."""
+        real = self.aliases.get(name, name)
+        if self.dtypes[real] != "int8":
+            return self.float32(name), None
+        scale_name = f"{name}_scale"
+        if scale_name not in self:
+            raise CheckpointError(f"model.bin variable {name!r} is int8 without {scale_name!r}")
+        inverse = self.float32(scale_name)
+        return self.variables[real], (1.0 / inverse.astype(np.float64)).astype(np.float32)
 
     def scalar(self, name: str, default: int | None = None) -> int:
         if name not in self:
@@ -262,41 +276,77 @@ def whisper_params(ct2: Ct2File, cfg: ModelConfig, *, dtype: Any = np.float32, m
         if name not in ct2:
             raise CheckpointError(f"CTranslate2 model.bin is missing {name!r} {shape}")
         array = ct2.float32(name)
+        check(name, array, shape)
+        return array
+
+    def check(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
         if array.shape != shape:
             raise CheckpointError(f"model.bin variable {name!r} has shape {array.shape}, expected {shape}")
         used.add(ct2.aliases.get(name, name))
-        return array
+
+    def weight(name: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+        """A weight (rows = output channels), with its per-row scale when saved in int8."""
+        if name not in ct2:
+            raise CheckpointError(f"CTranslate2 model.bin is missing {name!r} {shape}")
+        array, scale = ct2.weight(name)
+        check(name, array, shape)
+        if scale is not None:
+            check(f"{name}_scale", scale, shape[:1])
+        return array, scale
 
     def put(path: tuple, array: np.ndarray) -> None:
-        set_path(params, path, place_param(path, array, dtype, mesh))
+        int8 = array.dtype == np.int8
+        set_path(params, path, place_param(path, array, None if int8 else dtype, mesh))
+
+    def put_weight(
+        path: tuple, array: np.ndarray, scale: np.ndarray | None, out_shape: tuple[int, ...]
+    ) -> None:
+        """``w`` (and ``w_scale`` in the output dims' shape when int8)."""
+        put((*path, "w"), array)
+        if scale is not None:
+            set_path(
+                params,
+                (*path, "w_scale"),
+                place_param((*path, "w_scale"), scale.reshape(out_shape), None, mesh),
+            )
 
     def norm(ct2_name: str, path: tuple) -> None:
         put((*path, "scale"), get(f"{ct2_name}/gamma", (D,)))
         put((*path, "bias"), get(f"{ct2_name}/beta", (D,)))
 
     def linear(ct2_name: str, path: tuple, d_in: int, d_out: int) -> None:
-        put((*path, "w"), get(f"{ct2_name}/weight", (d_out, d_in)).T)
+        w, scale = weight(f"{ct2_name}/weight", (d_out, d_in))
+        put_weight(path, w.T, scale, (d_out,))
         put((*path, "b"), get(f"{ct2_name}/bias", (d_out,)))
 
     def heads(ct2_name: str, path: tuple, names: tuple[str, ...]) -> None:
         """Split a fused ``[len(names) * D, D]`` projection into per-name ``[D, N, H]`` weights."""
-        w = get(f"{ct2_name}/weight", (len(names) * D, D))
+        w, scale = weight(f"{ct2_name}/weight", (len(names) * D, D))
         b = get(f"{ct2_name}/bias", (len(names) * D,))
         for i, name in enumerate(names):
-            put((*path, name, "w"), w[i * D : (i + 1) * D].T.reshape(D, N, H))
-            bias = b[i * D : (i + 1) * D]
+            rows = slice(i * D, (i + 1) * D)
+            put_weight(
+                (*path, name), w[rows].T.reshape(D, N, H), None if scale is None else scale[rows], (N, H)
+            )
+            bias = b[rows]
             if name != "k" or np.any(bias):  # Whisper's keys have no bias; CTranslate2 stores zeros
                 put((*path, name, "b"), bias.reshape(N, H))
 
     def out(ct2_name: str, path: tuple) -> None:
-        put((*path, "o", "w"), get(f"{ct2_name}/weight", (D, D)).T.reshape(N, H, D))
+        w, scale = weight(f"{ct2_name}/weight", (D, D))
+        put_weight((*path, "o"), w.T.reshape(N, H, D), scale, (D,))
         put((*path, "o", "b"), get(f"{ct2_name}/bias", (D,)))
 
-    put(("shared", "embedding_VD"), get("decoder/embeddings/weight", (cfg.vocab_size, D)))
+    table, table_scale = weight("decoder/embeddings/weight", (cfg.vocab_size, D))
+    put(("shared", "embedding_VD"), table)
+    if table_scale is not None:
+        put(("shared", "embedding_scale_V"), table_scale)
     if not cfg.tie_word_embeddings:
-        put(("lm_head", "w"), get("decoder/projection/weight", (cfg.vocab_size, D)).T)
+        w, scale = weight("decoder/projection/weight", (cfg.vocab_size, D))
+        put_weight(("lm_head",), w.T, scale, (cfg.vocab_size,))
     for name, c_in in (("conv1", cfg.num_mel_bins), ("conv2", D)):
-        put(("encoder", name, "w"), get(f"encoder/{name}/weight", (D, c_in, 3)).transpose(2, 1, 0))
+        w, scale = weight(f"encoder/{name}/weight", (D, c_in, 3))
+        put_weight(("encoder", name), w.transpose(2, 1, 0), scale, (D,))
         put(("encoder", name, "b"), get(f"encoder/{name}/bias", (D,)))
     put(
         ("encoder", "pos_embedding_KD"), get("encoder/position_encodings/encodings", (cfg.audio_positions, D))

@@ -265,6 +265,8 @@ def merge_adapter(params: Mapping[str, Any], lora: Any, *, sign: float = 1.0) ->
     merged = _copy_containers(params)
     for path, adapter in iter_adapters(lora):
         p = get_path(merged, path)
+        if "w_scale" in p:
+            raise AdapterError(f"{path}: int8 weights take adapters on top, unmerged (merge into float ones)")
         w = p["w"]
         p["w"] = (w.astype(jnp.float32) + sign * delta_weight(adapter, w.shape)).astype(w.dtype)
     return merged

@@ -1,7 +1,7 @@
 """The model's primitives: one projection, norms, activations, position tables.
 
-Every projection in every family goes through :func:`project`, so LoRA (and later sharding or
-quantization) is added in one place.
+Every projection in every family goes through :func:`project`, so LoRA, sharding and int8
+weights are added in one place.
 """
 
 import math
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from encdec.config import ModelConfig
+from encdec.models.quant import int8_matmul
 
 Params = Mapping[str, Any]
 
@@ -30,9 +31,13 @@ def project(
     ``lora`` holds ``a`` (input dims -> rank) and ``b`` (rank -> output dims) in the same
     layout as ``w`` split at the rank, and ``scale`` (alpha / rank); see ``encdec.lora``.
     ``out_dtype`` (default ``x``'s) is the result's dtype, accumulated in it: float32 out of
-    float16 inputs keeps a sum that outgrows float16 finite.
+    float16 inputs keeps a sum that outgrows float16 finite. An int8 ``w`` comes with
+    ``w_scale`` (per output channel, :mod:`encdec.models.quant`); the adapter stays float.
     """
-    y = _as_matmul(eq, x, p["w"].astype(x.dtype), out_dtype)
+    if "w_scale" in p:
+        y = _int8_project(eq, x, p["w"], p["w_scale"], out_dtype)
+    else:
+        y = _as_matmul(eq, x, p["w"].astype(x.dtype), out_dtype)
     if "b" in p:
         y = y + lead(p["b"].astype(y.dtype), y.ndim)
     if lora is not None:
@@ -54,6 +59,28 @@ def _as_matmul(eq: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> ja
     size = int(np.prod(w.shape[:n]))
     y = jnp.dot(x.reshape(-1, size), w.reshape(size, -1), preferred_element_type=out_dtype)
     return y.reshape(x.shape[:-n] + w.shape[n:])
+
+
+def _int8_project(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype: Any) -> jax.Array:
+    """:func:`project`'s product for an int8 ``w``: one :func:`int8_matmul` over ``x``'s trailing
+    contracted dims and ``w``'s output dims flattened (``w``'s are leading, as in every projection,
+    or trailing, as in a tied head ``VD``)."""
+    lhs, out = eq.split("->")
+    x_spec, w_spec = lhs.split(",")
+    contracted = "".join(c for c in w_spec if c not in out)
+    kept = "".join(c for c in w_spec if c in out)
+    n = len(contracted)
+    bounded = w_spec in (contracted + kept, kept + contracted)
+    if not (x_spec.endswith(contracted) and out == x_spec[:-n] + kept and bounded):
+        raise ValueError(f"int8 projection {eq!r}: contracted dims must end x and bound w")
+    size = int(np.prod(x.shape[-n:]))
+    if w_spec.startswith(contracted):
+        y = int8_matmul(x.reshape(-1, size), w.reshape(size, -1), scale.reshape(-1), out_dtype=out_dtype)
+    else:
+        y = int8_matmul(
+            x.reshape(-1, size), w.reshape(-1, size), scale.reshape(-1), out_dtype=out_dtype, w_layout="NK"
+        )
+    return y.reshape(x.shape[:-n] + scale.shape)
 
 
 def lora_delta(lora: Params, x: jax.Array, eq: str) -> jax.Array:

@@ -65,8 +65,10 @@ def _embed(
 ):
     """Token plus position embeddings. ``padded_sinusoidal`` (M2M100/NLLB) reads row
     ``pad + 1 + position``, and the all-zero row ``pad`` for pad tokens and negative positions."""
-    table_VD = stack.get("embedding_VD", params["shared"]["embedding_VD"])
-    x_BTD = table_VD[ids_BT].astype(dtype)
+    owner = stack if "embedding_VD" in stack else params["shared"]
+    x_BTD = owner["embedding_VD"][ids_BT].astype(dtype)
+    if "embedding_scale_V" in owner:  # int8 table (encdec.models.quant): dequantize the rows read
+        x_BTD = x_BTD * owner["embedding_scale_V"][ids_BT][..., None].astype(dtype)
     if cfg.embed_scale != 1.0:
         x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, dtype)
     if cfg.position == "learned":
@@ -258,17 +260,13 @@ def logits(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
     if cfg.tied_output_rescale:
         x_BTD = x_BTD * jnp.asarray(cfg.d_model**-0.5, x_BTD.dtype)
     if cfg.tie_word_embeddings:
-        table_VD = params["decoder"].get("embedding_VD", params["shared"]["embedding_VD"])
-        out_BTV = jnp.einsum(
-            "BTD,VD->BTV", x_BTD, table_VD.astype(x_BTD.dtype), preferred_element_type=jnp.float32
-        )
+        owner = params["decoder"] if "embedding_VD" in params["decoder"] else params["shared"]
+        head = {"w": owner["embedding_VD"]}
+        if "embedding_scale_V" in owner:
+            head["w_scale"] = owner["embedding_scale_V"]
+        out_BTV = project(head, x_BTD, "BTD,VD->BTV", out_dtype=jnp.float32)
     else:
-        out_BTV = jnp.einsum(
-            "BTD,DV->BTV",
-            x_BTD,
-            params["lm_head"]["w"].astype(x_BTD.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        out_BTV = project(params["lm_head"], x_BTD, "BTD,DV->BTV", out_dtype=jnp.float32)
     if cfg.final_logits_bias:
         out_BTV = out_BTV + lead(params["final_logits_bias_V"].astype(jnp.float32), 3)
     # A vocabulary padded to split evenly over devices (encdec.sharding) ends at the real one.

@@ -119,6 +119,7 @@ def serve_cli(
     engine_options: Sequence[str] = (),
     max_pending: int = 256,
     dtype: str = "float32",
+    quantize: str | None = None,
     warmup: bool = True,
     log_level: str = "info",
 ) -> int:
@@ -130,9 +131,9 @@ def serve_cli(
     if model_dir is None:
         raise ValueError("--model is required")
     if str(model_dir) == "whisper-base":
-        model = load_whisper(None, dtype=dtype)
+        model = load_whisper(None, dtype=dtype, quantize=quantize)
     else:
-        model = encdec.load_pretrained(model_dir, dtype=dtype)
+        model = encdec.load_pretrained(model_dir, dtype=dtype, quantize=quantize)
     name = name or Path(str(model_dir)).name
     options = parse_pairs(engine_options, "--engine", yaml_values=True)
     config = engine_config(model, num_slots=num_slots, options=options)

@@ -45,7 +45,7 @@ def transcribe_cli(args: argparse.Namespace) -> int:
         vad=not args.no_vad,
         condition_on_previous_text=not args.no_condition_on_previous_text,
     )
-    model = load_whisper(args.model)
+    model = load_whisper(args.model, quantize=getattr(args, "quantize", None))
     sampling = len(options.temperatures) > 1
     slots = max(args.num_slots, options.beam_size, options.best_of if sampling else 1)
     engine = longform_engine(model, options, num_slots=slots)

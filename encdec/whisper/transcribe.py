@@ -148,13 +148,16 @@ def transcribe(
     return results
 
 
-def load_whisper(model: str | Path | None = None, dtype: str = "float32") -> Model:
-    """A Whisper model from an HF or CTranslate2 directory; ``None`` fetches Whisper-base (cached)."""
+def load_whisper(
+    model: str | Path | None = None, dtype: str = "float32", quantize: str | None = None
+) -> Model:
+    """A Whisper model from an HF or CTranslate2 directory; ``None`` fetches Whisper-base (cached).
+    ``quantize="int8"``: int8 weights (see :func:`encdec.load_pretrained`)."""
     import encdec
     from encdec.whisper.weights import whisper_base_dir
 
     path = Path(model) if model is not None else whisper_base_dir()
-    loaded = encdec.load_pretrained(path, dtype=dtype)
+    loaded = encdec.load_pretrained(path, dtype=dtype, quantize=quantize)
     if not loaded.config.is_audio:
         raise ValueError(f"{path} holds a {loaded.config.model_type} model, not Whisper")
     return loaded

@@ -11,6 +11,7 @@ import pytest
 import encdec
 from encdec.checkpoints.ctranslate2 import read_model_bin, read_vocabulary
 from encdec.config import UnsupportedModelError
+from encdec.models.quant import dequantize_params
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import greedy_decode
 from tests.whisper.tiny_whisper import PROMPT, SUPPRESS, SUPPRESS_BEGIN, VOCABULARY, random_mel, save_ct2
@@ -62,10 +63,43 @@ def test_float16_file_reads_as_float32(tiny_hf_model, tmp_path):
     np.testing.assert_array_equal(table, ct2.get("decoder/embeddings/weight").astype(np.float32))
 
 
-def test_quantized_weights_are_refused_clearly(tiny_hf_model, tmp_path):
-    save_ct2(tiny_hf_model, tmp_path / "int8", quantization="int8")
-    with pytest.raises(UnsupportedModelError, match="quantized CTranslate2 models are not supported"):
-        encdec.load_pretrained(tmp_path / "int8")
+@pytest.mark.parametrize("quantization", ["int8", "int8_float16", "int8_float32"])
+def test_int8_files_load_as_int8(tiny_hf_model, tiny_ct2_dir, tmp_path, quantization):
+    """CTranslate2's int8 codes and scales are kept as they are (``w = int8 / weight_scale``
+    there, ``int8 * w_scale`` here); they are the codes encdec's own quantizer gives the float
+    file, so both int8 models decode alike."""
+    model = encdec.load_pretrained(
+        save_ct2(tiny_hf_model, tmp_path / quantization, quantization=quantization)
+    )
+    assert model.quantize == "int8"
+    ct2 = read_model_bin(tmp_path / quantization / "model.bin")
+    name = "decoder/layer_0/attention/linear_1/weight"  # fused cross k|v: [2D, D]
+    codes, inverse = ct2.get(name), ct2.float32(f"{name}_scale")
+    v = model.params["decoder"]["layers"][0]["cross_attn"]["v"]
+    D = codes.shape[1]
+    np.testing.assert_array_equal(np.asarray(v["w"]).reshape(D, D), codes[D:].T)
+    np.testing.assert_allclose(np.asarray(v["w_scale"]).reshape(D), 1.0 / inverse[D:], rtol=1e-6)
+    # Every weight is within half a step of the float file's, as encdec's own quantizer's are.
+    float_params = encdec.load_pretrained(tiny_ct2_dir).params
+    ours = encdec.load_pretrained(tiny_ct2_dir, quantize="int8")
+    assert jax.tree.structure(model.params) == jax.tree.structure(ours.params)
+    for q, f in ((model, float_params), (ours, float_params)):
+        deq = dequantize_params(q.params)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(deq), jax.tree.leaves(f), strict=True):
+            step = np.abs(np.asarray(b)).max() / 127 if "embedding" in str(path) or "'w'" in str(path) else 0
+            np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), atol=step / 2 * 1.001 + 1e-3 * (step == 0)
+            )
+    got, _ = greedy_decode(
+        model, random_mel(2, seed=5), WhisperTokens.from_dir(tiny_ct2_dir), PROMPT, max_new_tokens=8
+    )
+    assert [len(t) for t in got] == [8, 8]
+
+
+def test_unsupported_quantization_is_refused_clearly(tiny_hf_model, tmp_path):
+    save_ct2(tiny_hf_model, tmp_path / "int16", quantization="int16")
+    with pytest.raises(UnsupportedModelError, match="quantized to int16 are not supported"):
+        encdec.load_pretrained(tmp_path / "int16")
 
 
 @pytest.mark.parametrize("keep", [0, 3, 9, 40, 5000, -1])

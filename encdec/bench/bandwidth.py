@@ -1,0 +1,78 @@
+"""Memory bandwidth, and the decode step's floor: ``weight bytes per step / bandwidth``.
+
+Decode reads every decoder weight once a step, so no step can be faster than that many bytes
+at the machine's read bandwidth; the bench prints this floor beside the step time it measured.
+The probe is STREAM-like: a jitted sum over an array far larger than the caches (reads only,
+as a decode step's weights are), plus numpy's copy for reference; best of a few passes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PROBE_BYTES = 256 << 20
+"""Bytes the probe streams per pass: well beyond any L3 here."""
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # compile / first touch
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_bandwidth(nbytes: int = PROBE_BYTES, repeats: int = 7) -> dict[str, float]:
+    """Read bandwidth in GB/s (1e9 bytes): ``jax_read`` (a jitted sum, what XLA's loops reach)
+    and ``numpy_copy`` (bytes read plus bytes written over the time of ``np.copyto``)."""
+    n = nbytes // 4
+    x = jnp.arange(n, dtype=jnp.float32)
+    total = jax.jit(lambda a: jnp.sum(a))
+    t_read = _best(lambda: total(x).block_until_ready(), repeats)
+    a = np.ones(n, np.float32)
+    b = np.empty_like(a)
+    t_copy = _best(lambda: np.copyto(b, a), repeats)
+    return {"jax_read_GBps": nbytes / t_read / 1e9, "numpy_copy_GBps": 2 * nbytes / t_copy / 1e9}
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def decode_weight_bytes(params: Mapping[str, Any], cfg) -> int:
+    """Bytes of the weights one decode step reads: every decoder layer's projections and norms
+    except the cross-attention K and V (projected once per request, at encoding), the LM head
+    (the embedding table when tied) and BART's logits bias. Embedding rows and position tables
+    are gathered a row per slot: left out."""
+    dec = params["decoder"]
+    total = 0
+    for layer in dec["layers"]:
+        for name, sub in layer.items():
+            if name == "cross_attn":
+                total += _nbytes({k: v for k, v in sub.items() if k not in ("k", "v")})
+            else:
+                total += _nbytes(sub)
+    for name in ("final_norm", "rel_bias_NR"):
+        if name in dec:
+            total += _nbytes(dec[name])
+    if cfg.tie_word_embeddings:
+        owner = dec if "embedding_VD" in dec else params["shared"]
+        total += _nbytes({k: owner[k] for k in ("embedding_VD", "embedding_scale_V") if k in owner})
+    else:
+        total += _nbytes(params["lm_head"])
+    if "final_logits_bias_V" in params:
+        total += _nbytes(params["final_logits_bias_V"])
+    return total
+
+
+def floor_ms(weight_bytes: int, bandwidth_GBps: float) -> float:
+    """The step's floor in milliseconds: its weight bytes at ``bandwidth_GBps``."""
+    return weight_bytes / (bandwidth_GBps * 1e9) * 1e3

@@ -1,0 +1,208 @@
+"""int8 weights: symmetric, one float scale per output channel, for every projection and the
+embedding table (so a tied LM head is int8 too).
+
+Decode is memory-bound (each step reads every decoder weight once), so the bytes a step reads
+set its floor; int8 reads a quarter of float32's. A quantized projection holds ``w`` as int8 in
+the float layout and ``w_scale`` (float32) shaped like its output dims (``b``'s shape): the
+float weight is ``w * w_scale``. The embedding table ``embedding_VD`` is int8 beside
+``embedding_scale_V`` (per row: each row is an output channel of the tied head).
+
+Two ways to multiply (:func:`int8_matmul`), chosen per backend (``ENCDEC_INT8_MATMUL``
+overrides, read when a step is traced):
+
+- ``dynamic``: activations quantized per row on the fly (symmetric, absmax) and an int8 x int8
+  dot with int32 accumulation; the fastest on XLA:CPU (``scripts/bench_int8_matmul.py``), where
+  a converted weight would be materialized in float before the dot. CTranslate2's int8 does the
+  same.
+- ``weight_only``: the int8 weight converted inside the jitted dot (activations stay float);
+  XLA:GPU fuses the convert into the matmul, so it reads int8 bytes.
+
+Both scale the product by ``w_scale`` after the dot (the scale is per output channel, so it
+commutes with the contraction).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEMES = ("int8",)
+"""Known quantization schemes (``load_pretrained(path, quantize=...)``)."""
+METHODS = ("dynamic", "weight_only")
+"""Ways :func:`int8_matmul` multiplies (see the module doc)."""
+METHOD_ENV = "ENCDEC_INT8_MATMUL"
+
+# Leading (input) dims of each projection's ``w``; the rest are output dims (``b``'s shape).
+_INPUT_DIMS = {
+    "q": 1,
+    "k": 1,
+    "v": 1,
+    "o": 2,
+    "wi": 1,
+    "wi_0": 1,
+    "wi_1": 1,
+    "wo": 1,
+    "lm_head": 1,
+    "conv1": 2,
+    "conv2": 2,
+}
+
+
+class QuantizationError(ValueError):
+    """An unknown scheme, or a model that is already quantized."""
+
+
+def check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    return scheme
+
+
+def is_quantized(params: Any) -> bool:
+    """Whether any weight of ``params`` is int8."""
+    return any(getattr(leaf, "dtype", None) == jnp.int8 for leaf in jax.tree_util.tree_leaves(params))
+
+
+def matmul_method() -> str:
+    """The int8 matmul for the default backend: ``dynamic`` on CPU, ``weight_only`` elsewhere,
+    unless ``ENCDEC_INT8_MATMUL`` names one."""
+    method = os.environ.get(METHOD_ENV, "auto")
+    if method == "auto":
+        return "dynamic" if jax.default_backend() == "cpu" else "weight_only"
+    if method not in METHODS:
+        raise QuantizationError(f"{METHOD_ENV}={method!r} is not one of auto, {', '.join(METHODS)}")
+    return method
+
+
+def quantize_array(w: Any, input_dims: int) -> tuple[jax.Array, jax.Array]:
+    """``w`` as int8 with one scale per output channel (its dims after the first ``input_dims``).
+
+    Symmetric absmax: ``scale = max|w| / 127`` over the input dims, ``q = round(w / scale)``; an
+    all-zero channel gets scale 1 (its codes are 0).
+    """
+    return _quantize(jnp.asarray(w), input_dims)
+
+
+def _quantize_impl(w: jax.Array, input_dims: int) -> tuple[jax.Array, jax.Array]:
+    w32 = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w32), axis=tuple(range(input_dims)))
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
+    return q, scale.astype(jnp.float32)
+
+
+_quantize = jax.jit(_quantize_impl, static_argnums=1)
+
+
+def quantize_params(params: Mapping[str, Any], scheme: str = "int8") -> dict[str, Any]:
+    """A copy of ``params`` with every projection's ``w`` (incl. cross K/V, the LM head and
+    Whisper's convolutions) and every embedding table in int8; norms, biases, position tables
+    and T5's relative-bias tables stay float."""
+    check_scheme(scheme)
+    if is_quantized(params):
+        raise QuantizationError("the model's weights are already int8: it is quantized once, at loading")
+
+    def walk(node: Any, name: str | None) -> Any:
+        if isinstance(node, Mapping):
+            if "w" in node and not isinstance(node["w"], Mapping):
+                if name not in _INPUT_DIMS:
+                    raise QuantizationError(f"no quantization rule for projection {name!r}")
+                out = {k: walk(v, k) for k, v in node.items() if k != "w"}
+                out["w"], out["w_scale"] = quantize_array(node["w"], _INPUT_DIMS[name])
+                return out
+            out = {}
+            for k, v in node.items():
+                if k == "embedding_VD":
+                    q_VD, scale_V = quantize_array(jnp.swapaxes(jnp.asarray(v), 0, 1), 1)
+                    out[k], out["embedding_scale_V"] = jnp.swapaxes(q_VD, 0, 1), scale_V
+                else:
+                    out[k] = walk(v, k)
+            return out
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(v, name) for v in node)
+        return node
+
+    return walk(params, None)
+
+
+def dequantize_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The float32 weights an int8 tree stands for (``w * w_scale``): the reference that
+    :func:`int8_matmul`'s ``weight_only`` method computes exactly."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            out = {k: walk(v) for k, v in node.items() if k not in ("w_scale", "embedding_scale_V")}
+            if "w_scale" in node:
+                s = node["w_scale"]
+                out["w"] = node["w"].astype(jnp.float32) * s.reshape(
+                    (1,) * (node["w"].ndim - s.ndim) + s.shape
+                )
+            if "embedding_scale_V" in node:
+                out["embedding_VD"] = (
+                    node["embedding_VD"].astype(jnp.float32) * node["embedding_scale_V"][:, None]
+                )
+            return out
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(v) for v in node)
+        return node
+
+    return walk(params)
+
+
+def quantize_rows(x_MK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Activations as int8 with one absmax scale per row (``x ~ q * scale``)."""
+    x32 = x_MK.astype(jnp.float32)
+    amax_M1 = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale_M1 = jnp.where(amax_M1 > 0, amax_M1 / 127.0, 1.0)
+    q_MK = jnp.clip(jnp.round(x32 / scale_M1), -127, 127).astype(jnp.int8)
+    return q_MK, scale_M1
+
+
+def int8_matmul(
+    x_MK: jax.Array,
+    w: jax.Array,
+    scale_N: jax.Array,
+    *,
+    method: str | None = None,
+    out_dtype: Any = None,
+    w_layout: str = "KN",
+) -> jax.Array:
+    """``x @ (w * scale)`` for an int8 ``w`` ([K, N], or [N, K] with ``w_layout="NK"``: a tied
+    head's table, contracted in place rather than transposed) and per-column ``scale`` [N];
+    the result in ``out_dtype`` (default ``x``'s). ``method``: see the module doc (default
+    :func:`matmul_method`)."""
+    method = method or matmul_method()
+    out_dtype = out_dtype or x_MK.dtype
+    dims = (((1,), (0,)), ((), ())) if w_layout == "KN" else (((1,), (1,)), ((), ()))
+    if method == "dynamic":
+        q_MK, xs_M1 = quantize_rows(x_MK)
+        acc_MN = jax.lax.dot_general(q_MK, w, dims, preferred_element_type=jnp.int32)
+        y_MN = acc_MN.astype(jnp.float32) * xs_M1 * scale_N[None].astype(jnp.float32)
+        return y_MN.astype(out_dtype)
+    if method == "weight_only":
+        acc = jnp.promote_types(out_dtype, x_MK.dtype)
+        y_MN = jax.lax.dot_general(x_MK, w.astype(x_MK.dtype), dims, preferred_element_type=acc)
+        return (y_MN * scale_N[None].astype(acc)).astype(out_dtype)
+    raise QuantizationError(f"unknown int8 matmul method {method!r}; known: {', '.join(METHODS)}")
+
+
+def int8_matmul_reference(x_MK: np.ndarray, w_KN: np.ndarray, scale_N: np.ndarray, method: str) -> np.ndarray:
+    """:func:`int8_matmul` in float64 numpy, for kernel checks (CPU and GPU runs alike)."""
+    x = np.asarray(x_MK, np.float64)
+    w = np.asarray(w_KN, np.float64) * np.asarray(scale_N, np.float64)[None]
+    if method == "dynamic":
+        amax = np.abs(x).max(axis=-1, keepdims=True)
+        s = (
+            np.where(amax > 0, np.float32(amax) / np.float32(127.0), 1.0)
+            .astype(np.float32)
+            .astype(np.float64)
+        )
+        x = np.clip(np.round(x / s), -127, 127) * s
+    elif method != "weight_only":
+        raise QuantizationError(f"unknown int8 matmul method {method!r}")
+    return x @ w
