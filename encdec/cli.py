@@ -38,6 +38,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from encdec.experiment_config import read_yaml
+
+    if (read_yaml(args.experiment) or {}).get("kind") == "whisper_lora":
+        from encdec.whisper.finetune import finetune_whisper_cli
+
+        return finetune_whisper_cli(args.experiment, overrides=args.set, out=args.out)
     from encdec.lora.finetune import finetune_cli
 
     return finetune_cli(args.experiment, overrides=args.set, out=args.out)
@@ -123,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="temperature step of each retry of a failed window, up to 1 (0: no retries)",
     )
     tr.add_argument("--num-slots", type=int, default=16, help="windows decoded together")
+    tr.add_argument(
+        "--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter applied to every window"
+    )
     tr.set_defaults(func=_transcribe)
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
