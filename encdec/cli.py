@@ -1,4 +1,4 @@
-"""``encdec generate | run | finetune | transcribe | serve`` — thin wrappers over the library.
+"""``encdec generate | run | finetune | transcribe | export | serve`` — thin wrappers over the library.
 
 Each subcommand parses its arguments and calls one library function; the logic lives there.
 """
@@ -53,6 +53,22 @@ def _transcribe(args: argparse.Namespace) -> int:
     from encdec.whisper.command import transcribe_cli
 
     return transcribe_cli(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from encdec.checkpoints.export import export_hf
+    from encdec.checkpoints.pretrained import load_pretrained
+
+    if args.format != "hf":
+        raise ValueError(f"--format {args.format!r}: only hf is supported")
+    if args.model is None:
+        from encdec.whisper.weights import whisper_base_dir
+
+        args.model = str(whisper_base_dir())
+    model = load_pretrained(args.model)
+    written = export_hf(model, args.out)
+    print(f"wrote {model.config.model_type} from {args.model} to {written}")
+    return 0
 
 
 DEFAULT_SERVE_SHAPE = "t5-small"
@@ -133,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter applied to every window"
     )
     tr.set_defaults(func=_transcribe)
+
+    ex = sub.add_parser("export", help="write a model as a Hugging Face checkpoint directory")
+    ex.add_argument(
+        "--model", default=None, help="HF or CTranslate2 Whisper directory (default: Whisper-base)"
+    )
+    ex.add_argument("--format", default="hf", choices=["hf"], help="hf: WhisperForConditionalGeneration")
+    ex.add_argument("--out", required=True, help="directory to write")
+    ex.set_defaults(func=_export)
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     sv.add_argument(
