@@ -96,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             same += 1
         else:
             k = next((i for i, (a, b) in enumerate(zip(theirs, mine, strict=False)) if a != b), None)
-            print(
-                f"differs: {clip.voice} {clip.path.name} at token {k} (hf {len(theirs)}, encdec {len(mine)} tokens)"
-            )
+            name = f"{clip.voice} {clip.path.name}"
+            print(f"differs: {name} at token {k} (hf {len(theirs)}, encdec {len(mine)} tokens)")
     print(f"HF + PEFT: {len(clips)} clips in {time.perf_counter() - t:.1f} s")
     print(f"identical greedy tokens (float32): {same} of {len(clips)} held-out clips")
     return 0 if same == len(clips) else 1
