@@ -317,6 +317,11 @@ def finetune_whisper(
                 "", f"{out} holds a run with a different config; choose another --out or delete it"
             )
     config_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    metrics_file = out / "metrics.json"
+    if metrics_file.exists() and (out / "adapter").exists():
+        summary = json.loads(metrics_file.read_text())["summary"]
+        if summary["finished"]:  # the same config, already run to the end: nothing to do
+            return summary
 
     started = time.perf_counter()
     model = load_whisper(config.model.path, config.model.dtype)

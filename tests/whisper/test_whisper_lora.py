@@ -6,7 +6,6 @@ HF + PEFT parity on the real Whisper-base weights.
 
 import dataclasses
 import json
-import shutil
 
 import jax
 import numpy as np
@@ -18,6 +17,7 @@ from transformers.generation.utils import GenerationMixin
 import encdec
 from encdec.checkpoints.export import export_hf
 from encdec.engine import Request
+from encdec.experiment_config import build
 from encdec.lora import AdapterBank, AdapterError, LoraConfig, init_lora, load_peft, merge_adapter, save_peft
 from encdec.whisper import AudioInput, log_mel_spectrogram, whisper_engine
 from encdec.whisper.accent import group_verses, split_groups
@@ -25,26 +25,14 @@ from encdec.whisper.clips import espeak_available
 from encdec.whisper.finetune import DECODER_TARGETS, WhisperLoraExperiment, check_targets, finetune_whisper
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import greedy_decode
-from tests.whisper.tiny_whisper import PROMPT, SPECIALS, VOCABULARY, hf_greedy_config
+from tests.whisper.tiny_whisper import PROMPT, add_word_tokenizer, hf_greedy_config, tiny_lora_experiment
 
 MAX_NEW = 8
 
 
-def _with_tokenizer(ct2_dir, out):
-    """The tiny CTranslate2 model with a word-level tokenizer.json over its ``t0 t1 ...`` vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    shutil.copytree(ct2_dir, out)
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCABULARY)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(SPECIALS)
-    tok.save(str(out / "tokenizer.json"))
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_ct2_dir, tmp_path_factory):
-    return _with_tokenizer(tiny_ct2_dir, tmp_path_factory.mktemp("tiny_lora") / "model")
+    return add_word_tokenizer(tiny_ct2_dir, tmp_path_factory.mktemp("tiny_lora") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -86,32 +74,12 @@ def test_held_out_verses_are_never_trained_on():
     not espeak_available(), reason="espeak-ng is not installed (apt-get install -y espeak-ng)"
 )
 def test_finetune_smoke_run_writes_results_and_resumes(model, tiny_dir, tmp_path):
-    verses = tmp_path / "verses.txt"
-    verses.write_text("\n".join(" ".join(f"t{(7 * i + j) % 40 + 1}" for j in range(3)) for i in range(14)))
-    config = WhisperLoraExperiment(
-        model=dataclasses.replace(WhisperLoraExperiment().model, path=str(tiny_dir)),
-        data=dataclasses.replace(
-            WhisperLoraExperiment().data,
-            verses_file=str(verses),
-            clip_words=6,
-            num_eval=2,
-            num_train=4,
-            control_fraction=0.5,
-            cache_dir=str(tmp_path / "clips"),
-        ),
-        lora=LoraConfig(rank=2, alpha=4.0, target_modules=DECODER_TARGETS, stacks=("decoder",)),
-        train=dataclasses.replace(WhisperLoraExperiment().train, steps=3, batch_size=2, warmup_steps=1),
-        max_target_len=16,
-        eval_every=2,
-        eval_max_new_tokens=4,
-        num_slots=2,
-        checkpoint_every=1,
-    )
+    config = build(WhisperLoraExperiment, tiny_lora_experiment(tiny_dir, tmp_path))
     out = tmp_path / "run"
     first = finetune_whisper(config, out, stop_after=2, progress=False, log=lambda _: None)
     assert (first["steps"], first["finished"]) == (2, False)
     summary = finetune_whisper(config, out, progress=False, log=lambda _: None)  # resumes at step 2
-    assert (summary["steps"], summary["finished"], summary["train_clips"]) == (3, True, 5)
+    assert (summary["steps"], summary["finished"], summary["train_clips"]) == (3, True, 6)
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [r["step"] for r in history] == [0, 1, 2, 3]
     assert [r["step"] for r in history if "wer_target" in r] == [0, 2, 3]
