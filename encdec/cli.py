@@ -1,4 +1,4 @@
-"""``encdec generate | run | finetune | transcribe | serve`` — thin wrappers over the library.
+"""``encdec generate | run | finetune | transcribe | export | serve`` — thin wrappers over the library.
 
 Each subcommand parses its arguments and calls one library function; the logic lives there.
 """
@@ -38,6 +38,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from encdec.experiment_config import read_yaml
+
+    if (read_yaml(args.experiment) or {}).get("kind") == "whisper_lora":
+        from encdec.whisper.finetune import finetune_whisper_cli
+
+        return finetune_whisper_cli(args.experiment, overrides=args.set, out=args.out)
     from encdec.lora.finetune import finetune_cli
 
     return finetune_cli(args.experiment, overrides=args.set, out=args.out)
@@ -47,6 +53,22 @@ def _transcribe(args: argparse.Namespace) -> int:
     from encdec.whisper.command import transcribe_cli
 
     return transcribe_cli(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from encdec.checkpoints.export import export_hf
+    from encdec.checkpoints.pretrained import load_pretrained
+
+    if args.format != "hf":
+        raise ValueError(f"--format {args.format!r}: only hf is supported")
+    if args.model is None:
+        from encdec.whisper.weights import whisper_base_dir
+
+        args.model = str(whisper_base_dir())
+    model = load_pretrained(args.model)
+    written = export_hf(model, args.out)
+    print(f"wrote {model.config.model_type} from {args.model} to {written}")
+    return 0
 
 
 DEFAULT_SERVE_SHAPE = "t5-small"
@@ -129,7 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--num-slots", type=int, default=16, help="windows decoded together")
     tr.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
+    tr.add_argument(
+        "--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter applied to every window"
+    )
     tr.set_defaults(func=_transcribe)
+
+    ex = sub.add_parser("export", help="write a model as a Hugging Face checkpoint directory")
+    ex.add_argument(
+        "--model", default=None, help="HF or CTranslate2 Whisper directory (default: Whisper-base)"
+    )
+    ex.add_argument("--format", default="hf", choices=["hf"], help="hf: WhisperForConditionalGeneration")
+    ex.add_argument("--out", required=True, help="directory to write")
+    ex.set_defaults(func=_export)
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     sv.add_argument(

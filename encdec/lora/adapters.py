@@ -27,6 +27,7 @@ from encdec.config import ModelConfig
 
 Path = tuple[Any, ...]
 ALL_LINEAR = "all-linear"
+STACKS = ("encoder", "decoder")
 T5_MODULES = ("q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1")
 BART_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
@@ -49,10 +50,17 @@ class LoraConfig:
     """PEFT module names to adapt, or ``"all-linear"`` for every attention and FFN projection."""
     use_rslora: bool = False
     """Rank-stabilised scale ``alpha / sqrt(rank)``."""
+    stacks: tuple[str, ...] = STACKS
+    """Which stacks' projections are adapted: ``[decoder]`` leaves the encoder frozen and unadapted
+    (its outputs can then be computed once per input and reused across training steps)."""
 
     def __post_init__(self):
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("target_modules", "stacks"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        stacks = self.stacks
+        if not stacks or any(s not in STACKS for s in stacks) or len(set(stacks)) != len(stacks):
+            raise ValueError(f"stacks: must be distinct names from {list(STACKS)}, got {self.stacks!r}")
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise ValueError(f"rank: must be a positive integer, got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
@@ -113,28 +121,40 @@ def sites(cfg: ModelConfig) -> dict[Path, Site]:
     return out
 
 
+def _matches(site: Site, target: str) -> bool:
+    """PEFT's rule for a list entry: the module's name is the target or ends with ``.target``."""
+    return site.hf_module == target or site.hf_module.endswith("." + target)
+
+
 def resolve_targets(cfg: ModelConfig, target_modules: tuple[str, ...] | str) -> tuple[str, ...]:
-    """Module names for this family; unknown names raise naming the valid ones."""
+    """Module names for this family; unknown names raise naming the valid ones.
+
+    A name is a module (``q_proj``) or, as in PEFT, a dotted tail of the module's full name
+    (``encoder_attn.q_proj``, ``decoder.layers.0.fc1``) selecting only the modules it ends.
+    """
     known = family_modules(cfg)
     if target_modules == ALL_LINEAR or target_modules == (ALL_LINEAR,):
         present = {s.module for s in sites(cfg).values()}
         return tuple(m for m in known if m in present)
     targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
-    unknown = [t for t in targets if t not in known]
+    unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in known]
     if unknown:
         raise AdapterError(
             f"target_modules {unknown} are not {cfg.model_type} modules; choose from {', '.join(known)} "
-            f"or {ALL_LINEAR!r}"
+            f"(or dotted tails of their names, e.g. self_attn.{known[0]}) or {ALL_LINEAR!r}"
         )
-    present = {s.module for s in sites(cfg).values()}
-    if not any(t in present for t in targets):
+    every = list(sites(cfg).values())
+    absent = [t for t in targets if not any(_matches(s, t) for s in every)]
+    if len(absent) == len(targets):
         raise AdapterError(f"none of target_modules {list(targets)} exists in this {cfg.model_type} model")
     return targets
 
 
-def target_sites(cfg: ModelConfig, target_modules: tuple[str, ...] | str) -> list[Site]:
-    targets = set(resolve_targets(cfg, target_modules))
-    return [s for s in sites(cfg).values() if s.module in targets]
+def target_sites(
+    cfg: ModelConfig, target_modules: tuple[str, ...] | str, stacks: tuple[str, ...] = STACKS
+) -> list[Site]:
+    targets = resolve_targets(cfg, target_modules)
+    return [s for s in sites(cfg).values() if s.path[0] in stacks and any(_matches(s, t) for t in targets)]
 
 
 # ---- tree helpers ---------------------------------------------------------------------------
@@ -209,7 +229,11 @@ def init_lora(key: jax.Array, params: Mapping[str, Any], cfg: ModelConfig, confi
     ``+-1/sqrt(in)`` with ``in`` the flattened input width.
     """
     entries = {}
-    site_list = target_sites(cfg, config.target_modules)
+    site_list = target_sites(cfg, config.target_modules, config.stacks)
+    if not site_list:
+        raise AdapterError(
+            f"target_modules {config.target_modules!r} select nothing in stacks {list(config.stacks)}"
+        )
     keys = jax.random.split(key, len(site_list))
     for k, site in zip(keys, site_list, strict=True):
         w = get_path(params, site.path)["w"]

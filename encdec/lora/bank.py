@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from encdec.config import ModelConfig
 from encdec.lora.adapters import (
     ALL_LINEAR,
+    STACKS,
     AdapterError,
     build_tree,
     check_adapter,
@@ -57,13 +58,14 @@ class AdapterBank:
         capacity: int,
         max_rank: int,
         target_modules: Sequence[str] | str = ALL_LINEAR,
+        stacks: Sequence[str] = STACKS,
         dtype: Any = jnp.float32,
     ):
         if capacity <= 0 or max_rank <= 0:
             raise AdapterError(f"capacity and max_rank must be positive, got {capacity} and {max_rank}")
         self.params, self.cfg = params, cfg
         self.capacity, self.max_rank = capacity, max_rank
-        self._sites = {s.path: s for s in target_sites(cfg, target_modules)}
+        self._sites = {s.path: s for s in target_sites(cfg, target_modules, tuple(stacks))}
         rows = capacity + 1
         entries = {}
         for path, site in self._sites.items():
@@ -77,6 +79,26 @@ class AdapterBank:
         self._row_of: dict[str, int] = {}
         self._mesh: Mesh | None = None
         self._shardings = None
+
+    @classmethod
+    def for_adapters(
+        cls, params: Mapping[str, Any], cfg: ModelConfig, loras: Sequence[Any], *, capacity: int | None = None
+    ) -> AdapterBank:
+        """A bank just wide enough for ``loras``: their module names, stacks and largest rank
+        (an encoder left unadapted by all of them gets no bank rows to gather)."""
+        from encdec.lora.adapters import sites
+
+        by_path = sites(cfg)
+        paths = [p for lora in loras for p, _ in iter_adapters(lora)]
+        if not paths:
+            raise AdapterError("no adapters to size a bank for")
+        for p in paths:
+            if p not in by_path:
+                where = "/".join(map(str, p))
+                raise AdapterError(f"adapter at {where}: the base model has no projection there")
+        modules = tuple(sorted({by_path[p].hf_module for p in paths}))  # full names: those sites only
+        rank = max(rank_of(a) for lora in loras for _, a in iter_adapters(lora))
+        return cls(params, cfg, capacity=capacity or len(loras), max_rank=rank, target_modules=modules)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
 

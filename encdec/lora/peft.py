@@ -24,6 +24,7 @@ import numpy as np
 
 from encdec.config import ModelConfig
 from encdec.lora.adapters import (
+    STACKS,
     AdapterError,
     LoraConfig,
     build_tree,
@@ -96,7 +97,11 @@ def save_peft(
     alpha0 = collections.Counter(round(al, 6) for _, al in per_module.values()).most_common(1)[0][0]
     rank_pattern = {m: r for m, (r, _) in per_module.items() if r != r0}
     alpha_pattern = {m: al for m, (_, al) in per_module.items() if not math.isclose(al, alpha0, rel_tol=1e-6)}
-    targets = sorted({m.rsplit(".", 1)[-1] for m in per_module})
+    short = {m.rsplit(".", 1)[-1] for m in per_module}
+    every = {hf_module_prefix(cfg) + s.hf_module for s in site_by_path.values() if s.module in short}
+    # PEFT matches a target by the end of a module's name: short names where every module of
+    # that name is adapted, else the full names (a decoder-only adapter leaves the encoder's alone).
+    targets = sorted(short) if set(per_module) == every else sorted(per_module)
     config = {
         "peft_type": "LORA",
         "task_type": "SEQ_2_SEQ_LM",
@@ -197,12 +202,12 @@ def load_peft(directory: str | Path, params: Mapping[str, Any], cfg: ModelConfig
         raise AdapterError(f"{weights_path} holds no LoRA weights")
     lora = build_tree(entries, params)
     check_adapter(params, cfg, lora)
-    targets = config.get("target_modules") or sorted({m.rsplit(".", 1)[-1] for m in pairs})
     lora_config = LoraConfig(
         rank=int(config.get("r", 8)),
         alpha=alpha,
         dropout=float(config.get("lora_dropout", 0.0)),
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
+        target_modules=tuple(sorted({by_module[m].module for m in pairs})),
         use_rslora=use_rslora,
+        stacks=tuple(s for s in STACKS if any(by_module[m].path[0] == s for m in pairs)),
     )
     return lora, lora_config

@@ -15,7 +15,6 @@ from typing import Any
 
 from encdec.checkpoints.pretrained import Model
 from encdec.engine import AsyncEngine, Engine, EngineConfig
-from encdec.lora.adapters import ALL_LINEAR, iter_adapters, rank_of, sites
 from encdec.lora.bank import AdapterBank
 from encdec.lora.peft import load_peft
 from encdec.serving.metrics import ServerMetrics
@@ -73,16 +72,7 @@ class ServedModel:
 def adapter_bank(model: Model, adapters: Mapping[str, str | Path]) -> tuple[AdapterBank, dict[str, Any]]:
     """A bank sized for ``adapters`` (name -> PEFT directory) and their trees, read and checked."""
     loras = {name: load_peft(path, model.params, model.config)[0] for name, path in adapters.items()}
-    by_path = sites(model.config)
-    modules = sorted({by_path[p].module for lora in loras.values() for p, _ in iter_adapters(lora)})
-    rank = max(rank_of(a) for lora in loras.values() for _, a in iter_adapters(lora))
-    bank = AdapterBank(
-        model.params,
-        model.config,
-        capacity=len(loras),
-        max_rank=rank,
-        target_modules=tuple(modules) or ALL_LINEAR,
-    )
+    bank = AdapterBank.for_adapters(model.params, model.config, list(loras.values()))
     return bank, loras
 
 

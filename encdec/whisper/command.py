@@ -18,12 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
+from encdec.lora import AdapterBank, AdapterError, load_peft
 from encdec.whisper.longform import LongFormTranscriber
 from encdec.whisper.options import LongFormOptions
 from encdec.whisper.segments import Transcription
 from encdec.whisper.serving import longform_engine
 from encdec.whisper.subtitles import OutputDirError, check_output_dir, write_transcription
 from encdec.whisper.transcribe import load_whisper
+
+ADAPTER_ID = "adapter"
+"""The bank id of ``--adapter DIR``."""
 
 
 def transcribe_cli(args: argparse.Namespace) -> int:
@@ -44,11 +48,22 @@ def transcribe_cli(args: argparse.Namespace) -> int:
         beam_size=args.beam_size,
         vad=not args.no_vad,
         condition_on_previous_text=not args.no_condition_on_previous_text,
+        adapter=ADAPTER_ID if args.adapter else None,
     )
     model = load_whisper(args.model, quantize=getattr(args, "quantize", None))
+    bank, lora = None, None
+    if args.adapter:
+        try:
+            lora, _ = load_peft(args.adapter, model.params, model.config)
+        except AdapterError as e:
+            print(f"encdec transcribe: error: --adapter {args.adapter}: {e}", file=sys.stderr)
+            return 2
+        bank = AdapterBank.for_adapters(model.params, model.config, [lora])
     sampling = len(options.temperatures) > 1
     slots = max(args.num_slots, options.beam_size, options.best_of if sampling else 1)
-    engine = longform_engine(model, options, num_slots=slots)
+    engine = longform_engine(model, options, num_slots=slots, adapters=bank)
+    if lora is not None:
+        engine.load_adapter(ADAPTER_ID, lora)
     transcriber = LongFormTranscriber(engine, options)  # an unknown language fails here
     names = _output_names(args.files)
     failed = 0

@@ -230,7 +230,8 @@ class LongFormTranscriber:
     def _detect_request(self, f: _File) -> Request:
         start = f.streams[0].start  # the first 30 s of speech
         top = min(5, self.engine.config.max_logprobs)
-        return detection_request(self.tokens, f.samples[start : start + N_SAMPLES], top)
+        request = detection_request(self.tokens, f.samples[start : start + N_SAMPLES], top)
+        return dataclasses.replace(request, adapter_id=self.options.adapter)
 
     def _detected(self, f: _File, out: RequestOutput) -> None:
         f.result.language = self.tokens.language_of(out.token_ids[0])
@@ -270,6 +271,7 @@ class LongFormTranscriber:
             AudioInput(window, language=f.result.language or "en", task=opts.task, padding="features"),
             decoder_prefix=prefix,
             temperature=t,
+            adapter_id=opts.adapter,
             **kw,
         )
 

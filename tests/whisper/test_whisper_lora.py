@@ -1,0 +1,202 @@
+"""LoRA on Whisper: training on accented clips, adapters in the engine, HF export + PEFT, bad input.
+
+Tiny random Whisper (tests/whisper/tiny_whisper.py) everywhere but the last test, which checks
+HF + PEFT parity on the real Whisper-base weights.
+"""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers.generation.utils import GenerationMixin
+
+import encdec
+from encdec.checkpoints.export import export_hf
+from encdec.engine import Request
+from encdec.experiment_config import build
+from encdec.lora import AdapterBank, AdapterError, LoraConfig, init_lora, load_peft, merge_adapter, save_peft
+from encdec.whisper import AudioInput, log_mel_spectrogram, whisper_engine
+from encdec.whisper.accent import group_verses, split_groups
+from encdec.whisper.clips import espeak_available
+from encdec.whisper.finetune import DECODER_TARGETS, WhisperLoraExperiment, check_targets, finetune_whisper
+from encdec.whisper.tokens import WhisperTokens
+from encdec.whisper.transcribe import greedy_decode
+from tests.whisper.tiny_whisper import PROMPT, add_word_tokenizer, hf_greedy_config, tiny_lora_experiment
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_ct2_dir, tmp_path_factory):
+    return add_word_tokenizer(tiny_ct2_dir, tmp_path_factory.mktemp("tiny_lora") / "model")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return encdec.load_pretrained(tiny_dir)
+
+
+def _adapter(model, seed, rank, targets=DECODER_TARGETS, stacks=("decoder",)):
+    """A random adapter with nonzero B (a fresh one changes nothing and proves nothing)."""
+    config = LoraConfig(rank=rank, alpha=2.0 * rank, target_modules=targets, stacks=stacks)
+    lora = init_lora(jax.random.PRNGKey(seed), model.params, model.config, config)
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed + 100), 1000))
+    return jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape) * 0.5 if x.ndim >= 2 else x, lora)
+
+
+def _audio(n):
+    rng = np.random.default_rng(7)
+    return [(rng.standard_normal(16000 * (1 + i)) * 0.1).astype(np.float32) for i in range(n)]
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+def test_held_out_verses_are_never_trained_on():
+    verses = [f"verse {i} " + "word " * (i % 5) for i in range(60)] + ["verse 3 ", "verse 7 word word "]
+    groups = group_verses(verses, 6)
+    assert all(sum(len(v.split()) for v in g) >= 6 for g in groups)
+    train, held = split_groups(groups, 4, 100, seed=1)
+    assert (train, held) == split_groups(groups, 4, 100, seed=1)  # deterministic
+    held_verses = {v for g in held for v in g}
+    assert len(held) == 4 and train and not held_verses.intersection(v for g in train for v in g)
+    assert split_groups(groups, 4, 100, seed=2)[1] != held
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not espeak_available(), reason="espeak-ng is not installed (apt-get install -y espeak-ng)"
+)
+def test_finetune_smoke_run_writes_results_and_resumes(model, tiny_dir, tmp_path):
+    config = build(WhisperLoraExperiment, tiny_lora_experiment(tiny_dir, tmp_path))
+    out = tmp_path / "run"
+    first = finetune_whisper(config, out, stop_after=2, progress=False, log=lambda _: None)
+    assert (first["steps"], first["finished"]) == (2, False)
+    summary = finetune_whisper(config, out, progress=False, log=lambda _: None)  # resumes at step 2
+    assert (summary["steps"], summary["finished"], summary["train_clips"]) == (3, True, 6)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [r["step"] for r in history] == [0, 1, 2, 3]
+    assert [r["step"] for r in history if "wer_target" in r] == [0, 2, 3]
+    assert history[1]["loss"] > 0 and (out / "curve.png").stat().st_size > 0
+    lora, lora_config = load_peft(out / "adapter", model.params, model.config)
+    assert lora_config.stacks == ("decoder",) and lora_config.rank == 2
+    assert "encoder" not in lora and any(np.abs(np.asarray(a["b"])).max() > 0 for a in _leaves(lora))
+
+
+def _leaves(lora):
+    from encdec.lora.adapters import iter_adapters
+
+    return [a for _, a in iter_adapters(lora)]
+
+
+# ---- serving: base and two adapters in one engine ---------------------------------------------------
+
+
+def test_mixed_adapters_in_one_engine_equal_each_adapter_merged(model, tiny_dir):
+    adapters = {
+        "fr": _adapter(model, 1, 4),
+        "de": _adapter(model, 2, 2, ("q_proj", "fc2"), ("encoder", "decoder")),
+    }
+    bank = AdapterBank.for_adapters(model.params, model.config, list(adapters.values()))
+    assert bank.max_rank == 4
+    engine = whisper_engine(model, adapters=bank, num_slots=3, encoder_batch=2)
+    engine.load_adapter("fr", adapters["fr"])
+    warm = engine.warmup()
+    engine.load_adapter("de", adapters["de"])  # after compiling: nothing recompiles
+    audio = _audio(4)
+    ids = [None, "fr", "de"]
+    requests = [
+        Request(AudioInput(a), max_new_tokens=MAX_NEW, adapter_id=ids[i % 3])
+        for i, a in enumerate(audio + audio[:2])
+    ]
+    outputs = engine.generate(requests)
+    assert engine.compile_counts() == warm
+    tokens = WhisperTokens.from_dir(tiny_dir)
+    mel = np.stack([log_mel_spectrogram(a, model.config.num_mel_bins) for a in audio + audio[:2]])
+    references = {}
+    for name in ids:
+        merged = (
+            model
+            if name is None
+            else dataclasses.replace(model, params=merge_adapter(model.params, adapters[name]))
+        )
+        references[name] = greedy_decode(merged, mel, tokens, PROMPT, max_new_tokens=MAX_NEW)[0]
+    for i, (req, out) in enumerate(zip(requests, outputs, strict=True)):
+        expected = references[req.adapter_id][i]
+        assert [t for t in out.token_ids if t != tokens.eot] == expected, (i, req.adapter_id)
+    assert references["fr"] != references[None] and references["de"] != references[None]
+
+
+# ---- export: HF + PEFT ------------------------------------------------------------------------------
+
+
+def test_hf_export_round_trips_and_peft_gives_encdec_tokens(model, tiny_hf_model, tiny_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import WhisperForConditionalGeneration
+
+    hf_dir = export_hf(model, tmp_path / "hf")
+    written = load_file(str(hf_dir / "model.safetensors"))
+    original = {k: v.numpy() for k, v in tiny_hf_model.state_dict().items()}
+    assert set(written) == set(original) - {"proj_out.weight"}  # tied to the embeddings
+    for name, array in written.items():
+        np.testing.assert_array_equal(array, original[name], err_msg=name)
+    reloaded = encdec.load_pretrained(hf_dir)
+    assert WhisperTokens.from_dir(hf_dir) == WhisperTokens.from_dir(tiny_dir)
+
+    lora = _adapter(model, 3, 4)
+    save_peft(tmp_path / "adapter", lora, model.config, lora_config=LoraConfig(rank=4, stacks=("decoder",)))
+    hf = PeftModel.from_pretrained(
+        WhisperForConditionalGeneration.from_pretrained(hf_dir).eval(), tmp_path / "adapter"
+    )
+    mel = np.stack([log_mel_spectrogram(a, model.config.num_mel_bins) for a in _audio(3)])
+    with torch.no_grad():
+        hf_tokens = GenerationMixin.generate(
+            hf.base_model.model,
+            input_features=torch.tensor(mel),
+            decoder_input_ids=torch.tensor([PROMPT] * 3),
+            generation_config=hf_greedy_config(MAX_NEW),
+        ).numpy()[:, len(PROMPT) :]
+    merged = dataclasses.replace(reloaded, params=merge_adapter(reloaded.params, lora))
+    ours = greedy_decode(merged, mel, WhisperTokens.from_dir(hf_dir), PROMPT, max_new_tokens=MAX_NEW)[0]
+    base = greedy_decode(reloaded, mel, WhisperTokens.from_dir(hf_dir), PROMPT, max_new_tokens=MAX_NEW)[0]
+    for row, (theirs, mine) in enumerate(zip(hf_tokens.tolist(), ours, strict=True)):
+        assert theirs[: len(mine)] == mine, row
+    assert ours != base and all(ours)  # the adapter matters; every row has tokens to compare
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def test_bad_adapters_get_clear_errors(model, tmp_path):
+    lora = _adapter(model, 4, 4)
+    # An adapter trained for another base: a decoder projection of another width.
+    site = lora["decoder"]["layers"][0]["attn"]["q"]
+    wrong = {**site, "a": np.zeros((64, 4), np.float32)}
+    other = jax.tree.map(lambda x: x, lora)
+    other["decoder"]["layers"][0]["attn"]["q"] = wrong
+    save_peft(tmp_path / "other_base", other, model.config)
+    with pytest.raises(AdapterError, match=r"self_attn\.q_proj has lora_A \(4, 64\).*needs \(4, 32\)"):
+        load_peft(tmp_path / "other_base", model.params, model.config)
+    # A rank above the bank's maximum.
+    bank = AdapterBank(model.params, model.config, capacity=1, max_rank=2, target_modules=DECODER_TARGETS)
+    with pytest.raises(AdapterError, match="rank 4 .* above the bank's max_rank 2"):
+        bank.load("big", lora)
+    assert len(bank) == 0
+    # A PEFT file naming a module the model lacks (a fourth decoder layer; the tiny model has 3).
+    save_peft(tmp_path / "extra", lora, model.config)
+    tensors = load_file(str(tmp_path / "extra" / "adapter_model.safetensors"))
+    tensors["base_model.model.model.decoder.layers.3.fc1.lora_A.weight"] = np.zeros((4, 32), np.float32)
+    save_file(tensors, str(tmp_path / "extra" / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="model.decoder.layers.3.fc1.*does not have"):
+        load_peft(tmp_path / "extra", model.params, model.config)
+    # Cross-attention keys/values cannot be trained over cached encoder outputs.
+    with pytest.raises(ValueError, match="encoder_attn.k_proj"):
+        check_targets(model.config, LoraConfig(target_modules="all-linear", stacks=("decoder",)))
+    with pytest.raises(ValueError, match="stacks"):
+        LoraConfig(stacks=("middle",))
