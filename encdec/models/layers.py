@@ -45,13 +45,18 @@ def project(
     return y
 
 
+def _specs(eq: str) -> tuple[str, str, str, str]:
+    """``(x_spec, w_spec, out_spec, contracted)`` of a projection's einsum ``x,w->out``."""
+    lhs, out = eq.split("->")
+    x_spec, w_spec = lhs.split(",")
+    return x_spec, w_spec, out, "".join(c for c in w_spec if c not in out)
+
+
 def _as_matmul(eq: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
     """``einsum(eq, x, w)`` as one 2-D matrix product when ``x`` ends and ``w`` starts with the
     contracted axes (every projection here): the reshapes are free, and XLA:CPU otherwise picked
     layouts that transposed the attention output weight ``[N, H, D]`` on every decode step."""
-    lhs, out = eq.split("->")
-    x_spec, w_spec = lhs.split(",")
-    contracted = "".join(c for c in w_spec if c not in out)
+    x_spec, w_spec, out, contracted = _specs(eq)
     n = len(contracted)
     matmul_shaped = x_spec.endswith(contracted) and w_spec.startswith(contracted)
     if not (matmul_shaped and out == x_spec[:-n] + w_spec[n:]):
@@ -65,9 +70,7 @@ def _int8_project(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array, out_dty
     """:func:`project`'s product for an int8 ``w``: one :func:`int8_matmul` over ``x``'s trailing
     contracted dims and ``w``'s output dims flattened (``w``'s are leading, as in every projection,
     or trailing, as in a tied head ``VD``)."""
-    lhs, out = eq.split("->")
-    x_spec, w_spec = lhs.split(",")
-    contracted = "".join(c for c in w_spec if c not in out)
+    x_spec, w_spec, out, contracted = _specs(eq)
     kept = "".join(c for c in w_spec if c in out)
     n = len(contracted)
     bounded = w_spec in (contracted + kept, kept + contracted)
@@ -90,10 +93,7 @@ def lora_delta(lora: Params, x: jax.Array, eq: str) -> jax.Array:
     (``[B, *in, r]``) each batch row uses its own adapter. During training ``lora`` may also hold
     ``dropout_key`` (a PRNG key) and ``dropout_rate``: dropout on the adapter's input only, as PEFT does.
     """
-    lhs, rhs_out = eq.split("->")
-    x_spec, w_spec = lhs.split(",")
-    out_spec = rhs_out
-    in_letters = "".join(c for c in w_spec if c not in out_spec)
+    x_spec, w_spec, out_spec, in_letters = _specs(eq)
     out_letters = "".join(c for c in w_spec if c in out_spec)
     a, b, scale = lora["a"], lora["b"], lora["scale"]
     per_row = a.ndim == len(in_letters) + 2
