@@ -46,7 +46,7 @@ from encdec.engine.scheduler import Admission, NeverFits, PageGrant, Scheduler, 
 from encdec.engine.sharded import sharded_state, sharded_steps
 from encdec.engine.slots import SlotParams, SlotShape, init_state, slot_row, stack_rows
 from encdec.engine.stats import Counters, EngineStats
-from encdec.engine.steps import FINISHED_BIT, FORCED_BIT, StepResults, jitted_steps
+from encdec.engine.steps import FINISHED_BIT, FORCED_BIT, StepResults, attention_path, jitted_steps
 from encdec.engine.stream import TokenStream
 from encdec.lora.bank import AdapterBank, gather_rows
 from encdec.sharding import DATA, axis_size, check_mesh, make_mesh, shard_params, to_host
@@ -157,15 +157,18 @@ class Engine:
             None if adapters is None else gather_rows,
             self.max_prefix - 1,  # prefill width: a request's own prefix but its last token
         )
+        window = attention_path(config.attention_impl) == "window"
         if mesh is None:
             self.params = model.params
-            self.state = init_state(init_pools(self.pool_config), config.num_slots, self.slot_shape)
+            pools = init_pools(self.pool_config)
+            self.state = init_state(pools, config.num_slots, self.slot_shape, window=window)
             steps = jitted_steps(*step_args)
         else:  # the same steps per data shard, tensor parallel inside (encdec.engine.sharded)
             self.params = shard_params(model.params, mesh)
             if adapters is not None:
                 adapters.shard(mesh)
-            self.state = sharded_state(self.pool_config, config.num_slots, self.slot_shape, mesh)
+            shape = self.slot_shape
+            self.state = sharded_state(self.pool_config, config.num_slots, shape, mesh, window=window)
             steps = sharded_steps(mesh, cfg.decoder_heads, *step_args)
         self._encode, self._insert, self._decode, self._release, self._grant = steps
         self._grant_width = config.num_slots * (config.steps_per_dispatch // G + 2)

@@ -83,7 +83,15 @@ def prefill_prefix(
     def put(x, new):
         return x.at[target_X].set(new.astype(x.dtype), mode="drop")
 
+    window = state.window
+    if window is not None:
+        window = window.write_self_rows(
+            target_X,
+            jnp.repeat(jnp.stack(kv.self_k_BNKH), K, axis=1),
+            jnp.repeat(jnp.stack(kv.self_v_BNKH), K, axis=1),
+        )
     return state.replace(
+        window=window,
         pools=pools,
         self_lengths_B=put(state.self_lengths_B, n_X),
         last_token_B=put(state.last_token_B, last_X),

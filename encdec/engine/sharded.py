@@ -26,8 +26,8 @@ from encdec.engine.steps import (
     decode_steps,
     encode_insert,
     grant_pages,
+    insert_shared,
     release_slots,
-    start_slots,
 )
 from encdec.sharding import DATA, MODEL, over_data
 
@@ -45,14 +45,19 @@ def state_specs(state: Any, *, split_heads: bool, manual_only: bool = False) -> 
     """
     heads = MODEL if split_heads and not manual_only else None
     specs = jax.tree.map(lambda _: P(DATA), state)
-    return specs.replace(pools=jax.tree.map(lambda _: P(None, heads, DATA), state.pools))
+    specs = specs.replace(pools=jax.tree.map(lambda _: P(None, heads, DATA), state.pools))
+    if state.window is not None:  # [B, N, K, H] per layer
+        specs = specs.replace(window=jax.tree.map(lambda _: P(DATA, heads), state.window))
+    return specs
 
 
-def sharded_state(pool_config: PoolConfig, num_slots: int, shape: SlotShape, mesh: Mesh) -> DecodeState:
+def sharded_state(
+    pool_config: PoolConfig, num_slots: int, shape: SlotShape, mesh: Mesh, *, window: bool = False
+) -> DecodeState:
     """A fresh :class:`DecodeState` created in place on the mesh (no full copy on any device)."""
 
     def make():
-        return init_state(init_pools(pool_config), num_slots, shape)
+        return init_state(init_pools(pool_config), num_slots, shape, window=window)
 
     split = heads_split(mesh, pool_config.num_heads)
     specs = state_specs(jax.eval_shape(make), split_heads=split)
@@ -110,7 +115,7 @@ def sharded_steps(
 
     def insert(state, slot_bK, self_pages_bKM, rows):
         specs = specs_of(state, True)
-        run = over_data(start_slots, mesh, (specs, P(DATA), P(DATA), P(DATA)), specs)
+        run = over_data(insert_shared, mesh, (specs, P(DATA), P(DATA), P(DATA)), specs)
         state = run(state, slot_bK, self_pages_bKM, rows)
         return jax.lax.with_sharding_constraint(state, shardings_of(state))
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from encdec.cache.pools import PagePools
+from encdec.cache.window_kv import SlotWindow, init_window
 from encdec.engine.request import Request
 
 NO_SCORE = -1.0e9
@@ -211,9 +212,13 @@ class DecodeState:
     group_open_B: jax.Array
     """A beam group can still improve its finished hypotheses (HF's early-stop heuristic)."""
     hyps: Hypotheses
+    window: SlotWindow | None = None
+    """Every slot's K/V, dense, for attention on XLA backends (:mod:`encdec.cache.window_kv`);
+    None where attention reads the pages (the Pallas kernel)."""
 
 
-def init_state(pools: PagePools, num_slots: int, shape: SlotShape) -> DecodeState:
+def init_state(pools: PagePools, num_slots: int, shape: SlotShape, *, window: bool = False) -> DecodeState:
+    """A state with every slot free; ``window``: with a :class:`SlotWindow` (XLA attention)."""
     B, N = num_slots, shape.max_new
 
     def full(dims, value, dtype):  # a fresh buffer per field: donated fields must not alias
@@ -239,4 +244,5 @@ def init_state(pools: PagePools, num_slots: int, shape: SlotShape) -> DecodeStat
             length_B=full((B,), 0, jnp.int32),
             finished_B=full((B,), False, bool),
         ),
+        window=init_window(pools, B, shape.self_pages, shape.cross_pages) if window else None,
     )

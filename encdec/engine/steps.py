@@ -34,7 +34,7 @@ from encdec.beam import BeamChoice, HypothesisRows, beam_step
 from encdec.cache.allocator import SENTINEL_PAGE
 from encdec.cache.paged_kv import PagedKV, write_cross
 from encdec.cache.pools import copy_layer_pages
-from encdec.cache.window_kv import WindowKV, open_window
+from encdec.cache.window_kv import WindowKV
 from encdec.config import ModelConfig
 from encdec.engine.prefill import prefill_prefix
 from encdec.engine.slots import NO_SCORE, DecodeState, Hypotheses, SlotParams
@@ -113,6 +113,13 @@ def encode_insert(
         rows.cross_length,
     )
     state = start_slots(state.replace(pools=pools), slot_bK, self_pages_bKM, rows)
+    if state.window is not None:  # every slot of a group reads the request's cross rows
+        K = slot_bK.shape[1]
+        state = state.replace(
+            window=state.window.write_cross_rows(
+                slot_bK.reshape(-1), jnp.repeat(k_LbSNH, K, axis=1), jnp.repeat(v_LbSNH, K, axis=1)
+            )
+        )
     if prefill_width > 0:  # prefixes longer than the start token
         state = prefill_prefix(
             params, state, k_LbSNH, v_LbSNH, rows, slot_bK, self_pages_bKM,
@@ -142,7 +149,9 @@ def start_slots(
     T = state.history_BT.shape[1]
     first_XT = jnp.where(jnp.arange(T)[None, :] == 0, rows_X.prefix_X[:, :1], -1)
     hyps = state.hyps
+    window = None if state.window is None else state.window.start_self_rows(slot_X)
     return state.replace(
+        window=window,
         slots=jax.tree.map(put, state.slots, rows_X),
         self_table_BM=put(state.self_table_BM, rows_X.self_page_table_M),
         self_lengths_B=put(state.self_lengths_B, 0),
@@ -162,6 +171,27 @@ def start_slots(
             finished_B=put(hyps.finished_B, False),
         ),
     )
+
+
+def insert_shared(
+    state: DecodeState, slot_bK: jax.Array, self_pages_bKM: jax.Array, rows: SlotParams
+) -> DecodeState:
+    """:func:`start_slots` for requests that start on cross pages already written (another
+    request's of the same input): with a window, their slots' cross rows are read off the pages."""
+    state = start_slots(state, slot_bK, self_pages_bKM, rows)
+    if state.window is None:
+        return state
+    K = slot_bK.shape[1]
+    pages_XM = jnp.repeat(rows.cross_page_table_M, K, axis=0)
+    return state.replace(window=state.window.gather_cross_rows(state.pools, slot_bK.reshape(-1), pages_XM))
+
+
+def attention_path(implementation: str) -> str:
+    """The decode attention ``implementation`` runs: ``auto`` is the Pallas kernel on GPU and the
+    window (:mod:`encdec.cache.window_kv`) elsewhere."""
+    if implementation == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "window"
+    return implementation
 
 
 def _no_beams(state: DecodeState) -> tuple[BeamChoice, HypothesisRows]:
@@ -234,20 +264,17 @@ def decode_steps(
     step and ``begin_suppress_tokens`` at a slot's first), or None. ``hook``: the front end's
     logits rule (:data:`~encdec.processors.LogitsHook`), or None.
 
-    ``implementation``: ``"window"`` attends over a dense copy of the pages made once per
-    dispatch (:mod:`encdec.cache.window_kv`); else paged attention with that implementation.
+    ``implementation``: ``"window"`` attends over the state's dense copy of every slot's K/V
+    (:mod:`encdec.cache.window_kv`); else paged attention with that implementation.
     ``"auto"`` is the Pallas kernel on GPU and the window elsewhere. ``top_logprobs``: how many
     alternatives the results have room for (slots that ask get them).
     """
     s = state.slots
     lora = _lora_rows(lora_bank, lora_gather, s.adapter_row)
-    if implementation == "auto" and jax.default_backend() != "gpu":
-        implementation = "window"
-    window = None
-    if implementation == "window":
-        window = open_window(
-            state.pools, state.self_table_BM, state.self_lengths_B, s.cross_page_table_M, s.cross_length
-        )
+    implementation = attention_path(implementation)
+    if (implementation == "window") != (state.window is not None):
+        has = "has no" if state.window is None else "has a"
+        raise ValueError(f"decode attention {implementation!r} over a state that {has} window")
     B = state.active_B.shape[0]
     X = StepResults  # noqa: N806 - shorthand
     top = s.top_logprobs
@@ -257,8 +284,9 @@ def decode_steps(
     beam_rows_B = s.num_beams > 1
 
     def body(i, carry):
-        state, window, out = carry
+        state, out = carry
         active_B = state.active_B
+        window = state.window
         common = dict(
             pools=state.pools,
             self_page_table_BM=state.self_table_BM,
@@ -385,7 +413,7 @@ def decode_steps(
             top_logprobs_SBX=jax.lax.dynamic_update_slice(out.top_logprobs_SBX, top_lp_BX[None], (i, 0, 0)),
             hyps=out.hyps,
         )
-        return state, window, out
+        return state.replace(window=window), out
 
     S = num_steps
     steps = jnp.clip(jnp.asarray(steps, jnp.int32), 0, S)
@@ -396,7 +424,7 @@ def decode_steps(
         top_logprobs_SBX=jnp.zeros((S, B, n_top), jnp.float32),
         hyps=state.hyps,
     )
-    state, _, out = jax.lax.fori_loop(0, steps, body, (state, window, out))
+    state, out = jax.lax.fori_loop(0, steps, body, (state, out))
     return state, out.replace(hyps=state.hyps)
 
 
@@ -464,4 +492,4 @@ def jitted_steps(
         donate_argnames=("state",),
     )
     donated = functools.partial(jax.jit, donate_argnames=("state",))
-    return JittedSteps(encode, donated(start_slots), decode, donated(release_slots), donated(grant_pages))
+    return JittedSteps(encode, donated(insert_shared), decode, donated(release_slots), donated(grant_pages))

@@ -51,46 +51,48 @@ def paged_attention_reference(
 
 def attention_over_keys(
     q_BNH: jax.Array,
-    k_NBKH: jax.Array,
-    v_NBKH: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     lengths_B: jax.Array,
     *,
     scale: float = 1.0,
     bias_NR: jax.Array | None = None,
     max_distance: int = 128,
     stale_v: bool = True,
+    slots_first: bool = False,
 ) -> jax.Array:
     """Decode attention of each slot over the first ``lengths[b]`` of its dense keys.
 
-    ``stale_v=False`` promises that values past each length are finite (zeros, say), which
-    saves masking them: 0 * NaN would otherwise be NaN.
+    ``k`` and ``v`` are ``[N, B, K, H]`` (gathered pages), or ``[B, N, K, H]`` with
+    ``slots_first`` (a slot's rows contiguous: :mod:`encdec.cache.window_kv`). ``stale_v=False``
+    promises that values past each length are finite (zeros, say), which saves masking them:
+    0 * NaN would otherwise be NaN.
     """
-    K = k_NBKH.shape[2]
+    K = k.shape[2]
     valid_BK = jnp.arange(K, dtype=jnp.int32)[None, :] < lengths_B[:, None]
-
-    # Heads lead every operand (N, B, ...), matching the gathered pages: XLA then runs batched
-    # matrix-vector products without transposing the gathered K/V (a full copy per layer on CPU).
-    q_NBH = jnp.transpose(q_BNH, (1, 0, 2))
-    logits_NBK = jnp.float32(scale) * jnp.einsum(
-        "NBH,NBKH->NBK", q_NBH, k_NBKH, precision=_HIGHEST, preferred_element_type=jnp.float32
+    # Every operand keeps the keys' own layout: XLA then runs batched matrix-vector products
+    # without transposing K/V (a full copy per layer on CPU).
+    keys, rows = ("BNKH", "BNK") if slots_first else ("NBKH", "NBK")
+    queries = rows[:2] + "H"
+    q = q_BNH if slots_first else jnp.transpose(q_BNH, (1, 0, 2))
+    logits = jnp.float32(scale) * jnp.einsum(
+        f"{queries},{keys}->{rows}", q, k, precision=_HIGHEST, preferred_element_type=jnp.float32
     )
     if bias_NR is not None:
         bias_BNK = relative_bias_BNK(bias_NR, lengths_B, K, max_distance=max_distance)
-        logits_NBK = logits_NBK + jnp.transpose(bias_BNK, (1, 0, 2))
-    valid_1BK = valid_BK[None]
-    logits_NBK = jnp.where(valid_1BK, logits_NBK, MASK_VALUE)
+        logits = logits + (bias_BNK if slots_first else jnp.transpose(bias_BNK, (1, 0, 2)))
+    valid = jnp.expand_dims(valid_BK, rows.index("N"))
+    logits = jnp.where(valid, logits, MASK_VALUE)
 
-    max_NB1 = jnp.max(logits_NBK, axis=-1, keepdims=True)
-    p_NBK = jnp.where(valid_1BK, jnp.exp(logits_NBK - max_NB1), 0.0)
-    denom_NB1 = jnp.sum(p_NBK, axis=-1, keepdims=True)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.where(valid, jnp.exp(logits - top), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
     if stale_v:  # stale rows past a slot's length may hold anything, NaN included
-        v_NBKH = jnp.where(valid_BK[None, :, :, None], v_NBKH, jnp.zeros((), v_NBKH.dtype))
-    out_NBH = jnp.einsum(
-        "NBK,NBKH->NBH",
-        p_NBK,
-        v_NBKH.astype(jnp.float32),
-        precision=_HIGHEST,
+        v = jnp.where(valid[..., None], v, jnp.zeros((), v.dtype))
+    out = jnp.einsum(
+        f"{rows},{keys}->{queries}", p, v.astype(jnp.float32), precision=_HIGHEST,
         preferred_element_type=jnp.float32,
     )
-    out_BNH = jnp.transpose(out_NBH / jnp.where(denom_NB1 > 0, denom_NB1, 1.0), (1, 0, 2))
+    out = out / jnp.where(denom > 0, denom, 1.0)
+    out_BNH = out if slots_first else jnp.transpose(out, (1, 0, 2))
     return out_BNH.astype(q_BNH.dtype)

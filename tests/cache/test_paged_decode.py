@@ -15,7 +15,7 @@ import pytest
 
 import encdec
 from encdec.cache import SENTINEL_PAGE, PageAllocator, PagedKV, PoolConfig, init_pools, pages_for, write_cross
-from encdec.cache.window_kv import WindowKV, open_window
+from encdec.cache.window_kv import WindowKV, init_window
 from encdec.models import decode, encode, init_dense_kv, project_cross_kv
 from tests.cache.test_pools import full_size_values
 from tests.tiny_models import VOCAB, save_hf_model
@@ -199,44 +199,59 @@ def test_paged_kv_rejects_more_than_one_token(model):
 
 
 def test_window_greedy_equals_dense_greedy_over_nan_stale_rows(model):
-    """``WindowKV``: a window opened every ``DISPATCH`` steps, pools written through it.
+    """``WindowKV`` over a persistent :class:`SlotWindow`: slots start at different steps.
 
-    Stale self rows hold NaN, as a crashed request could leave them: the window masks them once
-    when it opens, and nothing stale may reach the logits.
+    Every window row holds NaN before its slot starts, as an earlier occupant could leave them:
+    starting a slot must clear its self rows and overwrite its cross rows whole, so nothing stale
+    reaches the logits. The window never re-reads the pools, and at the end the pools hold what
+    the window holds (they stay the store of record).
     """
-    DISPATCH = 3
     cfg = model.config
     ids, mask = _encoder_batch(cfg)
     enc = encode(model.params, cfg, ids, mask)
     dense_logits, dense_tokens = _dense_greedy(model, enc, mask)
     kv = _paged_setup(model, enc, "xla", False)
-    poison = jnp.full_like(kv.pools.self_v_LNPGH, jnp.nan).at[:, :, SENTINEL_PAGE].set(0)
-    kv = kv.replace(pools=kv.pools.replace(self_k_LNPGH=poison, self_v_LNPGH=poison + 0))
+    B = kv.active_B.shape[0]
+    G = PAGE_SIZE[cfg.model_type]
+    M_self, M_cross = kv.self_page_table_BM.shape[1], kv.cross_page_table_BM.shape[1]
+    window = init_window(kv.pools, B, M_self, M_cross)
+    window = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), window)
+    cross_k, cross_v = project_cross_kv(model.params, cfg, enc)
     params = model.params
+
+    @jax.jit
+    def start(window, rows_X, k, v):
+        return window.start_self_rows(rows_X).write_cross_rows(rows_X, k, v)
 
     @jax.jit
     def step(wkv, tok_B):
         logits, wkv = decode(params, cfg, tok_B[:, None], wkv.self_lengths_B[:, None], wkv)
         return logits[:, 0], wkv
 
-    B = kv.active_B.shape[0]
-    start = cfg.decoder_start_token_id
-    tok = np.full((B,), start, np.int32)
+    wkv = WindowKV(
+        pools=kv.pools, window=window, self_page_table_BM=kv.self_page_table_BM,
+        self_lengths_B=kv.self_lengths_B, cross_lengths_B=kv.cross_lengths_B, active_B=kv.active_B,
+    )
+    start_token = cfg.decoder_start_token_id
+    tok = np.full((B,), start_token, np.int32)
     done = np.zeros(len(LENGTHS), int)
-    wkv = None
     for t in range(max(STARTS) + STEPS):
+        starting = [r for r in range(len(LENGTHS)) if STARTS[r] == t]
+        if starting:  # the engine's start: the encoder output of exactly these rows
+            rows = jnp.asarray(starting, jnp.int32)
+            wkv = wkv.replace(window=start(wkv.window, rows, cross_k[:, rows], cross_v[:, rows]))
         active = np.array([STARTS[r] <= t < STARTS[r] + STEPS for r in range(len(LENGTHS))] + [False])
-        if t % DISPATCH == 0:
-            if wkv is not None:  # the dispatch ends: the pools keep what it wrote
-                kv = kv.replace(pools=wkv.pools, self_lengths_B=wkv.self_lengths_B)
-            window = open_window(
-                kv.pools, kv.self_page_table_BM, kv.self_lengths_B, kv.cross_page_table_BM, kv.cross_lengths_B
-            )
-            wkv = WindowKV(
-                pools=kv.pools, window=window, self_page_table_BM=kv.self_page_table_BM,
-                self_lengths_B=kv.self_lengths_B, cross_lengths_B=kv.cross_lengths_B, active_B=kv.active_B,
-            )
         logits, wkv = step(wkv.replace(active_B=jnp.asarray(active)), jnp.asarray(tok))
-        tok = _check_step(logits, t, active, dense_logits, dense_tokens, done, start)
+        tok = _check_step(logits, t, active, dense_logits, dense_tokens, done, start_token)
     assert list(done) == [STEPS] * len(LENGTHS)
     assert not np.asarray(wkv.pools.self_k_LNPGH[:, :, SENTINEL_PAGE]).any()
+    for layer in range(cfg.decoder_layers):
+        for r in range(len(LENGTHS)):
+            pages = np.asarray(kv.self_page_table_BM[r])
+            pool_NMGH = np.asarray(wkv.pools.self_v_LNPGH[layer][:, pages])
+            pool_NKH = pool_NMGH.reshape(-1, M_self * G, cfg.head_dim)
+            window_NKH = np.asarray(wkv.window.self_v_BNKH[layer][r])
+            np.testing.assert_array_equal(pool_NKH[:, :STEPS], window_NKH[:, :STEPS])
+    unused = np.asarray(wkv.window.self_k_BNKH[0][B - 1])
+    assert np.isnan(unused).all(), "a slot that never started was written"
+
