@@ -14,6 +14,11 @@ windows:
 - a window whose text is repetitive or improbable is decoded again at the next temperature
   (``best_of`` samples), a silent one is skipped; ``condition_on_previous_text`` prompts a
   window with the text its stream decoded before (``<|startofprev|>``), chunks start afresh;
+- a window's fallback temperatures are tried in turn, as openai-whisper tries them, while other
+  windows wait to be decoded; when nothing else waits, the later temperatures are decoded
+  beside the current one (slots would idle otherwise) and the first that passes, in order, is
+  kept, the rest cancelled. Each attempt's samples depend on its window and temperature only,
+  so the result is the same either way;
 - with ``language=None`` each file's language is detected first from its first 30 s of speech:
   one step restricted to language tokens (:mod:`encdec.whisper.rules`), top log-probabilities
   returned.
@@ -91,7 +96,10 @@ class _Stream:
     """Mel frames of the chunk already transcribed."""
     tokens: list[int] = dataclasses.field(default_factory=list)
     prompt_from: int = 0
-    attempts: list[_Attempt] = dataclasses.field(default_factory=list)
+    tried: dict[int, _Attempt] = dataclasses.field(default_factory=dict)
+    """The current window's decodes, by temperature index."""
+    asked: dict[int, int] = dataclasses.field(default_factory=dict)
+    """Temperature index -> engine handle of the current window's decodes in flight."""
     segments: list[Segment] = dataclasses.field(default_factory=list)
     sot_index: int = 0
     """Where ``<|startoftranscript|>`` is in the prompt of the window in flight."""
@@ -125,6 +133,9 @@ class LongFormTranscriber:
         self.engine, self.options, self.tokens = engine, options, tokens
         self.prompt_tokens = options.prompt_tokens(positions)
         self.max_in_flight = 2 * engine.config.num_slots
+        self.speculative_decodes = 0
+        """Fallback decodes started before the temperatures before them had failed (so far)."""
+        self._speculate = True
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -141,8 +152,10 @@ class LongFormTranscriber:
             _File(i, _name(a, i), Transcription(_name(a, i))) for i, a in enumerate(audio)
         ]
         unopened = collections.deque(zip(files, audio, strict=True))
-        ready: collections.deque[_Stream | _File] = collections.deque()  # next window, or detection
-        pending: dict[int, tuple[str, Any]] = {}
+        # Next work: a file's language detection, or a stream's window at a temperature index.
+        ready: collections.deque[_File | tuple[_Stream, int]] = collections.deque()
+        pending: dict[int, tuple[_File | _Stream, int]] = {}
+        falling: list[_Stream] = []  # streams whose window is at a fallback temperature
         done = 0
 
         def finish(f: _File) -> None:
@@ -153,6 +166,35 @@ class LongFormTranscriber:
             if on_done is not None:
                 on_done(f.result)
 
+        def submit(item: _File | tuple[_Stream, int]) -> None:
+            f = item if isinstance(item, _File) else item[0].file
+            if f.result.error is not None:
+                return  # a failed file's other windows are not decoded
+            try:
+                if isinstance(item, _File):
+                    handle, pending_item = self.engine.submit(self._detect_request(f)), (f, 0)
+                else:
+                    st, index = item
+                    handle = self.engine.submit(self._window_request(st, index))
+                    st.asked[index], pending_item = handle, (st, index)
+            except RequestError as e:
+                f.result.error = f"a window could not be decoded: {e}"
+                if f.in_flight == 0:
+                    finish(f)
+                return
+            pending[handle] = pending_item
+            f.in_flight += 1
+            f.result.windows += 1
+
+        def drop(st: _Stream) -> None:
+            """Cancel a window's decodes still in flight (a decode before them was kept)."""
+            for handle in st.asked.values():
+                self.engine.cancel(handle)
+                self.engine.result(handle)
+                del pending[handle]
+                st.file.in_flight -= 1
+            st.asked.clear()
+
         while done < len(files):
             while len(pending) < self.max_in_flight and (ready or unopened):
                 if not ready:
@@ -160,38 +202,54 @@ class LongFormTranscriber:
                     if not self._open(f, a, ready):
                         finish(f)
                     continue
-                item = ready.popleft()
-                f = item if isinstance(item, _File) else item.file
-                if f.result.error is not None:
-                    continue  # a failed file's other windows are not decoded
-                try:
-                    request = self._detect_request(f) if item is f else self._window_request(item)
-                    pending[self.engine.submit(request)] = item
-                except RequestError as e:
-                    f.result.error = f"a window could not be decoded: {e}"
-                    if f.in_flight == 0:
-                        finish(f)
-                    continue
-                f.in_flight += 1
-                f.result.windows += 1
+                submit(ready.popleft())
+            # Nothing else waits: decode the next fallback temperatures beside the current one.
+            for st in falling if self._speculate and not ready and not unopened else ():
+                later = self._next_untried(st)
+                if later is not None and len(pending) < self.max_in_flight and st.file.result.error is None:
+                    submit((st, later))
+                    self.speculative_decodes += 1
             self.engine.step()
             for handle in list(pending):
+                if handle not in pending:
+                    continue  # cancelled by drop() in this loop
                 out = self.engine.result(handle)
                 if out is None:
                     continue
-                item = pending.pop(handle)
+                item, index = pending.pop(handle)
                 f = item if isinstance(item, _File) else item.file
                 f.in_flight -= 1
+                if isinstance(item, _Stream):
+                    item.asked.pop(index, None)
                 if f.result.error is None:
                     if out.finish_reason == "error":
                         f.result.error = f"a window could not be decoded: {out.error}"
                     elif item is f:
                         self._detected(f, out)
-                        ready.extend(f.streams)
-                    elif self._window_done(item, out):
-                        ready.append(item)
+                        ready.extend((st, 0) for st in f.streams)
                     else:
-                        f.streams_left -= 1
+                        st = item
+                        st.tried[index] = self._attempt(st, index, out)
+                        chosen = self._decide(st)
+                        if chosen is None:  # another temperature is needed
+                            if st not in falling:
+                                falling.append(st)
+                            nxt = self._next_needed(st)
+                            if nxt is not None:
+                                ready.appendleft((st, nxt))
+                        else:
+                            drop(st)
+                            if st in falling:
+                                falling.remove(st)
+                            if self._window_done(st, chosen):
+                                ready.append((st, 0))
+                            else:
+                                f.streams_left -= 1
+                if f.result.error is not None:
+                    for st in f.streams:
+                        drop(st)
+                        if st in falling:
+                            falling.remove(st)
                 if f.in_flight == 0 and (f.result.error is not None or f.streams_left == 0):
                     self._collect(f)
                     finish(f)
@@ -224,7 +282,7 @@ class LongFormTranscriber:
         if opts.language is None and self.tokens.languages:
             ready.append(f)  # its language first
         else:
-            ready.extend(f.streams)
+            ready.extend((st, 0) for st in f.streams)
         return True
 
     def _detect_request(self, f: _File) -> Request:
@@ -247,10 +305,11 @@ class LongFormTranscriber:
 
     # ---- windows ------------------------------------------------------------------------------
 
-    def _window_request(self, st: _Stream) -> Request:
+    def _window_request(self, st: _Stream, index: int) -> Request:
+        """The stream's current window at temperature ``opts.temperatures[index]``."""
         opts, tokens = self.options, self.tokens
         f = st.file
-        t = opts.temperatures[len(st.attempts)]
+        t = opts.temperatures[index]
         previous = st.tokens[st.prompt_from :][-self.prompt_tokens :] if self.prompt_tokens else []
         prefix = tokens.prompt(f.result.language, opts.task, timestamps=opts.timestamps, previous=previous)
         st.sot_index = prefix.index(tokens.sot)
@@ -266,7 +325,7 @@ class LongFormTranscriber:
             kw["num_beams"] = opts.beam_size
         elif t > 0:
             kw["num_return_sequences"] = opts.best_of
-            kw["seed"] = _seed(opts.seed, f.index, st.number, st.seek, len(st.attempts))
+            kw["seed"] = _seed(opts.seed, f.index, st.number, st.seek, index)
         return Request(
             AudioInput(window, language=f.result.language or "en", task=opts.task, padding="features"),
             decoder_prefix=prefix,
@@ -275,14 +334,35 @@ class LongFormTranscriber:
             **kw,
         )
 
-    def _window_done(self, st: _Stream, out: RequestOutput) -> bool:
-        """Take a window's output; True when the stream has a window to decode (the same one at
-        the next temperature, or the next one)."""
-        st.attempts.append(self._attempt(st, out))
-        attempt = self._choose(st.attempts)
-        if attempt is None:
-            return True
-        st.attempts = []
+    def _decide(self, st: _Stream) -> _Attempt | None:
+        """The window's decode to keep, once the temperatures before it are tried; None: wait."""
+        tried = []
+        for index in range(len(self.options.temperatures)):
+            if index not in st.tried:
+                return None
+            tried.append(st.tried[index])
+            chosen = self._choose(tried)
+            if chosen is not None:
+                return chosen
+        return None
+
+    def _next_needed(self, st: _Stream) -> int | None:
+        """The first temperature index neither tried nor in flight, if no earlier one is in flight."""
+        for index in range(len(self.options.temperatures)):
+            if index in st.asked:
+                return None
+            if index not in st.tried:
+                return index
+        return None
+
+    def _next_untried(self, st: _Stream) -> int | None:
+        """The first temperature index neither tried nor in flight (a speculative decode)."""
+        indices = range(len(self.options.temperatures))
+        return next((i for i in indices if i not in st.tried and i not in st.asked), None)
+
+    def _window_done(self, st: _Stream, attempt: _Attempt) -> bool:
+        """Keep a window's chosen decode; True when the stream has another window to decode."""
+        st.tried.clear()
         opts, tokens = self.options, self.tokens
         content = min(WINDOW_FRAMES, st.frames - st.seek)
         offset = (st.start / SAMPLE_RATE) + st.seek / FRAMES_PER_SECOND
@@ -339,9 +419,9 @@ class LongFormTranscriber:
         last = (st.start + len(st.samples)) // FRAME
         return bool(np.any(speech[first:last]))
 
-    def _attempt(self, st: _Stream, out: RequestOutput) -> _Attempt:
+    def _attempt(self, st: _Stream, index: int, out: RequestOutput) -> _Attempt:
         tokens, eot = self.tokens, self.tokens.eot
-        temperature = self.options.temperatures[len(st.attempts)]
+        temperature = self.options.temperatures[index]
         seqs = out.sequences or [out]
         if temperature > 0:  # samples: openai-whisper keeps the highest average log-probability
             seqs = sorted(seqs, key=lambda s: -sum(s.logprobs) / max(1, len(_generated(s.token_ids, eot))))

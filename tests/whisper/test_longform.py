@@ -168,3 +168,30 @@ def test_bad_files_fail_alone(engine, tmp_path):
     assert all(not g.segments for g in got[:1] + got[2:])
     with pytest.raises(ValueError, match="language 'xx' is not one of the model's: de, en"):
         _run(engine, [good], language="xx")
+
+
+
+@pytest.mark.parametrize("logprob", [-0.6, -0.3], ids=["a-middle-temperature-passes", "none-passes"])
+def test_fallback_temperatures_decoded_side_by_side_choose_as_in_turn(engine, logprob):
+    """With nothing else to decode, a window's later temperatures run beside the current one;
+    the decode kept is the one trying them in turn keeps, and those not needed are cancelled.
+    (At -0.6 the random model's second file passes at 0.2, at -0.3 no temperature passes.)"""
+    audio = [_bursts([(5.0, 300)], 8), _bursts([(12.0, 500), (0.5, 0), (9.0, 300)], 3)]
+    options = LongFormOptions(
+        language="en",
+        thresholds=Thresholds(compression_ratio=None, logprob=logprob, no_speech=None),
+        temperatures=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+        best_of=3,
+    )
+    in_turn = LongFormTranscriber(engine, options)
+    in_turn._speculate = False
+    side_by_side = LongFormTranscriber(engine, options)
+    want, got = in_turn.transcribe(audio), side_by_side.transcribe(audio)
+    assert in_turn.speculative_decodes == 0 and side_by_side.speculative_decodes > 0
+    for w, g in zip(want, got, strict=True):
+        assert [(s.start, s.end, s.tokens, s.temperature) for s in g.segments] == [
+            (s.start, s.end, s.tokens, s.temperature) for s in w.segments
+        ]
+    temperatures = {s.temperature for t in got for s in t.segments}
+    assert temperatures == ({0.0, 0.2} if logprob == -0.6 else {1.0})
+    assert engine.stats().tracked_requests == 0  # cancelled decodes were handed over, not left behind
