@@ -46,7 +46,15 @@ from encdec.engine.scheduler import Admission, NeverFits, PageGrant, Scheduler, 
 from encdec.engine.sharded import sharded_state, sharded_steps
 from encdec.engine.slots import SlotParams, SlotShape, init_state, slot_row, stack_rows
 from encdec.engine.stats import Counters, EngineStats
-from encdec.engine.steps import FINISHED_BIT, FORCED_BIT, StepResults, attention_path, jitted_steps
+from encdec.engine.steps import (
+    FINISHED_BIT,
+    FORCED_BIT,
+    StepResults,
+    attention_path,
+    jitted_steps,
+    prefill_width,
+    prefill_widths,
+)
 from encdec.engine.stream import TokenStream
 from encdec.lora.bank import AdapterBank, gather_rows
 from encdec.sharding import DATA, axis_size, check_mesh, make_mesh, shard_params, to_host
@@ -155,8 +163,9 @@ class Engine:
             frontend.encode,
             frontend.logits_processor,
             None if adapters is None else gather_rows,
-            self.max_prefix - 1,  # prefill width: a request's own prefix but its last token
         )
+        # A request prefills its own prefix but its last token.
+        self._prefill_widths = prefill_widths(self.max_prefix - 1)
         window = attention_path(config.attention_impl) == "window"
         if mesh is None:
             self.params = model.params
@@ -446,7 +455,8 @@ class Engine:
                     sizes.append(rows)
                     rows *= 2
                 for rows in [*sizes, limit]:
-                    self._run_encode(bucket, rows, [], [])  # padding rows only: writes nothing
+                    for width in self._prefill_widths:  # padding rows only: writes nothing
+                        self._run_encode(bucket, rows, [], [], width=width)
             if c.cross_kv_reuse:  # starts that share cross pages, padding rows only
                 size, most = 1, self.scheduler.shards.slots_per_shard
                 while True:
@@ -470,8 +480,9 @@ class Engine:
         """Compiled variants of each jitted step.
 
         Bounded: one decode, one release, one page grant, per encoder bucket one encode per
-        power-of-two batch size up to its row limit, and one shared-input start per power-of-two
-        batch size up to the slot count.
+        power-of-two batch size up to its row limit and prefill width (one, or two for long
+        prompts: :func:`~encdec.engine.steps.prefill_widths`), and one shared-input start per
+        power-of-two batch size up to the slot count.
         """
         steps = {
             "encode": self._encode, "insert": self._insert, "decode": self._decode,
@@ -723,8 +734,10 @@ class Engine:
         inputs: list[np.ndarray],
         rows: list[SlotParams],
         admitted: Sequence[Admission] = (),
+        width: int | None = None,
     ) -> None:
-        """One encoder batch of ``size`` rows per data shard, laid out as :meth:`_slot_arrays`."""
+        """One encoder batch of ``size`` rows per data shard, laid out as :meth:`_slot_arrays`;
+        its prefill as wide as its longest (``width`` overrides)."""
         mine = self._by_shard(admitted)
         batch = np.concatenate(
             [self.frontend.encoder_batch(bucket, size, [inputs[r] for r in rs]) for rs in mine]
@@ -732,9 +745,11 @@ class Engine:
         slot_bK, pages_bKM = self._slot_arrays(size, admitted)
         params_b = self._stack_rows(size, rows, admitted)
         bank = {} if self.adapters is None else {"lora_bank": self.adapters.stacked}
+        if width is None:
+            width = prefill_width(self._prefill_widths, max((a.prefilled for a in admitted), default=0))
         self.state = self._encode(
             self.params, self.state, jnp.asarray(batch), jnp.asarray(slot_bK), jnp.asarray(pages_bKM),
-            params_b, **bank,
+            params_b, **bank, prefill_width=width,
         )
         self._counters.encode_batches += 1
 

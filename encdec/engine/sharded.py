@@ -76,7 +76,6 @@ def sharded_steps(
     encoder,
     hook,
     lora_gather,
-    prefill_width: int = 0,
 ) -> JittedSteps:
     """The steps :func:`~encdec.engine.steps.jitted_steps` makes (same signatures, the state
     donated) over ``mesh``: ``encode``, ``insert`` and ``decode`` per data shard (their slot ids
@@ -91,10 +90,8 @@ def sharded_steps(
         return jax.tree.map(lambda s: NamedSharding(mesh, s), specs_of(state, False))
 
     lora_kw = {} if lora_gather is None else {"lora_gather": lora_gather}
-    encode_fn = functools.partial(
-        encode_insert, cfg=cfg, dtype=jax.numpy.dtype(dtype), encoder=encoder, prefill_width=prefill_width,
-        **lora_kw,
-    )
+    dt = jax.numpy.dtype(dtype)
+    encode_fn = functools.partial(encode_insert, cfg=cfg, dtype=dt, encoder=encoder, **lora_kw)
     decode_fn = functools.partial(
         decode_steps,
         cfg=cfg,
@@ -106,10 +103,11 @@ def sharded_steps(
         **lora_kw,
     )
 
-    def encode(params, state, inputs, slot_bK, self_pages_bKM, rows, lora_bank=None):
+    def encode(params, state, inputs, slot_bK, self_pages_bKM, rows, lora_bank=None, *, prefill_width=0):
         specs = specs_of(state, True)
         rows_in = (P(DATA),) * 4
-        run = over_data(encode_fn, mesh, (P(), specs, *rows_in, P()), specs)
+        fn = functools.partial(encode_fn, prefill_width=prefill_width)
+        run = over_data(fn, mesh, (P(), specs, *rows_in, P()), specs)
         state = run(params, state, inputs, slot_bK, self_pages_bKM, rows, lora_bank)
         return jax.lax.with_sharding_constraint(state, shardings_of(state))
 
@@ -135,7 +133,8 @@ def sharded_steps(
         return jax.lax.with_sharding_constraint(state, shardings_of(state))
 
     donated = functools.partial(jax.jit, donate_argnames=("state",))
-    return JittedSteps(donated(encode), donated(insert), donated(decode), donated(release), donated(grant))
+    encode = jax.jit(encode, donate_argnames=("state",), static_argnames=("prefill_width",))
+    return JittedSteps(encode, donated(insert), donated(decode), donated(release), donated(grant))
 
 
 def _results_specs(per_step: P) -> StepResults:

@@ -186,6 +186,19 @@ def insert_shared(
     return state.replace(window=state.window.gather_cross_rows(state.pools, slot_bK.reshape(-1), pages_XM))
 
 
+def prefill_widths(longest: int) -> tuple[int, ...]:
+    """The prefill widths an engine whose requests prefill up to ``longest`` positions compiles:
+    a narrow one for the bare prompts most requests start with (Whisper's are 3 tokens) and the
+    full one (a previous-text prompt: up to 224), so a batch of bare prompts does not pay for a
+    224-position decoder pass (on Whisper-base, a sixth of an encode)."""
+    return tuple(sorted({min(8, longest), longest}))
+
+
+def prefill_width(widths: tuple[int, ...], most: int) -> int:
+    """The narrowest of ``widths`` that holds ``most`` prefilled positions."""
+    return next(w for w in widths if w >= most)
+
+
 def attention_path(implementation: str) -> str:
     """The decode attention ``implementation`` runs: ``auto`` is the Pallas kernel on GPU and the
     window (:mod:`encdec.cache.window_kv`) elsewhere."""
@@ -462,21 +475,15 @@ def jitted_steps(
     encoder,
     hook,
     lora_gather,
-    prefill_width: int = 0,
 ) -> JittedSteps:
     """The jitted steps, shared by engines of the same model config and front end: a new engine
-    (another mode, another slot count) reuses compiled variants instead of compiling them again."""
+    (another mode, another slot count) reuses compiled variants instead of compiling them again.
+    ``encode`` takes the batch's ``prefill_width`` (static, :func:`prefill_widths`)."""
     lora_kw = {} if lora_gather is None else {"lora_gather": lora_gather}
     encode = jax.jit(
-        functools.partial(
-            encode_insert,
-            cfg=cfg,
-            dtype=jnp.dtype(dtype),
-            encoder=encoder,
-            prefill_width=prefill_width,
-            **lora_kw,
-        ),
+        functools.partial(encode_insert, cfg=cfg, dtype=jnp.dtype(dtype), encoder=encoder, **lora_kw),
         donate_argnames=("state",),
+        static_argnames=("prefill_width",),
     )
     decode = jax.jit(
         functools.partial(
