@@ -32,12 +32,16 @@ def project(
     layout as ``w`` split at the rank, and ``scale`` (alpha / rank); see ``encdec.lora``.
     ``out_dtype`` (default ``x``'s) is the result's dtype, accumulated in it: float32 out of
     float16 inputs keeps a sum that outgrows float16 finite. An int8 ``w`` comes with
-    ``w_scale`` (per output channel, :mod:`encdec.models.quant`); the adapter stays float.
+    ``w_scale`` (per output channel, :mod:`encdec.models.quant`); a bfloat16 ``w`` under float32
+    activations multiplies ``x`` rounded to bfloat16, in float32. The adapter stays float.
     """
+    w = p["w"]
     if "w_scale" in p:
-        y = _int8_project(eq, x, p["w"], p["w_scale"], out_dtype)
+        y = _int8_project(eq, x, w, p["w_scale"], out_dtype)
+    elif w.dtype == jnp.bfloat16 and x.dtype == jnp.float32:  # quantize="bfloat16"
+        y = _as_matmul(eq, x.astype(jnp.bfloat16), w, out_dtype or jnp.float32)
     else:
-        y = _as_matmul(eq, x, p["w"].astype(x.dtype), out_dtype)
+        y = _as_matmul(eq, x, w.astype(x.dtype), out_dtype)
     if "b" in p:
         y = y + lead(p["b"].astype(y.dtype), y.ndim)
     if lora is not None:

@@ -148,3 +148,30 @@ def test_lora_applies_on_top_of_int8_in_float(pair, monkeypatch):
     assert np.abs(np.asarray(got - project(p_q, x, "BTD,DNH->BTNH"))).max() > 1e-3
     with pytest.raises(AdapterError, match="int8 weights take adapters on top"):
         merge_adapter(q.params, lora)
+
+
+def test_bfloat16_weights_equal_the_float_model_with_rounded_products(pair):
+    """``quantize="bfloat16"``: every projection's weight and the embedding table in bfloat16 (the
+    rest float32), and each product rounds its input to bfloat16 and sums in float32, which is
+    the float32 model computing on those rounded weights and inputs. The engine's greedy output
+    equals the reference generator's on the same weights, and stays close to float32's."""
+    fp, _ = pair
+    bf = encdec.load_pretrained(fp.path, quantize="bfloat16")
+    leaves = {jax.tree_util.keystr(k): x for k, x in jax.tree_util.tree_leaves_with_path(bf.params)}
+    weights = {k for k in leaves if k.endswith("['w']") or k.endswith("['embedding_VD']")}
+    assert {k for k, x in leaves.items() if x.dtype == jnp.bfloat16} == weights
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 16)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((16, 7)), jnp.bfloat16)
+    want = np.asarray(x.astype(jnp.bfloat16), np.float64) @ np.asarray(w, np.float64)
+    got = project({"w": w}, x, "BTD,DF->BTF")
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    inputs = _requests()
+    ref = [g.token_ids for g in encdec.reference_generate(fp, inputs, MAX_NEW, min_new_tokens=MAX_NEW)]
+    assert teacher_forced_agreement(bf, inputs, ref) >= 0.95
+    cfg = EngineConfig(num_slots=8, page_size=4, max_encoder_len=MAX_IN, max_new_tokens=MAX_NEW)
+    outs = Engine(bf, cfg).generate(
+        [Request(inputs=x, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW) for x in inputs]
+    )
+    bf_ref = [g.token_ids for g in encdec.reference_generate(bf, inputs, MAX_NEW, min_new_tokens=MAX_NEW)]
+    assert [o.token_ids for o in outs] == bf_ref
