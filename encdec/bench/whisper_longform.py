@@ -69,6 +69,9 @@ class LongFormExperimentConfig:
     steps_per_dispatch: int = 4
     batch_size: int = 8
     """faster-whisper ``BatchedInferencePipeline`` chunks per batch (its default)."""
+    quantize: str | None = None
+    """encdec's weights (``load_pretrained``'s ``quantize``): None (float32 as loaded), ``int8`` or
+    ``bfloat16``. The peers load their own, in float32."""
     condition_on_previous_text: bool = True
     """encdec and sequential faster-whisper prompt each window with the text decoded before it
     (both tools' default). faster-whisper's batched pipeline never does: set False to compare
@@ -105,7 +108,7 @@ def recordings_for(cfg: LongFormExperimentConfig) -> tuple[Recording, list[Recor
 def run_longform_experiment(cfg: LongFormExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     long, files = recordings_for(cfg)
-    model = load_whisper(cfg.model)
+    model = load_whisper(cfg.model, quantize=cfg.quantize)
     results: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
         "machine": machine_info(),

@@ -2,6 +2,8 @@
 
 - ``encdec``: :class:`~encdec.whisper.longform.LongFormTranscriber` on the engine (files cut at
   silences, chunks decoded in parallel slots, timestamps, seeking, fallback);
+- ``encdec_chunks``: the same, without timestamp tokens: each chunk (cut at silences, at most
+  30 s) decoded once as one segment, faster-whisper's batched pipeline's algorithm;
 - ``encdec_windows``: today's fixed 30 s windows through the engine, no timestamps
   (:func:`~encdec.whisper.serving.transcribe_with_engine`);
 - ``faster_whisper``: faster-whisper's ``WhisperModel.transcribe`` with its defaults (one window
@@ -32,7 +34,9 @@ from encdec.whisper.options import LongFormOptions
 from encdec.whisper.serving import longform_engine, transcribe_with_engine, whisper_engine
 from encdec.whisper.tokens import WhisperTokens
 
-LONGFORM_SYSTEMS = ("encdec", "encdec_windows", "faster_whisper", "faster_whisper_batched", "ctranslate2")
+LONGFORM_SYSTEMS = (
+    "encdec", "encdec_chunks", "encdec_windows", "faster_whisper", "faster_whisper_batched", "ctranslate2",
+)
 
 
 @dataclasses.dataclass
@@ -56,12 +60,14 @@ class EncdecLongForm:
         steps_per_dispatch: int,
         vad: bool = True,
         condition_on_previous_text: bool = True,
+        timestamps: bool = True,
     ):
         self.options = LongFormOptions(
             language=language,
             beam_size=beam_size,
             vad=vad,
             condition_on_previous_text=condition_on_previous_text,
+            timestamps=timestamps,
         )
         self.engine = longform_engine(
             model,
@@ -209,9 +215,14 @@ def make_longform_system(
     """A runner: ``runner(paths) -> [FileOutput]`` with a ``warmup(path)``."""
     engine_kw = dict(num_slots=num_slots, encoder_batch=encoder_batch, steps_per_dispatch=steps_per_dispatch)
     prompt = condition_on_previous_text
-    if name == "encdec":
+    if name in ("encdec", "encdec_chunks"):
         return EncdecLongForm(
-            model, beam_size=beam_size, language=language, condition_on_previous_text=prompt, **engine_kw
+            model,
+            beam_size=beam_size,
+            language=language,
+            condition_on_previous_text=prompt,
+            timestamps=name == "encdec",
+            **engine_kw,
         )
     if name == "encdec_windows":
         return EncdecWindows(model, language=language or "en", **engine_kw)
