@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from encdec.models.quant import SCHEMES
+
 
 def _generate(args: argparse.Namespace) -> int:
     import encdec
@@ -100,7 +102,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
-QUANTIZE_HELP = "int8 weights, float32 activations (int8 CTranslate2 files load as int8 anyway)"
+QUANTIZE_HELP = (
+    "int8: int8 weights, float32 activations (int8 CTranslate2 files load as int8 anyway); "
+    "bfloat16: bfloat16 weights and products summed in float32 (~1.5x faster matmuls on AVX512-BF16 CPUs)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    gen.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
+    gen.add_argument("--quantize", default=None, choices=list(SCHEMES), help=QUANTIZE_HELP)
     gen.set_defaults(func=_generate)
 
     for name, func, help_ in (
@@ -150,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="temperature step of each retry of a failed window, up to 1 (0: no retries)",
     )
     tr.add_argument("--num-slots", type=int, default=16, help="windows decoded together")
-    tr.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
+    tr.add_argument("--quantize", default=None, choices=list(SCHEMES), help=QUANTIZE_HELP)
     tr.add_argument(
         "--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter applied to every window"
     )
@@ -183,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--max-pending", type=int, default=256, help="unfinished requests before 429")
     sv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    sv.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
+    sv.add_argument("--quantize", default=None, choices=list(SCHEMES), help=QUANTIZE_HELP)
     sv.add_argument("--no-warmup", action="store_true", help="compile on first use instead of up front")
     sv.add_argument("--log-level", default="info")
     sv.set_defaults(func=_serve)
