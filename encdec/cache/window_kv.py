@@ -45,11 +45,6 @@ class SlotWindow:
     cross_k_BNSH: tuple[jax.Array, ...]
     cross_v_BNSH: tuple[jax.Array, ...]
 
-    @property
-    def nbytes(self) -> int:
-        leaves = (*self.self_k_BNKH, *self.self_v_BNKH, *self.cross_k_BNSH, *self.cross_v_BNSH)
-        return sum(x.nbytes for x in leaves)
-
     def take_self_rows(self, parent_B: jax.Array) -> SlotWindow:
         """Slot ``b``'s self rows become slot ``parent_B[b]``'s (beams continuing another beam)."""
         return self.replace(

@@ -155,7 +155,6 @@ class LongFormTranscriber:
         # Next work: a file's language detection, or a stream's window at a temperature index.
         ready: collections.deque[_File | tuple[_Stream, int]] = collections.deque()
         pending: dict[int, tuple[_File | _Stream, int]] = {}
-        falling: list[_Stream] = []  # streams whose window is at a fallback temperature
         done = 0
 
         def finish(f: _File) -> None:
@@ -203,12 +202,14 @@ class LongFormTranscriber:
                         finish(f)
                     continue
                 submit(ready.popleft())
-            # Nothing else waits: decode the next fallback temperatures beside the current one.
-            for st in falling if self._speculate and not ready and not unopened else ():
-                later = self._next_untried(st)
-                if later is not None and len(pending) < self.max_in_flight and st.file.result.error is None:
-                    submit((st, later))
-                    self.speculative_decodes += 1
+            # Nothing else waits: decode the next fallback temperatures beside the current one
+            # (a stream with decodes tried and none kept is at a fallback temperature).
+            if self._speculate and not ready and not unopened:
+                for st in (st for f in files if f.result.error is None for st in f.streams if st.tried):
+                    later = self._next_untried(st)
+                    if later is not None and len(pending) < self.max_in_flight:
+                        submit((st, later))
+                        self.speculative_decodes += 1
             self.engine.step()
             for handle in list(pending):
                 if handle not in pending:
@@ -232,15 +233,11 @@ class LongFormTranscriber:
                         st.tried[index] = self._attempt(st, index, out)
                         chosen = self._decide(st)
                         if chosen is None:  # another temperature is needed
-                            if st not in falling:
-                                falling.append(st)
                             nxt = self._next_needed(st)
                             if nxt is not None:
                                 ready.appendleft((st, nxt))
                         else:
                             drop(st)
-                            if st in falling:
-                                falling.remove(st)
                             if self._window_done(st, chosen):
                                 ready.append((st, 0))
                             else:
@@ -248,8 +245,6 @@ class LongFormTranscriber:
                 if f.result.error is not None:
                     for st in f.streams:
                         drop(st)
-                        if st in falling:
-                            falling.remove(st)
                 if f.in_flight == 0 and (f.result.error is not None or f.streams_left == 0):
                     self._collect(f)
                     finish(f)
