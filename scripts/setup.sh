@@ -11,10 +11,11 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[cpu,audio,test,bench]"
 # espeak-ng synthesizes the Whisper test clips; bible-kjv (the `bible` program) and bible-kjv-text
-# (the King James Version, public domain) are the text of the long Whisper recordings. Debian
-# packages; skipped where apt is absent.
-if { ! command -v espeak-ng || ! command -v bible; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
-   && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && apt-get install -y -qq espeak-ng bible-kjv bible-kjv-text >/dev/null) \
-    || echo "setup: espeak-ng / bible-kjv not installed"
+# (the King James Version, public domain) are the text of the long Whisper recordings; fortunes and
+# fortunes-min (BSD) the sayings of experiments/whisper_lora.yaml. Debian packages; skipped where
+# apt is absent.
+if { ! command -v espeak-ng || ! command -v bible || [ ! -f /usr/share/games/fortunes/wisdom ]; } \
+   >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq espeak-ng bible-kjv bible-kjv-text fortunes fortunes-min \
+    >/dev/null) || echo "setup: espeak-ng / bible-kjv / fortunes not installed"
 fi
