@@ -1,7 +1,9 @@
 """``encdec finetune experiments/whisper_lora.yaml``: a LoRA adapter for Whisper on accented speech.
 
 The encoder stays frozen and unadapted (``lora.stacks: [decoder]``), so every training clip's
-encoder output is computed once and kept in host memory; a training step runs only the decoder
+encoder output is computed once and kept in host memory (bfloat16: 1.5 MB a clip for
+Whisper-base, where the six layers' cross-attention K/V would take 18 MB); a training step runs
+only the cross K/V projections (forward only: they are not adapted) and the decoder
 (teacher forcing on Whisper's prompt + the clip's text + ``<|endoftext|>``, loss on the text and
 end token). Optimizer, schedule and checkpoints are :mod:`encdec.lora.train`'s (optax, orbax:
 running the same command again resumes). Every ``eval_every`` steps the adapter is loaded into
@@ -36,7 +38,6 @@ from encdec.lora.adapters import LoraConfig, target_sites
 from encdec.lora.bank import AdapterBank
 from encdec.lora.train import TrainConfig, TrainState, init_state, make_optimizer
 from encdec.models import decode, init_dense_kv
-from encdec.models.kv import DenseKV
 from encdec.models.whisper import encode_audio
 from encdec.whisper.accent import AccentDataConfig, AccentSplit, Clip, build_split
 from encdec.whisper.audio import load_audio, log_mel_spectrogram
@@ -115,10 +116,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> WhisperLoraE
 
 @dataclasses.dataclass
 class TrainingSet:
-    cross_k_NLNSH: np.ndarray
-    """Every decoder layer's cross-attention keys of every clip (bfloat16 on the host: 18 MB a
-    clip for Whisper-base): the frozen encoder and unadapted cross ``k``/``v`` make them constant."""
-    cross_v_NLNSH: np.ndarray
+    encoder_NSD: np.ndarray
+    """Every clip's encoder output (bfloat16 on the host): the frozen encoder makes it constant."""
     decoder_ids_NT: np.ndarray
     labels_NT: np.ndarray
     label_mask_NT: np.ndarray
@@ -133,27 +132,23 @@ def target_ids(model: Model, tokens: WhisperTokens, text: str) -> list[int]:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def _cross_kv(params, cfg: ModelConfig, mel_BCA, *, dtype):
-    enc_BSD = encode_audio(params, cfg, mel_BCA, dtype=dtype)
-    kv = init_dense_kv(params, cfg, enc_BSD, jnp.ones(enc_BSD.shape[:2], bool), 1, dtype=dtype)
-    as_bf16 = [jnp.stack(x, axis=1).astype(jnp.bfloat16) for x in (kv.cross_k_BNSH, kv.cross_v_BNSH)]
-    return tuple(as_bf16)
+def _encoder_outputs(params, cfg: ModelConfig, mel_BCA, *, dtype):
+    return encode_audio(params, cfg, mel_BCA, dtype=dtype).astype(jnp.bfloat16)
 
 
-def cross_kv_of_clips(model: Model, clips: Sequence[Clip], *, batch: int = 4, progress=None):
-    """Cross-attention K and V ``[N, L, N_heads, S, H]`` (bfloat16, host) of every clip."""
-    ks, vs = [], []
+def encoder_outputs_of_clips(model: Model, clips: Sequence[Clip], *, batch: int = 4, progress=None):
+    """Encoder outputs ``[N, S, D]`` (bfloat16, host) of every clip."""
+    outs = []
     for start in range(0, len(clips), batch):
         chunk = clips[start : start + batch]
         mels = np.zeros((batch, model.config.num_mel_bins, 2 * model.config.audio_positions), np.float32)
         for i, c in enumerate(chunk):
             mels[i] = log_mel_spectrogram(load_audio(c.path), model.config.num_mel_bins)
-        k, v = _cross_kv(model.params, model.config, mels, dtype=model.dtype)
-        ks.append(np.asarray(k)[: len(chunk)])
-        vs.append(np.asarray(v)[: len(chunk)])
+        enc_BSD = _encoder_outputs(model.params, model.config, mels, dtype=model.dtype)
+        outs.append(np.asarray(enc_BSD)[: len(chunk)])
         if progress:
             progress(len(chunk))
-    return np.concatenate(ks), np.concatenate(vs)
+    return np.concatenate(outs)
 
 
 def training_set(
@@ -175,7 +170,7 @@ def training_set(
         n = len(ids) - 1
         dec[i, :n], lab[i, :n] = ids[:-1], ids[1:]
         mask[i, prompt - 1 : n] = 1  # the first text token is predicted from the prompt's last
-    return TrainingSet(*cross_kv_of_clips(model, kept, **kw), dec, lab, mask)
+    return TrainingSet(encoder_outputs_of_clips(model, kept, **kw), dec, lab, mask)
 
 
 def batch_rows(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
@@ -191,19 +186,11 @@ def batch_rows(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
 
 
 def decoder_nll(params, cfg: ModelConfig, lora, batch, *, dtype=jnp.float32):
-    """Summed label cross-entropy and label count of a teacher-forced decoder over cached cross K/V."""
-    dec_BT = batch["decoder_ids"]
-    (B, T), L = dec_BT.shape, cfg.decoder_layers
-    k_BLNSH, v_BLNSH = batch["cross_k"].astype(dtype), batch["cross_v"].astype(dtype)
-    zeros = jnp.zeros((B, cfg.decoder_heads, T, cfg.head_dim), dtype)
-    kv = DenseKV(
-        self_k_BNKH=(zeros,) * L,
-        self_v_BNKH=(zeros,) * L,
-        cross_k_BNSH=tuple(k_BLNSH[:, i] for i in range(L)),
-        cross_v_BNSH=tuple(v_BLNSH[:, i] for i in range(L)),
-        cross_mask_BS=jnp.ones((B, k_BLNSH.shape[3]), bool),
-        index=jnp.zeros((), jnp.int32),
-    )
+    """Summed label cross-entropy and label count of a teacher-forced decoder over cached
+    encoder outputs (cross K/V projected without the adapter: it has none there)."""
+    dec_BT, enc_BSD = batch["decoder_ids"], batch["encoder"].astype(dtype)
+    T = dec_BT.shape[1]
+    kv = init_dense_kv(params, cfg, enc_BSD, jnp.ones(enc_BSD.shape[:2], bool), T, dtype=dtype)
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), dec_BT.shape)
     logits_BTV, _ = decode(params, cfg, dec_BT, positions_BT, kv, dtype=dtype, lora=lora)
     logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
@@ -376,8 +363,7 @@ def finetune_whisper(
         for step in range(start, tc.steps):
             rows = batch_rows(len(data.labels_NT), step, tc.batch_size, tc.seed)
             batch = {
-                "cross_k": data.cross_k_NLNSH[rows],
-                "cross_v": data.cross_v_NLNSH[rows],
+                "encoder": data.encoder_NSD[rows],
                 "decoder_ids": data.decoder_ids_NT[rows],
                 "labels": data.labels_NT[rows],
                 "label_mask": data.label_mask_NT[rows],

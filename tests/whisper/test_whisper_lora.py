@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -19,10 +20,17 @@ from encdec.checkpoints.export import export_hf
 from encdec.engine import Request
 from encdec.experiment_config import build
 from encdec.lora import AdapterBank, AdapterError, LoraConfig, init_lora, load_peft, merge_adapter, save_peft
+from encdec.models.whisper import encode_audio
 from encdec.whisper import AudioInput, log_mel_spectrogram, whisper_engine
-from encdec.whisper.accent import group_verses, split_groups
+from encdec.whisper.accent import AccentDataConfig, fortune_sayings, group_verses, split_groups
 from encdec.whisper.clips import espeak_available
-from encdec.whisper.finetune import DECODER_TARGETS, WhisperLoraExperiment, check_targets, finetune_whisper
+from encdec.whisper.finetune import (
+    DECODER_TARGETS,
+    WhisperLoraExperiment,
+    check_targets,
+    decoder_nll,
+    finetune_whisper,
+)
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import greedy_decode
 from tests.whisper.tiny_whisper import PROMPT, add_word_tokenizer, hf_greedy_config, tiny_lora_experiment
@@ -65,6 +73,27 @@ def test_held_out_verses_are_never_trained_on():
     held_verses = {v for g in held for v in g}
     assert len(held) == 4 and train and not held_verses.intersection(v for g in train for v in g)
     assert split_groups(groups, 4, 100, seed=2)[1] != held
+
+
+def test_fortune_sayings_keep_plain_prose_and_cut_attributions(tmp_path):
+    entries = [
+        "Avoid reality at all costs.",
+        "A lifetime isn't nearly long enough to figure out\nwhat it's all about.\n\t\t-- Lew Col",
+        'A man said to the Universe:\n\t"Sir, I exist!"',  # dialogue: indented
+        "Bank error in your favor.  Collect $200.",  # digits and a symbol
+        "NASA will call you back tomorrow.",  # an acronym espeak spells out
+        "Too short.",
+        "Caf\u00e9 au lait for everyone today.",  # not ASCII
+    ]
+    (tmp_path / "sayings").write_text("\n%\n".join(entries) + "\n%\n")
+    assert fortune_sayings([str(tmp_path / "sayings")]) == [
+        "Avoid reality at all costs.",
+        "A lifetime isn't nearly long enough to figure out what it's all about.",
+    ]
+    with pytest.raises(FileNotFoundError, match="apt-get install"):
+        fortune_sayings(["no_such_file"], directory=str(tmp_path))
+    with pytest.raises(ValueError, match="source"):
+        AccentDataConfig(source="wikipedia")
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -168,6 +197,22 @@ def test_hf_export_round_trips_and_peft_gives_encdec_tokens(model, tiny_hf_model
     for row, (theirs, mine) in enumerate(zip(hf_tokens.tolist(), ours, strict=True)):
         assert theirs[: len(mine)] == mine, row
     assert ours != base and all(ours)  # the adapter matters; every row has tokens to compare
+
+    # The training loss (decoder over cached encoder outputs, adapter unmerged) is HF + PEFT's.
+    ids_BT = np.asarray([[*PROMPT, *row] for row in hf_tokens.tolist()], np.int32)
+    mask_BT = np.zeros(ids_BT[:, 1:].shape, np.int32)
+    mask_BT[:, len(PROMPT) - 1 :] = 1
+    enc_BSD = encode_audio(reloaded.params, reloaded.config, jnp.asarray(mel))
+    batch = {"encoder": enc_BSD, "decoder_ids": ids_BT[:, :-1], "labels": ids_BT[:, 1:]}
+    batch["label_mask"] = mask_BT
+    nll, count = decoder_nll(reloaded.params, reloaded.config, lora, batch)
+    with torch.no_grad():
+        logits = hf.base_model.model(
+            input_features=torch.tensor(mel), decoder_input_ids=torch.tensor(ids_BT[:, :-1])
+        ).logits
+    nll_BT = -torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids_BT[:, 1:, None]).long())[..., 0]
+    hf_nll = float((nll_BT * torch.tensor(mask_BT)).sum())
+    assert int(count) == mask_BT.sum() and abs(float(nll) - hf_nll) < 1e-4 * max(1.0, hf_nll)
 
 
 # ---- bad input ------------------------------------------------------------------------------------
