@@ -1,10 +1,11 @@
 """WER of Whisper-base with and without an adapter on text unlike the training text.
 
-The adapter of ``experiments/whisper_lora.yaml`` is trained on KJV Proverbs, whose archaic
-spelling ("hateth", "LORD") the base model also gets wrong in the plain ``en-us`` voice; its WER
-gain on held-out Proverbs mixes the voice and the text. This reads the project's modern English
-sentences (``encdec/whisper/sentences.txt``, joined into ~25-word clips) in the target and the
-control voice and transcribes them through one engine, base and adapter, greedy. Run:
+The held-out clips of ``experiments/whisper_lora.yaml`` are sayings like its training text; this
+reads the project's own modern English sentences (``encdec/whisper/sentences.txt``, joined into
+~25-word clips, never trained on) in the target and the control voice and transcribes them
+through one engine, base and adapter, greedy: what the adapter learned of the voice, apart from
+the text. (An adapter trained on KJV Proverbs improved its own held-out verses and made these
+worse: it had learned the archaic spelling.) Run:
 
     python scripts/whisper_lora_other_text.py --adapter results/whisper_lora/adapter
 """
