@@ -68,6 +68,29 @@ def _take(x_BX: jax.Array, i_B: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x_BX, i_B[:, None], axis=1)[:, 0]
 
 
+def _places(parent_BK: jax.Array, k_B: jax.Array, beam_index_B: jax.Array) -> jax.Array:
+    """Which of the ranked continuations (``parent_BK``: each one's beam, in group order) the
+    slot at ``beam_index_B`` takes: a beam's best continuation stays in that beam's slot, the
+    others fill the slots of beams without one, in rank order.
+
+    Beam order is not HF's ranking (nothing reads it: the ranking is recomputed from scores every
+    step), and in return a beam's rows move only into slots whose beam ended, never into a slot
+    they are read from: the rows are copied in place (``SlotWindow.take_self_rows``).
+    """
+    K = parent_BK.shape[1]
+    ar_K = jnp.arange(K)
+    ok_BK = ar_K[None, :] < k_B[:, None]
+    same_BKK = parent_BK[:, :, None] == parent_BK[:, None, :]
+    first_BK = ok_BK & ~jnp.any(same_BKK & (ar_K[None, :] < ar_K[:, None])[None], axis=2)
+    held_BK = jnp.any(first_BK[:, :, None] & (parent_BK[:, :, None] == ar_K[None, None, :]), axis=1)
+    free_BK = ok_BK & ~held_BK  # slots (group order) whose beam has no continuation
+    extra_rank_BK = jnp.cumsum(ok_BK & ~first_BK, axis=1) - 1
+    free_rank_BK = jnp.cumsum(free_BK, axis=1) - 1
+    fills_BKK = free_BK[:, None, :] & (free_rank_BK[:, None, :] == extra_rank_BK[:, :, None])
+    slot_BK = jnp.where(first_BK, parent_BK, jnp.argmax(fills_BKK, axis=2))
+    return jnp.argmax(ok_BK & (slot_BK == beam_index_B[:, None]), axis=1)
+
+
 def beam_step(
     logprobs_BV: jax.Array,
     score_B: jax.Array,
@@ -103,10 +126,11 @@ def beam_step(
     stop_BC = (cand_tok_BC == eos_token_id) | jnp.any(cand_tok_BC[..., None] == p.stop_ids_X[:, None, :], -1)
     hits_BC = stop_BC | (num_generated_B + 1 >= p.max_new)[:, None]
 
-    # The best k unfinished continuations go on.
+    # The best k unfinished continuations go on, each in the slot _places gives it.
     run_vals_BC = jnp.where(cand_ok_BC, top_vals_BC + hits_BC.astype(f32) * NO_SCORE, -jnp.inf)
     sel_vals_BK, sel_BK = jax.lax.top_k(run_vals_BC, K)
-    mine_B = _take(sel_BK, p.beam_index)
+    rank_B = _places(jnp.take_along_axis(cand_beam_BC, sel_BK, axis=1), k_B, p.beam_index)
+    mine_B = _take(sel_BK, rank_B)
     parent_B = _take(member_BK, _take(cand_beam_BC, mine_B))
     token_B = _take(cand_tok_BC, mine_B)
     token_lp_B = logprobs_BV[parent_B, token_B]
@@ -155,7 +179,7 @@ def beam_step(
         parent_B=parent_B,
         token_B=token_B,
         token_logprob_B=token_lp_B,
-        score_B=_take(sel_vals_BK, p.beam_index),
+        score_B=_take(sel_vals_BK, rank_B),
         open_B=new_open_B,
         done_B=done_B,
     )

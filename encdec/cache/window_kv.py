@@ -46,11 +46,26 @@ class SlotWindow:
     cross_v_BNSH: tuple[jax.Array, ...]
 
     def take_self_rows(self, parent_B: jax.Array) -> SlotWindow:
-        """Slot ``b``'s self rows become slot ``parent_B[b]``'s (beams continuing another beam)."""
-        return self.replace(
-            self_k_BNKH=tuple(x[parent_B] for x in self.self_k_BNKH),
-            self_v_BNKH=tuple(x[parent_B] for x in self.self_v_BNKH),
-        )
+        """Slot ``b``'s self rows become slot ``parent_B[b]``'s (beams continuing another beam).
+
+        Copied in place, one moved slot at a time: a gather of the whole window moved 176 MB a
+        beam step at 16 Whisper-base slots. A slot copied from must not be copied to
+        (``beam._places`` keeps every continued beam in its own slot).
+        """
+        B = parent_B.shape[0]
+        moved_B = parent_B != jnp.arange(B)
+        order_B = jnp.argsort(~moved_B, stable=True)  # moved slots first
+
+        def one(i, rows):
+            b = order_B[i]
+            return tuple(
+                jax.lax.dynamic_update_slice_in_dim(x, jax.lax.dynamic_slice_in_dim(x, parent_B[b], 1), b, 0)
+                for x in rows
+            )
+
+        L = len(self.self_k_BNKH)
+        rows = jax.lax.fori_loop(0, jnp.sum(moved_B), one, (*self.self_k_BNKH, *self.self_v_BNKH))
+        return self.replace(self_k_BNKH=rows[:L], self_v_BNKH=rows[L:])
 
     def start_self_rows(self, slot_X: jax.Array) -> SlotWindow:
         """Zero the self rows of starting slots (``slot_X``; ``B`` and beyond: none)."""

@@ -7,6 +7,7 @@ sequence token for token, the same n-best in order, sequence scores within 1e-4 
 the score's size: the models' logits differ from torch's at float32 rounding).
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,8 @@ import transformers as tf
 from transformers.generation.utils import GenerationMixin
 
 import encdec
+from encdec.beam import _places
+from encdec.cache.window_kv import SlotWindow
 from encdec.engine import Engine, EngineConfig, Request, RequestError
 from encdec.whisper import AudioInput, whisper_engine
 from encdec.whisper.audio import log_mel_spectrogram
@@ -102,6 +105,30 @@ def test_beam_search_equals_hf_generate_in_a_mixed_batch(family, tmp_path):
     stats = engine.stats()
     assert (stats.self_pages_used, stats.cross_pages_used, stats.tracked_requests) == (0, 0, 0)
     engine.self_alloc.check_invariants()
+
+
+def test_continued_beams_keep_their_slots_and_rows_move_only_into_ended_beams():
+    rng = np.random.default_rng(0)
+    K = 5
+    for _ in range(200):
+        k = int(rng.integers(1, K + 1))
+        parent_K = np.r_[rng.integers(0, k, size=k), rng.integers(0, K, size=K - k)]  # ranked
+        ranks = [int(r) for r in _places(jnp.asarray(parent_K)[None].repeat(K, 0),
+                                         jnp.full(K, k), jnp.arange(K))][:k]
+        assert sorted(ranks) == list(range(k))  # every continuation has one slot
+        slot_parent = [int(parent_K[r]) for r in ranks]
+        for beam in set(parent_K[:k].tolist()):  # its best continuation stays in its slot
+            assert ranks[beam] == int(np.flatnonzero(parent_K[:k] == beam)[0])
+        moved = [b for b in range(k) if slot_parent[b] != b]
+        assert not set(moved) & {slot_parent[b] for b in moved}  # no slot is read and written
+
+    # The in-place copy equals a gather when sources are not destinations.
+    x = jnp.asarray(rng.normal(size=(6, 2, 4, 3)), jnp.float32)
+    parent_B = jnp.asarray([0, 0, 2, 2, 0, 5])
+    window = SlotWindow((x,), (x + 1,), (), ())
+    moved = window.take_self_rows(parent_B)
+    np.testing.assert_array_equal(moved.self_k_BNKH[0], x[parent_B])
+    np.testing.assert_array_equal(moved.self_v_BNKH[0], (x + 1)[parent_B])
 
 
 @pytest.mark.parametrize("impl", ["xla", "window"])
