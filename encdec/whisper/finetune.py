@@ -11,7 +11,8 @@ an engine's adapter bank (one row, replaced in place: no recompilation) and the 
 of both voices are transcribed greedily through the engine; their WER is the curve.
 
 The output folder gets ``config.yaml``, ``metrics.csv``/``metrics.json``, ``curve.png``
-(training loss, held-out WER per voice), ``adapter/`` (PEFT) and ``checkpoints/``.
+(training loss, held-out WER per voice), ``transcripts.json`` (the latest evaluation's held-out
+transcripts, each with its reference and WER), ``adapter/`` (PEFT) and ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -245,13 +246,19 @@ def engine_transcripts(
     return [o.text or "" for o in engine.generate(requests)]
 
 
-def evaluate(engine: Engine, split: AccentSplit, adapter_id: str | None, max_new_tokens: int) -> dict:
-    """Held-out WER of both voices, greedy, through ``engine``."""
-    row = {}
+def evaluate(
+    engine: Engine, split: AccentSplit, adapter_id: str | None, max_new_tokens: int
+) -> tuple[dict, list[dict]]:
+    """Held-out WER of both voices, greedy, through ``engine``; and every clip's transcript."""
+    row, transcripts = {}, []
     for key, clips in (("wer_target", split.eval_target), ("wer_control", split.eval_control)):
         hyps = engine_transcripts(engine, clips, adapter_id, max_new_tokens)
         row[key] = wer([c.text for c in clips], hyps)
-    return row
+        transcripts += [
+            {"voice": c.voice, "reference": c.text, "transcript": h, "wer": wer([c.text], [h])}
+            for c, h in zip(clips, hyps, strict=True)
+        ]
+    return row, transcripts
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -339,12 +346,16 @@ def finetune_whisper(
 
     def run_eval(row: dict) -> None:
         t = time.perf_counter()
-        if int(state.step) == 0:
-            row.update(evaluate(engine, split, None, config.eval_max_new_tokens))
-        else:
+        adapter_id = None if int(state.step) == 0 else ADAPTER_ID
+        if adapter_id:
             engine.load_adapter(ADAPTER_ID, state.lora())
-            row.update(evaluate(engine, split, ADAPTER_ID, config.eval_max_new_tokens))
+        wers, transcripts = evaluate(engine, split, adapter_id, config.eval_max_new_tokens)
+        row.update(wers)
         row["eval_seconds"] = time.perf_counter() - t
+        # The latest evaluation's transcripts, for reading the errors (the curve has only WER).
+        (out / "transcripts.json").write_text(
+            json.dumps({"step": int(state.step), "clips": transcripts}, indent=2)
+        )
 
     with AdapterCheckpointer(
         out / "checkpoints", every=config.checkpoint_every, max_to_keep=config.keep_checkpoints

@@ -23,7 +23,7 @@ from encdec.lora import AdapterBank, AdapterError, LoraConfig, init_lora, load_p
 from encdec.models.whisper import encode_audio
 from encdec.whisper import AudioInput, log_mel_spectrogram, whisper_engine
 from encdec.whisper.accent import AccentDataConfig, fortune_sayings, group_verses, split_groups
-from encdec.whisper.clips import espeak_available
+from encdec.whisper.clips import espeak_available, wer
 from encdec.whisper.finetune import (
     DECODER_TARGETS,
     WhisperLoraExperiment,
@@ -113,6 +113,12 @@ def test_finetune_smoke_run_writes_results_and_resumes(model, tiny_dir, tmp_path
     assert [r["step"] for r in history] == [0, 1, 2, 3]
     assert [r["step"] for r in history if "wer_target" in r] == [0, 2, 3]
     assert history[1]["loss"] > 0 and (out / "curve.png").stat().st_size > 0
+    transcripts = json.loads((out / "transcripts.json").read_text())  # the step-3 evaluation's
+    assert transcripts["step"] == 3 and len(transcripts["clips"]) == 2 * summary["eval_clips_per_voice"]
+    for voice, key in (("fr", "wer_target"), ("en-us", "wer_control")):
+        clips = [c for c in transcripts["clips"] if c["voice"] == voice]
+        refs, hyps = [c["reference"] for c in clips], [c["transcript"] for c in clips]
+        assert clips and wer(refs, hyps) == summary["last"][key]
     lora, lora_config = load_peft(out / "adapter", model.params, model.config)
     assert lora_config.stacks == ("decoder",) and lora_config.rank == 2
     assert "encoder" not in lora and any(np.abs(np.asarray(a["b"])).max() > 0 for a in _leaves(lora))
