@@ -39,16 +39,27 @@ def _run(args: argparse.Namespace) -> int:
     return run_experiment_cli(args.experiment, overrides=args.set, out=args.out)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from encdec.experiment_config import read_yaml
 
+    kw = {"overrides": args.set, "out": args.out, "stop_after": args.stop_after}
     if (read_yaml(args.experiment) or {}).get("kind") == "whisper_lora":
         from encdec.whisper.finetune import finetune_whisper_cli
 
-        return finetune_whisper_cli(args.experiment, overrides=args.set, out=args.out)
+        return finetune_whisper_cli(args.experiment, **kw)
     from encdec.lora.finetune import finetune_cli
 
-    return finetune_cli(args.experiment, overrides=args.set, out=args.out)
+    return finetune_cli(args.experiment, **kw)
 
 
 def _transcribe(args: argparse.Namespace) -> int:
@@ -135,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
         )
         p.add_argument("--out", default=None, help="output folder (default: results/<name>)")
+        if name == "finetune":
+            p.add_argument(
+                "--stop-after", type=_positive_int, default=None, metavar="N",
+                help="stop (checkpointed) after N steps in this call; running again resumes",
+            )  # fmt: skip
         p.set_defaults(func=func)
 
     tr = sub.add_parser("transcribe", help="transcribe audio files with Whisper (text, srt, vtt, json)")

@@ -277,11 +277,13 @@ def finetune(
     return summary
 
 
-def finetune_cli(experiment_path: str, overrides: list[str], out: str | None) -> int:
+def finetune_cli(
+    experiment_path: str, overrides: list[str], out: str | None, stop_after: int | None = None
+) -> int:
     try:
         config = load_config(experiment_path, overrides)
         out_dir = Path(out) if out else Path("results") / config.name
-        summary = finetune(config, out_dir)
+        summary = finetune(config, out_dir, stop_after=stop_after)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, AdapterError, bad data: the message says what
         print(f"error: {e}", file=sys.stderr)
         return 2

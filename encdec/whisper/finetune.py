@@ -424,13 +424,15 @@ def finetune_whisper(
     return summary
 
 
-def finetune_whisper_cli(experiment_path: str, overrides: list[str], out: str | None) -> int:
+def finetune_whisper_cli(
+    experiment_path: str, overrides: list[str], out: str | None, stop_after: int | None = None
+) -> int:
     import sys
 
     try:
         config = load_config(experiment_path, overrides)
         out_dir = Path(out) if out else Path("results") / config.name
-        summary = finetune_whisper(config, out_dir)
+        summary = finetune_whisper(config, out_dir, stop_after=stop_after)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 import encdec
+from encdec.cli import main as cli_main
 from encdec.lora import load_peft
 from encdec.lora.finetune import (
     ConfigError,
@@ -80,6 +81,13 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "lora.rank: must be a positive integer" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_stop_after_that_is_not_positive(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["finetune", str(EXPERIMENT), "--stop-after", "0"])
+    assert exit_.value.code == 2
+    assert "--stop-after: must be a positive integer, got '0'" in capsys.readouterr().err
+
+
 def test_tiny_model_is_a_hugging_face_checkpoint(tmp_path):
     directory = write_tiny_t5(tmp_path, TinyT5Config(d_model=16, d_ff=32, num_layers=1))
     hf = transformers.T5ForConditionalGeneration.from_pretrained(str(directory)).eval()
@@ -99,7 +107,9 @@ def test_tiny_model_is_a_hugging_face_checkpoint(tmp_path):
 def test_finetune_writes_results_and_resumes(tmp_path):
     config = load_config(EXPERIMENT, SMALL)
     out = tmp_path / "run"
-    summary = finetune(config, out, stop_after=3, progress=False)
+    overrides = [arg for o in SMALL for arg in ("--set", o)]
+    assert cli_main(["finetune", str(EXPERIMENT), *overrides, "--out", str(out), "--stop-after", "3"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
     assert summary["steps"] == 3 and not summary["finished"]
     summary = finetune(config, out, progress=False)  # resumes from the step-3 checkpoint
     assert summary["steps"] == 4 and summary["finished"]
