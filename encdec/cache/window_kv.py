@@ -52,19 +52,16 @@ class SlotWindow:
         beam step at 16 Whisper-base slots. A slot copied from must not be copied to
         (``beam._places`` keeps every continued beam in its own slot).
         """
-        B = parent_B.shape[0]
-        moved_B = parent_B != jnp.arange(B)
-        order_B = jnp.argsort(~moved_B, stable=True)  # moved slots first
 
-        def one(i, rows):
-            b = order_B[i]
+        def one(b, rows):
             return tuple(
                 jax.lax.dynamic_update_slice_in_dim(x, jax.lax.dynamic_slice_in_dim(x, parent_B[b], 1), b, 0)
                 for x in rows
             )
 
         L = len(self.self_k_BNKH)
-        rows = jax.lax.fori_loop(0, jnp.sum(moved_B), one, (*self.self_k_BNKH, *self.self_v_BNKH))
+        moved_B = parent_B != jnp.arange(parent_B.shape[0])
+        rows = for_each_slot(moved_B, one, (*self.self_k_BNKH, *self.self_v_BNKH))
         return self.replace(self_k_BNKH=rows[:L], self_v_BNKH=rows[L:])
 
     def start_self_rows(self, slot_X: jax.Array) -> SlotWindow:
@@ -146,12 +143,8 @@ def attend_slots(
     keys (``lengths_B > 0``): a step reads the rows of the slots that decode, not of all ``B``
     (on 2 cores, as fast as one batched product when all are busy; half the time at half).
     Slots without keys get zeros."""
-    order_B = jnp.argsort(lengths_B == 0, stable=True)  # slots with keys first
-    count = jnp.sum(lengths_B > 0)
 
-    def one(i, out_BNH):
-        b = order_B[i]
-
+    def one(b, out_BNH):
         def row(x):
             return jax.lax.dynamic_slice_in_dim(x, b, 1, axis=0)
 
@@ -160,7 +153,14 @@ def attend_slots(
         )
         return jax.lax.dynamic_update_slice_in_dim(out_BNH, out_1NH, b, axis=0)
 
-    return jax.lax.fori_loop(0, count, one, jnp.zeros_like(q_BNH))
+    return for_each_slot(lengths_B > 0, one, jnp.zeros_like(q_BNH))
+
+
+def for_each_slot(mask_B: jax.Array, body, init):
+    """``body(b, carry)`` for each slot ``b`` where ``mask_B`` holds, in slot order; a loop of
+    as many iterations as there are such slots, not ``B``."""
+    order_B = jnp.argsort(~mask_B, stable=True)  # the slots that hold first
+    return jax.lax.fori_loop(0, jnp.sum(mask_B), lambda i, carry: body(order_B[i], carry), init)
 
 
 @flax.struct.dataclass

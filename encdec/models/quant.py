@@ -140,16 +140,11 @@ def quantize_params(params: Mapping[str, Any], scheme: str = "int8") -> dict[str
 def _bfloat16_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Every projection's ``w`` and every embedding table in bfloat16; the rest as it is."""
 
-    def walk(node: Any, name: str | None) -> Any:
-        if isinstance(node, Mapping):
-            return {k: walk(v, k) for k, v in node.items()}
-        if isinstance(node, (list, tuple)):
-            return type(node)(walk(v, name) for v in node)
-        if name in ("w", "embedding_VD") and jnp.issubdtype(node.dtype, jnp.floating):
-            return jnp.asarray(node, jnp.bfloat16)
-        return node
+    def leaf(path, x):
+        named = getattr(path[-1], "key", None) in ("w", "embedding_VD")
+        return jnp.asarray(x, jnp.bfloat16) if named and jnp.issubdtype(x.dtype, jnp.floating) else x
 
-    return walk(params, None)
+    return jax.tree_util.tree_map_with_path(leaf, dict(params))
 
 
 def dequantize_params(params: Mapping[str, Any]) -> dict[str, Any]:
