@@ -1,0 +1,324 @@
+// int8 x int8 -> int32 matmul for decode shapes on x86 CPUs with AVX-512 VNNI, as an XLA FFI
+// custom call. The same arithmetic as reference.py: activations quantized per row (symmetric,
+// absmax / 127, round half to even), an exact int32 dot against int8 weights, then
+// acc * row scale * column scale in float32.
+//
+// Why a kernel: XLA:CPU's int8 dot is compute-bound at decode shapes (4-10 GB/s of weights),
+// while a decode step is memory-bound; VPDPBUSD multiplies 64 byte pairs per instruction.
+//
+// VPDPBUSD takes unsigned x signed bytes. The weights are the unsigned side (w + 128, one XOR
+// per loaded vector), the quantized activations the signed side, and the excess
+// 128 * sum_k q[m, k] is subtracted per row: exact, since every sum fits int32 (K * 127 * 255).
+//
+// Two weight layouts, read in place (no packing at load: the trees stay the models' own):
+// - KN ([K, N], every projection): four rows of 64 columns are loaded and interleaved into
+//   four vectors of 16 columns x 4 consecutive k, the layout VPDPBUSD reduces over; each
+//   activation row broadcasts its 4 bytes of k. Columns come out permuted within 128-bit lanes
+//   and are put back when stored.
+// - NK ([N, K], a tied LM head's embedding table): each output is a dot product along
+//   contiguous k; 16-lane partial sums are reduced at the end.
+// Work is split over column panels and shared with XLA's intra-op thread pool.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMaxRows = 4;        // activation rows a KN tile keeps in registers (x4 vectors)
+constexpr int64_t kNkRows = 4;         // activation rows of an NK tile (<= 4)
+constexpr int64_t kNkCols = 4;         // weight rows (outputs) of an NK tile (<= 4)
+constexpr int64_t kParallelBytes = 1 << 19;  // below both, the calling thread does it all
+constexpr int64_t kParallelMacs = 1 << 22;
+
+struct Quantized {
+  std::vector<int8_t> q;        // [M, Kp], zero past K
+  std::vector<float> scale;     // [M]
+  std::vector<int32_t> excess;  // [M]: 128 * sum_k q
+  int64_t Kp;
+};
+
+// Symmetric per-row quantization, as reference.quantize_rows: s = max|x| / 127 (1 for a zero
+// row), q = clip(round(x / s), -127, 127).
+Quantized QuantizeRows(const float* x, int64_t M, int64_t K) {
+  Quantized out;
+  out.Kp = (K + 63) / 64 * 64;
+  out.q.assign(M * out.Kp, 0);
+  out.scale.resize(M);
+  out.excess.resize(M);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, row + k)));
+    }
+    const float a = _mm512_reduce_max_ps(amax);
+    const float s = a > 0.0f ? a / 127.0f : 1.0f;
+    const __m512 s_v = _mm512_set1_ps(s);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    __m512i sum = _mm512_setzero_si512();
+    int8_t* q = out.q.data() + m * out.Kp;
+    for (int64_t k = 0; k < K; k += 16) {
+      __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+      __m512i r = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(mask, row + k), s_v));
+      r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
+      sum = _mm512_add_epi32(sum, _mm512_maskz_mov_epi32(mask, r));
+      _mm_mask_storeu_epi8(q + k, mask, _mm512_cvtepi32_epi8(r));
+    }
+    out.scale[m] = s;
+    out.excess[m] = 128 * _mm512_reduce_add_epi32(sum);
+  }
+  return out;
+}
+
+inline __mmask64 ColumnMask(int64_t left) {
+  return left >= 64 ? ~__mmask64{0} : ((__mmask64{1} << left) - 1);
+}
+
+// Four weight rows (k..k+3, 64 columns from n0) as VPDPBUSD's unsigned operand: v[i] lane 4L+j
+// holds w[k..k+3, n0 + 16L + 4i + j] + 128. Rows at or past K (rows < 4) read as weight 0.
+inline void KnInterleave(const int8_t* w, int64_t N, __mmask64 mask, int rows, __m512i v[4]) {
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  __m512i r[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    r[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(i < rows ? mask : 0, w + i * N), flip);
+  const __m512i t0 = _mm512_unpacklo_epi8(r[0], r[1]), t1 = _mm512_unpackhi_epi8(r[0], r[1]);
+  const __m512i t2 = _mm512_unpacklo_epi8(r[2], r[3]), t3 = _mm512_unpackhi_epi8(r[2], r[3]);
+  v[0] = _mm512_unpacklo_epi16(t0, t2);
+  v[1] = _mm512_unpackhi_epi16(t0, t2);
+  v[2] = _mm512_unpacklo_epi16(t1, t3);
+  v[3] = _mm512_unpackhi_epi16(t1, t3);
+}
+
+// Accumulators are named variables, not arrays: GCC keeps arrays of vectors updated by
+// VPDPBUSD on the stack, which halved the kernel's speed.
+#define ENCDEC_ZERO4(r) __m512i a##r##0 = _mm512_setzero_si512(), a##r##1 = a##r##0, a##r##2 = a##r##0, a##r##3 = a##r##0;
+#define ENCDEC_KN_ROW(r)                                                              \
+  if constexpr (R > r) {                                                              \
+    int32_t q4;                                                                       \
+    std::memcpy(&q4, q + r * q_stride + k, 4);                                        \
+    const __m512i b = _mm512_set1_epi32(q4);                                          \
+    a##r##0 = _mm512_dpbusd_epi32(a##r##0, v[0], b);                                  \
+    a##r##1 = _mm512_dpbusd_epi32(a##r##1, v[1], b);                                  \
+    a##r##2 = _mm512_dpbusd_epi32(a##r##2, v[2], b);                                  \
+    a##r##3 = _mm512_dpbusd_epi32(a##r##3, v[3], b);                                  \
+  }
+#define ENCDEC_STORE4(r) \
+  if constexpr (R > r) { __m512i* t = acc[r]; t[0] = a##r##0; t[1] = a##r##1; t[2] = a##r##2; t[3] = a##r##3; }
+
+// y[m0:m0+R, n0:n0+64] for a KN weight (R <= 4), interleaving as it goes, or reading the panel
+// interleaved once into `packed` (many row tiles: the encoder).
+template <int R>
+void KnTile(const Quantized& xq, const int8_t* w, const float* w_scale, float* y, int64_t K,
+            int64_t N, int64_t m0, int64_t n0, bool prefetch, const __m512i* packed) {
+  const __mmask64 mask = ColumnMask(N - n0);
+  const int8_t* q = xq.q.data() + m0 * xq.Kp;
+  const int64_t q_stride = xq.Kp;
+  ENCDEC_ZERO4(0) ENCDEC_ZERO4(1) ENCDEC_ZERO4(2) ENCDEC_ZERO4(3)
+  __m512i v[4];
+  for (int64_t k = 0; k < K; k += 4) {
+    if (packed) {
+      for (int i = 0; i < 4; ++i) v[i] = _mm512_load_si512(packed + k + i);
+    } else {
+      if (prefetch)  // 16 rows ahead in the panel: rows N bytes apart are no stream to detect
+        for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(w + (k + 16 + i) * N + n0), _MM_HINT_T0);
+      KnInterleave(w + k * N + n0, N, mask, K - k >= 4 ? 4 : (int)(K - k), v);
+    }
+    ENCDEC_KN_ROW(0) ENCDEC_KN_ROW(1) ENCDEC_KN_ROW(2) ENCDEC_KN_ROW(3)
+  }
+  __m512i acc[4][4];
+  ENCDEC_STORE4(0) ENCDEC_STORE4(1) ENCDEC_STORE4(2) ENCDEC_STORE4(3)
+  const int64_t cols = std::min<int64_t>(64, N - n0);
+  for (int r = 0; r < R; ++r) {
+    alignas(64) int32_t lanes[4][16];
+    for (int i = 0; i < 4; ++i) _mm512_store_si512(lanes[i], acc[r][i]);
+    const float xs = xq.scale[m0 + r];
+    const int32_t excess = xq.excess[m0 + r];
+    float* out = y + (m0 + r) * N + n0;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t L = c / 16, i = (c % 16) / 4, j = c % 4;
+      out[c] = (float)(lanes[i][4 * L + j] - excess) * xs * w_scale[n0 + c];
+    }
+  }
+}
+
+void KnPanel(const Quantized& xq, const int8_t* w, const float* s, float* y, int64_t M, int64_t K,
+             int64_t N, int64_t n0) {
+  // Even row tiles of at most kMaxRows: 7 rows run as 3 + 4, not 4 + 3 + ... .
+  const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
+  std::vector<__m512i> panel;
+  const __m512i* packed = nullptr;
+  if (tiles > 2) {  // interleave once, not once per tile
+    panel.resize((K + 3) / 4 * 4);
+    for (int64_t k = 0; k < K; k += 4)
+      KnInterleave(w + k * N + n0, N, ColumnMask(N - n0), K - k >= 4 ? 4 : (int)(K - k), panel.data() + k);
+    packed = panel.data();
+  }
+  for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
+    const int64_t rows = (M - m0) / (tiles - t);
+    switch (rows) {
+      case 1: KnTile<1>(xq, w, s, y, K, N, m0, n0, t == 0, packed); break;
+      case 2: KnTile<2>(xq, w, s, y, K, N, m0, n0, t == 0, packed); break;
+      case 3: KnTile<3>(xq, w, s, y, K, N, m0, n0, t == 0, packed); break;
+      default: KnTile<4>(xq, w, s, y, K, N, m0, n0, t == 0, packed); break;
+    }
+    m0 += rows;
+  }
+}
+
+// The 16-lane sums of four vectors, as one vector of four (one VPHADDD-style tree instead of
+// four full reductions: at K = 768 the reductions cost as much as the products).
+inline __m128i Sum4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
+}
+
+#define ENCDEC_NK_ROW(r)                                                           \
+  if constexpr (R > r) {                                                           \
+    const __m512i qv = _mm512_loadu_si512(q + r * q_stride + k);                   \
+    a##r##0 = _mm512_dpbusd_epi32(a##r##0, wv0, qv);                               \
+    if constexpr (C > 1) a##r##1 = _mm512_dpbusd_epi32(a##r##1, wv1, qv);          \
+    if constexpr (C > 2) a##r##2 = _mm512_dpbusd_epi32(a##r##2, wv2, qv);          \
+    if constexpr (C > 3) a##r##3 = _mm512_dpbusd_epi32(a##r##3, wv3, qv);          \
+  }
+#define ENCDEC_NK_LOAD(c) \
+  const __m512i wv##c = C > c ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + (n0 + c) * K + k), flip) : flip;
+
+// y[m0:m0+R, n0:n0+C] for an NK weight ([N, K], k contiguous; R, C <= 4).
+template <int R, int C>
+void NkTile(const Quantized& xq, const int8_t* w, const float* w_scale, float* y, int64_t K,
+            int64_t N, int64_t m0, int64_t n0, bool prefetch) {
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  const int8_t* q = xq.q.data() + m0 * xq.Kp;
+  const int64_t q_stride = xq.Kp;
+  ENCDEC_ZERO4(0) ENCDEC_ZERO4(1) ENCDEC_ZERO4(2) ENCDEC_ZERO4(3)
+  for (int64_t k = 0; k < K; k += 64) {
+    // Weight bytes past K are masked to 0 before the flip: they meet activations that are 0.
+    const __mmask64 mask = ColumnMask(K - k);
+    // The weight streams in order; the hardware prefetcher alone falls behind once each line
+    // also costs R x C products, so fetch two tiles (8 rows) ahead.
+    if (prefetch)
+      for (int c = 0; c < C; ++c) _mm_prefetch((const char*)(w + (n0 + 2 * kNkCols + c) * K + k), _MM_HINT_T0);
+    ENCDEC_NK_LOAD(0) ENCDEC_NK_LOAD(1) ENCDEC_NK_LOAD(2) ENCDEC_NK_LOAD(3)
+    ENCDEC_NK_ROW(0) ENCDEC_NK_ROW(1) ENCDEC_NK_ROW(2) ENCDEC_NK_ROW(3)
+  }
+  __m512i acc[4][4];
+  ENCDEC_STORE4(0) ENCDEC_STORE4(1) ENCDEC_STORE4(2) ENCDEC_STORE4(3)
+  for (int r = 0; r < R; ++r) {
+    alignas(16) int32_t sums[4];
+    _mm_store_si128((__m128i*)sums, Sum4(acc[r][0], C > 1 ? acc[r][1] : flip, C > 2 ? acc[r][2] : flip,
+                                         C > 3 ? acc[r][3] : flip));
+    const float xs = xq.scale[m0 + r];
+    const int32_t excess = xq.excess[m0 + r];
+    for (int c = 0; c < C; ++c) y[(m0 + r) * N + n0 + c] = (float)(sums[c] - excess) * xs * w_scale[n0 + c];
+  }
+}
+
+template <int C>
+void NkColumns(const Quantized& xq, const int8_t* w, const float* s, float* y, int64_t M, int64_t K,
+               int64_t N, int64_t n0) {
+  int64_t m0 = 0;
+  for (; m0 + kNkRows <= M; m0 += kNkRows) NkTile<kNkRows, C>(xq, w, s, y, K, N, m0, n0, m0 == 0);
+  switch (M - m0) {
+    case 1: NkTile<1, C>(xq, w, s, y, K, N, m0, n0, m0 == 0); break;
+    case 2: NkTile<2, C>(xq, w, s, y, K, N, m0, n0, m0 == 0); break;
+    case 3: NkTile<3, C>(xq, w, s, y, K, N, m0, n0, m0 == 0); break;
+  }
+}
+
+void NkPanel(const Quantized& xq, const int8_t* w, const float* s, float* y, int64_t M, int64_t K,
+             int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kNkCols <= n1; n += kNkCols) NkColumns<kNkCols>(xq, w, s, y, M, K, N, n);
+  for (; n < n1; ++n) NkColumns<1>(xq, w, s, y, M, K, N, n);
+}
+
+// Runs body(chunk) for chunk in [0, chunks) on the calling thread and the pool's. Chunks are
+// claimed from a shared counter, so the caller never waits on a task that has not started:
+// a pool busy elsewhere only means the caller does more of the work itself.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, Body body) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, chunks, body]() {
+    for (int64_t c; (c = shared->next.fetch_add(1)) < chunks;) {
+      body(c);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (shared->done.load(std::memory_order_acquire) < chunks) _mm_pause();
+}
+
+ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                      ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y,
+                      int64_t nk_layout) {
+  const auto x_dims = x.dimensions(), w_dims = w.dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 2)
+    return ffi::Error::InvalidArgument("int8 matmul: x and w must be matrices");
+  const int64_t M = x_dims[0], K = x_dims[1];
+  const int64_t N = nk_layout ? w_dims[0] : w_dims[1];
+  if ((nk_layout ? w_dims[1] : w_dims[0]) != K || (int64_t)w_scale.element_count() != N)
+    return ffi::Error::InvalidArgument("int8 matmul: x, w and w_scale disagree on K or N");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  float* out = y->typed_data();
+  if (K == 0) {
+    std::fill(out, out + M * N, 0.0f);
+    return ffi::Error::Success();
+  }
+  const Quantized xq = QuantizeRows(x.typed_data(), M, K);
+  const int8_t* wd = w.typed_data();
+  const float* sd = w_scale.typed_data();
+  // Threads pay off for large weights (decode) or many rows (the encoder).
+  const bool parallel = (K * N >= kParallelBytes || M * K * N >= kParallelMacs) && pool.num_threads() > 0;
+  if (!nk_layout) {
+    const int64_t panels = (N + 63) / 64;
+    const int64_t chunks = parallel ? std::min<int64_t>(panels, 8 * (pool.num_threads() + 1)) : 1;
+    auto body = [&](int64_t c) {
+      for (int64_t p = panels * c / chunks; p < panels * (c + 1) / chunks; ++p)
+        KnPanel(xq, wd, sd, out, M, K, N, 64 * p);
+    };
+    if (chunks > 1) ParallelFor(pool, chunks, body); else body(0);
+  } else {
+    const int64_t groups = (N + kNkCols - 1) / kNkCols;
+    const int64_t chunks = parallel ? std::min<int64_t>(groups, 8 * (pool.num_threads() + 1)) : 1;
+    auto body = [&](int64_t c) {
+      const int64_t n0 = kNkCols * (groups * c / chunks);
+      const int64_t n1 = std::min<int64_t>(N, kNkCols * (groups * (c + 1) / chunks));
+      NkPanel(xq, wd, sd, out, M, K, N, n0, n1);
+    };
+    if (chunks > 1) ParallelFor(pool, chunks, body); else body(0);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EncdecInt8Matmul, Int8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("nk_layout"));
+

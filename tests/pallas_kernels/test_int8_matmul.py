@@ -1,0 +1,108 @@
+"""The int8 CPU kernel against its pure-JAX reference (and so against XLA's int8 dot): every
+tile remainder, both weight layouts, the threaded path, zero and saturating rows; its build's
+errors; and that the model's int8 projections reach it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from encdec.models.layers import project
+from encdec.models.quant import int8_matmul_reference as float64_reference
+from encdec.models.quant import quantize_params
+from pallas_kernels.int8_matmul import build, int8_matmul, int8_matmul_reference, kernel_available
+
+needs_kernel = pytest.mark.skipif(
+    bool(build.cpu_missing()), reason=f"this CPU lacks {', '.join(build.cpu_missing())}"
+)
+
+
+def _operands(M, K, N, layout, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, K), np.float32) * rng.uniform(0.1, 10.0, (M, 1)).astype(np.float32)
+    w = rng.integers(-127, 128, (K, N) if layout == "KN" else (N, K)).astype(np.int8)
+    s = rng.uniform(1e-3, 2e-2, N).astype(np.float32)
+    return x, w, s
+
+
+@needs_kernel
+def test_the_kernel_builds_where_the_cpu_has_vnni():
+    # A CPU with the instructions must get the kernel: a broken build fails here, not silently
+    # falling back to XLA's dot.
+    assert build.register() is None
+    assert kernel_available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["KN", "NK"])
+@pytest.mark.parametrize(
+    "M, K, N",
+    [
+        (1, 64, 64),  # one tile, no remainder
+        (3, 70, 9),  # K not a multiple of 4 (KN) or 64 (NK); N below one panel / group
+        (5, 130, 131),  # row tiles 3 + 2; a column tail in both layouts
+        (8, 512, 200),  # the engine's 8 slots: tiles 4 + 4
+        (13, 96, 66),  # more rows than any tile
+        (4, 512, 1100),  # >= 512 KB of weights: the threaded split
+    ],
+)
+def test_kernel_equals_the_reference(layout, M, K, N):
+    x, w, s = _operands(M, K, N, layout, seed=M * 1000 + N)
+    fn = jax.jit(
+        lambda x, w, s, impl: int8_matmul(x, w, s, w_layout=layout, implementation=impl), static_argnums=3
+    )
+    got = np.asarray(fn(x, w, s, "kernel"))
+    want = np.asarray(fn(x, w, s, "xla"))
+    # Same int32 sums and the same float products: at most a rounding step apart.
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+    w_KN = w if layout == "KN" else w.T
+    np.testing.assert_allclose(got, float64_reference(x, w_KN, s, "kernel"), rtol=1e-4, atol=1e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["KN", "NK"])
+def test_zero_and_saturating_rows(layout):
+    x, w, s = _operands(6, 100, 70, layout, seed=1)
+    x[0] = 0.0  # scale 1, all codes 0
+    x[1] = 1e30  # every code +127
+    x[2, :] = -3.0  # every code -127: the largest excess subtracted
+    x[3, ::2] = 0.0
+    w[...] = -128 if layout == "KN" else 127  # extreme weights: int32 sums near their bound
+    got = np.asarray(int8_matmul(jnp.asarray(x), w, s, w_layout=layout, implementation="kernel"))
+    want = np.asarray(int8_matmul_reference(jnp.asarray(x), w, s, w_layout=layout))
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    assert not got[0].any()
+
+
+@needs_kernel
+def test_no_rows_and_no_columns():
+    x, w, s = _operands(0, 64, 16, "KN", seed=2)
+    assert int8_matmul(jnp.asarray(x), w, s, implementation="kernel").shape == (0, 16)
+    x, w, s = _operands(4, 64, 0, "NK", seed=2)
+    assert int8_matmul(jnp.asarray(x), w, s, w_layout="NK", implementation="kernel").shape == (4, 0)
+
+
+@needs_kernel
+def test_int8_projections_call_the_kernel():
+    """The model's one projection primitive lowers to the custom call on CPU (``auto``)."""
+    rng = np.random.default_rng(3)
+    p = quantize_params({"wo": {"w": rng.standard_normal((64, 32), np.float32)}})["wo"]
+    x = jnp.asarray(rng.standard_normal((2, 5, 64), np.float32))
+    hlo = jax.jit(lambda x: project(p, x, "BSF,FD->BSD")).lower(x).as_text()
+    assert build.TARGET in hlo
+
+
+def test_bad_arguments_are_refused():
+    x, w, s = _operands(2, 8, 4, "KN", seed=4)
+    with pytest.raises(ValueError, match="unknown implementation 'pallas'"):
+        int8_matmul(x, w, s, implementation="pallas")
+    with pytest.raises(ValueError, match="w_layout"):
+        int8_matmul(x, w, s, w_layout="MN")
+
+
+def test_a_failed_build_names_the_compiler_and_its_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENCDEC_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails without a word
+    with pytest.raises(RuntimeError, match="building the int8 kernel failed:\nfalse "):
+        build.build()
+    assert not list(tmp_path.iterdir())  # no half-written library left to load later
