@@ -7,17 +7,20 @@ the float layout and ``w_scale`` (float32) shaped like its output dims (``b``'s 
 float weight is ``w * w_scale``. The embedding table ``embedding_VD`` is int8 beside
 ``embedding_scale_V`` (per row: each row is an output channel of the tied head).
 
-Two ways to multiply (:func:`int8_matmul`), chosen per backend (``ENCDEC_INT8_MATMUL``
+Three ways to multiply (:func:`int8_matmul`), chosen per backend (``ENCDEC_INT8_MATMUL``
 overrides, read when a step is traced):
 
-- ``dynamic``: activations quantized per row on the fly (symmetric, absmax) and an int8 x int8
-  dot with int32 accumulation; the fastest on XLA:CPU (``scripts/bench_int8_matmul.py``), where
-  a converted weight would be materialized in float before the dot. CTranslate2's int8 does the
-  same.
+- ``kernel``: the CPU default where it runs. Activations quantized per row on the fly
+  (symmetric, absmax) and an int8 x int8 -> int32 product in a C++ AVX-512 VNNI kernel that
+  XLA calls (:mod:`pallas_kernels.int8_matmul`): it reads the weights at memory speed, where
+  XLA:CPU's own int8 dot is compute-bound (``scripts/bench_int8_matmul.py``). CTranslate2's
+  int8 quantizes activations the same way.
+- ``dynamic``: the same arithmetic through XLA's int8 dot; the CPU fallback where the kernel
+  cannot be built (no compiler, no AVX-512 VNNI).
 - ``weight_only``: the int8 weight converted inside the jitted dot (activations stay float);
   XLA:GPU fuses the convert into the matmul, so it reads int8 bytes.
 
-Both scale the product by ``w_scale`` after the dot (the scale is per output channel, so it
+All scale the product by ``w_scale`` after the dot (the scale is per output channel, so it
 commutes with the contraction).
 """
 
@@ -31,6 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.int8_matmul import int8_matmul as int8_kernel_matmul
+from pallas_kernels.int8_matmul import int8_matmul_reference as int8_dynamic_matmul
+from pallas_kernels.int8_matmul import kernel_available
+
 SCHEMES = ("int8", "bfloat16")
 """Known quantization schemes (``load_pretrained(path, quantize=...)``). ``bfloat16``: the same
 weights (every projection and embedding table) stored in bfloat16, multiplied by activations
@@ -38,7 +45,7 @@ rounded to bfloat16 with float32 accumulation and results (:func:`encdec.models.
 On CPUs with AVX512-BF16 XLA runs such products ~1.5x faster than float32 (Whisper-base's encoder
 is bound by them) and a decode step reads half the weight bytes; activations, norms, softmax and
 the KV cache stay float32."""
-METHODS = ("dynamic", "weight_only")
+METHODS = ("kernel", "dynamic", "weight_only")
 """Ways :func:`int8_matmul` multiplies (see the module doc)."""
 METHOD_ENV = "ENCDEC_INT8_MATMUL"
 
@@ -74,11 +81,13 @@ def is_quantized(params: Any) -> bool:
 
 
 def matmul_method() -> str:
-    """The int8 matmul for the default backend: ``dynamic`` on CPU, ``weight_only`` elsewhere,
-    unless ``ENCDEC_INT8_MATMUL`` names one."""
+    """The int8 matmul for the default backend: ``kernel`` on CPUs that run it, else ``dynamic``;
+    ``weight_only`` elsewhere; unless ``ENCDEC_INT8_MATMUL`` names one."""
     method = os.environ.get(METHOD_ENV, "auto")
     if method == "auto":
-        return "dynamic" if jax.default_backend() == "cpu" else "weight_only"
+        if jax.default_backend() != "cpu":
+            return "weight_only"
+        return "kernel" if kernel_available() else "dynamic"
     if method not in METHODS:
         raise QuantizationError(f"{METHOD_ENV}={method!r} is not one of auto, {', '.join(METHODS)}")
     return method
@@ -171,15 +180,6 @@ def dequantize_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return walk(params)
 
 
-def quantize_rows(x_MK: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Activations as int8 with one absmax scale per row (``x ~ q * scale``)."""
-    x32 = x_MK.astype(jnp.float32)
-    amax_M1 = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
-    scale_M1 = jnp.where(amax_M1 > 0, amax_M1 / 127.0, 1.0)
-    q_MK = jnp.clip(jnp.round(x32 / scale_M1), -127, 127).astype(jnp.int8)
-    return q_MK, scale_M1
-
-
 def int8_matmul(
     x_MK: jax.Array,
     w: jax.Array,
@@ -195,13 +195,13 @@ def int8_matmul(
     :func:`matmul_method`)."""
     method = method or matmul_method()
     out_dtype = out_dtype or x_MK.dtype
-    dims = (((1,), (0,)), ((), ())) if w_layout == "KN" else (((1,), (1,)), ((), ()))
-    if method == "dynamic":
-        q_MK, xs_M1 = quantize_rows(x_MK)
-        acc_MN = jax.lax.dot_general(q_MK, w, dims, preferred_element_type=jnp.int32)
-        y_MN = acc_MN.astype(jnp.float32) * xs_M1 * scale_N[None].astype(jnp.float32)
+    if method == "kernel":
+        y_MN = int8_kernel_matmul(x_MK, w, scale_N, w_layout=w_layout, implementation="kernel")
         return y_MN.astype(out_dtype)
+    if method == "dynamic":
+        return int8_dynamic_matmul(x_MK, w, scale_N, w_layout=w_layout).astype(out_dtype)
     if method == "weight_only":
+        dims = (((1,), (0,)), ((), ())) if w_layout == "KN" else (((1,), (1,)), ((), ()))
         acc = jnp.promote_types(out_dtype, x_MK.dtype)
         y_MN = jax.lax.dot_general(x_MK, w.astype(x_MK.dtype), dims, preferred_element_type=acc)
         return (y_MN * scale_N[None].astype(acc)).astype(out_dtype)
@@ -212,7 +212,7 @@ def int8_matmul_reference(x_MK: np.ndarray, w_KN: np.ndarray, scale_N: np.ndarra
     """:func:`int8_matmul` in float64 numpy, for kernel checks (CPU and GPU runs alike)."""
     x = np.asarray(x_MK, np.float64)
     w = np.asarray(w_KN, np.float64) * np.asarray(scale_N, np.float64)[None]
-    if method == "dynamic":
+    if method in ("kernel", "dynamic"):
         amax = np.abs(x).max(axis=-1, keepdims=True)
         s = (
             np.where(amax > 0, np.float32(amax) / np.float32(127.0), 1.0)

@@ -21,6 +21,7 @@ from encdec.models.quant import (
     quantize_array,
     quantize_params,
 )
+from pallas_kernels.int8_matmul.build import cpu_missing
 from tests.tiny_models import save_hf_model
 
 # The tiny T5 at HF's default init (initializer_factor 1): at 2 or 4 (the engine tests' choice,
@@ -42,10 +43,12 @@ def _requests(n=24, seed=0):
     return [rng.integers(3, 90, int(rng.integers(1, MAX_IN + 1))).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("method", ["dynamic", "weight_only"])
+@pytest.mark.parametrize("method", ["kernel", "dynamic", "weight_only"])
 @pytest.mark.parametrize("layout", ["KN", "NK"])
 @pytest.mark.parametrize("M", [0, 1, 8, 13])
 def test_int8_matmul_matches_reference(method, layout, M):
+    if method == "kernel" and cpu_missing():
+        pytest.skip(f"this CPU lacks {', '.join(cpu_missing())}")
     rng = np.random.default_rng(M)
     K, N = 40, 24  # not multiples of anything in particular
     w = rng.standard_normal((K, N), np.float32)
