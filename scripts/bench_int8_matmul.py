@@ -9,6 +9,8 @@ row count, times ``x [M, K] @ w [K, N]`` jitted, best of ``--repeats``:
 - ``bfloat16``: bfloat16 weights and activations, float32 accumulation;
 - ``int8-weight-only``: int8 weights converted inside the jitted dot, times per-column scales;
 - ``int8-dynamic``: activations quantized per row on the fly, int8 x int8 -> int32 dot;
+- ``int8-kernel``: the same arithmetic in encdec's AVX-512 VNNI kernel (an XLA custom call,
+  :mod:`pallas_kernels.int8_matmul`), the CPU default where it runs;
 - ``torch-fbgemm-int8`` (with ``--torch``): PyTorch's dynamic int8 linear (FBGEMM, VNNI
   kernels, prepacked weights), not an encdec path: what a oneDNN/FBGEMM-class kernel behind an
   XLA custom call could reach at these shapes.
@@ -64,6 +66,7 @@ def candidates(K: int, N: int, rng: np.random.Generator):
             1,
         ),
         "int8-dynamic": (jax.jit(lambda x, w: int8_matmul(x, w[0], w[1], method="dynamic")), (q, s), 1),
+        "int8-kernel": (jax.jit(lambda x, w: int8_matmul(x, w[0], w[1], method="kernel")), (q, s), 1),
     }
 
 
@@ -125,7 +128,7 @@ def main() -> None:
         f"bandwidth: jitted JAX read {bw['jax_read_GBps']:.1f} GB/s, "
         f"numpy copy {bw['numpy_copy_GBps']:.1f} GB/s"
     )
-    names = ["float32", "bfloat16", "int8-weight-only", "int8-dynamic"] + (
+    names = ["float32", "bfloat16", "int8-weight-only", "int8-dynamic", "int8-kernel"] + (
         ["torch-fbgemm-int8"] if args.torch else []
     )
     for shape in args.shapes:

@@ -1,7 +1,7 @@
 """Where an engine run's time goes: one workload of an experiment through the in-flight engine.
 
     python scripts/profile_engine.py experiments/bench_cpu.yaml --model 0 --workload mixed \
-        [--steps-per-dispatch 4] [--attention-impl auto]
+        [--steps-per-dispatch 4] [--attention-impl auto] [--dtype int8]
 
 Runs the trace twice after a warm-up: once as the benchmark does (asynchronous dispatches,
 throughput printed), once with every decode and encode dispatch waited on and timed, which
@@ -30,13 +30,14 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=None, help="default: the experiment's first")
     parser.add_argument("--steps-per-dispatch", type=int, default=4)
     parser.add_argument("--attention-impl", default="auto")
+    parser.add_argument("--dtype", default=None, help="override the model's dtype (int8: int8 weights)")
     args = parser.parse_args()
 
     cfg = load_experiment(args.experiment)
     spec = cfg.models[args.model]
     workload = next(w for w in cfg.workloads if args.workload in (None, w.name))
     bench_model = resolve_model(spec, cfg.cache_dir)
-    model = encdec.load_pretrained(bench_model.hf_dir, dtype=spec.dtype, tokenizer=False)
+    model = encdec.load_pretrained(bench_model.hf_dir, dtype=args.dtype or spec.dtype, tokenizer=False)
     max_in = None if model.config.position == "relative" else model.config.max_positions
     trace = make_trace(workload, bench_model.token_range, max_input_len=max_in)
     engine = Engine(
