@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 
+import encdec
 from encdec.engine import Engine
 from tests.sharding.batch import engine_config, requests
 from tests.sharding.conftest import FAMILY_SHAPES
@@ -60,3 +61,16 @@ def test_incremental_pages_and_preemption_per_data_shard(models):
     assert stats.preemptions > 0
     assert (stats.self_pages_used, stats.tracked_requests) == (0, 0)
     engine.self_alloc.check_invariants()
+
+
+def test_int8_weights_on_a_mesh_give_the_single_device_tokens(models):
+    """int8 projections (on CPU: the VNNI kernel's custom call, which has no partitioning rule of
+    its own) under a (2, 4) mesh: the scales shard with their weights and the tokens are the
+    single-device int8 engine's."""
+    model = encdec.quantize_model(models["bart"])
+    reqs = [r for r in requests("bart") if r.num_beams == 1]
+    expected = Engine(model, engine_config("bart", None)).generate(reqs)
+    outputs = Engine(model, engine_config("bart", (2, 4))).generate(reqs)
+    for i, (out, ref) in enumerate(zip(outputs, expected, strict=True)):
+        assert out.finish_reason == ref.finish_reason != "error", (i, out.error)
+        assert _sequences(out) == _sequences(ref), i
