@@ -213,13 +213,12 @@ def int8_matmul_reference(x_MK: np.ndarray, w_KN: np.ndarray, scale_N: np.ndarra
     x = np.asarray(x_MK, np.float64)
     w = np.asarray(w_KN, np.float64) * np.asarray(scale_N, np.float64)[None]
     if method in ("kernel", "dynamic"):
-        amax = np.abs(x).max(axis=-1, keepdims=True)
-        s = (
-            np.where(amax > 0, np.float32(amax) / np.float32(127.0), 1.0)
-            .astype(np.float32)
-            .astype(np.float64)
-        )
-        x = np.clip(np.round(x / s), -127, 127) * s
+        # The codes in float32 with reciprocals, as the kernel and XLA's dot round them.
+        x32 = np.asarray(x_MK, np.float32)
+        amax = np.abs(x32).max(axis=-1, keepdims=True)
+        s = np.where(amax > 0, amax * np.float32(1 / 127), np.float32(1)).astype(np.float32)
+        codes = np.clip(np.round(x32 * (np.float32(1) / s)), -127, 127)
+        x = codes.astype(np.float64) * s.astype(np.float64)
     elif method != "weight_only":
         raise QuantizationError(f"unknown int8 matmul method {method!r}")
     return x @ w

@@ -1,6 +1,6 @@
 // int8 x int8 -> int32 matmul for decode shapes on x86 CPUs with AVX-512 VNNI, as an XLA FFI
 // custom call. The same arithmetic as reference.py: activations quantized per row (symmetric,
-// absmax / 127, round half to even), an exact int32 dot against int8 weights, then
+// absmax * (1 / 127), round half to even), an exact int32 dot against int8 weights, then
 // acc * row scale * column scale in float32.
 //
 // Why a kernel: XLA:CPU's int8 dot is compute-bound at decode shapes (4-10 GB/s of weights),
@@ -39,6 +39,7 @@ constexpr int64_t kNkRows = 4;         // activation rows of an NK tile (<= 4)
 constexpr int64_t kNkCols = 4;         // weight rows (outputs) of an NK tile (<= 4)
 constexpr int64_t kParallelBytes = 1 << 19;  // below both, the calling thread does it all
 constexpr int64_t kParallelMacs = 1 << 22;
+constexpr int64_t kParallelQuantize = 1 << 17;  // activations quantized by several threads
 
 struct Quantized {
   std::vector<int8_t> q;        // [M, Kp], zero past K
@@ -47,38 +48,40 @@ struct Quantized {
   int64_t Kp;
 };
 
-// Symmetric per-row quantization, as reference.quantize_rows: s = max|x| / 127 (1 for a zero
-// row), q = clip(round(x / s), -127, 127).
-Quantized QuantizeRows(const float* x, int64_t M, int64_t K) {
+Quantized Allocate(int64_t M, int64_t K) {
   Quantized out;
   out.Kp = (K + 63) / 64 * 64;
   out.q.assign(M * out.Kp, 0);
   out.scale.resize(M);
   out.excess.resize(M);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* row = x + m * K;
-    __m512 amax = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, row + k)));
-    }
-    const float a = _mm512_reduce_max_ps(amax);
-    const float s = a > 0.0f ? a / 127.0f : 1.0f;
-    const __m512 s_v = _mm512_set1_ps(s);
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-    __m512i sum = _mm512_setzero_si512();
-    int8_t* q = out.q.data() + m * out.Kp;
-    for (int64_t k = 0; k < K; k += 16) {
-      __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
-      __m512i r = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(mask, row + k), s_v));
-      r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
-      sum = _mm512_add_epi32(sum, _mm512_maskz_mov_epi32(mask, r));
-      _mm_mask_storeu_epi8(q + k, mask, _mm512_cvtepi32_epi8(r));
-    }
-    out.scale[m] = s;
-    out.excess[m] = 128 * _mm512_reduce_add_epi32(sum);
-  }
   return out;
+}
+
+// Symmetric per-row quantization of row m, as reference.quantize_rows: s = max|x| * (1 / 127)
+// (1 for a zero row), q = clip(round(x * (1 / s)), -127, 127). Products by reciprocals, as XLA
+// computes the reference: a code at a rounding tie must round alike.
+void QuantizeRow(const float* x, int64_t K, int64_t m, Quantized& out) {
+  const float* row = x + m * K;
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, row + k)));
+  }
+  const float a = _mm512_reduce_max_ps(amax);
+  const float s = a > 0.0f ? a * (1.0f / 127.0f) : 1.0f;
+  const __m512 inv_s = _mm512_set1_ps(1.0f / s);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  __m512i sum = _mm512_setzero_si512();
+  int8_t* q = out.q.data() + m * out.Kp;
+  for (int64_t k = 0; k < K; k += 16) {
+    __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + k), inv_s));
+    r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
+    sum = _mm512_add_epi32(sum, _mm512_maskz_mov_epi32(mask, r));
+    _mm_mask_storeu_epi8(q + k, mask, _mm512_cvtepi32_epi8(r));
+  }
+  out.scale[m] = s;
+  out.excess[m] = 128 * _mm512_reduce_add_epi32(sum);
 }
 
 inline __mmask64 ColumnMask(int64_t left) {
@@ -141,14 +144,22 @@ void KnTile(const Quantized& xq, const int8_t* w, const float* w_scale, float* y
   ENCDEC_STORE4(0) ENCDEC_STORE4(1) ENCDEC_STORE4(2) ENCDEC_STORE4(3)
   const int64_t cols = std::min<int64_t>(64, N - n0);
   for (int r = 0; r < R; ++r) {
-    alignas(64) int32_t lanes[4][16];
-    for (int i = 0; i < 4; ++i) _mm512_store_si512(lanes[i], acc[r][i]);
-    const float xs = xq.scale[m0 + r];
-    const int32_t excess = xq.excess[m0 + r];
-    float* out = y + (m0 + r) * N + n0;
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t L = c / 16, i = (c % 16) / 4, j = c % 4;
-      out[c] = (float)(lanes[i][4 * L + j] - excess) * xs * w_scale[n0 + c];
+    // acc[i] lane L holds columns 16L + 4i .. +3: a 4 x 4 transpose of 128-bit lanes puts
+    // columns 16q .. 16q + 15 in out[q].
+    const __m512i* a = acc[r];
+    const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[2], a[3], 0x44);
+    const __m512i t2 = _mm512_shuffle_i32x4(a[0], a[1], 0xEE), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
+    const __m512i out[4] = {_mm512_shuffle_i32x4(t0, t1, 0x88), _mm512_shuffle_i32x4(t0, t1, 0xDD),
+                            _mm512_shuffle_i32x4(t2, t3, 0x88), _mm512_shuffle_i32x4(t2, t3, 0xDD)};
+    const __m512i excess = _mm512_set1_epi32(xq.excess[m0 + r]);
+    const __m512 xs = _mm512_set1_ps(xq.scale[m0 + r]);
+    float* dst = y + (m0 + r) * N + n0;
+    for (int q = 0; q < 4 && 16 * q < cols; ++q) {
+      const int64_t left = cols - 16 * q;
+      const __mmask16 mask = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+      const __m512 ws = _mm512_maskz_loadu_ps(mask, w_scale + n0 + 16 * q);
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(out[q], excess)), xs), ws);
+      _mm512_mask_storeu_ps(dst + 16 * q, mask, v);
     }
   }
 }
@@ -285,7 +296,16 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     std::fill(out, out + M * N, 0.0f);
     return ffi::Error::Success();
   }
-  const Quantized xq = QuantizeRows(x.typed_data(), M, K);
+  Quantized xq = Allocate(M, K);
+  const float* xd = x.typed_data();
+  if (M * K >= kParallelQuantize && M > 1 && pool.num_threads() > 0) {  // the encoder's rows
+    const int64_t chunks = std::min<int64_t>(M, 4 * (pool.num_threads() + 1));
+    ParallelFor(pool, chunks, [&](int64_t c) {
+      for (int64_t m = M * c / chunks; m < M * (c + 1) / chunks; ++m) QuantizeRow(xd, K, m, xq);
+    });
+  } else {
+    for (int64_t m = 0; m < M; ++m) QuantizeRow(xd, K, m, xq);
+  }
   const int8_t* wd = w.typed_data();
   const float* sd = w_scale.typed_data();
   // Threads pay off for large weights (decode) or many rows (the encoder).

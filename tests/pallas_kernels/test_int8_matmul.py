@@ -44,6 +44,7 @@ def test_the_kernel_builds_where_the_cpu_has_vnni():
         (8, 512, 200),  # the engine's 8 slots: tiles 4 + 4
         (13, 96, 66),  # more rows than any tile
         (4, 512, 1100),  # >= 512 KB of weights: the threaded split
+        (300, 512, 70),  # the encoder's many rows: packed panels, rows quantized by several threads
     ],
 )
 def test_kernel_equals_the_reference(layout, M, K, N):
