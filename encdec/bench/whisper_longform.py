@@ -26,7 +26,12 @@ from typing import Any
 
 from encdec.bench.machine import machine_info
 from encdec.bench.results import write_results
-from encdec.bench.whisper_systems import LONGFORM_SYSTEMS, FileOutput, make_longform_system
+from encdec.bench.whisper_systems import (
+    LONGFORM_SYSTEMS,
+    PEER_COMPUTE_TYPES,
+    FileOutput,
+    make_longform_system,
+)
 from encdec.experiment_config import ConfigError, build, read_yaml
 from encdec.whisper.clips import normalize
 from encdec.whisper.recordings import Recording, kjv_verses, long_recordings
@@ -71,7 +76,10 @@ class LongFormExperimentConfig:
     """faster-whisper ``BatchedInferencePipeline`` chunks per batch (its default)."""
     quantize: str | None = None
     """encdec's weights (``load_pretrained``'s ``quantize``): None (float32 as loaded), ``int8`` or
-    ``bfloat16``. The peers load their own, in float32."""
+    ``bfloat16``. The peers load their own, in ``peer_compute_type``."""
+    peer_compute_type: str = "float32"
+    """faster-whisper's and CTranslate2's ``compute_type`` on the same file: ``int8`` beside
+    ``quantize: int8`` is faster-whisper's usual CPU setting."""
     condition_on_previous_text: bool = True
     """encdec and sequential faster-whisper prompt each window with the text decoded before it
     (both tools' default). faster-whisper's batched pipeline never does: set False to compare
@@ -83,6 +91,10 @@ class LongFormExperimentConfig:
             if system not in LONGFORM_SYSTEMS or not beam.isdigit() or int(beam) < 1:
                 known = ", ".join(LONGFORM_SYSTEMS)
                 raise ValueError(f"runs: {run!r} is not system:beam_size with a system in {known}")
+        if self.peer_compute_type not in PEER_COMPUTE_TYPES:
+            raise ValueError(
+                f"peer_compute_type: {self.peer_compute_type!r} is not one of {', '.join(PEER_COMPUTE_TYPES)}"
+            )
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> LongFormExperimentConfig:
@@ -129,6 +141,7 @@ def run_longform_experiment(cfg: LongFormExperimentConfig, out_dir: str | Path) 
             steps_per_dispatch=cfg.steps_per_dispatch,
             batch_size=cfg.batch_size,
             condition_on_previous_text=cfg.condition_on_previous_text,
+            compute_type=cfg.peer_compute_type,
         )
         runner.warmup(files[0].path)
         row: dict[str, Any] = {"run": run, "system": system, "beam_size": int(beam)}

@@ -13,7 +13,8 @@
 - ``ctranslate2``: CTranslate2's ``Whisper.generate`` on fixed 30 s windows of encdec's features,
   windows of many files batched together, no timestamps.
 
-All load the same Whisper-base CTranslate2 directory, float32, on ``threads`` CPU threads.
+All load the same Whisper-base CTranslate2 directory, on ``threads`` CPU threads; the peers in
+``compute_type`` (float32 unless asked).
 Every runner returns, per file, its text and segments and when its first segment was known.
 """
 
@@ -37,6 +38,8 @@ from encdec.whisper.tokens import WhisperTokens
 LONGFORM_SYSTEMS = (
     "encdec", "encdec_chunks", "encdec_windows", "faster_whisper", "faster_whisper_batched", "ctranslate2",
 )
+PEER_COMPUTE_TYPES = ("float32", "int8", "int8_float32", "int16", "bfloat16", "int8_bfloat16")
+"""CTranslate2's CPU compute types (faster-whisper passes its own through)."""
 
 
 @dataclasses.dataclass
@@ -128,10 +131,13 @@ class FasterWhisper:
         batched: bool = False,
         batch_size: int = 8,
         condition_on_previous_text: bool = True,
+        compute_type: str = "float32",
     ):
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-        self.model = WhisperModel(str(model_dir), device="cpu", compute_type="float32", cpu_threads=threads)
+        self.model = WhisperModel(
+            str(model_dir), device="cpu", compute_type=compute_type, cpu_threads=threads
+        )
         self.pipeline = BatchedInferencePipeline(self.model) if batched else None
         self.kw: dict[str, Any] = {"beam_size": beam_size, "language": language}
         if batched:  # the pipeline never prompts with previous text
@@ -162,11 +168,14 @@ class CT2Windows:
     """CTranslate2 ``Whisper.generate`` over fixed 30 s windows (encdec's features), ``batch``
     windows per call across files, greedy or beam, no timestamps."""
 
-    def __init__(self, model, *, beam_size: int, language: str, threads: int, batch: int):
+    def __init__(
+        self, model, *, beam_size: int, language: str, threads: int, batch: int, compute_type: str = "float32"
+    ):
         import ctranslate2
 
         self.ct2 = ctranslate2
-        self.whisper = ctranslate2.models.Whisper(str(model.path), **ct2_options("cpu", "float32", threads))
+        options = ct2_options("cpu", compute_type, threads)
+        self.whisper = ctranslate2.models.Whisper(str(model.path), **options)
         self.tokens = WhisperTokens.from_dir(model.path)
         self.prompt = self.tokens.prompt(language)
         self.tokenizer, self.n_mels = model.tokenizer, model.config.num_mel_bins
@@ -211,8 +220,10 @@ def make_longform_system(
     steps_per_dispatch: int,
     batch_size: int,
     condition_on_previous_text: bool = True,
+    compute_type: str = "float32",
 ):
-    """A runner: ``runner(paths) -> [FileOutput]`` with a ``warmup(path)``."""
+    """A runner: ``runner(paths) -> [FileOutput]`` with a ``warmup(path)``; the peers in
+    ``compute_type``."""
     engine_kw = dict(num_slots=num_slots, encoder_batch=encoder_batch, steps_per_dispatch=steps_per_dispatch)
     prompt = condition_on_previous_text
     if name in ("encdec", "encdec_chunks"):
@@ -236,8 +247,12 @@ def make_longform_system(
             batched=batched,
             batch_size=batch_size,
             condition_on_previous_text=prompt,
+            compute_type=compute_type,
         )
     if name == "ctranslate2":
         lang = language or "en"
-        return CT2Windows(model, beam_size=beam_size, language=lang, threads=threads, batch=num_slots)
+        return CT2Windows(
+            model, beam_size=beam_size, language=lang, threads=threads, batch=num_slots,
+            compute_type=compute_type,
+        )
     raise ValueError(f"unknown system {name!r}; known: {', '.join(LONGFORM_SYSTEMS)}")

@@ -141,3 +141,20 @@ def test_every_experiment_file_loads(path):
     cfg = load_experiment(path)
     assert cfg.name == path.stem
     assert cfg.to_dict()["models"]
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("runs=[encdec:0]", "runs: 'encdec:0' is not system:beam_size"),
+        ("runs=[whisper_cpp:1]", "runs: 'whisper_cpp:1' is not system:beam_size"),
+        ("peer_compute_type=int4", "peer_compute_type: 'int4' is not one of float32, int8"),
+    ],
+)
+def test_longform_experiment_refuses_bad_runs_and_compute_types(override, words):
+    from encdec.bench.whisper_longform import LongFormExperimentConfig
+
+    path = Path(__file__).parents[2] / "experiments" / "whisper_longform.yaml"
+    assert LongFormExperimentConfig.load(path, ["peer_compute_type=int8"]).peer_compute_type == "int8"
+    with pytest.raises(ConfigError, match=words):
+        LongFormExperimentConfig.load(path, [override])
