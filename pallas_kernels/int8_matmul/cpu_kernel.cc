@@ -258,11 +258,15 @@ void NkPanel(const Quantized& xq, const int8_t* w, const float* s, float* y, int
   for (; n < n1; ++n) NkColumns<1>(xq, w, s, y, M, K, N, n);
 }
 
-// Runs body(chunk) for chunk in [0, chunks) on the calling thread and the pool's. Chunks are
-// claimed from a shared counter, so the caller never waits on a task that has not started:
-// a pool busy elsewhere only means the caller does more of the work itself.
+// Runs body(chunk) for chunk in [0, chunks) on the calling thread and the pool's (one chunk:
+// the calling thread alone). Chunks are claimed from a shared counter, so the caller never waits
+// on a task that has not started: a pool busy elsewhere only means the caller does more itself.
 template <typename Body>
 void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, Body body) {
+  if (chunks <= 1) {
+    if (chunks == 1) body(0);
+    return;
+  }
   struct Shared {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
@@ -298,36 +302,28 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   }
   Quantized xq = Allocate(M, K);
   const float* xd = x.typed_data();
-  if (M * K >= kParallelQuantize && M > 1 && pool.num_threads() > 0) {  // the encoder's rows
-    const int64_t chunks = std::min<int64_t>(M, 4 * (pool.num_threads() + 1));
-    ParallelFor(pool, chunks, [&](int64_t c) {
-      for (int64_t m = M * c / chunks; m < M * (c + 1) / chunks; ++m) QuantizeRow(xd, K, m, xq);
-    });
-  } else {
-    for (int64_t m = 0; m < M; ++m) QuantizeRow(xd, K, m, xq);
-  }
+  const int64_t threads = pool.num_threads() + 1;  // the pool's and the calling one
+  // Rows quantized by several threads only when there are many (the encoder's).
+  const int64_t row_chunks = M * K >= kParallelQuantize ? std::min<int64_t>(M, 4 * threads) : 1;
+  ParallelFor(pool, row_chunks, [&](int64_t c) {
+    for (int64_t m = M * c / row_chunks; m < M * (c + 1) / row_chunks; ++m)
+      QuantizeRow(xd, K, m, xq);
+  });
   const int8_t* wd = w.typed_data();
   const float* sd = w_scale.typed_data();
   // Threads pay off for large weights (decode) or many rows (the encoder).
-  const bool parallel = (K * N >= kParallelBytes || M * K * N >= kParallelMacs) && pool.num_threads() > 0;
-  if (!nk_layout) {
-    const int64_t panels = (N + 63) / 64;
-    const int64_t chunks = parallel ? std::min<int64_t>(panels, 8 * (pool.num_threads() + 1)) : 1;
-    auto body = [&](int64_t c) {
-      for (int64_t p = panels * c / chunks; p < panels * (c + 1) / chunks; ++p)
-        KnPanel(xq, wd, sd, out, M, K, N, 64 * p);
-    };
-    if (chunks > 1) ParallelFor(pool, chunks, body); else body(0);
-  } else {
-    const int64_t groups = (N + kNkCols - 1) / kNkCols;
-    const int64_t chunks = parallel ? std::min<int64_t>(groups, 8 * (pool.num_threads() + 1)) : 1;
-    auto body = [&](int64_t c) {
-      const int64_t n0 = kNkCols * (groups * c / chunks);
-      const int64_t n1 = std::min<int64_t>(N, kNkCols * (groups * (c + 1) / chunks));
-      NkPanel(xq, wd, sd, out, M, K, N, n0, n1);
-    };
-    if (chunks > 1) ParallelFor(pool, chunks, body); else body(0);
-  }
+  const bool parallel = K * N >= kParallelBytes || M * K * N >= kParallelMacs;
+  // Column units: 64-column panels (KN) or groups of kNkCols outputs (NK).
+  const int64_t width = nk_layout ? kNkCols : 64, units = (N + width - 1) / width;
+  const int64_t chunks = parallel ? std::min<int64_t>(units, 8 * threads) : 1;
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    const int64_t u0 = units * c / chunks, u1 = units * (c + 1) / chunks;
+    if (nk_layout) {
+      NkPanel(xq, wd, sd, out, M, K, N, width * u0, std::min<int64_t>(N, width * u1));
+    } else {
+      for (int64_t p = u0; p < u1; ++p) KnPanel(xq, wd, sd, out, M, K, N, width * p);
+    }
+  });
   return ffi::Error::Success();
 }
 
