@@ -22,15 +22,15 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using encdec::ParallelFor;
 
 namespace {
 
@@ -256,32 +256,6 @@ void NkPanel(const Quantized& xq, const int8_t* w, const float* s, float* y, int
   int64_t n = n0;
   for (; n + kNkCols <= n1; n += kNkCols) NkColumns<kNkCols>(xq, w, s, y, M, K, N, n);
   for (; n < n1; ++n) NkColumns<1>(xq, w, s, y, M, K, N, n);
-}
-
-// Runs body(chunk) for chunk in [0, chunks) on the calling thread and the pool's (one chunk:
-// the calling thread alone). Chunks are claimed from a shared counter, so the caller never waits
-// on a task that has not started: a pool busy elsewhere only means the caller does more itself.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, Body body) {
-  if (chunks <= 1) {
-    if (chunks == 1) body(0);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, chunks, body]() {
-    for (int64_t c; (c = shared->next.fetch_add(1)) < chunks;) {
-      body(c);
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  while (shared->done.load(std::memory_order_acquire) < chunks) _mm_pause();
 }
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,

@@ -104,6 +104,6 @@ def test_bad_arguments_are_refused():
 def test_a_failed_build_names_the_compiler_and_its_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ENCDEC_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails without a word
-    with pytest.raises(RuntimeError, match="building the int8 kernel failed:\nfalse "):
+    with pytest.raises(RuntimeError, match="building the int8_matmul kernel failed:\nfalse "):
         build.build()
     assert not list(tmp_path.iterdir())  # no half-written library left to load later
