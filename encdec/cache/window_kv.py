@@ -25,6 +25,8 @@ and has no window.
 
 from __future__ import annotations
 
+import os
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -32,7 +34,13 @@ import jax.numpy as jnp
 from encdec.cache.paged_kv import store_self_row
 from encdec.cache.pools import PagePools
 from encdec.models.kv import replace_at
+from encdec.sharding import per_head_shard
+from pallas_kernels.cpu_build import unpartitioned
 from pallas_kernels.paged_attention.reference import attention_over_keys
+from pallas_kernels.window_attention import kernel_applies, window_attention
+
+# "xla" keeps XLA's per-slot loop where the CPU kernel would run (comparisons, debugging).
+WINDOW_ATTENTION_ENV = "ENCDEC_WINDOW_ATTENTION"
 
 
 @flax.struct.dataclass
@@ -139,10 +147,30 @@ def init_window(pools: PagePools, num_slots: int, self_pages: int, cross_pages: 
 def attend_slots(
     q_BNH: jax.Array, k_BNKH: jax.Array, v_BNKH: jax.Array, lengths_B: jax.Array, **kw
 ) -> jax.Array:
-    """:func:`attention_over_keys` over the window, one slot at a time and only for slots with
-    keys (``lengths_B > 0``): a step reads the rows of the slots that decode, not of all ``B``
-    (on 2 cores, as fast as one batched product when all are busy; half the time at half).
-    Slots without keys get zeros."""
+    """:func:`attention_over_keys` over the window for slots with keys (``lengths_B > 0``);
+    slots without keys get zeros.
+
+    Float32 on a CPU with AVX-512: the window attention kernel, which reads each slot's first
+    ``lengths_B`` rows in place. Elsewhere (or ``ENCDEC_WINDOW_ATTENTION=xla``) XLA, one slot at
+    a time: a step reads the rows of the slots that decode, not of all ``B`` (on 2 cores, as fast
+    as one batched product when all are busy; half the time at half), but XLA:CPU copies each
+    slot's rows out of the window before its products."""
+    choice = os.environ.get(WINDOW_ATTENTION_ENV, "auto")
+    if choice not in ("auto", "xla"):
+        raise ValueError(f"{WINDOW_ATTENTION_ENV}={choice!r}: expected 'auto' or 'xla'")
+    if choice == "auto" and kernel_applies(q_BNH, k_BNKH, v_BNKH):
+        bias_NR = kw.pop("bias_NR", None)
+
+        def heads(q_BNH, k_BNKH, v_BNKH, _, lengths_B, bias_NR):
+            return window_attention(
+                q_BNH, k_BNKH, v_BNKH, lengths_B, bias_NR=bias_NR, implementation="kernel", **kw
+            )
+
+        # On a mesh whose model axis splits the heads: one kernel per head shard.
+        sharded = per_head_shard(heads, q_BNH.shape[1], has_bias=bias_NR is not None)
+        if sharded is not heads or unpartitioned():
+            return sharded(q_BNH, k_BNKH, v_BNKH, lengths_B, lengths_B, bias_NR)
+        kw["bias_NR"] = bias_NR
 
     def one(b, out_BNH):
         def row(x):

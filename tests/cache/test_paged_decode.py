@@ -15,8 +15,10 @@ import pytest
 
 import encdec
 from encdec.cache import SENTINEL_PAGE, PageAllocator, PagedKV, PoolConfig, init_pools, pages_for, write_cross
-from encdec.cache.window_kv import WindowKV, init_window
+from encdec.cache.window_kv import WINDOW_ATTENTION_ENV, WindowKV, init_window
 from encdec.models import decode, encode, init_dense_kv, project_cross_kv
+from pallas_kernels.window_attention import kernel_available as window_kernel_available
+from pallas_kernels.window_attention.build import TARGET as WINDOW_TARGET
 from tests.cache.test_pools import full_size_values
 from tests.tiny_models import VOCAB, save_hf_model
 
@@ -198,14 +200,17 @@ def test_paged_kv_rejects_more_than_one_token(model):
         decode(model.params, cfg, tokens, jnp.zeros((4, 2), jnp.int32), kv)
 
 
-def test_window_greedy_equals_dense_greedy_over_nan_stale_rows(model):
+@pytest.mark.parametrize("path", ["auto", "xla"])
+def test_window_greedy_equals_dense_greedy_over_nan_stale_rows(model, path, monkeypatch):
     """``WindowKV`` over a persistent :class:`SlotWindow`: slots start at different steps.
 
     Every window row holds NaN before its slot starts, as an earlier occupant could leave them:
     starting a slot must clear its self rows and overwrite its cross rows whole, so nothing stale
     reaches the logits. The window never re-reads the pools, and at the end the pools hold what
-    the window holds (they stay the store of record).
+    the window holds (they stay the store of record). Both attention paths: ``auto`` is the
+    window attention CPU kernel where the CPU has AVX-512, ``xla`` XLA's per-slot loop.
     """
+    monkeypatch.setenv(WINDOW_ATTENTION_ENV, path)
     cfg = model.config
     ids, mask = _encoder_batch(cfg)
     enc = encode(model.params, cfg, ids, mask)
@@ -232,6 +237,8 @@ def test_window_greedy_equals_dense_greedy_over_nan_stale_rows(model):
         pools=kv.pools, window=window, self_page_table_BM=kv.self_page_table_BM,
         self_lengths_B=kv.self_lengths_B, cross_lengths_B=kv.cross_lengths_B, active_B=kv.active_B,
     )
+    hlo = step.lower(wkv, jnp.zeros((B,), jnp.int32)).as_text()
+    assert (window_kernel_available() and path == "auto") == (WINDOW_TARGET in hlo)
     start_token = cfg.decoder_start_token_id
     tok = np.full((B,), start_token, np.int32)
     done = np.zeros(len(LENGTHS), int)

@@ -1,0 +1,164 @@
+// Decode attention over the engine's slot window on CPU (AVX-512), as an XLA FFI custom call:
+// the arithmetic of paged_attention/reference.py's attention_over_keys with slots_first (one
+// query per slot and head, keys [B, N, K, H], the first lengths[b] of them valid).
+//
+// Why a kernel: XLA:CPU runs this as a loop over slots whose every iteration copies the slot's
+// K and V rows out of the window before its two products (a dynamic slice feeding a library
+// dot), so a t5-small step spent ~7 of its ~10 ms in those copies. Here every (slot, head) reads
+// its first lengths[b] rows in place, once, and skips the rest of the window.
+//
+// Per (slot, head): logits[k] = scale * q . K[k] (+ bias[n, L - 1 - k], the T5 decoder bias by
+// distance), softmax over k < L in float32, out = sum_k p[k] V[k] / sum_k p[k]. Pairs are
+// shared with XLA's intra-op thread pool.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "cpu_parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using encdec::ParallelFor;
+
+namespace {
+
+constexpr int64_t kParallelBytes = 1 << 18;  // K/V bytes read below which one thread does it all
+
+// e^x for x <= 0 (the softmax's shifted logits): x = n ln2 + r, |r| <= ln2 / 2, a degree-7
+// Taylor polynomial in r (relative error < 1e-8 there), times 2^n by VSCALEFPS.
+inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // e^-104 is below float's smallest denormal
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 Lanes(int64_t count) { return count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1); }
+
+struct Problem {
+  const float *q, *k, *v, *bias;  // bias: [N, K] by distance, or null
+  const int32_t* lengths;
+  float* out;
+  int64_t B, N, K, H;
+  float scale;
+};
+
+// One (slot, head) with H <= 16 * NV: q and the output accumulators stay in registers.
+template <int NV>
+void Pair(const Problem& p, int64_t b, int64_t n, std::vector<float>& logits) {
+  const int64_t H = p.H, L = std::clamp<int64_t>(p.lengths[b], 0, p.K);
+  float* out = p.out + (b * p.N + n) * H;
+  const __mmask16 last = Lanes(H - 16 * (NV - 1));
+  auto mask = [&](int j) { return j == NV - 1 ? last : (__mmask16)0xFFFF; };
+  if (L == 0) {
+    for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(out + 16 * j, mask(j), _mm512_setzero_ps());
+    return;
+  }
+  const float* q = p.q + (b * p.N + n) * H;
+  const float* keys = p.k + (b * p.N + n) * p.K * H;
+  const float* values = p.v + (b * p.N + n) * p.K * H;
+  __m512 q_vec[NV];
+  for (int j = 0; j < NV; ++j) q_vec[j] = _mm512_maskz_loadu_ps(mask(j), q + 16 * j);
+
+  float* x = logits.data();
+  for (int64_t t = 0; t < L; ++t) {
+    const float* row = keys + t * H;
+    __m512 acc = _mm512_mul_ps(q_vec[0], _mm512_maskz_loadu_ps(mask(0), row));
+    for (int j = 1; j < NV; ++j) acc = _mm512_fmadd_ps(q_vec[j], _mm512_maskz_loadu_ps(mask(j), row + 16 * j), acc);
+    x[t] = p.scale * _mm512_reduce_add_ps(acc);
+  }
+  if (p.bias) {
+    const float* bias = p.bias + n * p.K + (L - 1);  // key t sits L - 1 - t positions back
+    for (int64_t t = 0; t < L; ++t) x[t] += bias[-t];
+  }
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < L; t += 16)
+    top = _mm512_mask_max_ps(top, Lanes(L - t), top, _mm512_maskz_loadu_ps(Lanes(L - t), x + t));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < L; t += 16) {
+    const __mmask16 lanes = Lanes(L - t);
+    const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + t), m));
+    _mm512_mask_storeu_ps(x + t, lanes, e);
+    sum = _mm512_mask_add_ps(sum, lanes, sum, e);
+  }
+  const __m512 denom = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+
+  __m512 acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < L; ++t) {
+    const __m512 w = _mm512_set1_ps(x[t]);
+    const float* row = values + t * H;
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask(j), row + 16 * j), acc[j]);
+  }
+  for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(out + 16 * j, mask(j), _mm512_div_ps(acc[j], denom));
+}
+
+using PairFn = void (*)(const Problem&, int64_t, int64_t, std::vector<float>&);
+
+template <int... NVs>
+PairFn Select(int64_t H, std::integer_sequence<int, NVs...>) {
+  const int64_t nv = (H + 15) / 16;
+  PairFn fn = nullptr;
+  ((fn = (nv == NVs + 1 ? &Pair<NVs + 1> : fn)), ...);
+  return fn;
+}
+
+ffi::Error WindowAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
+                           ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const auto q_dims = q.dimensions(), k_dims = k.dimensions();
+  if (q_dims.size() != 3 || k_dims.size() != 4)
+    return ffi::Error::InvalidArgument("window attention: q must be [B, N, H] and k, v [B, N, K, H]");
+  const int64_t B = q_dims[0], N = q_dims[1], H = q_dims[2], K = k_dims[2];
+  if (k_dims[0] != B || k_dims[1] != N || k_dims[3] != H ||
+      v.element_count() != k.element_count() || v.dimensions().size() != 4 || v.dimensions()[2] != K)
+    return ffi::Error::InvalidArgument("window attention: q, k and v disagree on B, N or H");
+  if ((int64_t)lengths.element_count() != B)
+    return ffi::Error::InvalidArgument("window attention: lengths must be [B]");
+  if (bias.element_count() != 0 && (int64_t)bias.element_count() != N * K)
+    return ffi::Error::InvalidArgument("window attention: bias must be [N, K] (or empty)");
+  PairFn pair = Select(H, std::make_integer_sequence<int, 16>{});
+  if (!pair) return ffi::Error::InvalidArgument("window attention: head size above 256");
+  if (B * N * H == 0) return ffi::Error::Success();
+  const Problem p{q.typed_data(), k.typed_data(), v.typed_data(),
+                  bias.element_count() ? bias.typed_data() : nullptr, lengths.typed_data(),
+                  out->typed_data(), B, N, K, H, scale};
+  int64_t keys = 0;
+  for (int64_t b = 0; b < B; ++b) keys += std::clamp<int64_t>(p.lengths[b], 0, K);
+  const int64_t units = B * N, threads = pool.num_threads() + 1;
+  const int64_t chunks = keys * N * H * 8 >= kParallelBytes ? std::min<int64_t>(units, 8 * threads) : 1;
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    std::vector<float> logits(K + 16);
+    for (int64_t u = units * c / chunks; u < units * (c + 1) / chunks; ++u) pair(p, u / N, u % N, logits);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EncdecWindowAttention, WindowAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

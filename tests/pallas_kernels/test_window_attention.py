@@ -1,0 +1,100 @@
+"""The window attention CPU kernel against its pure-JAX reference: head sizes with and without
+a vector tail, empty and full slots, the T5 distance bias past max_distance, the threaded split,
+rows past a length that hold NaN; its errors; and that the engine's window path reaches it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.paged_attention.reference import relative_bias_BNK
+from pallas_kernels.window_attention import (
+    build,
+    distance_bias_NK,
+    kernel_available,
+    window_attention,
+    window_attention_reference,
+)
+
+needs_kernel = pytest.mark.skipif(
+    bool(build.cpu_missing()), reason=f"this CPU lacks {', '.join(build.cpu_missing())}"
+)
+
+
+def _operands(B, N, K, H, lengths, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, N, H), np.float32)
+    k = rng.standard_normal((B, N, K, H), np.float32)
+    v = rng.standard_normal((B, N, K, H), np.float32)
+    return q, k, v, np.asarray(lengths, np.int32)
+
+
+@needs_kernel
+def test_the_kernel_builds_where_the_cpu_has_avx512():
+    assert build.register() is None
+    assert kernel_available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("biased", [False, True])
+@pytest.mark.parametrize(
+    "B, N, K, H, lengths",
+    [
+        (1, 1, 1, 64, [1]),  # one key
+        (3, 2, 37, 64, [0, 1, 37]),  # an empty slot, one key, a full window (a 16-key tail)
+        (2, 3, 20, 40, [20, 7]),  # a head size with a vector tail
+        (2, 1, 33, 16, [33, 32]),
+        (2, 2, 17, 256, [17, 9]),  # the largest head size
+        (8, 8, 300, 64, [300, 5, 129, 0, 200, 64, 1, 299]),  # threaded; distances past max_distance
+        (2, 2, 12, 64, [40, -3]),  # a length past the window is the window; below zero, none
+    ],
+)
+def test_kernel_equals_the_reference(B, N, K, H, lengths, biased):
+    if biased and max(lengths) > K:
+        pytest.skip("the bias of a query past the window is undefined (the engine's lengths fit it)")
+    q, k, v, lengths_B = _operands(B, N, K, H, lengths, seed=B * 100 + K)
+    bias_NR = np.random.default_rng(K).standard_normal((N, 32), np.float32) if biased else None
+    fn = jax.jit(
+        lambda q, k, v, n, bias, impl: window_attention(
+            q, k, v, n, scale=0.125, bias_NR=bias, max_distance=128, implementation=impl
+        ),
+        static_argnums=5,
+    )
+    got = np.asarray(fn(q, k, v, lengths_B, bias_NR, "kernel"))
+    want = np.asarray(fn(q, k, v, lengths_B, bias_NR, "xla"))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert not np.any(got[np.asarray(lengths) <= 0])  # no keys: zeros, as the reference
+
+
+@needs_kernel
+def test_rows_past_a_length_are_never_read():
+    # The window's rows past a slot's length may hold an earlier occupant's values; the kernel
+    # must not let even NaN through (the reference needs them finite, so it gets zeros).
+    q, k, v, lengths_B = _operands(4, 2, 24, 64, [24, 10, 1, 0], seed=3)
+    past_BK = np.arange(24)[None, :] >= lengths_B[:, None]
+    stale_k, stale_v = k.copy(), v.copy()
+    stale_k[past_BK[:, None, :, None].repeat(2, 1).repeat(64, 3)] = np.nan
+    stale_v[past_BK[:, None, :, None].repeat(2, 1).repeat(64, 3)] = np.nan
+    clean_v = np.where(np.isnan(stale_v), 0.0, stale_v)
+    got = np.asarray(window_attention(q, stale_k, stale_v, lengths_B, implementation="kernel"))
+    want = np.asarray(window_attention_reference(q, np.nan_to_num(stale_k), clean_v, lengths_B))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_the_distance_table_is_the_reference_bias():
+    bias_NR = jnp.asarray(np.random.default_rng(0).standard_normal((3, 32), np.float32))
+    lengths_B = jnp.asarray([1, 9, 200], jnp.int32)
+    K = 200
+    want_BNK = relative_bias_BNK(bias_NR, lengths_B, K, max_distance=64)
+    table_NK = distance_bias_NK(bias_NR, K, max_distance=64)
+    for b, L in enumerate(np.asarray(lengths_B)):
+        np.testing.assert_array_equal(want_BNK[b, :, :L], table_NK[:, L - 1 :: -1][:, :L])
+
+
+def test_bad_operands_are_named():
+    q, k, v, lengths_B = _operands(2, 2, 8, 64, [8, 8], seed=0)
+    with pytest.raises(ValueError, match="unknown implementation 'pallas'"):
+        window_attention(q, k, v, lengths_B, implementation="pallas")
+    if kernel_available():
+        with pytest.raises(TypeError, match="float32"):
+            window_attention(q.astype(jnp.bfloat16), k, v, lengths_B, implementation="kernel")
