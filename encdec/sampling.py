@@ -8,6 +8,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.argmax import argmax
+
 
 @flax.struct.dataclass
 class TokenMasks:
@@ -57,7 +59,7 @@ def sample(
     ``top_k == 0`` and ``top_p == 1`` disable those filters.
     """
     logits_BV = logits_BV.astype(jnp.float32)
-    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    greedy_B = argmax(logits_BV)  # XLA:CPU's own argmax is a scalar loop: a kernel there
 
     # Sorting a vocabulary per row is the costliest op of a decode step on CPU: pay for it only
     # when some row filters, and for sampling only when some row samples.

@@ -1,0 +1,59 @@
+"""The argmax CPU kernel against jnp.argmax: vector tails, ties (the first wins), -inf rows,
+NaN (the first NaN wins), the threaded split, leading axes; its errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.argmax import argmax, build, kernel_available
+
+needs_kernel = pytest.mark.skipif(
+    bool(build.cpu_missing()), reason=f"this CPU lacks {', '.join(build.cpu_missing())}"
+)
+
+
+@needs_kernel
+def test_the_kernel_builds_where_the_cpu_has_avx512():
+    assert build.register() is None
+    assert kernel_available()
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    yield "random with tails", rng.standard_normal((5, 37), np.float32)
+    yield "one column", rng.standard_normal((3, 1), np.float32)
+    yield "threaded, a vocabulary", rng.standard_normal((8, 32128), np.float32)
+    ties = rng.integers(0, 3, (6, 100)).astype(np.float32)  # many equal maxima per row
+    yield "ties", ties
+    banned = np.full((3, 50), -np.inf, np.float32)
+    banned[1, 33] = -1e30
+    banned[2, 17] = np.inf
+    yield "-inf rows, one finite, +inf", banned
+    nan = rng.standard_normal((4, 70), np.float32)
+    nan[1, 40], nan[1, 60], nan[2, 0], nan[3, 69] = np.nan, np.nan, np.nan, np.nan
+    nan[3, 5] = np.inf
+    yield "NaN", nan
+    yield "leading axes", rng.standard_normal((2, 3, 40), np.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name, x", list(_cases()), ids=[n for n, _ in _cases()])
+def test_kernel_equals_jnp_argmax(name, x):
+    got = jax.jit(lambda x: argmax(x, implementation="kernel"))(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+
+
+def test_bad_input_is_named():
+    x = np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match="unknown implementation 'gpu'"):
+        argmax(x, implementation="gpu")
+    if kernel_available():
+        with pytest.raises(TypeError, match="float32"):
+            argmax(x.astype(np.int32), implementation="kernel")
+        with pytest.raises(ValueError, match="empty last axis"):
+            argmax(np.zeros((2, 0), np.float32), implementation="kernel")
+    # bfloat16 logits take XLA's argmax under "auto".
+    np.testing.assert_array_equal(argmax(jnp.asarray([[1.0, 3.0, 2.0]], jnp.bfloat16)), [1])
