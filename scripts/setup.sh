@@ -12,13 +12,15 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[cpu,audio,test,bench]"
 # espeak-ng synthesizes the Whisper test clips; bible-kjv (the `bible` program) and bible-kjv-text
 # (the King James Version, public domain) are the text of the long Whisper recordings; fortunes and
-# fortunes-min (BSD) the sayings of experiments/whisper_lora.yaml; g++ builds the int8 CPU kernel
-# (pallas_kernels/int8_matmul). Debian packages; skipped where apt is absent.
+# fortunes-min (BSD) the sayings of experiments/whisper_lora.yaml; g++ builds the CPU kernels
+# (pallas_kernels/{int8_matmul,window_attention,argmax}). Debian packages; skipped where apt is absent.
 if { ! command -v espeak-ng || ! command -v bible || [ ! -f /usr/share/games/fortunes/wisdom ] \
      || ! command -v g++; } \
    >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq espeak-ng bible-kjv bible-kjv-text fortunes fortunes-min \
     g++ >/dev/null) || echo "setup: espeak-ng / bible-kjv / fortunes / g++ not installed"
 fi
-# Build the int8 CPU kernel now rather than on first use (it prints why where it cannot run).
-python -c 'from pallas_kernels.int8_matmul.build import register; print(register() or "int8 CPU kernel ready")'
+# Build the CPU kernels now rather than on first use (each prints why where it cannot run).
+for kernel in int8_matmul window_attention argmax; do
+  python -c "from pallas_kernels.$kernel.build import KERNEL as k; print(k.name, k.register() or 'CPU kernel ready')"
+done
