@@ -1,7 +1,8 @@
 """Memory bandwidth, and the decode step's floor: ``weight bytes per step / bandwidth``.
 
 Decode reads every decoder weight once a step, so no step can be faster than that many bytes
-at the machine's read bandwidth; the bench prints this floor beside the step time it measured.
+at the machine's read bandwidth; the bench prints this floor beside the step time it measured,
+and beside it the floor with the K/V cache the step's attention reads as well.
 The probe is STREAM-like: a jitted sum over an array far larger than the caches (reads only,
 as a decode step's weights are), plus numpy's copy for reference; best of a few passes.
 """
@@ -71,6 +72,19 @@ def decode_weight_bytes(params: Mapping[str, Any], cfg) -> int:
     if "final_logits_bias_V" in params:
         total += _nbytes(params["final_logits_bias_V"])
     return total
+
+
+def decode_kv_bytes(cfg, itemsize: int, input_lens: list[int], output_lens: list[int]) -> float:
+    """Mean bytes of K/V one decode step's attention must read when ``len(input_lens)`` requests
+    start together and each decodes ``output_lens`` tokens: at step ``t`` a request attends over
+    its ``input_len`` cross positions and ``t + 1`` self positions, in every decoder layer. The
+    cache is not in the weights' floor, and at decode shapes it can weigh as much."""
+    per_position = cfg.decoder_layers * 2 * cfg.decoder_heads * cfg.head_dim * itemsize
+    steps = max(output_lens, default=0)
+    if not steps:
+        return 0.0
+    positions = sum(n * s + n * (n + 1) // 2 for s, n in zip(input_lens, output_lens, strict=True))
+    return positions * per_position / steps
 
 
 def floor_ms(weight_bytes: int, bandwidth_GBps: float) -> float:

@@ -40,6 +40,7 @@ TABLE_COLUMNS = (
     ("teacher_forced_agreement", "TF agree"),
     ("decode_step_ms", "step ms"),
     ("floor_ms", "floor ms"),
+    ("kv_floor_ms", "+KV floor ms"),
 )
 
 
@@ -122,6 +123,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
                         row["weight_bytes_per_step"] = wb
                         row["floor_ms"] = floor_ms(wb, results["machine"]["bandwidth"]["jax_read_GBps"])
                         row["step_over_floor"] = row["decode_step_ms"] / row["floor_ms"]
+                        if row.get("kv_bytes_per_step") is not None:
+                            total = wb + row["kv_bytes_per_step"]
+                            bandwidth = results["machine"]["bandwidth"]["jax_read_GBps"]
+                            row["kv_floor_ms"] = floor_ms(total, bandwidth)
                     if ref is not None and system_model is not None and system_model.quantize is not None:
                         inputs = [list(r.input_ids) for r in trace.requests]
                         row["teacher_forced_agreement"] = teacher_forced_agreement(system_model, inputs, ref)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from encdec.bench.bandwidth import decode_kv_bytes
 from encdec.bench.config import BaselineSection, EngineSection, ExperimentConfig, ModelSpec
 from encdec.bench.ctranslate2 import CT2Translate
 from encdec.bench.machine import cpu_threads
@@ -239,6 +240,11 @@ class EncdecEngine:
             for r in trace.requests[:num_slots]
         ]
         extra = {"decode_step_ms": decode_step_ms(self._engine, probe) if trace.num_beams == 1 else None}
+        if extra["decode_step_ms"] is not None:
+            itemsize = self._engine.state.pools.self_k_LNPGH.dtype.itemsize
+            extra["kv_bytes_per_step"] = decode_kv_bytes(
+                self.model.config, itemsize, [len(r.inputs) for r in probe], [r.max_new_tokens for r in probe]
+            )
         return SystemRun(
             system=self.name, token_ids=[list(map(int, o.token_ids)) for o in outs], latency_s=latency,
             wall_s=max(o.timings["done"] for o in outs) - t0, ttft_s=ttft, memory=memory, extra=extra,

@@ -70,6 +70,8 @@ def test_experiment_smoke_run_writes_results(name, cache, tmp_path):
             assert run["outputs_match_reference"] is True, run["first_mismatch"]
         if run["system"].startswith("encdec"):
             assert run["ttft_p50_s"] is not None and 0 < run["kv_utilization"] <= 1
+        if run.get("decode_step_ms") is not None:  # the cache adds to the weights' floor
+            assert 0 < run["floor_ms"] < run["kv_floor_ms"]
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == expected
     assert (tmp_path / "throughput.png").stat().st_size > 0
