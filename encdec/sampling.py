@@ -4,6 +4,8 @@ Each row carries its own temperature, top-k, top-p and PRNG key, so a request sa
 tokens whatever else shares the batch: its key at step ``t`` is ``fold_in(PRNGKey(seed), t)``.
 """
 
+from collections.abc import Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -49,14 +51,16 @@ def ban_tokens(logits_BV: jax.Array, banned_BV: jax.Array) -> jax.Array:
 
 def sample(
     logits_BV: jax.Array,
-    keys_B: jax.Array,
+    keys_B: jax.Array | Callable[[], jax.Array],
     temperature_B: jax.Array,
     top_k_B: jax.Array,
     top_p_B: jax.Array,
 ) -> jax.Array:
     """Next token per row: greedy where ``temperature == 0``, else top-k/top-p sampling.
 
-    ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    ``top_k == 0`` and ``top_p == 1`` disable those filters. ``keys_B``: the rows' PRNG keys,
+    or a function that makes them (traced only where some row samples: threefry is dozens of
+    small loops on CPU, which a greedy step need not run).
     """
     logits_BV = logits_BV.astype(jnp.float32)
     greedy_B = argmax(logits_BV)  # XLA:CPU's own argmax is a scalar loop: a kernel there
@@ -64,11 +68,12 @@ def sample(
     # Sorting a vocabulary per row is the costliest op of a decode step on CPU: pay for it only
     # when some row filters, and for sampling only when some row samples.
     def sampled(_):
+        keys = keys_B() if callable(keys_B) else keys_B
         filtered = jnp.any((temperature_B > 0) & ((top_k_B > 0) | (top_p_B < 1)))
         return jax.lax.cond(
             filtered,
-            lambda: jax.vmap(_sample_row)(logits_BV, keys_B, temperature_B, top_k_B, top_p_B),
-            lambda: jax.vmap(_sample_unfiltered)(logits_BV, keys_B, temperature_B),
+            lambda: jax.vmap(_sample_row)(logits_BV, keys, temperature_B, top_k_B, top_p_B),
+            lambda: jax.vmap(_sample_unfiltered)(logits_BV, keys, temperature_B),
         )
 
     sampled_B = jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda _: greedy_B, None)

@@ -329,7 +329,7 @@ def decode_steps(
         x_BV = process_scores(x_BV, ctx, s, eos_token_id=cfg.eos_token_id)
         lp_BV = jnp.where(beam_rows_B[:, None], x_BV, jax.nn.log_softmax(x_BV))
 
-        keys = step_keys(s.seed, n_B, s.beam_index)
+        keys = lambda: step_keys(s.seed, n_B, s.beam_index)  # noqa: E731 - only where a row samples
         token_B = sample(x_BV, keys, s.temperature, s.top_k, s.top_p)
         # The token after position p is forced while p + 1 is inside the slot's prefix.
         forced_B = L_B + 1 < s.prefix_len
