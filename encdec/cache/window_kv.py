@@ -9,8 +9,10 @@ So the XLA path keeps a :class:`SlotWindow` in the engine's state for as long as
 lives: every slot's K/V of every layer, dense and slot-major (``[B, N, K, H]``). It changes only
 where the cache does:
 
-- a slot that starts gets its cross rows (from the encoder output it was just encoded with, or
-  gathered from the cross pages it shares) and zeroed self rows (then its prefilled prefix);
+- a request that starts gets its cross rows in its group's first slot (from the encoder output
+  it was just encoded with, or gathered from the cross pages it shares; the group's other slots,
+  beams or samples, read them there: :func:`cross_sources`) and zeroed self rows in every slot
+  (then its prefilled prefix);
 - a decode step appends each active slot's new row, as it does to the pools;
 - a beam that continues another takes over that beam's self rows.
 
@@ -145,10 +147,16 @@ def init_window(pools: PagePools, num_slots: int, self_pages: int, cross_pages: 
 
 
 def attend_slots(
-    q_BNH: jax.Array, k_BNKH: jax.Array, v_BNKH: jax.Array, lengths_B: jax.Array, **kw
+    q_BNH: jax.Array,
+    k_BNKH: jax.Array,
+    v_BNKH: jax.Array,
+    lengths_B: jax.Array,
+    source_B: jax.Array | None = None,
+    **kw,
 ) -> jax.Array:
     """:func:`attention_over_keys` over the window for slots with keys (``lengths_B > 0``);
-    slots without keys get zeros.
+    slots without keys get zeros. ``source_B``: the slot whose rows each slot reads (default its
+    own; a beam group's cross rows are its first slot's).
 
     Float32 on a CPU with AVX-512: the window attention kernel, which reads each slot's first
     ``lengths_B`` rows in place. Elsewhere (or ``ENCDEC_WINDOW_ATTENTION=xla``) XLA, one slot at
@@ -161,27 +169,39 @@ def attend_slots(
     if choice == "auto" and kernel_applies(q_BNH, k_BNKH, v_BNKH):
         bias_NR = kw.pop("bias_NR", None)
 
-        def heads(q_BNH, k_BNKH, v_BNKH, _, lengths_B, bias_NR):
+        def heads(q_BNH, k_BNKH, v_BNKH, source_B, lengths_B, bias_NR):
             return window_attention(
-                q_BNH, k_BNKH, v_BNKH, lengths_B, bias_NR=bias_NR, implementation="kernel", **kw
+                q_BNH, k_BNKH, v_BNKH, lengths_B, bias_NR=bias_NR, source_B=source_B,
+                implementation="kernel", **kw,
             )
 
         # On a mesh whose model axis splits the heads: one kernel per head shard.
         sharded = per_head_shard(heads, q_BNH.shape[1], has_bias=bias_NR is not None)
         if sharded is not heads or unpartitioned():
-            return sharded(q_BNH, k_BNKH, v_BNKH, lengths_B, lengths_B, bias_NR)
+            if source_B is None:
+                source_B = jnp.arange(q_BNH.shape[0], dtype=jnp.int32)
+            return sharded(q_BNH, k_BNKH, v_BNKH, source_B, lengths_B, bias_NR)
         kw["bias_NR"] = bias_NR
 
     def one(b, out_BNH):
-        def row(x):
+        def row(x, b=b):
             return jax.lax.dynamic_slice_in_dim(x, b, 1, axis=0)
 
+        src = b if source_B is None else source_B[b]
         out_1NH = attention_over_keys(
-            row(q_BNH), row(k_BNKH), row(v_BNKH), row(lengths_B), stale_v=False, slots_first=True, **kw
+            row(q_BNH), row(k_BNKH, src), row(v_BNKH, src), row(lengths_B), stale_v=False, slots_first=True,
+            **kw,
         )
         return jax.lax.dynamic_update_slice_in_dim(out_BNH, out_1NH, b, axis=0)
 
     return for_each_slot(lengths_B > 0, one, jnp.zeros_like(q_BNH))
+
+
+def cross_sources(group_BK: jax.Array) -> jax.Array:
+    """The slot holding each slot's cross rows: its group's first (the encode step writes a
+    request's cross rows there only; a group's slots are released together), else its own."""
+    leader_B = group_BK[:, 0]
+    return jnp.where(leader_B >= 0, leader_B, jnp.arange(group_BK.shape[0], dtype=leader_B.dtype))
 
 
 def for_each_slot(mask_B: jax.Array, body, init):
@@ -203,6 +223,8 @@ class WindowKV:
     """Tokens already stored per slot: the position of the token being decoded."""
     cross_lengths_B: jax.Array
     active_B: jax.Array
+    cross_source_B: jax.Array | None = None
+    """The slot whose cross rows each slot reads (:func:`cross_sources`); None: its own."""
 
     def self_attention(self, layer, q_BTNH, k_BTNH, v_BTNH, positions_BT, *, scale, bias_NR, max_distance):
         """Store the new K/V row at ``self_lengths`` (pools and window); attend over ``self_lengths + 1``."""
@@ -237,7 +259,7 @@ class WindowKV:
         lengths_B = jnp.where(self.active_B, self.cross_lengths_B.astype(jnp.int32), 0)
         out_BNH = attend_slots(
             q_BTNH[:, 0], self.window.cross_k_BNSH[layer], self.window.cross_v_BNSH[layer], lengths_B,
-            scale=scale,
+            self.cross_source_B, scale=scale,
         )
         return out_BNH[:, None]
 

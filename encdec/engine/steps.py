@@ -34,7 +34,7 @@ from encdec.beam import BeamChoice, HypothesisRows, beam_step
 from encdec.cache.allocator import SENTINEL_PAGE
 from encdec.cache.paged_kv import PagedKV, write_cross
 from encdec.cache.pools import copy_layer_pages
-from encdec.cache.window_kv import WindowKV
+from encdec.cache.window_kv import WindowKV, cross_sources
 from encdec.config import ModelConfig
 from encdec.engine.prefill import prefill_prefix
 from encdec.engine.slots import NO_SCORE, DecodeState, Hypotheses, SlotParams
@@ -113,13 +113,8 @@ def encode_insert(
         rows.cross_length,
     )
     state = start_slots(state.replace(pools=pools), slot_bK, self_pages_bKM, rows)
-    if state.window is not None:  # every slot of a group reads the request's cross rows
-        K = slot_bK.shape[1]
-        state = state.replace(
-            window=state.window.write_cross_rows(
-                slot_bK.reshape(-1), jnp.repeat(k_LbSNH, K, axis=1), jnp.repeat(v_LbSNH, K, axis=1)
-            )
-        )
+    if state.window is not None:  # the group's first slot holds the rows all its slots read
+        state = state.replace(window=state.window.write_cross_rows(slot_bK[:, 0], k_LbSNH, v_LbSNH))
     if prefill_width > 0:  # prefixes longer than the start token
         state = prefill_prefix(
             params, state, k_LbSNH, v_LbSNH, rows, slot_bK, self_pages_bKM,
@@ -181,9 +176,8 @@ def insert_shared(
     state = start_slots(state, slot_bK, self_pages_bKM, rows)
     if state.window is None:
         return state
-    K = slot_bK.shape[1]
-    pages_XM = jnp.repeat(rows.cross_page_table_M, K, axis=0)
-    return state.replace(window=state.window.gather_cross_rows(state.pools, slot_bK.reshape(-1), pages_XM))
+    pages_bM = rows.cross_page_table_M
+    return state.replace(window=state.window.gather_cross_rows(state.pools, slot_bK[:, 0], pages_bM))
 
 
 def prefill_widths(longest: int) -> tuple[int, ...]:
@@ -295,6 +289,7 @@ def decode_steps(
     G = state.pools.page_size
     slots_B = jnp.arange(B, dtype=jnp.int32)
     beam_rows_B = s.num_beams > 1
+    cross_source_B = cross_sources(s.group_X)
 
     def body(i, carry):
         state, out = carry
@@ -308,7 +303,7 @@ def decode_steps(
             active_B=active_B,
         )
         if window is not None:
-            kv = WindowKV(window=window, **common)
+            kv = WindowKV(window=window, cross_source_B=cross_source_B, **common)
         else:
             kv = PagedKV(cross_page_table_BM=s.cross_page_table_M, implementation=implementation, **common)
         tokens_B1, positions_B1 = state.last_token_B[:, None], state.self_lengths_B[:, None]

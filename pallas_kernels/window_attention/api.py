@@ -32,19 +32,23 @@ def window_attention(
     scale: float = 1.0,
     bias_NR: jax.Array | None = None,
     max_distance: int = 128,
+    source_B: jax.Array | None = None,
     implementation: str = "auto",
 ) -> jax.Array:
     """:func:`~pallas_kernels.window_attention.reference.window_attention_reference` through the
     CPU kernel (``implementation="kernel"``, float32 only), XLA (``"xla"``), or the kernel where
     it applies outside a partitioned mesh (``"auto"``). The kernel reads only the first
-    ``lengths[b]`` rows of each slot."""
+    ``lengths[b]`` rows of each slot. ``source_B``: the slot whose rows slot ``b`` reads (default
+    its own); slots that read the same rows with the same length are attended together, so
+    each row is read once for all of them (the beams of a group)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; known: {', '.join(IMPLEMENTATIONS)}")
     if implementation == "auto":
         implementation = "kernel" if kernel_applies(q_BNH, k_BNKH, v_BNKH) and unpartitioned() else "xla"
     if implementation == "xla":
         return window_attention_reference(
-            q_BNH, k_BNKH, v_BNKH, lengths_B, scale=scale, bias_NR=bias_NR, max_distance=max_distance
+            q_BNH, k_BNKH, v_BNKH, lengths_B, scale=scale, bias_NR=bias_NR, max_distance=max_distance,
+            source_B=source_B,
         )
     why = register()
     if why is not None:
@@ -59,4 +63,7 @@ def window_attention(
         else distance_bias_NK(bias_NR, K, max_distance=max_distance)
     )
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q_BNH.shape, jnp.float32), vmap_method="sequential")
-    return call(q_BNH, k_BNKH, v_BNKH, lengths_B.astype(jnp.int32), bias_NK, scale=np.float32(scale))
+    B = q_BNH.shape[0]
+    source_B = jnp.arange(B, dtype=jnp.int32) if source_B is None else source_B.astype(jnp.int32)
+    lengths_B = lengths_B.astype(jnp.int32)
+    return call(q_BNH, k_BNKH, v_BNKH, lengths_B, source_B, bias_NK, scale=np.float32(scale))

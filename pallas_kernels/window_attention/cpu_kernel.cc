@@ -7,8 +7,11 @@
 // dot), so a t5-small step spent ~7 of its ~10 ms in those copies. Here every (slot, head) reads
 // its first lengths[b] rows in place, once, and skips the rest of the window.
 //
+// Slots may read another slot's rows (source[b]; the beams of a group share one copy of their
+// cross rows): slots reading the same rows are attended together, each row loaded once.
+//
 // Per (slot, head): logits[k] = scale * q . K[k] (+ bias[n, L - 1 - k], the T5 decoder bias by
-// distance), softmax over k < L in float32, out = sum_k p[k] V[k] / sum_k p[k]. Pairs are
+// distance), softmax over k < L in float32, out = sum_k p[k] V[k] / sum_k p[k]. Units are
 // shared with XLA's intra-op thread pool.
 
 #include <immintrin.h>
@@ -52,76 +55,144 @@ inline __mmask16 Lanes(int64_t count) { return count >= 16 ? 0xFFFF : (__mmask16
 
 struct Problem {
   const float *q, *k, *v, *bias;  // bias: [N, K] by distance, or null
-  const int32_t* lengths;
+  const int32_t *lengths, *source;
   float* out;
   int64_t B, N, K, H;
   float scale;
 };
 
-// One (slot, head) with H <= 16 * NV: q and the output accumulators stay in registers.
-template <int NV>
-void Pair(const Problem& p, int64_t b, int64_t n, std::vector<float>& logits) {
-  const int64_t H = p.H, L = std::clamp<int64_t>(p.lengths[b], 0, p.K);
-  float* out = p.out + (b * p.N + n) * H;
+// Up to kMaxQueries slots that read the same rows (one source slot, one length) and one head:
+// every K/V row is loaded once for all of them. Beams of a group share their cross rows, so
+// beam search reads a group's encoder K/V once, not once per beam.
+constexpr int kMaxQueries = 4;
+
+struct Unit {
+  int64_t slot[kMaxQueries];
+  int64_t source, length, head;
+  int count;
+};
+
+// One unit with H <= 16 * NV and QG queries: the queries and the output accumulators stay in
+// registers (for NV <= 4).
+template <int NV, int QG>
+void Attend(const Problem& p, const Unit& u, std::vector<float>& logits) {
+  const int64_t H = p.H, L = u.length, n = u.head;
   const __mmask16 last = Lanes(H - 16 * (NV - 1));
   auto mask = [&](int j) { return j == NV - 1 ? last : (__mmask16)0xFFFF; };
-  if (L == 0) {
-    for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(out + 16 * j, mask(j), _mm512_setzero_ps());
-    return;
-  }
-  const float* q = p.q + (b * p.N + n) * H;
-  const float* keys = p.k + (b * p.N + n) * p.K * H;
-  const float* values = p.v + (b * p.N + n) * p.K * H;
-  __m512 q_vec[NV];
-  for (int j = 0; j < NV; ++j) q_vec[j] = _mm512_maskz_loadu_ps(mask(j), q + 16 * j);
+  const float* keys = p.k + (u.source * p.N + n) * p.K * H;
+  const float* values = p.v + (u.source * p.N + n) * p.K * H;
+  __m512 q_vec[QG][NV];
+  for (int g = 0; g < QG; ++g)
+    for (int j = 0; j < NV; ++j)
+      q_vec[g][j] = _mm512_maskz_loadu_ps(mask(j), p.q + (u.slot[g] * p.N + n) * H + 16 * j);
 
-  float* x = logits.data();
+  float* x[QG];
+  for (int g = 0; g < QG; ++g) x[g] = logits.data() + g * (p.K + 16);
   for (int64_t t = 0; t < L; ++t) {
     const float* row = keys + t * H;
-    __m512 acc = _mm512_mul_ps(q_vec[0], _mm512_maskz_loadu_ps(mask(0), row));
-    for (int j = 1; j < NV; ++j) acc = _mm512_fmadd_ps(q_vec[j], _mm512_maskz_loadu_ps(mask(j), row + 16 * j), acc);
-    x[t] = p.scale * _mm512_reduce_add_ps(acc);
+    __m512 k_vec[NV];
+    for (int j = 0; j < NV; ++j) k_vec[j] = _mm512_maskz_loadu_ps(mask(j), row + 16 * j);
+    for (int g = 0; g < QG; ++g) {
+      __m512 acc = _mm512_mul_ps(q_vec[g][0], k_vec[0]);
+      for (int j = 1; j < NV; ++j) acc = _mm512_fmadd_ps(q_vec[g][j], k_vec[j], acc);
+      x[g][t] = p.scale * _mm512_reduce_add_ps(acc);
+    }
   }
-  if (p.bias) {
-    const float* bias = p.bias + n * p.K + (L - 1);  // key t sits L - 1 - t positions back
-    for (int64_t t = 0; t < L; ++t) x[t] += bias[-t];
+  __m512 denom[QG];
+  for (int g = 0; g < QG; ++g) {
+    float* xg = x[g];
+    if (p.bias) {
+      const float* bias = p.bias + n * p.K + (L - 1);  // key t sits L - 1 - t positions back
+      for (int64_t t = 0; t < L; ++t) xg[t] += bias[-t];
+    }
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < L; t += 16)
+      top = _mm512_mask_max_ps(top, Lanes(L - t), top, _mm512_maskz_loadu_ps(Lanes(L - t), xg + t));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < L; t += 16) {
+      const __mmask16 lanes = Lanes(L - t);
+      const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, xg + t), m));
+      _mm512_mask_storeu_ps(xg + t, lanes, e);
+      sum = _mm512_mask_add_ps(sum, lanes, sum, e);
+    }
+    denom[g] = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
   }
-  __m512 top = _mm512_set1_ps(-INFINITY);
-  for (int64_t t = 0; t < L; t += 16)
-    top = _mm512_mask_max_ps(top, Lanes(L - t), top, _mm512_maskz_loadu_ps(Lanes(L - t), x + t));
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t t = 0; t < L; t += 16) {
-    const __mmask16 lanes = Lanes(L - t);
-    const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + t), m));
-    _mm512_mask_storeu_ps(x + t, lanes, e);
-    sum = _mm512_mask_add_ps(sum, lanes, sum, e);
-  }
-  const __m512 denom = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
 
-  __m512 acc[NV];
-  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+  __m512 acc[QG][NV];
+  for (int g = 0; g < QG; ++g)
+    for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_setzero_ps();
   for (int64_t t = 0; t < L; ++t) {
-    const __m512 w = _mm512_set1_ps(x[t]);
     const float* row = values + t * H;
-    for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask(j), row + 16 * j), acc[j]);
+    __m512 v_vec[NV];
+    for (int j = 0; j < NV; ++j) v_vec[j] = _mm512_maskz_loadu_ps(mask(j), row + 16 * j);
+    for (int g = 0; g < QG; ++g) {
+      const __m512 w = _mm512_set1_ps(x[g][t]);
+      for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_fmadd_ps(w, v_vec[j], acc[g][j]);
+    }
   }
-  for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(out + 16 * j, mask(j), _mm512_div_ps(acc[j], denom));
+  for (int g = 0; g < QG; ++g) {
+    float* out = p.out + (u.slot[g] * p.N + n) * H;
+    for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(out + 16 * j, mask(j), _mm512_div_ps(acc[g][j], denom[g]));
+  }
 }
 
-using PairFn = void (*)(const Problem&, int64_t, int64_t, std::vector<float>&);
+using AttendFn = void (*)(const Problem&, const Unit&, std::vector<float>&);
+
+template <int NV>
+AttendFn ForQueries(int count) {
+  switch (count) {
+    case 1: return &Attend<NV, 1>;
+    case 2: return &Attend<NV, 2>;
+    case 3: return &Attend<NV, 3>;
+    default: return &Attend<NV, 4>;
+  }
+}
 
 template <int... NVs>
-PairFn Select(int64_t H, std::integer_sequence<int, NVs...>) {
+AttendFn Select(int64_t H, int count, std::integer_sequence<int, NVs...>) {
   const int64_t nv = (H + 15) / 16;
-  PairFn fn = nullptr;
-  ((fn = (nv == NVs + 1 ? &Pair<NVs + 1> : fn)), ...);
+  AttendFn fn = nullptr;
+  ((fn = (nv == NVs + 1 ? ForQueries<NVs + 1>(count) : fn)), ...);
   return fn;
 }
 
+// Slots with keys, grouped by (source, length) into units of at most kMaxQueries, per head.
+std::vector<Unit> Units(const Problem& p) {
+  std::vector<std::pair<std::pair<int64_t, int64_t>, int64_t>> keyed;  // ((source, length), slot)
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t L = std::clamp<int64_t>(p.lengths[b], 0, p.K);
+    if (L > 0) keyed.push_back({{p.source[b], L}, b});
+  }
+  std::sort(keyed.begin(), keyed.end());
+  std::vector<Unit> groups;
+  for (size_t i = 0; i < keyed.size();) {
+    size_t end = i;
+    while (end < keyed.size() && keyed[end].first == keyed[i].first) ++end;
+    // Split a run evenly: 5 beams are 3 + 2 queries, not 4 + 1.
+    const int64_t run = end - i, parts = (run + kMaxQueries - 1) / kMaxQueries;
+    for (int64_t part = 0; part < parts; ++part) {
+      Unit u{};
+      u.source = keyed[i].first.first;
+      u.length = keyed[i].first.second;
+      for (int64_t r = run * part / parts; r < run * (part + 1) / parts; ++r) u.slot[u.count++] = keyed[i + r].second;
+      groups.push_back(u);
+    }
+    i = end;
+  }
+  std::vector<Unit> units;
+  units.reserve(groups.size() * p.N);
+  for (const Unit& g : groups)
+    for (int64_t n = 0; n < p.N; ++n) {
+      units.push_back(g);
+      units.back().head = n;
+    }
+  return units;
+}
+
 ffi::Error WindowAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::F32> bias,
-                           ffi::ResultBuffer<ffi::F32> out, float scale) {
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> source,
+                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, float scale) {
   const auto q_dims = q.dimensions(), k_dims = k.dimensions();
   if (q_dims.size() != 3 || k_dims.size() != 4)
     return ffi::Error::InvalidArgument("window attention: q must be [B, N, H] and k, v [B, N, K, H]");
@@ -129,23 +200,28 @@ ffi::Error WindowAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   if (k_dims[0] != B || k_dims[1] != N || k_dims[3] != H ||
       v.element_count() != k.element_count() || v.dimensions().size() != 4 || v.dimensions()[2] != K)
     return ffi::Error::InvalidArgument("window attention: q, k and v disagree on B, N or H");
-  if ((int64_t)lengths.element_count() != B)
-    return ffi::Error::InvalidArgument("window attention: lengths must be [B]");
+  if ((int64_t)lengths.element_count() != B || (int64_t)source.element_count() != B)
+    return ffi::Error::InvalidArgument("window attention: lengths and source must be [B]");
   if (bias.element_count() != 0 && (int64_t)bias.element_count() != N * K)
     return ffi::Error::InvalidArgument("window attention: bias must be [N, K] (or empty)");
-  PairFn pair = Select(H, std::make_integer_sequence<int, 16>{});
-  if (!pair) return ffi::Error::InvalidArgument("window attention: head size above 256");
+  if (H > 256) return ffi::Error::InvalidArgument("window attention: head size above 256");
   if (B * N * H == 0) return ffi::Error::Success();
+  const int32_t* src = source.typed_data();
+  for (int64_t b = 0; b < B; ++b)
+    if (src[b] < 0 || src[b] >= B) return ffi::Error::InvalidArgument("window attention: a source outside the slots");
   const Problem p{q.typed_data(), k.typed_data(), v.typed_data(),
-                  bias.element_count() ? bias.typed_data() : nullptr, lengths.typed_data(),
+                  bias.element_count() ? bias.typed_data() : nullptr, lengths.typed_data(), src,
                   out->typed_data(), B, N, K, H, scale};
-  int64_t keys = 0;
-  for (int64_t b = 0; b < B; ++b) keys += std::clamp<int64_t>(p.lengths[b], 0, K);
-  const int64_t units = B * N, threads = pool.num_threads() + 1;
-  const int64_t chunks = keys * N * H * 8 >= kParallelBytes ? std::min<int64_t>(units, 8 * threads) : 1;
+  std::fill(p.out, p.out + B * N * H, 0.0f);  // slots without keys
+  const std::vector<Unit> units = Units(p);
+  int64_t bytes = 0;
+  for (const Unit& u : units) bytes += u.length * H * 8;
+  const int64_t count = units.size(), threads = pool.num_threads() + 1;
+  const int64_t chunks = bytes >= kParallelBytes ? std::min<int64_t>(count, 8 * threads) : 1;
   ParallelFor(pool, chunks, [&](int64_t c) {
-    std::vector<float> logits(K + 16);
-    for (int64_t u = units * c / chunks; u < units * (c + 1) / chunks; ++u) pair(p, u / N, u % N, logits);
+    std::vector<float> logits(kMaxQueries * (K + 16));
+    for (int64_t i = count * c / chunks; i < count * (c + 1) / chunks; ++i)
+      Select(H, units[i].count, std::make_integer_sequence<int, 16>{})(p, units[i], logits);
   });
   return ffi::Error::Success();
 }
@@ -158,6 +234,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EncdecWindowAttention, WindowAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -17,8 +17,12 @@ def window_attention_reference(
     scale: float = 1.0,
     bias_NR: jax.Array | None = None,
     max_distance: int = 128,
+    source_B: jax.Array | None = None,
 ) -> jax.Array:
-    """Each slot's query over its first ``lengths[b]`` keys (rows past a length must be finite)."""
+    """Each slot's query over its first ``lengths[b]`` keys (rows past a length must be finite);
+    with ``source_B``, slot ``b`` reads slot ``source_B[b]``'s rows."""
+    if source_B is not None:
+        k_BNKH, v_BNKH = k_BNKH[source_B], v_BNKH[source_B]
     return attention_over_keys(
         q_BNH, k_BNKH, v_BNKH, lengths_B, scale=scale, bias_NR=bias_NR, max_distance=max_distance,
         stale_v=False, slots_first=True,

@@ -67,6 +67,33 @@ def test_kernel_equals_the_reference(B, N, K, H, lengths, biased):
 
 
 @needs_kernel
+@pytest.mark.parametrize("biased", [False, True])
+def test_slots_reading_another_slots_rows(biased):
+    # Beam groups read their leader's cross rows: a group of 5 (split 3 + 2), of 3, a lone slot,
+    # a group whose members differ in length, an empty member; the other slots' rows are NaN
+    # (never written: only a group's leader holds its rows).
+    source = [0, 0, 0, 0, 0, 5, 5, 5, 8, 9, 9, 9, 12]
+    lengths = [30, 30, 30, 30, 30, 7, 7, 7, 40, 12, 20, 0, 1]
+    B, N, K, H = len(source), 3, 40, 64
+    q, k, v, lengths_B = _operands(B, N, K, H, lengths, seed=7)
+    stale_k, stale_v = k.copy(), v.copy()
+    readers = sorted(set(range(B)) - set(source))
+    stale_k[readers], stale_v[readers] = np.nan, np.nan
+    bias_NR = np.random.default_rng(1).standard_normal((N, 32), np.float32) if biased else None
+    source_B = np.asarray(source, np.int32)
+    def attend(k, v, source_B, implementation):
+        out = window_attention(
+            q, k, v, lengths_B, bias_NR=bias_NR, source_B=source_B, implementation=implementation
+        )
+        return np.asarray(out)
+
+    got = attend(stale_k, stale_v, source_B, "kernel")
+    np.testing.assert_allclose(got, attend(k, v, source_B, "xla"), rtol=2e-5, atol=2e-6)
+    own = attend(k[source_B], v[source_B], None, "kernel")
+    np.testing.assert_allclose(got, own, rtol=2e-5, atol=2e-6)  # as if each slot held the rows
+
+
+@needs_kernel
 def test_rows_past_a_length_are_never_read():
     # The window's rows past a slot's length may hold an earlier occupant's values; the kernel
     # must not let even NaN through (the reference needs them finite, so it gets zeros).
