@@ -164,11 +164,15 @@ def encoder_layers(
     mask_BS: jax.Array,
     *,
     lora: Params | None = None,
+    blocks: slice = slice(None),
+    final_norm: bool = True,
 ) -> jax.Array:
     """The encoder's layers and final norm over embedded inputs (shared by text and audio encoders).
 
     ``enc`` and ``lora`` are the ``encoder`` subtrees of the parameters and adapters; the blocks
-    compute in ``x_BSD``'s dtype, and so is the result.
+    compute in ``x_BSD``'s dtype, and so is the result. ``blocks`` and ``final_norm`` run part of
+    the stack: layer ``i``'s attention is block ``2 i``, its feed-forward ``2 i + 1`` (a trainer
+    caches the residual stream below its first adapted block).
     """
     dtype = x_BSD.dtype
     S = x_BSD.shape[1]
@@ -179,7 +183,10 @@ def encoder_layers(
     scale = attention_scale(cfg, cfg.encoder_head_dim)
     ffn_out = _ffn_out_dtype(cfg, dtype)
     x_BSD = x_BSD.astype(residual_dtype(cfg, dtype))
+    run = range(2 * len(enc["layers"]))[blocks]
     for i, layer in enumerate(enc["layers"]):
+        if 2 * i not in run and 2 * i + 1 not in run:
+            continue
         ll = _sub(lora, "layers", i)
         bias = _encoder_bias(layer["rel_bias_NR"], cfg, S) if cfg.relative_bias_per_layer else shared_bias
 
@@ -192,9 +199,11 @@ def encoder_layers(
         def ffn(h_BSD, layer=layer, ll=ll):
             return _ffn(layer["ffn"], h_BSD, cfg, _sub(ll, "ffn"), ffn_out), None
 
-        x_BSD, _ = _block(layer["attn_norm"], x_BSD, cfg, self_attn, dtype)
-        x_BSD, _ = _block(layer["ffn_norm"], x_BSD, cfg, ffn, dtype)
-    if cfg.final_norm:
+        if 2 * i in run:
+            x_BSD, _ = _block(layer["attn_norm"], x_BSD, cfg, self_attn, dtype)
+        if 2 * i + 1 in run:
+            x_BSD, _ = _block(layer["ffn_norm"], x_BSD, cfg, ffn, dtype)
+    if cfg.final_norm and final_norm:
         x_BSD = norm(enc["final_norm"], x_BSD, cfg)
     return x_BSD.astype(dtype)
 

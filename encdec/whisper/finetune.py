@@ -1,11 +1,13 @@
 """``encdec finetune experiments/whisper_lora.yaml``: a LoRA adapter for Whisper on accented speech.
 
-The encoder stays frozen and unadapted (``lora.stacks: [decoder]``), so every training clip's
-encoder output is computed once and kept in host memory (bfloat16: 1.5 MB a clip for
+The decoder's projections carry adapters (``lora``), and so may the top ``encoder.layers``
+layers of the encoder (``encoder``). Everything below the first adapted layer is frozen, so
+every training clip's residual stream entering that layer (or, with the encoder unadapted, the
+encoder's output) is computed once and kept in host memory (bfloat16: 1.5 MB a clip for
 Whisper-base, where the six layers' cross-attention K/V would take 18 MB); a training step runs
-only the cross K/V projections (forward only: they are not adapted) and the decoder
-(teacher forcing on Whisper's prompt + the clip's text + ``<|endoftext|>``, loss on the text and
-end token). Optimizer, schedule and checkpoints are :mod:`encdec.lora.train`'s (optax, orbax:
+the adapted encoder layers, the cross K/V projections and the decoder (teacher forcing on
+Whisper's prompt + the clip's text + ``<|endoftext|>``, loss on the text and end token), in
+``train_dtype``. Optimizer, schedule and checkpoints are :mod:`encdec.lora.train`'s (optax, orbax:
 running the same command again resumes). Every ``eval_every`` steps the adapter is loaded into
 an engine's adapter bank (one row, replaced in place: no recompilation) and the held-out clips
 of both voices are transcribed greedily through the engine; their WER is the curve.
@@ -35,11 +37,12 @@ from encdec.checkpoints.pretrained import Model
 from encdec.config import ModelConfig
 from encdec.engine import Engine, Request
 from encdec.experiment_config import ConfigError, build, plain, read_yaml
-from encdec.lora.adapters import LoraConfig, target_sites
+from encdec.lora.adapters import STACKS, LoraConfig, target_sites
 from encdec.lora.bank import AdapterBank
 from encdec.lora.train import TrainConfig, TrainState, init_state, make_optimizer
 from encdec.models import decode, init_dense_kv
-from encdec.models.whisper import encode_audio
+from encdec.models.transformer import _sub, encoder_layers
+from encdec.models.whisper import audio_stem
 from encdec.whisper.accent import AccentDataConfig, AccentSplit, Clip, build_split
 from encdec.whisper.audio import load_audio, log_mel_spectrogram
 from encdec.whisper.clips import wer
@@ -59,7 +62,17 @@ DECODER_TARGETS = (
     "fc1",
     "fc2",
 )
-"""Every decoder projection but the cross-attention keys and values (cached per clip)."""
+"""Every decoder projection but the cross-attention keys and values."""
+ENCODER_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "fc1",
+    "fc2",
+)
+"""Every projection of an encoder layer."""
+TRAIN_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +87,22 @@ class WhisperModelSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class EncoderAdapterSection:
+    layers: int = 0
+    """The top this-many encoder layers carry adapters too; 0: the encoder is frozen and unadapted."""
+    target_modules: tuple[str, ...] = ENCODER_TARGETS
+    """Their adapted projections (PEFT module names, as in ``lora.target_modules``)."""
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not isinstance(self.layers, int) or isinstance(self.layers, bool) or self.layers < 0:
+            raise ValueError(f"encoder.layers: must be a whole number >= 0, got {self.layers!r}")
+        if not self.target_modules:
+            raise ValueError("encoder.target_modules: must name at least one projection")
+
+
+@dataclasses.dataclass(frozen=True)
 class WhisperLoraExperiment:
     """One Whisper adaptation run."""
 
@@ -84,7 +113,13 @@ class WhisperLoraExperiment:
     model: WhisperModelSection = WhisperModelSection()
     data: AccentDataConfig = AccentDataConfig()
     lora: LoraConfig = LoraConfig(rank=16, alpha=32.0, target_modules=DECODER_TARGETS, stacks=("decoder",))
+    """The decoder's adapters (rank, alpha and dropout also apply to the encoder's)."""
+    encoder: EncoderAdapterSection = EncoderAdapterSection()
     train: TrainConfig = TrainConfig(steps=150, batch_size=8, learning_rate=1e-3, warmup_steps=10)
+    train_dtype: str = "float32"
+    """The training step's compute dtype. ``bfloat16`` runs its products on bfloat16 units (AMX on
+    Sapphire Rapids, tensor cores on GPUs); the adapter, its gradients and the optimizer stay
+    float32, and evaluation runs in ``model.dtype``."""
     max_target_len: int = 128
     """Decoder positions per training example (prompt, text, end); longer clips are dropped."""
     eval_every: int = 50
@@ -100,7 +135,11 @@ class WhisperLoraExperiment:
         if self.kind != "whisper_lora":
             raise ValueError(f"kind: must be whisper_lora, got {self.kind!r}")
         if self.lora.stacks != ("decoder",):
-            raise ValueError("lora.stacks: must be [decoder] (the encoder outputs are computed once)")
+            raise ValueError(
+                "lora.stacks: must be [decoder] (the encoder's adapters are set by encoder.layers)"
+            )
+        if self.train_dtype not in TRAIN_DTYPES:
+            raise ValueError(f"train_dtype: must be one of {list(TRAIN_DTYPES)}, got {self.train_dtype!r}")
         if self.train.grad_accum != 1:
             raise ValueError("train.grad_accum: must be 1 here (raise batch_size instead)")
         for name in ("max_target_len", "eval_every", "eval_max_new_tokens", "num_slots", "checkpoint_every"):
@@ -112,13 +151,44 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> WhisperLoraE
     return build(WhisperLoraExperiment, read_yaml(path), overrides)
 
 
+def adapter_config(config: WhisperLoraExperiment, cfg: ModelConfig) -> LoraConfig:
+    """The adapter's :class:`LoraConfig`: ``lora``'s decoder modules, plus with ``encoder.layers``
+    the top encoder layers' modules by full name (PEFT's form for adapting some layers only)."""
+    k = config.encoder.layers
+    if not k:
+        return config.lora
+    if k > cfg.encoder_layers:
+        raise ValueError(f"encoder.layers: {k} is more than the model's {cfg.encoder_layers} encoder layers")
+    decoder = target_sites(cfg, config.lora.target_modules, ("decoder",))
+    encoder = target_sites(cfg, config.encoder.target_modules, ("encoder",))
+    encoder = [s for s in encoder if s.path[1] == "layers" and s.path[2] >= cfg.encoder_layers - k]
+    if not encoder:
+        raise ValueError(
+            f"encoder.target_modules: {list(config.encoder.target_modules)} adapt no encoder layer"
+        )
+    names = tuple(s.hf_module for s in decoder + encoder)
+    return dataclasses.replace(config.lora, target_modules=names, stacks=STACKS)
+
+
+def first_adapted_block(cfg: ModelConfig, lc: LoraConfig) -> int:
+    """The lowest encoder block with an adapter (layer ``i``'s attention is block ``2 i``, its
+    feed-forward ``2 i + 1``; ``2 * cfg.encoder_layers`` when none has one): the encoder below it
+    is frozen, so its output is cached per clip."""
+    paths = [s.path for s in target_sites(cfg, lc.target_modules, lc.stacks) if s.path[0] == "encoder"]
+    if any(p[1] != "layers" for p in paths):
+        raise ValueError("only the encoder's layers can carry adapters here (not its convolutions)")
+    return min((2 * p[2] + (p[3] == "ffn") for p in paths), default=2 * cfg.encoder_layers)
+
+
 # ---- training examples ------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class TrainingSet:
     encoder_NSD: np.ndarray
-    """Every clip's encoder output (bfloat16 on the host): the frozen encoder makes it constant."""
+    """Every clip's residual stream entering encoder block ``first_block`` (the encoder's output
+    when that is past the last block), bfloat16 on the host: the frozen blocks make it constant."""
+    first_block: int
     decoder_ids_NT: np.ndarray
     labels_NT: np.ndarray
     label_mask_NT: np.ndarray
@@ -132,20 +202,32 @@ def target_ids(model: Model, tokens: WhisperTokens, text: str) -> list[int]:
     return [*tokens.prompt("en", "transcribe"), *ids, tokens.eot]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def _encoder_outputs(params, cfg: ModelConfig, mel_BCA, *, dtype):
-    return encode_audio(params, cfg, mel_BCA, dtype=dtype).astype(jnp.bfloat16)
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "first_block"))
+def _frozen_encoder(params, cfg: ModelConfig, mel_BCA, *, dtype, first_block: int):
+    x_BSD = audio_stem(params, cfg, mel_BCA, dtype=dtype)
+    mask_BS = jnp.ones(x_BSD.shape[:2], bool)
+    below = slice(0, first_block)
+    final = first_block == 2 * cfg.encoder_layers
+    return encoder_layers(params["encoder"], cfg, x_BSD, mask_BS, blocks=below, final_norm=final).astype(
+        jnp.bfloat16
+    )
 
 
-def encoder_outputs_of_clips(model: Model, clips: Sequence[Clip], *, batch: int = 4, progress=None):
-    """Encoder outputs ``[N, S, D]`` (bfloat16, host) of every clip."""
+def encoder_outputs_of_clips(
+    model: Model, clips: Sequence[Clip], *, first_block: int | None = None, batch: int = 4, progress=None
+):
+    """``[N, S, D]`` (bfloat16, host): every clip's residual stream entering encoder block
+    ``first_block`` (see :func:`first_adapted_block`), or (``None``) its encoder output."""
+    first_block = 2 * model.config.encoder_layers if first_block is None else first_block
     outs = []
     for start in range(0, len(clips), batch):
         chunk = clips[start : start + batch]
         mels = np.zeros((batch, model.config.num_mel_bins, 2 * model.config.audio_positions), np.float32)
         for i, c in enumerate(chunk):
             mels[i] = log_mel_spectrogram(load_audio(c.path), model.config.num_mel_bins)
-        enc_BSD = _encoder_outputs(model.params, model.config, mels, dtype=model.dtype)
+        enc_BSD = _frozen_encoder(
+            model.params, model.config, mels, dtype=model.dtype, first_block=first_block
+        )
         outs.append(np.asarray(enc_BSD)[: len(chunk)])
         if progress:
             progress(len(chunk))
@@ -153,9 +235,10 @@ def encoder_outputs_of_clips(model: Model, clips: Sequence[Clip], *, batch: int 
 
 
 def training_set(
-    model: Model, tokens: WhisperTokens, clips: Sequence[Clip], max_len: int, **kw
+    model: Model, tokens: WhisperTokens, clips: Sequence[Clip], max_len: int, *, first_block: int, **kw
 ) -> TrainingSet:
-    """Token arrays padded to ``max_len`` (clips whose text does not fit are left out) and encoder outputs."""
+    """Token arrays padded to ``max_len`` (clips whose text does not fit are left out) and the
+    frozen encoder's output below ``first_block``."""
     kept, rows = [], []
     for clip in clips:
         ids = target_ids(model, tokens, clip.text)
@@ -171,7 +254,8 @@ def training_set(
         n = len(ids) - 1
         dec[i, :n], lab[i, :n] = ids[:-1], ids[1:]
         mask[i, prompt - 1 : n] = 1  # the first text token is predicted from the prompt's last
-    return TrainingSet(encoder_outputs_of_clips(model, kept, **kw), dec, lab, mask)
+    hidden_NSD = encoder_outputs_of_clips(model, kept, first_block=first_block, **kw)
+    return TrainingSet(hidden_NSD, first_block, dec, lab, mask)
 
 
 def batch_rows(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
@@ -186,12 +270,19 @@ def batch_rows(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
 # ---- the step ---------------------------------------------------------------------------------
 
 
-def decoder_nll(params, cfg: ModelConfig, lora, batch, *, dtype=jnp.float32):
-    """Summed label cross-entropy and label count of a teacher-forced decoder over cached
-    encoder outputs (cross K/V projected without the adapter: it has none there)."""
-    dec_BT, enc_BSD = batch["decoder_ids"], batch["encoder"].astype(dtype)
+def decoder_nll(params, cfg: ModelConfig, lora, batch, *, first_block: int | None = None, dtype=jnp.float32):
+    """Summed label cross-entropy and label count of a teacher-forced decoder over cached encoder
+    states: ``batch["encoder"]`` is the residual stream entering encoder block ``first_block``,
+    which and whose successors run here (``None``: the encoder's output, none run)."""
+    dec_BT, x_BSD = batch["decoder_ids"], batch["encoder"].astype(dtype)
+    mask_BS = jnp.ones(x_BSD.shape[:2], bool)
+    if first_block is not None and first_block < 2 * cfg.encoder_layers:
+        above = slice(first_block, None)
+        x_BSD = encoder_layers(
+            params["encoder"], cfg, x_BSD, mask_BS, lora=_sub(lora, "encoder"), blocks=above
+        )
     T = dec_BT.shape[1]
-    kv = init_dense_kv(params, cfg, enc_BSD, jnp.ones(enc_BSD.shape[:2], bool), T, dtype=dtype)
+    kv = init_dense_kv(params, cfg, x_BSD, mask_BS, T, dtype=dtype, lora=lora)
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), dec_BT.shape)
     logits_BTV, _ = decode(params, cfg, dec_BT, positions_BT, kv, dtype=dtype, lora=lora)
     logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
@@ -200,26 +291,17 @@ def decoder_nll(params, cfg: ModelConfig, lora, batch, *, dtype=jnp.float32):
     return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
 
 
-def check_targets(cfg: ModelConfig, lc: LoraConfig) -> None:
-    """The cached cross K/V are only right when no adapter changes them."""
-    sites = target_sites(cfg, lc.target_modules, lc.stacks)
-    cached = [s.hf_module for s in sites if s.path[-2:] in (("cross_attn", "k"), ("cross_attn", "v"))]
-    if cached:
-        raise ValueError(
-            f"lora.target_modules: {cached[0]} (cross-attention keys/values) cannot be adapted here: "
-            "they are computed once per clip; target e.g. self_attn.k_proj and encoder_attn.q_proj instead"
-        )
-
-
 @functools.lru_cache(maxsize=4)
-def make_step(cfg: ModelConfig, tc: TrainConfig, dtype) -> Callable:
-    """``step(state, params, batch) -> (state, metrics)``, jitted, ``state`` donated."""
+def make_step(cfg: ModelConfig, tc: TrainConfig, dtype, first_block: int | None = None) -> Callable:
+    """``step(state, params, batch) -> (state, metrics)``, jitted, ``state`` donated; ``batch``
+    holds the encoder's residual stream entering ``first_block`` (see :func:`decoder_nll`)."""
     from encdec.lora.adapters import join_trainable
 
     opt, schedule = make_optimizer(tc)
 
     def loss(weights, scales, params, batch):
-        nll, n = decoder_nll(params, cfg, join_trainable(weights, scales), batch, dtype=dtype)
+        lora = join_trainable(weights, scales)
+        nll, n = decoder_nll(params, cfg, lora, batch, first_block=first_block, dtype=dtype)
         return nll / jnp.maximum(n, 1.0)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
@@ -319,16 +401,18 @@ def finetune_whisper(
 
     started = time.perf_counter()
     model = load_whisper(config.model.path, config.model.dtype)
-    check_targets(model.config, config.lora)
+    lc, tc = adapter_config(config, model.config), config.train
+    first_block = first_adapted_block(model.config, lc)
     tokens = WhisperTokens.from_dir(model.path)
     split = build_split(config.data)
     log(f"clips: {len(split.train)} training, {len(split.eval_target)} held out per voice")
-    bar = tqdm(total=len(split.train), desc="encoder outputs", disable=not progress, dynamic_ncols=True)
-    data = training_set(model, tokens, split.train, config.max_target_len, progress=bar.update)
+    bar = tqdm(total=len(split.train), desc="frozen encoder", disable=not progress, dynamic_ncols=True)
+    data = training_set(
+        model, tokens, split.train, config.max_target_len, first_block=first_block, progress=bar.update
+    )
     bar.close()
     prepared = time.perf_counter() - started
 
-    lc, tc = config.lora, config.train
     state = init_state(model.params, model.config, lc, tc)
     bank = AdapterBank(
         model.params,
@@ -339,7 +423,10 @@ def finetune_whisper(
         stacks=lc.stacks,
     )
     engine = whisper_engine(model, adapters=bank, num_slots=config.num_slots)
-    step_fn = make_step(model.config, tc, jnp.dtype(model.dtype))
+    train_dtype = jnp.dtype(config.train_dtype)
+    step_fn = make_step(model.config, tc, train_dtype, first_block)
+    # The step reads its own copy of the weights in its compute dtype (cast once, not every step).
+    step_params = jax.tree.map(lambda w: w.astype(train_dtype) if w.dtype.kind == "f" else w, model.params)
     voices = (config.data.voice, config.data.control_voice)
     history: list[dict] = []
     train_seconds = 0.0
@@ -380,7 +467,7 @@ def finetune_whisper(
                 "label_mask": data.label_mask_NT[rows],
             }
             t = time.perf_counter()
-            state, metrics = step_fn(state, model.params, batch)
+            state, metrics = step_fn(state, step_params, batch)
             row = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
             train_seconds += time.perf_counter() - t
             row["train_seconds"] = train_seconds
@@ -417,7 +504,10 @@ def finetune_whisper(
         writer.writeheader()
         writer.writerows(history)
     (out / "metrics.json").write_text(json.dumps({"summary": summary, "history": history}, indent=2))
-    plot_curve(out, history, f"{config.name}: LoRA r={lc.rank} on the decoder", voices)
+    where = "the decoder" + (
+        f" and the top {config.encoder.layers} encoder layers" if config.encoder.layers else ""
+    )
+    plot_curve(out, history, f"{config.name}: LoRA r={lc.rank} on {where}", voices)
     save_peft(
         out / "adapter", state.lora(), model.config, lora_config=lc, base_model_name_or_path=str(model.path)
     )

@@ -20,16 +20,20 @@ from encdec.checkpoints.export import export_hf
 from encdec.engine import Request
 from encdec.experiment_config import build
 from encdec.lora import AdapterBank, AdapterError, LoraConfig, init_lora, load_peft, merge_adapter, save_peft
-from encdec.models.whisper import encode_audio
+from encdec.models.transformer import encoder_layers
+from encdec.models.whisper import audio_stem, encode_audio
 from encdec.whisper import AudioInput, log_mel_spectrogram, whisper_engine
 from encdec.whisper.accent import AccentDataConfig, fortune_sayings, group_verses, split_groups
 from encdec.whisper.clips import espeak_available, wer
 from encdec.whisper.finetune import (
     DECODER_TARGETS,
+    ENCODER_TARGETS,
+    EncoderAdapterSection,
     WhisperLoraExperiment,
-    check_targets,
+    adapter_config,
     decoder_nll,
     finetune_whisper,
+    first_adapted_block,
 )
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import greedy_decode
@@ -124,6 +128,58 @@ def test_finetune_smoke_run_writes_results_and_resumes(model, tiny_dir, tmp_path
     assert "encoder" not in lora and any(np.abs(np.asarray(a["b"])).max() > 0 for a in _leaves(lora))
 
 
+@pytest.mark.skipif(
+    not espeak_available(), reason="espeak-ng is not installed (apt-get install -y espeak-ng)"
+)
+def test_finetune_adapts_the_top_encoder_blocks_over_the_cached_stream_below(model, tiny_dir, tmp_path):
+    top = {
+        "encoder": {"layers": 1, "target_modules": ["fc1", "fc2"]},
+        "train_dtype": "bfloat16",
+        "eval_every": 3,
+    }
+    config = build(WhisperLoraExperiment, tiny_lora_experiment(tiny_dir, tmp_path, **top))
+    lc = adapter_config(config, model.config)
+    last = model.config.encoder_layers - 1
+    assert first_adapted_block(model.config, lc) == 2 * last + 1  # the top layer's feed-forward
+    summary = finetune_whisper(config, tmp_path / "run", progress=False, log=lambda _: None)
+    assert summary["finished"]
+    lora, lora_config = load_peft(tmp_path / "run" / "adapter", model.params, model.config)
+    assert lora_config.stacks == ("encoder", "decoder")
+    trained = {path for path, a in _paths(lora) if np.abs(np.asarray(a["b"])).max() > 0}
+    encoder = {p for p in trained if p[0] == "encoder"}
+    assert encoder == {("encoder", "layers", last, "ffn", "wi"), ("encoder", "layers", last, "ffn", "wo")}
+    assert {p for p in trained if p[0] == "decoder"} == {p for p, _ in _paths(lora) if p[0] == "decoder"}
+    with pytest.raises(ValueError, match="more than the model's"):
+        adapter_config(dataclasses.replace(config, encoder=EncoderAdapterSection(layers=9)), model.config)
+    with pytest.raises(ValueError, match="train_dtype"):
+        build(WhisperLoraExperiment, tiny_lora_experiment(tiny_dir, tmp_path, train_dtype="float16"))
+
+
+def test_cached_encoder_blocks_give_the_full_encoder(model):
+    """The cached stream below a block, run on through the blocks above it (with their adapters),
+    is the whole encoder's output: whatever block the cache ends at."""
+    lc = LoraConfig(rank=2, target_modules=ENCODER_TARGETS, stacks=("encoder",))
+    lora = _adapter(model, 5, 2, ENCODER_TARGETS, ("encoder",))
+    mel = np.stack([log_mel_spectrogram(a, model.config.num_mel_bins) for a in _audio(2)])
+    full = np.asarray(encode_audio(model.params, model.config, jnp.asarray(mel), lora=lora))
+    stem = audio_stem(model.params, model.config, jnp.asarray(mel))
+    ones = jnp.ones(stem.shape[:2], bool)
+    enc, enc_lora = model.params["encoder"], lora["encoder"]
+    for first in range(2 * model.config.encoder_layers + 1):
+        below = encoder_layers(
+            enc, model.config, stem, ones, lora=enc_lora, blocks=slice(0, first), final_norm=False
+        )
+        out = encoder_layers(enc, model.config, below, ones, lora=enc_lora, blocks=slice(first, None))
+        np.testing.assert_allclose(np.asarray(out), full, rtol=1e-5, atol=1e-5, err_msg=f"block {first}")
+    assert first_adapted_block(model.config, lc) == 0
+
+
+def _paths(lora):
+    from encdec.lora.adapters import iter_adapters
+
+    return list(iter_adapters(lora))
+
+
 def _leaves(lora):
     from encdec.lora.adapters import iter_adapters
 
@@ -184,8 +240,14 @@ def test_hf_export_round_trips_and_peft_gives_encdec_tokens(model, tiny_hf_model
     reloaded = encdec.load_pretrained(hf_dir)
     assert WhisperTokens.from_dir(hf_dir) == WhisperTokens.from_dir(tiny_dir)
 
-    lora = _adapter(model, 3, 4)
-    save_peft(tmp_path / "adapter", lora, model.config, lora_config=LoraConfig(rank=4, stacks=("decoder",)))
+    # Every decoder projection, and the top encoder layer's feed-forward (the shipped experiment's shape).
+    top = {"encoder": {"layers": 1, "target_modules": ["fc1", "fc2"]}}
+    top["lora"] = {"rank": 4, "alpha": 8.0, "stacks": ["decoder"], "target_modules": "all-linear"}
+    lc = adapter_config(
+        build(WhisperLoraExperiment, tiny_lora_experiment(tiny_dir, tmp_path, **top)), model.config
+    )
+    lora = _adapter(model, 3, 4, lc.target_modules, lc.stacks)
+    save_peft(tmp_path / "adapter", lora, model.config, lora_config=lc)
     hf = PeftModel.from_pretrained(
         WhisperForConditionalGeneration.from_pretrained(hf_dir).eval(), tmp_path / "adapter"
     )
@@ -204,14 +266,20 @@ def test_hf_export_round_trips_and_peft_gives_encdec_tokens(model, tiny_hf_model
         assert theirs[: len(mine)] == mine, row
     assert ours != base and all(ours)  # the adapter matters; every row has tokens to compare
 
-    # The training loss (decoder over cached encoder outputs, adapter unmerged) is HF + PEFT's.
+    # The training loss (the adapted blocks over the cached stream below them, adapter unmerged)
+    # is HF + PEFT's.
     ids_BT = np.asarray([[*PROMPT, *row] for row in hf_tokens.tolist()], np.int32)
     mask_BT = np.zeros(ids_BT[:, 1:].shape, np.int32)
     mask_BT[:, len(PROMPT) - 1 :] = 1
-    enc_BSD = encode_audio(reloaded.params, reloaded.config, jnp.asarray(mel))
-    batch = {"encoder": enc_BSD, "decoder_ids": ids_BT[:, :-1], "labels": ids_BT[:, 1:]}
+    first = first_adapted_block(reloaded.config, lc)
+    stem = audio_stem(reloaded.params, reloaded.config, jnp.asarray(mel))
+    blocks = dict(blocks=slice(0, first), final_norm=False)
+    below = encoder_layers(
+        reloaded.params["encoder"], reloaded.config, stem, jnp.ones(stem.shape[:2], bool), **blocks
+    )
+    batch = {"encoder": below, "decoder_ids": ids_BT[:, :-1], "labels": ids_BT[:, 1:]}
     batch["label_mask"] = mask_BT
-    nll, count = decoder_nll(reloaded.params, reloaded.config, lora, batch)
+    nll, count = decoder_nll(reloaded.params, reloaded.config, lora, batch, first_block=first)
     with torch.no_grad():
         logits = hf.base_model.model(
             input_features=torch.tensor(mel), decoder_input_ids=torch.tensor(ids_BT[:, :-1])
@@ -246,8 +314,5 @@ def test_bad_adapters_get_clear_errors(model, tmp_path):
     save_file(tensors, str(tmp_path / "extra" / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="model.decoder.layers.3.fc1.*does not have"):
         load_peft(tmp_path / "extra", model.params, model.config)
-    # Cross-attention keys/values cannot be trained over cached encoder outputs.
-    with pytest.raises(ValueError, match="encoder_attn.k_proj"):
-        check_targets(model.config, LoraConfig(target_modules="all-linear", stacks=("decoder",)))
     with pytest.raises(ValueError, match="stacks"):
         LoraConfig(stacks=("middle",))
