@@ -504,9 +504,10 @@ def finetune_whisper(
         writer.writeheader()
         writer.writerows(history)
     (out / "metrics.json").write_text(json.dumps({"summary": summary, "history": history}, indent=2))
-    where = "the decoder" + (
-        f" and the top {config.encoder.layers} encoder layers" if config.encoder.layers else ""
-    )
+    where = "the decoder"
+    if config.encoder.layers:
+        k, modules = config.encoder.layers, ", ".join(config.encoder.target_modules)
+        where += f" and {modules} of the top {'encoder layer' if k == 1 else f'{k} encoder layers'}"
     plot_curve(out, history, f"{config.name}: LoRA r={lc.rank} on {where}", voices)
     save_peft(
         out / "adapter", state.lora(), model.config, lora_config=lc, base_model_name_or_path=str(model.path)
