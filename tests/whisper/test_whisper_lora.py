@@ -151,6 +151,9 @@ def test_finetune_adapts_the_top_encoder_blocks_over_the_cached_stream_below(mod
     assert {p for p in trained if p[0] == "decoder"} == {p for p, _ in _paths(lora) if p[0] == "decoder"}
     with pytest.raises(ValueError, match="more than the model's"):
         adapter_config(dataclasses.replace(config, encoder=EncoderAdapterSection(layers=9)), model.config)
+    cross_only = EncoderAdapterSection(layers=1, target_modules=("encoder_attn.q_proj",))  # a decoder module
+    with pytest.raises(ValueError, match="adapt no encoder layer"):
+        adapter_config(dataclasses.replace(config, encoder=cross_only), model.config)
     with pytest.raises(ValueError, match="train_dtype"):
         build(WhisperLoraExperiment, tiny_lora_experiment(tiny_dir, tmp_path, train_dtype="float16"))
 
