@@ -40,26 +40,15 @@ def encode_audio(
     *,
     dtype: jnp.dtype = jnp.float32,
     lora: Params | None = None,
+    blocks: slice = slice(None),
+    final_norm: bool = True,
 ) -> jax.Array:
     """Encoder states ``[B, S, D]`` for log-mel windows ``[B, num_mel_bins, 2 * audio_positions]``.
 
     Whisper always encodes full 30 s windows (silence-padded), so there is no mask: every one of
-    the ``S`` outputs is attended to by the decoder.
+    the ``S`` outputs is attended to by the decoder. ``blocks`` and ``final_norm`` stop part way
+    (:func:`encdec.models.transformer.encoder_layers`).
     """
-    x_BSD = audio_stem(params, cfg, mel_BCA, dtype=dtype, lora=lora)
-    mask_BS = jnp.ones(x_BSD.shape[:2], bool)
-    return encoder_layers(params["encoder"], cfg, x_BSD, mask_BS, lora=_sub(lora, "encoder"))
-
-
-def audio_stem(
-    params: Params,
-    cfg: ModelConfig,
-    mel_BCA: jax.Array,
-    *,
-    dtype: jnp.dtype = jnp.float32,
-    lora: Params | None = None,
-) -> jax.Array:
-    """The encoder's input to its first layer ``[B, S, D]``: both convolutions and the positions."""
     if not cfg.is_audio:
         raise ValueError(f"{cfg.model_type} has no audio encoder (num_mel_bins=0)")
     expected = (cfg.num_mel_bins, 2 * cfg.audio_positions)
@@ -71,7 +60,9 @@ def audio_stem(
     x_BAC = jnp.swapaxes(mel_BCA.astype(dtype), 1, 2)
     x_BAD = activation("gelu", conv1d(enc["conv1"], x_BAC, stride=1, lora=_sub(enc_lora, "conv1")))
     x_BSD = activation("gelu", conv1d(enc["conv2"], x_BAD, stride=2, lora=_sub(enc_lora, "conv2")))
-    return x_BSD + enc["pos_embedding_KD"][None, : x_BSD.shape[1]].astype(dtype)
+    x_BSD = x_BSD + enc["pos_embedding_KD"][None, : x_BSD.shape[1]].astype(dtype)
+    mask_BS = jnp.ones(x_BSD.shape[:2], bool)
+    return encoder_layers(enc, cfg, x_BSD, mask_BS, lora=enc_lora, blocks=blocks, final_norm=final_norm)
 
 
 def sinusoids(num_positions: int, dim: int, max_timescale: float = 10000.0) -> np.ndarray:

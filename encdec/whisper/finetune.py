@@ -42,7 +42,7 @@ from encdec.lora.bank import AdapterBank
 from encdec.lora.train import TrainConfig, TrainState, init_state, make_optimizer
 from encdec.models import decode, init_dense_kv
 from encdec.models.transformer import _sub, encoder_layers
-from encdec.models.whisper import audio_stem
+from encdec.models.whisper import encode_audio
 from encdec.whisper.accent import AccentDataConfig, AccentSplit, Clip, build_split
 from encdec.whisper.audio import load_audio, log_mel_spectrogram
 from encdec.whisper.clips import wer
@@ -188,7 +188,6 @@ class TrainingSet:
     encoder_NSD: np.ndarray
     """Every clip's residual stream entering encoder block ``first_block`` (the encoder's output
     when that is past the last block), bfloat16 on the host: the frozen blocks make it constant."""
-    first_block: int
     decoder_ids_NT: np.ndarray
     labels_NT: np.ndarray
     label_mask_NT: np.ndarray
@@ -204,13 +203,9 @@ def target_ids(model: Model, tokens: WhisperTokens, text: str) -> list[int]:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "first_block"))
 def _frozen_encoder(params, cfg: ModelConfig, mel_BCA, *, dtype, first_block: int):
-    x_BSD = audio_stem(params, cfg, mel_BCA, dtype=dtype)
-    mask_BS = jnp.ones(x_BSD.shape[:2], bool)
-    below = slice(0, first_block)
-    final = first_block == 2 * cfg.encoder_layers
-    return encoder_layers(params["encoder"], cfg, x_BSD, mask_BS, blocks=below, final_norm=final).astype(
-        jnp.bfloat16
-    )
+    below, final = slice(0, first_block), first_block == 2 * cfg.encoder_layers
+    x_BSD = encode_audio(params, cfg, mel_BCA, dtype=dtype, blocks=below, final_norm=final)
+    return x_BSD.astype(jnp.bfloat16)
 
 
 def encoder_outputs_of_clips(
@@ -255,7 +250,7 @@ def training_set(
         dec[i, :n], lab[i, :n] = ids[:-1], ids[1:]
         mask[i, prompt - 1 : n] = 1  # the first text token is predicted from the prompt's last
     hidden_NSD = encoder_outputs_of_clips(model, kept, first_block=first_block, **kw)
-    return TrainingSet(hidden_NSD, first_block, dec, lab, mask)
+    return TrainingSet(hidden_NSD, dec, lab, mask)
 
 
 def batch_rows(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from encdec.engine import Request
 from encdec.experiment_config import build
 from encdec.lora import AdapterBank, AdapterError, LoraConfig, init_lora, load_peft, merge_adapter, save_peft
 from encdec.models.transformer import encoder_layers
-from encdec.models.whisper import audio_stem, encode_audio
+from encdec.models.whisper import encode_audio
 from encdec.whisper import AudioInput, log_mel_spectrogram, whisper_engine
 from encdec.whisper.accent import AccentDataConfig, fortune_sayings, group_verses, split_groups
 from encdec.whisper.clips import espeak_available, wer
@@ -165,13 +165,12 @@ def test_cached_encoder_blocks_give_the_full_encoder(model):
     lora = _adapter(model, 5, 2, ENCODER_TARGETS, ("encoder",))
     mel = np.stack([log_mel_spectrogram(a, model.config.num_mel_bins) for a in _audio(2)])
     full = np.asarray(encode_audio(model.params, model.config, jnp.asarray(mel), lora=lora))
-    stem = audio_stem(model.params, model.config, jnp.asarray(mel))
-    ones = jnp.ones(stem.shape[:2], bool)
     enc, enc_lora = model.params["encoder"], lora["encoder"]
     for first in range(2 * model.config.encoder_layers + 1):
-        below = encoder_layers(
-            enc, model.config, stem, ones, lora=enc_lora, blocks=slice(0, first), final_norm=False
+        below = encode_audio(
+            model.params, model.config, jnp.asarray(mel), lora=lora, blocks=slice(0, first), final_norm=False
         )
+        ones = jnp.ones(below.shape[:2], bool)
         out = encoder_layers(enc, model.config, below, ones, lora=enc_lora, blocks=slice(first, None))
         np.testing.assert_allclose(np.asarray(out), full, rtol=1e-5, atol=1e-5, err_msg=f"block {first}")
     assert first_adapted_block(model.config, lc) == 0
@@ -275,10 +274,8 @@ def test_hf_export_round_trips_and_peft_gives_encdec_tokens(model, tiny_hf_model
     mask_BT = np.zeros(ids_BT[:, 1:].shape, np.int32)
     mask_BT[:, len(PROMPT) - 1 :] = 1
     first = first_adapted_block(reloaded.config, lc)
-    stem = audio_stem(reloaded.params, reloaded.config, jnp.asarray(mel))
-    blocks = dict(blocks=slice(0, first), final_norm=False)
-    below = encoder_layers(
-        reloaded.params["encoder"], reloaded.config, stem, jnp.ones(stem.shape[:2], bool), **blocks
+    below = encode_audio(
+        reloaded.params, reloaded.config, jnp.asarray(mel), blocks=slice(0, first), final_norm=False
     )
     batch = {"encoder": below, "decoder_ids": ids_BT[:, :-1], "labels": ids_BT[:, 1:]}
     batch["label_mask"] = mask_BT
