@@ -17,13 +17,20 @@
 //   and are put back when stored.
 // - NK ([N, K], a tied LM head's embedding table): each output is a dot product along
 //   contiguous k; 16-lane partial sums are reduced at the end.
-// Work is split over column panels and shared with XLA's intra-op thread pool.
+// Decode rows (M <= 16) of a KN weight stream it in address order, split over row ranges, and
+// multiply with AMX tiles where the CPU has them (KnDecode); more rows (the encoder) are split
+// over column panels. Work is shared with XLA's intra-op thread pool.
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "cpu_parallel.h"
@@ -90,8 +97,9 @@ inline __mmask64 ColumnMask(int64_t left) {
 
 // Four weight rows (k..k+3, 64 columns from n0) as VPDPBUSD's unsigned operand: v[i] lane 4L+j
 // holds w[k..k+3, n0 + 16L + 4i + j] + 128. Rows at or past K (rows < 4) read as weight 0.
-inline void KnInterleave(const int8_t* w, int64_t N, __mmask64 mask, int rows, __m512i v[4]) {
-  const __m512i flip = _mm512_set1_epi8((char)0x80);
+inline void KnInterleave(const int8_t* w, int64_t N, __mmask64 mask, int rows, __m512i v[4],
+                         bool unsigned_side = true) {
+  const __m512i flip = _mm512_set1_epi8(unsigned_side ? (char)0x80 : 0);
   __m512i r[4];
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i)
@@ -186,6 +194,220 @@ void KnPanel(const Quantized& xq, const int8_t* w, const float* s, float* y, int
     }
     m0 += rows;
   }
+}
+
+// Decode rows (M <= kStreamRows) read a KN weight as a stream: each thread takes a contiguous
+// range of rows, kBlockRows at a time. A block is first read in address order and interleaved
+// into an L2 buffer (the order the L2 streamer follows: 64-column panels read down the rows
+// reached 6-8 GB/s of the 28 the machine reads), then multiplied panel by panel into int32
+// partial sums in memory; the ranges' sums are added when the result is stored.
+constexpr int64_t kStreamRows = 16;
+constexpr int64_t kBlockRows = 64;     // 16 groups of 4 rows: one AMX tile of weights
+constexpr int64_t kChunkCols = 4096;   // columns a packed block holds (256 KB)
+constexpr int64_t kStreamParallelBytes = 1 << 16;
+
+// Rows [k, k + 64) x columns [c0, c1) (c0 a multiple of 64) in address order, interleaved into pk:
+// per panel of 64 columns, [column group i][row group g] vectors (an AMX tile per i). Row groups
+// at or past K are zeros.
+void PackBlock(const int8_t* w, int64_t K, int64_t N, int64_t k, int64_t c0, int64_t c1, __m512i* pk,
+               bool unsigned_side) {
+  for (int g = 0; g < 16; ++g) {
+    const int64_t kk = k + 4 * g;
+    for (int64_t n0 = c0; n0 < c1; n0 += 64) {
+      __m512i* dst = pk + (n0 - c0) + g;  // (n0 - c0) / 64 panels of 64 vectors
+      __m512i v[4] = {};
+      if (kk < K) KnInterleave(w + kk * N + n0, N, ColumnMask(N - n0), K - kk >= 4 ? 4 : (int)(K - kk), v, unsigned_side);
+      dst[0] = v[0], dst[16] = v[1], dst[32] = v[2], dst[48] = v[3];
+    }
+  }
+}
+
+#define ENCDEC_BLOCK_ROW(r)                                                           \
+  if constexpr (R > r) {                                                              \
+    int32_t q4;                                                                       \
+    std::memcpy(&q4, q + r * q_stride + 4 * g, 4);                                    \
+    const __m512i b = _mm512_set1_epi32(q4);                                          \
+    a##r##0 = _mm512_dpbusd_epi32(a##r##0, blk[g], b);                                \
+    a##r##1 = _mm512_dpbusd_epi32(a##r##1, blk[16 + g], b);                           \
+    a##r##2 = _mm512_dpbusd_epi32(a##r##2, blk[32 + g], b);                           \
+    a##r##3 = _mm512_dpbusd_epi32(a##r##3, blk[48 + g], b);                           \
+  }
+#define ENCDEC_ACC_ROW(r)                                                                          \
+  if constexpr (R > r) {                                                                           \
+    __m512i* t = (__m512i*)(acc + r * acc_stride);                                                 \
+    if (first) {                                                                                   \
+      _mm512_store_si512(t, a##r##0); _mm512_store_si512(t + 1, a##r##1);                          \
+      _mm512_store_si512(t + 2, a##r##2); _mm512_store_si512(t + 3, a##r##3);                      \
+    } else {                                                                                       \
+      _mm512_store_si512(t, _mm512_add_epi32(_mm512_load_si512(t), a##r##0));                      \
+      _mm512_store_si512(t + 1, _mm512_add_epi32(_mm512_load_si512(t + 1), a##r##1));              \
+      _mm512_store_si512(t + 2, _mm512_add_epi32(_mm512_load_si512(t + 2), a##r##2));              \
+      _mm512_store_si512(t + 3, _mm512_add_epi32(_mm512_load_si512(t + 3), a##r##3));              \
+    }                                                                                              \
+  }
+
+// acc[m0:m0+R, panel] (+)= q[m0:m0+R, k:k+4*groups] . blk (one packed panel), with VPDPBUSD.
+template <int R>
+void BlockTile(const int8_t* q, int64_t q_stride, const __m512i* blk, int groups, int32_t* acc,
+               int64_t acc_stride, bool first) {
+  ENCDEC_ZERO4(0) ENCDEC_ZERO4(1) ENCDEC_ZERO4(2) ENCDEC_ZERO4(3)
+  for (int g = 0; g < groups; ++g) {
+    ENCDEC_BLOCK_ROW(0) ENCDEC_BLOCK_ROW(1) ENCDEC_BLOCK_ROW(2) ENCDEC_BLOCK_ROW(3)
+  }
+  ENCDEC_ACC_ROW(0) ENCDEC_ACC_ROW(1) ENCDEC_ACC_ROW(2) ENCDEC_ACC_ROW(3)
+}
+
+void PanelsVnni(const Quantized& xq, const __m512i* pk, int64_t M, int64_t k, int groups, int64_t panels,
+                int32_t* acc, int64_t Np, bool first) {
+  const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
+      const int64_t r = (M - m0) / (tiles - t);
+      const int8_t* q = xq.q.data() + m0 * xq.Kp + k;
+      int32_t* a = acc + m0 * Np + 64 * p;
+      const __m512i* blk = pk + 64 * p;
+      switch (r) {
+        case 1: BlockTile<1>(q, xq.Kp, blk, groups, a, Np, first); break;
+        case 2: BlockTile<2>(q, xq.Kp, blk, groups, a, Np, first); break;
+        case 3: BlockTile<3>(q, xq.Kp, blk, groups, a, Np, first); break;
+        default: BlockTile<4>(q, xq.Kp, blk, groups, a, Np, first); break;
+      }
+      m0 += r;
+    }
+  }
+}
+
+// AMX (Sapphire Rapids and later): TDPBSSD multiplies an [M, 64] int8 tile by a [64, 16] one in
+// VNNI layout, M x 16 x 64 products per instruction where VPDPBUSD does 64: at 8 rows VPDPBUSD
+// needs 8 instructions per 64 weight bytes, and the stream was bound by them. Signed x signed:
+// no +128 and no excess. Tiles: 0 the activations, 1-4 a panel's four groups of 16 columns, 5
+// the weights.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool AmxUsable() {
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    const bool tile = (d >> 24) & 1, int8 = (d >> 25) & 1;
+    const char* off = std::getenv("ENCDEC_INT8_AMX");  // "0": VPDPBUSD only (tests both paths)
+    if (off != nullptr && std::string(off) == "0") return false;
+    // Linux (5.16+) lends the tile state to a process that asks; XLA's threads share it.
+    return tile && int8 && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  }();
+  return usable;
+}
+
+__attribute__((target("amx-tile,amx-int8"))) void AmxBegin(int64_t M) {
+  TileConfig cfg;
+  for (int t = 0; t <= 4; ++t) cfg.rows[t] = (uint8_t)M, cfg.colsb[t] = 64;
+  cfg.rows[5] = 16, cfg.colsb[5] = 64;
+  // GCC 12 drops the stores above as dead (it does not see LDTILECFG read them): a barrier.
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile,amx-int8"))) void AmxEnd() { _tile_release(); }
+
+#define ENCDEC_AMX_GROUP(i, tile)          \
+  _tile_loadd(5, blk + 16 * (i), 64);      \
+  _tile_dpbssd(tile, 0, 5);
+
+__attribute__((target("amx-tile,amx-int8")))
+void PanelsAmx(const Quantized& xq, const __m512i* pk, int64_t k, int64_t panels, int32_t* acc, int64_t Np,
+               bool first) {
+  _tile_loadd(0, xq.q.data() + k, xq.Kp);  // q is zero past K (Kp is a multiple of 64)
+  const int64_t stride = Np * sizeof(int32_t);
+  for (int64_t p = 0; p < panels; ++p) {
+    const __m512i* blk = pk + 64 * p;
+    int32_t* a = acc + 64 * p;
+    if (first) {
+      _tile_zero(1); _tile_zero(2); _tile_zero(3); _tile_zero(4);
+    } else {
+      _tile_loadd(1, a, stride); _tile_loadd(2, a + 16, stride);
+      _tile_loadd(3, a + 32, stride); _tile_loadd(4, a + 48, stride);
+    }
+    ENCDEC_AMX_GROUP(0, 1) ENCDEC_AMX_GROUP(1, 2) ENCDEC_AMX_GROUP(2, 3) ENCDEC_AMX_GROUP(3, 4)
+    _tile_stored(1, a, stride); _tile_stored(2, a + 16, stride);
+    _tile_stored(3, a + 32, stride); _tile_stored(4, a + 48, stride);
+  }
+}
+
+// Weight rows [k0, k1) (k0 a multiple of kBlockRows) into acc[M, Np]: int32, each panel's 64
+// columns in KnInterleave's lane order; stored by the first block, added by the rest.
+void KnStream(const Quantized& xq, const int8_t* w, int64_t M, int64_t K, int64_t N, int64_t k0, int64_t k1,
+              int32_t* acc, int64_t Np, bool amx) {
+  thread_local std::vector<__m512i> scratch;
+  scratch.resize(std::min(Np, kChunkCols) * kBlockRows / 64);
+  __m512i* pk = scratch.data();
+  if (amx) AmxBegin(M);
+  for (int64_t k = k0; k < k1; k += kBlockRows) {
+    const int groups = (int)((std::min(kBlockRows, K - k) + 3) / 4);
+    for (int64_t c0 = 0; c0 < N; c0 += kChunkCols) {
+      const int64_t c1 = std::min(N, c0 + kChunkCols), panels = (c1 - c0 + 63) / 64;
+      PackBlock(w, K, N, k, c0, c1, pk, !amx);
+      if (amx) {
+        PanelsAmx(xq, pk, k, panels, acc + c0, Np, k == k0);
+      } else {
+        PanelsVnni(xq, pk, M, k, groups, panels, acc + c0, Np, k == k0);
+      }
+    }
+  }
+  if (amx) AmxEnd();
+}
+
+// y[:, panels p0..p1) from the ranges' partial sums: added, lanes put back in column order,
+// the excess (VPDPBUSD's) subtracted and both scales applied.
+void KnStreamStore(const int32_t* acc, int64_t ranges, const Quantized& xq, bool excess_in, const float* w_scale,
+                   float* y, int64_t M, int64_t N, int64_t Np, int64_t p0, int64_t p1) {
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512i excess = _mm512_set1_epi32(excess_in ? xq.excess[m] : 0);
+    const __m512 xs = _mm512_set1_ps(xq.scale[m]);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = 64 * p, cols = std::min<int64_t>(64, N - n0);
+      __m512i a[4];
+      for (int i = 0; i < 4; ++i) {
+        a[i] = _mm512_load_si512(acc + m * Np + n0 + 16 * i);
+        for (int64_t r = 1; r < ranges; ++r)
+          a[i] = _mm512_add_epi32(a[i], _mm512_load_si512(acc + r * M * Np + m * Np + n0 + 16 * i));
+      }
+      const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[2], a[3], 0x44);
+      const __m512i t2 = _mm512_shuffle_i32x4(a[0], a[1], 0xEE), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
+      const __m512i out[4] = {_mm512_shuffle_i32x4(t0, t1, 0x88), _mm512_shuffle_i32x4(t0, t1, 0xDD),
+                              _mm512_shuffle_i32x4(t2, t3, 0x88), _mm512_shuffle_i32x4(t2, t3, 0xDD)};
+      float* dst = y + m * N + n0;
+      for (int c = 0; c < 4 && 16 * c < cols; ++c) {
+        const int64_t left = cols - 16 * c;
+        const __mmask16 mask = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        const __m512 ws = _mm512_maskz_loadu_ps(mask, w_scale + n0 + 16 * c);
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(out[c], excess)), xs), ws);
+        _mm512_mask_storeu_ps(dst + 16 * c, mask, v);
+      }
+    }
+  }
+}
+
+void KnDecode(ffi::ThreadPool& pool, const Quantized& xq, const int8_t* w, const float* s, float* y,
+              int64_t M, int64_t K, int64_t N, int64_t threads) {
+  const bool amx = AmxUsable();
+  const int64_t Np = (N + 63) / 64 * 64, panels = Np / 64;
+  const int64_t blocks = (K + kBlockRows - 1) / kBlockRows;
+  const int64_t ranges = K * N >= kStreamParallelBytes ? std::min(threads, blocks) : 1;
+  thread_local std::vector<__m512i> acc;  // aligned (C++17 aligned new)
+  acc.resize(ranges * M * Np / 16);
+  int32_t* sums = (int32_t*)acc.data();
+  ParallelFor(pool, ranges, [&](int64_t r) {
+    const int64_t k0 = blocks * r / ranges * kBlockRows;
+    const int64_t k1 = std::min(K, blocks * (r + 1) / ranges * kBlockRows);
+    KnStream(xq, w, M, K, N, k0, k1, sums + r * M * Np, Np, amx);
+  });
+  const int64_t chunks = M * Np >= (1 << 15) ? std::min(panels, 4 * threads) : 1;
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    KnStreamStore(sums, ranges, xq, !amx, s, y, M, N, Np, panels * c / chunks, panels * (c + 1) / chunks);
+  });
 }
 
 // The 16-lane sums of four vectors, as one vector of four (one VPHADDD-style tree instead of
@@ -285,6 +507,10 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   });
   const int8_t* wd = w.typed_data();
   const float* sd = w_scale.typed_data();
+  if (!nk_layout && M <= kStreamRows) {
+    KnDecode(pool, xq, wd, sd, out, M, K, N, std::max<int64_t>(1, pool.num_threads()));
+    return ffi::Error::Success();
+  }
   // Threads pay off for large weights (decode) or many rows (the encoder).
   const bool parallel = K * N >= kParallelBytes || M * K * N >= kParallelMacs;
   // Column units: 64-column panels (KN) or groups of kNkCols outputs (NK).

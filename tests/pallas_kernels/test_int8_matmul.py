@@ -2,6 +2,11 @@
 tile remainder, both weight layouts, the threaded path, zero and saturating rows; its build's
 errors; and that the model's int8 projections reach it."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +17,7 @@ from encdec.models.quant import int8_matmul_reference as float64_reference
 from encdec.models.quant import quantize_params
 from pallas_kernels.int8_matmul import build, int8_matmul, int8_matmul_reference, kernel_available
 
+ROOT = Path(__file__).resolve().parents[2]
 needs_kernel = pytest.mark.skipif(
     bool(build.cpu_missing()), reason=f"this CPU lacks {', '.join(build.cpu_missing())}"
 )
@@ -44,6 +50,9 @@ def test_the_kernel_builds_where_the_cpu_has_vnni():
         (8, 512, 200),  # the engine's 8 slots: tiles 4 + 4
         (13, 96, 66),  # more rows than any tile
         (4, 512, 1100),  # >= 512 KB of weights: the threaded split
+        (16, 1000, 4200),  # decode rows at most: row ranges, a partial block, column chunks of 4096
+        (2, 196, 64),  # a block of 64 rows and a partial one (KN: the stream, 3 row groups past K)
+        (17, 256, 80),  # one row past the stream: column panels
         (300, 512, 70),  # the encoder's many rows: packed panels, rows quantized by several threads
     ],
 )
@@ -73,6 +82,29 @@ def test_zero_and_saturating_rows(layout):
     want = np.asarray(int8_matmul_reference(jnp.asarray(x), w, s, w_layout=layout))
     np.testing.assert_allclose(got, want, rtol=2e-6)
     assert not got[0].any()
+
+
+@needs_kernel
+def test_the_vpdpbusd_stream_equals_the_reference_where_amx_is_off(tmp_path):
+    """``ENCDEC_INT8_AMX=0`` keeps decode rows on VPDPBUSD: the path of CPUs without AMX, which
+    an AMX machine would otherwise never run. A fresh process, since the choice is made once."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import numpy as np, jax.numpy as jnp\n"
+        "from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference\n"
+        "rng = np.random.default_rng(0)\n"
+        "for M, K, N in [(1, 64, 64), (8, 512, 2048), (16, 1000, 4200), (5, 70, 9)]:\n"
+        "    x = jnp.asarray(rng.standard_normal((M, K), np.float32))\n"
+        "    w = jnp.asarray(rng.integers(-128, 128, (K, N)).astype(np.int8))\n"
+        "    s = jnp.asarray(rng.uniform(1e-3, 2e-2, N).astype(np.float32))\n"
+        "    got = np.asarray(int8_matmul(x, w, s, implementation='kernel'))\n"
+        "    want = np.asarray(int8_matmul_reference(x, w, s))\n"
+        "    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "ENCDEC_INT8_AMX": "0", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @needs_kernel
