@@ -131,10 +131,14 @@ def process_scores(
         lambda x: jnp.where(ngram_bans(ctx.history_BT, ctx.length_B, p.no_repeat_ngram, V), NEG_INF, x),
         scores_BV,
     )
-    eos_ban_B = (n_B < p.min_new)[:, None] & (jnp.arange(V)[None, :] == eos_token_id)
-    scores_BV = jnp.where(eos_ban_B, NEG_INF, scores_BV)
-    scores_BV = force_token(scores_BV, p.forced_bos, first_B & (p.forced_bos >= 0))
-    scores_BV = force_token(scores_BV, p.forced_eos, (n_B == p.max_new - 1) & (p.forced_eos >= 0))
+    if 0 <= eos_token_id < V:  # one column written, not a [B, V] select (most rows have a minimum)
+        score_B = scores_BV[:, eos_token_id]
+        banned_B = jnp.where(n_B < p.min_new, NEG_INF, score_B).astype(score_B.dtype)
+        scores_BV = scores_BV.at[:, eos_token_id].set(banned_B)
+    bos_B = first_B & (p.forced_bos >= 0)
+    scores_BV = _when(jnp.any(bos_B), lambda x: force_token(x, p.forced_bos, bos_B), scores_BV)
+    eos_B = (n_B == p.max_new - 1) & (p.forced_eos >= 0)
+    scores_BV = _when(jnp.any(eos_B), lambda x: force_token(x, p.forced_eos, eos_B), scores_BV)
     scores_BV = _when(
         jnp.any(p.suppress_X >= 0),
         lambda x: jnp.where(token_mask(p.suppress_X, V), NEG_INF, x),

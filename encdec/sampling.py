@@ -55,15 +55,18 @@ def sample(
     temperature_B: jax.Array,
     top_k_B: jax.Array,
     top_p_B: jax.Array,
+    greedy_B: jax.Array | None = None,
 ) -> jax.Array:
     """Next token per row: greedy where ``temperature == 0``, else top-k/top-p sampling.
+    ``greedy_B``: the rows' argmax when the caller has it (:func:`argmax_normalizer`).
 
     ``top_k == 0`` and ``top_p == 1`` disable those filters. ``keys_B``: the rows' PRNG keys,
     or a function that makes them (traced only where some row samples: threefry is dozens of
     small loops on CPU, which a greedy step need not run).
     """
     logits_BV = logits_BV.astype(jnp.float32)
-    greedy_B = argmax(logits_BV)  # XLA:CPU's own argmax is a scalar loop: a kernel there
+    if greedy_B is None:
+        greedy_B = argmax(logits_BV)  # XLA:CPU's own argmax is a scalar loop: a kernel there
 
     # Sorting a vocabulary per row is the costliest op of a decode step on CPU: pay for it only
     # when some row filters, and for sampling only when some row samples.

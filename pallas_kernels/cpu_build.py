@@ -26,7 +26,7 @@ import jaxlib
 
 ROOT = Path(__file__).parent
 # Headers every kernel may include (``#include "cpu_parallel.h"``): part of each library's hash.
-HEADERS = (ROOT / "cpu_parallel.h",)
+HEADERS = (ROOT / "cpu_parallel.h", ROOT / "cpu_math.h")
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 
 

@@ -41,6 +41,7 @@ from encdec.engine.slots import NO_SCORE, DecodeState, Hypotheses, SlotParams
 from encdec.models import decode, project_cross_kv
 from encdec.processors import DecodeContext, LogitsHook, process_scores
 from encdec.sampling import TokenMasks, ban_tokens, sample, step_keys
+from pallas_kernels.argmax import argmax_normalizer
 
 # A decode result packs the token and flags; -1 = nothing to report.
 FINISHED_BIT = 1 << 24
@@ -322,10 +323,14 @@ def decode_steps(
         if hook is not None:
             x_BV = hook(x_BV, ctx)
         x_BV = process_scores(x_BV, ctx, s, eos_token_id=cfg.eos_token_id)
-        lp_BV = jnp.where(beam_rows_B[:, None], x_BV, jax.nn.log_softmax(x_BV))
+
+        def lp_BV():  # [B, V] log-probabilities: built only in the branches that read them
+            return jnp.where(beam_rows_B[:, None], x_BV, jax.nn.log_softmax(x_BV))
 
         keys = lambda: step_keys(s.seed, n_B, s.beam_index)  # noqa: E731 - only where a row samples
-        token_B = sample(x_BV, keys, s.temperature, s.top_k, s.top_p)
+        # One read of the scores for the greedy pick and the log-softmax normalizer.
+        greedy_B, max_B, sum_exp_B = argmax_normalizer(x_BV)
+        token_B = sample(x_BV, keys, s.temperature, s.top_k, s.top_p, greedy_B)
         # The token after position p is forced while p + 1 is inside the slot's prefix.
         forced_B = L_B + 1 < s.prefix_len
         forced_token_B = jnp.take_along_axis(
@@ -336,14 +341,14 @@ def decode_steps(
         choice, hyp_rows = jax.lax.cond(
             jnp.any(beaming_B),
             lambda: beam_step(
-                lp_BV, state.beam_score_B, n_B, state.group_open_B, state.hyps.score_B,
+                lp_BV(), state.beam_score_B, n_B, state.group_open_B, state.hyps.score_B,
                 state.hyps.finished_B, s, eos_token_id=cfg.eos_token_id,
             ),
             lambda: _no_beams(state),
         )
         token_B = jnp.where(beaming_B, choice.token_B, token_B)
         parent_B = jnp.where(beaming_B, choice.parent_B, slots_B)
-        chosen_lp_B = jnp.take_along_axis(lp_BV, token_B[:, None], axis=1)[:, 0]
+        chosen_lp_B = chosen_logprob(x_BV, token_B, beam_rows_B, max_B, sum_exp_B)
         token_lp_B = jnp.where(beaming_B, choice.token_logprob_B, chosen_lp_B)
 
         # Beams follow their parents: full pages by reference, the partial last page by copy.
@@ -398,7 +403,7 @@ def decode_steps(
         reported_B = jnp.where(prompt_B, forced_token_B | FORCED_BIT, reported_B)
         none = (jnp.zeros((B, n_top), jnp.int32), jnp.zeros((B, n_top), jnp.float32))
         top_ids_BX, top_lp_BX = none if not n_top else jax.lax.cond(
-            jnp.any(active_B & (top > 0)), lambda: _top(lp_BV, n_top), lambda: none
+            jnp.any(active_B & (top > 0)), lambda: _top(lp_BV(), n_top), lambda: none
         )
         state = state.replace(
             pools=pools,
@@ -434,6 +439,16 @@ def decode_steps(
     )
     state, out = jax.lax.fori_loop(0, steps, body, (state, out))
     return state, out.replace(hyps=state.hyps)
+
+
+def chosen_logprob(
+    x_BV: jax.Array, token_B: jax.Array, is_logprob_B: jax.Array, max_B: jax.Array, sum_exp_B: jax.Array
+) -> jax.Array:
+    """``log_softmax(x_BV)[token_B]`` per row (``x_BV[token_B]`` where ``is_logprob_B``) from the
+    rows' normalizer (:func:`argmax_normalizer`), as ``jax.nn.log_softmax`` computes it, without
+    its ``[B, V]`` result (~0.3 ms of an 8-row CPU step to write and read again)."""
+    x_B = jnp.take_along_axis(x_BV, token_B[:, None], axis=1)[:, 0]
+    return jnp.where(is_logprob_B, x_B, (x_B - max_B) - jnp.log(sum_exp_B))
 
 
 def _top(lp_BV: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.argmax import argmax, build, kernel_available
+from pallas_kernels.argmax import argmax, argmax_normalizer, build, kernel_available
 
 needs_kernel = pytest.mark.skipif(
     bool(build.cpu_missing()), reason=f"this CPU lacks {', '.join(build.cpu_missing())}"
@@ -44,6 +44,31 @@ def test_kernel_equals_jnp_argmax(name, x):
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got), np.argmax(x, axis=-1))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("name, x", list(_cases()), ids=[n for n, _ in _cases()])
+def test_the_normalizer_gives_jax_log_softmax(name, x):
+    """The chosen token's log-probability from the kernel's (argmax, max, sum exp) is
+    jax.nn.log_softmax's, NaN rows and all -inf rows alike."""
+    with np.errstate(invalid="ignore"):  # -inf - -inf: NaN, as in log_softmax
+        _check_normalizer(x)
+
+
+def _check_normalizer(x):
+    index, top, sum_exp = jax.jit(lambda x: argmax_normalizer(x, implementation="kernel"))(x)
+    want = np.asarray(jax.nn.log_softmax(jnp.asarray(x)))
+    chosen = np.take_along_axis(x, np.asarray(index)[..., None], axis=-1)[..., 0]
+    got = (chosen - np.asarray(top)) - np.log(np.asarray(sum_exp))
+    want = np.take_along_axis(want, np.asarray(index)[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # NaN where want is NaN
+    # Any token's, not only the maximum's.
+    rows = x.reshape(-1, x.shape[-1])
+    lp = (rows[:, 0] - np.asarray(top).reshape(-1)) - np.log(np.asarray(sum_exp).reshape(-1))
+    want0 = np.asarray(jax.nn.log_softmax(jnp.asarray(rows)))[:, 0]
+    np.testing.assert_allclose(lp, want0, rtol=1e-5, atol=1e-5)
+    xla = argmax_normalizer(jnp.asarray(x), implementation="xla")
+    np.testing.assert_allclose(np.asarray(sum_exp), np.asarray(xla[2]), rtol=1e-5)
 
 
 def test_bad_input_is_named():
