@@ -1,7 +1,7 @@
 """Where an engine run's time goes: one workload of an experiment through the in-flight engine.
 
     python scripts/profile_engine.py experiments/bench_cpu.yaml --model 0 --workload mixed \
-        [--steps-per-dispatch 4] [--attention-impl auto] [--dtype int8]
+        [--steps-per-dispatch 4] [--attention-impl auto] [--dtype int8] [--window-dtype bfloat16]
 
 Runs the trace twice after a warm-up: once as the benchmark does (asynchronous dispatches,
 throughput printed), once with every decode and encode dispatch waited on and timed, which
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--steps-per-dispatch", type=int, default=4)
     parser.add_argument("--attention-impl", default="auto")
     parser.add_argument("--dtype", default=None, help="override the model's dtype (int8: int8 weights)")
+    parser.add_argument("--window-dtype", default=None, choices=("float32", "bfloat16"),
+                        help="the K/V window decode attention reads (EngineConfig.window_dtype)")
     args = parser.parse_args()
 
     cfg = load_experiment(args.experiment)
@@ -46,6 +48,7 @@ def main() -> None:
             num_slots=args.slots or cfg.num_slots[0], page_size=cfg.engine.page_size,
             max_encoder_len=trace.max_input_len, max_new_tokens=trace.max_output_len,
             steps_per_dispatch=args.steps_per_dispatch, attention_impl=args.attention_impl,
+            window_dtype=args.window_dtype,
         ),
     )
     engine.warmup(max_input_len=trace.max_input_len)

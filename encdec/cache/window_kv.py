@@ -92,7 +92,7 @@ class SlotWindow:
         W = k_LXNWH.shape[3]
 
         def put(rows, new_XNWH):
-            return rows.at[slot_X, :, :W].set(new_XNWH.astype(rows.dtype), mode="drop")
+            return rows.at[slot_X, :, :W].set(as_rows(new_XNWH, rows), mode="drop")
 
         return self.replace(
             self_k_BNKH=tuple(put(x, k_LXNWH[i]) for i, x in enumerate(self.self_k_BNKH)),
@@ -106,7 +106,7 @@ class SlotWindow:
 
         def put(rows, new_XSNH):
             new_XNSH = jnp.pad(jnp.swapaxes(new_XSNH, 1, 2), ((0, 0), (0, 0), (0, S_max - S), (0, 0)))
-            return rows.at[slot_X].set(new_XNSH.astype(rows.dtype), mode="drop")
+            return rows.at[slot_X].set(as_rows(new_XNSH, rows), mode="drop")
 
         return self.replace(
             cross_k_BNSH=tuple(put(x, k_LXSNH[i]) for i, x in enumerate(self.cross_k_BNSH)),
@@ -121,7 +121,7 @@ class SlotWindow:
             _, N, _, G, H = pool_LNPGH.shape
             pages_NXMGH = pool_LNPGH[layer][:, pages_XM]
             new_XNSH = jnp.swapaxes(pages_NXMGH.reshape(N, X, M * G, H), 0, 1)
-            return rows.at[slot_X].set(new_XNSH.astype(rows.dtype), mode="drop")
+            return rows.at[slot_X].set(as_rows(new_XNSH, rows), mode="drop")
 
         return self.replace(
             cross_k_BNSH=tuple(put(x, pools.cross_k_LNPGH, i) for i, x in enumerate(self.cross_k_BNSH)),
@@ -129,11 +129,16 @@ class SlotWindow:
         )
 
 
-def init_window(pools: PagePools, num_slots: int, self_pages: int, cross_pages: int) -> SlotWindow:
+def init_window(
+    pools: PagePools, num_slots: int, self_pages: int, cross_pages: int, dtype: str | None = None
+) -> SlotWindow:
     """A zeroed window for ``num_slots`` slots whose page tables hold ``self_pages`` and
-    ``cross_pages`` pages (the pools' layers, heads, page size and dtype)."""
+    ``cross_pages`` pages (the pools' layers, heads and page size), in ``dtype`` (default the
+    pools'). A bfloat16 window beside float32 pools halves the bytes decode attention reads; the
+    pools keep the float32 values."""
     L, N, _, G, H = pools.self_k_LNPGH.shape
-    dtype = pools.self_k_LNPGH.dtype
+    dtype = jnp.dtype(dtype or pools.self_k_LNPGH.dtype)
+    dtype = jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 else dtype
 
     def rows(positions):  # a fresh buffer per layer: donated buffers must not alias
         return tuple(jnp.zeros((num_slots, N, positions, H), dtype) for _ in range(L))
@@ -144,6 +149,20 @@ def init_window(pools: PagePools, num_slots: int, self_pages: int, cross_pages: 
         cross_k_BNSH=rows(cross_pages * G),
         cross_v_BNSH=rows(cross_pages * G),
     )
+
+
+def as_rows(new: jax.Array, rows: jax.Array) -> jax.Array:
+    """``new`` in the window's storage: its dtype, or bfloat16 bits in uint16. A bfloat16 window is
+    stored as uint16 because XLA:CPU scatters into bfloat16 by converting the whole array to
+    float32 and back (24 conversions of ~140 us a t5-small step); into uint16 it writes the rows."""
+    if rows.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), jnp.uint16)
+    return new.astype(rows.dtype)
+
+
+def row_values(rows: jax.Array) -> jax.Array:
+    """The window's rows as values (uint16 storage read as the bfloat16 it holds)."""
+    return jax.lax.bitcast_convert_type(rows, jnp.bfloat16) if rows.dtype == jnp.uint16 else rows
 
 
 def attend_slots(
@@ -240,12 +259,12 @@ class WindowKV:
         slot_B = jnp.arange(B)
 
         def append(rows_BNKH, new_BNH):
-            return rows_BNKH.at[slot_B, :, row_B].set(new_BNH.astype(rows_BNKH.dtype), mode="drop")
+            return rows_BNKH.at[slot_B, :, row_B].set(as_rows(new_BNH, rows_BNKH), mode="drop")
 
         k_BNKH = append(self.window.self_k_BNKH[layer], k_BTNH[:, 0])
         v_BNKH = append(self.window.self_v_BNKH[layer], v_BTNH[:, 0])
         out_BNH = attend_slots(
-            q_BTNH[:, 0], k_BNKH, v_BNKH, jnp.where(self.active_B, pos_B + 1, 0),
+            q_BTNH[:, 0], row_values(k_BNKH), row_values(v_BNKH), jnp.where(self.active_B, pos_B + 1, 0),
             scale=scale, bias_NR=bias_NR, max_distance=max_distance,
         )
         window = self.window.replace(
@@ -257,9 +276,9 @@ class WindowKV:
     def cross_attention(self, layer, q_BTNH, *, scale):
         """Attend over this layer's encoder positions (``cross_lengths``; none for inactive slots)."""
         lengths_B = jnp.where(self.active_B, self.cross_lengths_B.astype(jnp.int32), 0)
+        k_BNSH, v_BNSH = self.window.cross_k_BNSH[layer], self.window.cross_v_BNSH[layer]
         out_BNH = attend_slots(
-            q_BTNH[:, 0], self.window.cross_k_BNSH[layer], self.window.cross_v_BNSH[layer], lengths_B,
-            self.cross_source_B, scale=scale,
+            q_BTNH[:, 0], row_values(k_BNSH), row_values(v_BNSH), lengths_B, self.cross_source_B, scale=scale,
         )
         return out_BNH[:, None]
 

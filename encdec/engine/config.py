@@ -111,6 +111,11 @@ class EngineConfig:
     """Truncate inputs longer than ``max_encoder_len`` instead of rejecting them."""
     cache_dtype: str | None = rule(OneOf((None, "float32", "bfloat16", "float16")), None)
     """KV cache dtype; None: float32 on CPU (XLA:CPU scatters into bfloat16 slowly), else the model's."""
+    window_dtype: str | None = rule(OneOf((None, "float32", "bfloat16")), None)
+    """dtype of the dense per-slot copy of the cache that decode attention reads where the engine
+    keeps one (the window path, the CPU default: :mod:`encdec.cache.window_kv`); None: the
+    cache's. ``bfloat16`` halves the bytes a decode step's attention reads (at 8 slots of t5-small
+    as many as its int8 weights) at bfloat16's rounding of K and V; the pools keep ``cache_dtype``."""
     mesh_shape: tuple[int, int] | None = rule(Ints(Int(1), length=2, optional=True), None)
     """``(data, model)``: run over a device mesh of that shape (:mod:`encdec.sharding`): heads, MLP
     and vocabulary split over ``model`` (tensor parallel), slots, encoder rows and pages over

@@ -170,14 +170,19 @@ class Engine:
         if mesh is None:
             self.params = model.params
             pools = init_pools(self.pool_config)
-            self.state = init_state(pools, config.num_slots, self.slot_shape, window=window)
+            self.state = init_state(
+                pools, config.num_slots, self.slot_shape, window=window, window_dtype=config.window_dtype
+            )
             steps = jitted_steps(*step_args)
         else:  # the same steps per data shard, tensor parallel inside (encdec.engine.sharded)
             self.params = shard_params(model.params, mesh)
             if adapters is not None:
                 adapters.shard(mesh)
             shape = self.slot_shape
-            self.state = sharded_state(self.pool_config, config.num_slots, shape, mesh, window=window)
+            self.state = sharded_state(
+                self.pool_config, config.num_slots, shape, mesh,
+                window=window, window_dtype=config.window_dtype,
+            )
             steps = sharded_steps(mesh, cfg.decoder_heads, *step_args)
         self._encode, self._insert, self._decode, self._release, self._grant = steps
         self._grant_width = config.num_slots * (config.steps_per_dispatch // G + 2)

@@ -52,12 +52,18 @@ def state_specs(state: Any, *, split_heads: bool, manual_only: bool = False) -> 
 
 
 def sharded_state(
-    pool_config: PoolConfig, num_slots: int, shape: SlotShape, mesh: Mesh, *, window: bool = False
+    pool_config: PoolConfig,
+    num_slots: int,
+    shape: SlotShape,
+    mesh: Mesh,
+    *,
+    window: bool = False,
+    window_dtype: str | None = None,
 ) -> DecodeState:
     """A fresh :class:`DecodeState` created in place on the mesh (no full copy on any device)."""
 
     def make():
-        return init_state(init_pools(pool_config), num_slots, shape, window=window)
+        return init_state(init_pools(pool_config), num_slots, shape, window=window, window_dtype=window_dtype)
 
     split = heads_split(mesh, pool_config.num_heads)
     specs = state_specs(jax.eval_shape(make), split_heads=split)

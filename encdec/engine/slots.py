@@ -217,8 +217,16 @@ class DecodeState:
     None where attention reads the pages (the Pallas kernel)."""
 
 
-def init_state(pools: PagePools, num_slots: int, shape: SlotShape, *, window: bool = False) -> DecodeState:
-    """A state with every slot free; ``window``: with a :class:`SlotWindow` (XLA attention)."""
+def init_state(
+    pools: PagePools,
+    num_slots: int,
+    shape: SlotShape,
+    *,
+    window: bool = False,
+    window_dtype: str | None = None,
+) -> DecodeState:
+    """A state with every slot free; ``window``: with a :class:`SlotWindow` (XLA attention), in
+    ``window_dtype`` (default the pools')."""
     B, N = num_slots, shape.max_new
 
     def full(dims, value, dtype):  # a fresh buffer per field: donated fields must not alias
@@ -244,5 +252,5 @@ def init_state(pools: PagePools, num_slots: int, shape: SlotShape, *, window: bo
             length_B=full((B,), 0, jnp.int32),
             finished_B=full((B,), False, bool),
         ),
-        window=init_window(pools, B, shape.self_pages, shape.cross_pages) if window else None,
+        window=init_window(pools, B, shape.self_pages, shape.cross_pages, window_dtype) if window else None,
     )

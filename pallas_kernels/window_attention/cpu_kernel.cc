@@ -13,6 +13,9 @@
 // Per (slot, head): logits[k] = scale * q . K[k] (+ bias[n, L - 1 - k], the T5 decoder bias by
 // distance), softmax over k < L in float32, out = sum_k p[k] V[k] / sum_k p[k]. Units are
 // shared with XLA's intra-op thread pool.
+//
+// K and V are float32 or bfloat16 (a window kept in bfloat16: half the bytes a step reads, and
+// attention at decode shapes is bound by them); the arithmetic is float32 either way.
 
 #include <immintrin.h>
 
@@ -22,39 +25,32 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_math.h"
 #include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using encdec::Exp;
 using encdec::ParallelFor;
 
 namespace {
 
 constexpr int64_t kParallelBytes = 1 << 18;  // K/V bytes read below which one thread does it all
 
-// e^x for x <= 0 (the softmax's shifted logits): x = n ln2 + r, |r| <= ln2 / 2, a degree-7
-// Taylor polynomial in r (relative error < 1e-8 there), times 2^n by VSCALEFPS.
-inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // e^-104 is below float's smallest denormal
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 inline __mmask16 Lanes(int64_t count) { return count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1); }
 
+// 16 (masked) elements of a K or V row as float32: bfloat16 is float32's upper half.
+inline __m512 Load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 Load16(const uint16_t* p, __mmask16 mask) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+template <typename T>
 struct Problem {
-  const float *q, *k, *v, *bias;  // bias: [N, K] by distance, or null
+  const float *q;
+  const T *k, *v;
+  const float* bias;  // bias: [N, K] by distance, or null
   const int32_t *lengths, *source;
   float* out;
   int64_t B, N, K, H;
@@ -74,13 +70,13 @@ struct Unit {
 
 // One unit with H <= 16 * NV and QG queries: the queries and the output accumulators stay in
 // registers (for NV <= 4).
-template <int NV, int QG>
-void Attend(const Problem& p, const Unit& u, std::vector<float>& logits) {
+template <typename T, int NV, int QG>
+void Attend(const Problem<T>& p, const Unit& u, std::vector<float>& logits) {
   const int64_t H = p.H, L = u.length, n = u.head;
   const __mmask16 last = Lanes(H - 16 * (NV - 1));
   auto mask = [&](int j) { return j == NV - 1 ? last : (__mmask16)0xFFFF; };
-  const float* keys = p.k + (u.source * p.N + n) * p.K * H;
-  const float* values = p.v + (u.source * p.N + n) * p.K * H;
+  const T* keys = p.k + (u.source * p.N + n) * p.K * H;
+  const T* values = p.v + (u.source * p.N + n) * p.K * H;
   __m512 q_vec[QG][NV];
   for (int g = 0; g < QG; ++g)
     for (int j = 0; j < NV; ++j)
@@ -89,9 +85,9 @@ void Attend(const Problem& p, const Unit& u, std::vector<float>& logits) {
   float* x[QG];
   for (int g = 0; g < QG; ++g) x[g] = logits.data() + g * (p.K + 16);
   for (int64_t t = 0; t < L; ++t) {
-    const float* row = keys + t * H;
+    const T* row = keys + t * H;
     __m512 k_vec[NV];
-    for (int j = 0; j < NV; ++j) k_vec[j] = _mm512_maskz_loadu_ps(mask(j), row + 16 * j);
+    for (int j = 0; j < NV; ++j) k_vec[j] = Load16(row + 16 * j, mask(j));
     for (int g = 0; g < QG; ++g) {
       __m512 acc = _mm512_mul_ps(q_vec[g][0], k_vec[0]);
       for (int j = 1; j < NV; ++j) acc = _mm512_fmadd_ps(q_vec[g][j], k_vec[j], acc);
@@ -123,9 +119,9 @@ void Attend(const Problem& p, const Unit& u, std::vector<float>& logits) {
   for (int g = 0; g < QG; ++g)
     for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_setzero_ps();
   for (int64_t t = 0; t < L; ++t) {
-    const float* row = values + t * H;
+    const T* row = values + t * H;
     __m512 v_vec[NV];
-    for (int j = 0; j < NV; ++j) v_vec[j] = _mm512_maskz_loadu_ps(mask(j), row + 16 * j);
+    for (int j = 0; j < NV; ++j) v_vec[j] = Load16(row + 16 * j, mask(j));
     for (int g = 0; g < QG; ++g) {
       const __m512 w = _mm512_set1_ps(x[g][t]);
       for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_fmadd_ps(w, v_vec[j], acc[g][j]);
@@ -137,28 +133,30 @@ void Attend(const Problem& p, const Unit& u, std::vector<float>& logits) {
   }
 }
 
-using AttendFn = void (*)(const Problem&, const Unit&, std::vector<float>&);
+template <typename T>
+using AttendFn = void (*)(const Problem<T>&, const Unit&, std::vector<float>&);
 
-template <int NV>
-AttendFn ForQueries(int count) {
+template <typename T, int NV>
+AttendFn<T> ForQueries(int count) {
   switch (count) {
-    case 1: return &Attend<NV, 1>;
-    case 2: return &Attend<NV, 2>;
-    case 3: return &Attend<NV, 3>;
-    default: return &Attend<NV, 4>;
+    case 1: return &Attend<T, NV, 1>;
+    case 2: return &Attend<T, NV, 2>;
+    case 3: return &Attend<T, NV, 3>;
+    default: return &Attend<T, NV, 4>;
   }
 }
 
-template <int... NVs>
-AttendFn Select(int64_t H, int count, std::integer_sequence<int, NVs...>) {
+template <typename T, int... NVs>
+AttendFn<T> Select(int64_t H, int count, std::integer_sequence<int, NVs...>) {
   const int64_t nv = (H + 15) / 16;
-  AttendFn fn = nullptr;
-  ((fn = (nv == NVs + 1 ? ForQueries<NVs + 1>(count) : fn)), ...);
+  AttendFn<T> fn = nullptr;
+  ((fn = (nv == NVs + 1 ? ForQueries<T, NVs + 1>(count) : fn)), ...);
   return fn;
 }
 
 // Slots with keys, grouped by (source, length) into units of at most kMaxQueries, per head.
-std::vector<Unit> Units(const Problem& p) {
+template <typename T>
+std::vector<Unit> Units(const Problem<T>& p) {
   std::vector<std::pair<std::pair<int64_t, int64_t>, int64_t>> keyed;  // ((source, length), slot)
   for (int64_t b = 0; b < p.B; ++b) {
     const int64_t L = std::clamp<int64_t>(p.lengths[b], 0, p.K);
@@ -190,8 +188,9 @@ std::vector<Unit> Units(const Problem& p) {
   return units;
 }
 
-ffi::Error WindowAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> source,
+template <ffi::DataType KV, typename T>
+ffi::Error WindowAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<KV> k,
+                           ffi::Buffer<KV> v, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> source,
                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, float scale) {
   const auto q_dims = q.dimensions(), k_dims = k.dimensions();
   if (q_dims.size() != 3 || k_dims.size() != 4)
@@ -209,33 +208,39 @@ ffi::Error WindowAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int32_t* src = source.typed_data();
   for (int64_t b = 0; b < B; ++b)
     if (src[b] < 0 || src[b] >= B) return ffi::Error::InvalidArgument("window attention: a source outside the slots");
-  const Problem p{q.typed_data(), k.typed_data(), v.typed_data(),
+  const Problem<T> p{q.typed_data(), (const T*)k.typed_data(), (const T*)v.typed_data(),
                   bias.element_count() ? bias.typed_data() : nullptr, lengths.typed_data(), src,
                   out->typed_data(), B, N, K, H, scale};
   std::fill(p.out, p.out + B * N * H, 0.0f);  // slots without keys
   const std::vector<Unit> units = Units(p);
   int64_t bytes = 0;
-  for (const Unit& u : units) bytes += u.length * H * 8;
+  for (const Unit& u : units) bytes += u.length * H * 2 * sizeof(T);
   const int64_t count = units.size(), threads = pool.num_threads() + 1;
   const int64_t chunks = bytes >= kParallelBytes ? std::min<int64_t>(count, 8 * threads) : 1;
   ParallelFor(pool, chunks, [&](int64_t c) {
     std::vector<float> logits(kMaxQueries * (K + 16));
     for (int64_t i = count * c / chunks; i < count * (c + 1) / chunks; ++i)
-      Select(H, units[i].count, std::make_integer_sequence<int, 16>{})(p, units[i], logits);
+      Select<T>(H, units[i].count, std::make_integer_sequence<int, 16>{})(p, units[i], logits);
   });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EncdecWindowAttention, WindowAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+#define ENCDEC_WINDOW_HANDLER(name, KV, T)                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (WindowAttention<KV, T>),          \
+                                ffi::Ffi::Bind()                         \
+                                    .Ctx<ffi::ThreadPool>()              \
+                                    .Arg<ffi::Buffer<ffi::F32>>()        \
+                                    .Arg<ffi::Buffer<KV>>()              \
+                                    .Arg<ffi::Buffer<KV>>()              \
+                                    .Arg<ffi::Buffer<ffi::S32>>()        \
+                                    .Arg<ffi::Buffer<ffi::S32>>()        \
+                                    .Arg<ffi::Buffer<ffi::F32>>()        \
+                                    .Ret<ffi::Buffer<ffi::F32>>()        \
+                                    .Attr<float>("scale"));
+
+ENCDEC_WINDOW_HANDLER(EncdecWindowAttention, ffi::F32, float)
+// bfloat16 bits as uint16: what the engine's window stores (XLA:CPU copies a whole array to
+// bitcast it to bfloat16, but folds a bitcast back).
+ENCDEC_WINDOW_HANDLER(EncdecWindowAttentionBf16, ffi::U16, uint16_t)

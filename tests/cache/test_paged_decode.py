@@ -262,3 +262,52 @@ def test_window_greedy_equals_dense_greedy_over_nan_stale_rows(model, path, monk
     unused = np.asarray(wkv.window.self_k_BNKH[0][B - 1])
     assert np.isnan(unused).all(), "a slot that never started was written"
 
+
+
+@pytest.mark.parametrize("path", ["auto", "xla"])
+def test_a_bfloat16_window_holds_the_pools_rows_rounded(model, path, monkeypatch):
+    """``window_dtype="bfloat16"``: the window keeps bfloat16 bits (in uint16, which XLA:CPU
+    scatters in place), the pools keep float32; attention reads the rounded rows (kernel or
+    XLA), so the logits stay within bfloat16's rounding of the dense run's."""
+    monkeypatch.setenv(WINDOW_ATTENTION_ENV, path)
+    cfg = model.config
+    ids, mask = _encoder_batch(cfg)
+    enc = encode(model.params, cfg, ids, mask)
+    dense_logits, _ = _dense_greedy(model, enc, mask)
+    kv = _paged_setup(model, enc, "xla", False)
+    B = kv.active_B.shape[0]
+    M_self, M_cross = kv.self_page_table_BM.shape[1], kv.cross_page_table_BM.shape[1]
+    window = init_window(kv.pools, B, M_self, M_cross, "bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(window)} == {jnp.dtype(jnp.uint16)}
+    assert kv.pools.self_k_LNPGH.dtype == jnp.float32
+    cross_k, cross_v = project_cross_kv(model.params, cfg, enc)
+    rows = jnp.arange(len(LENGTHS), dtype=jnp.int32)
+    window = window.start_self_rows(rows).write_cross_rows(rows, cross_k, cross_v)
+    params = model.params
+
+    @jax.jit
+    def step(wkv, tok_B):
+        logits, wkv = decode(params, cfg, tok_B[:, None], wkv.self_lengths_B[:, None], wkv)
+        return logits[:, 0], wkv
+
+    wkv = WindowKV(
+        pools=kv.pools, window=window, self_page_table_BM=kv.self_page_table_BM,
+        self_lengths_B=kv.self_lengths_B, cross_lengths_B=kv.cross_lengths_B,
+        active_B=jnp.asarray([True] * len(LENGTHS) + [False]),
+    )
+    hlo = step.lower(wkv, jnp.zeros((B,), jnp.int32)).as_text()
+    assert (window_kernel_available() and path == "auto") == ("encdec_window_attention_bf16" in hlo)
+    tok = np.full((B,), cfg.decoder_start_token_id, np.int32)
+    worst = 0.0
+    for t in range(8):
+        logits, wkv = step(wkv, jnp.asarray(tok))
+        logits = np.asarray(logits)
+        worst = max(worst, float(np.abs(logits[: len(LENGTHS)] - dense_logits[:, t]).max()))
+        tok[: len(LENGTHS)] = np.asarray(dense_logits[:, t]).argmax(-1)  # teacher-forced: no cascade
+    assert 0 < worst < 0.05, worst  # rounded (not float32), and only by bfloat16's rounding
+    pages = np.asarray(kv.self_page_table_BM[0])
+    pool_NKH = np.asarray(wkv.pools.self_k_LNPGH[0][:, pages]).reshape(cfg.decoder_heads, -1, cfg.head_dim)
+    bits_NKH = wkv.window.self_k_BNKH[0][0]
+    window_NKH = np.asarray(jax.lax.bitcast_convert_type(bits_NKH, jnp.bfloat16), np.float32)
+    rounded = np.asarray(jnp.asarray(pool_NKH[:, :8], jnp.bfloat16), np.float32)
+    np.testing.assert_array_equal(window_NKH[:, :8], rounded)

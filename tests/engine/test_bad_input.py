@@ -203,6 +203,7 @@ def test_generate_from_two_threads_at_once(tiny_models):
         ("encoder_tokens_per_dispatch", 0),
         ("mode", "dynamic"),
         ("cache_dtype", "int4"),
+        ("window_dtype", "float16"),
     ],
 )
 def test_config_values_are_checked_not_replaced(field, value):

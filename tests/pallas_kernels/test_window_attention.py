@@ -67,6 +67,30 @@ def test_kernel_equals_the_reference(B, N, K, H, lengths, biased):
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "B, N, K, H, lengths",
+    [(3, 2, 37, 64, [0, 1, 37]), (2, 3, 20, 40, [20, 7]), (8, 8, 300, 64, [300, 5, 129, 0, 200, 64, 1, 299])],
+)
+def test_bfloat16_keys_and_values_are_read_as_their_float32_values(B, N, K, H, lengths):
+    """A bfloat16 window (half the bytes a step reads): the kernel widens each element exactly,
+    so it equals the float32 kernel and the reference over the same values widened."""
+    q, k, v, lengths_B = _operands(B, N, K, H, lengths, seed=K)
+    bias_NR = np.random.default_rng(K).standard_normal((N, 32), np.float32)
+    k16, v16 = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+    lengths_B = np.minimum(lengths_B, K)
+
+    def run(k, v, impl):
+        out = window_attention(q, k, v, lengths_B, scale=0.125, bias_NR=bias_NR, implementation=impl)
+        return np.asarray(out)
+
+    got = run(k16, v16, "kernel")
+    np.testing.assert_array_equal(got, run(k16.astype(jnp.float32), v16.astype(jnp.float32), "kernel"))
+    want = run(k16.astype(jnp.float32), v16.astype(jnp.float32), "xla")
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(run(k16, v16, "xla"), want, rtol=2e-5, atol=2e-6)
+
+
+@needs_kernel
 @pytest.mark.parametrize("biased", [False, True])
 def test_slots_reading_another_slots_rows(biased):
     # Beam groups read their leader's cross rows: a group of 5 (split 3 + 2), of 3, a lone slot,
@@ -125,3 +149,5 @@ def test_bad_operands_are_named():
     if kernel_available():
         with pytest.raises(TypeError, match="float32"):
             window_attention(q.astype(jnp.bfloat16), k, v, lengths_B, implementation="kernel")
+        with pytest.raises(TypeError, match="bfloat16 k and v"):  # k and v of two dtypes
+            window_attention(q, k.astype(jnp.bfloat16), v, lengths_B, implementation="kernel")
