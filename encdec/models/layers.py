@@ -5,6 +5,7 @@ weights are added in one place.
 """
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,10 @@ import numpy as np
 
 from encdec.config import ModelConfig
 from encdec.models.quant import int8_matmul
+from pallas_kernels.decode_matmul import decode_matmul, kernel_applies
+
+DECODE_MATMUL_ENV = "ENCDEC_DECODE_MATMUL"
+"""``xla`` keeps XLA's dot for float32 decode rows where the CPU kernel would run (comparisons)."""
 
 Params = Mapping[str, Any]
 
@@ -66,7 +71,12 @@ def _as_matmul(eq: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> ja
     if not (matmul_shaped and out == x_spec[:-n] + w_spec[n:]):
         return jnp.einsum(eq, x, w, preferred_element_type=out_dtype)
     size = int(np.prod(w.shape[:n]))
-    y = jnp.dot(x.reshape(-1, size), w.reshape(size, -1), preferred_element_type=out_dtype)
+    x_MK, w_KN = x.reshape(-1, size), w.reshape(size, -1)
+    kernel = out_dtype in (None, jnp.float32) and os.environ.get(DECODE_MATMUL_ENV) != "xla"
+    if kernel and kernel_applies(x_MK, w_KN):  # decode rows: the weights read at memory speed
+        y = decode_matmul(x_MK, w_KN, implementation="kernel")
+    else:
+        y = jnp.dot(x_MK, w_KN, preferred_element_type=out_dtype)
     return y.reshape(x.shape[:-n] + w.shape[n:])
 
 

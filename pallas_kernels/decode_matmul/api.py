@@ -1,0 +1,78 @@
+"""``decode_matmul``: the AVX-512 kernel on CPUs that have it, the XLA reference elsewhere."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.cpu_build import unpartitioned
+from pallas_kernels.decode_matmul.build import TARGET, register
+from pallas_kernels.decode_matmul.reference import decode_matmul_reference
+
+IMPLEMENTATIONS = ("auto", "kernel", "xla")
+MAX_ROWS = 16
+"""Rows of ``x`` the kernel takes: decode steps (a slot a row). More rows are XLA's (the encoder,
+prefill), where the products, not the weight bytes, bound the time."""
+
+
+def kernel_available() -> bool:
+    """Whether the CPU kernel is built and registered (it is built on the first call)."""
+    return register() is None
+
+
+def kernel_applies(x_MK: jax.Array, w: jax.Array) -> bool:
+    """Whether ``"auto"`` runs the kernel: float32 operands, at most :data:`MAX_ROWS` rows, a CPU
+    backend whose CPU runs it, outside a partitioned mesh."""
+    shapes_ok = x_MK.ndim == 2 and w.ndim == 2 and x_MK.shape[0] <= MAX_ROWS
+    dtypes_ok = x_MK.dtype == jnp.float32 and w.dtype == jnp.float32
+    on_cpu = jax.default_backend() == "cpu"
+    return shapes_ok and dtypes_ok and on_cpu and unpartitioned() and kernel_available()
+
+
+def decode_matmul(
+    x_MK: jax.Array, w: jax.Array, *, w_layout: str = "KN", implementation: str = "auto"
+) -> jax.Array:
+    """:func:`~pallas_kernels.decode_matmul.reference.decode_matmul_reference` (float32
+    ``[M, N]``) through the CPU kernel (``implementation="kernel"``: float32, at most 16 rows),
+    XLA (``"xla"``), or the kernel where it applies (``"auto"``, :func:`kernel_applies`)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {implementation!r}; known: {', '.join(IMPLEMENTATIONS)}")
+    if w_layout not in ("KN", "NK"):
+        raise ValueError(f"w_layout must be 'KN' or 'NK', not {w_layout!r}")
+    if implementation == "auto":
+        implementation = "kernel" if kernel_applies(x_MK, w) else "xla"
+    if implementation == "xla":
+        return decode_matmul_reference(x_MK, w, w_layout=w_layout)
+    why = register()
+    if why is not None:
+        raise RuntimeError(f"the decode matmul CPU kernel cannot run: {why}")
+    if x_MK.dtype != jnp.float32 or w.dtype != jnp.float32:
+        raise TypeError(f"the decode matmul CPU kernel takes float32 x and w, not {x_MK.dtype} and {w.dtype}")
+    M = x_MK.shape[0]
+    if M > MAX_ROWS:
+        raise ValueError(f"the decode matmul CPU kernel takes at most {MAX_ROWS} rows, not {M}")
+    return _kernel(x_MK, w, w_layout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel(x_MK: jax.Array, w: jax.Array, w_layout: str) -> jax.Array:
+    N = w.shape[1 if w_layout == "KN" else 0]
+    out = jax.ShapeDtypeStruct((x_MK.shape[0], N), jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+    return call(x_MK, w, nk_layout=np.int64(w_layout == "NK"))
+
+
+def _kernel_fwd(x_MK, w, w_layout):
+    return _kernel(x_MK, w, w_layout), (x_MK, w)
+
+
+def _kernel_bwd(w_layout, residuals, dy_MN):
+    # The reference's gradients (a custom call has no derivative): a LoRA step through a frozen
+    # float32 layer at few rows lands here.
+    x_MK, w = residuals
+    _, vjp = jax.vjp(lambda x, w: decode_matmul_reference(x, w, w_layout=w_layout), x_MK, w)
+    return vjp(dy_MN)
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)
