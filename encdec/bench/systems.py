@@ -13,6 +13,7 @@ report no time to first token, and a request's latency is its batch's completion
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,9 +47,16 @@ class SystemUnavailable(RuntimeError):
     """A system's dependency is missing in this environment."""
 
 
-ENCDEC_SYSTEMS = ("encdec-inflight", "encdec-static", "encdec-inflight-int8", "encdec-static-int8")
+ENCDEC_SYSTEMS = (
+    "encdec-inflight",
+    "encdec-static",
+    "encdec-inflight-int8",
+    "encdec-static-int8",
+    "encdec-inflight-int8-bf16kv",
+)
 """The engine's systems; ``-int8``: the same model with int8 weights (:func:`encdec.quantize_model`),
-so one run puts float32, int8 and CTranslate2 int8 side by side against one float32 reference."""
+so one run puts float32, int8 and CTranslate2 int8 side by side against one float32 reference;
+``-bf16kv``: and the K/V window decode attention reads in bfloat16 (``EngineConfig.window_dtype``)."""
 
 
 def available_systems() -> dict[str, str | None]:
@@ -241,7 +249,9 @@ class EncdecEngine:
         ]
         extra = {"decode_step_ms": decode_step_ms(self._engine, probe) if trace.num_beams == 1 else None}
         if extra["decode_step_ms"] is not None:
-            itemsize = self._engine.state.pools.self_k_LNPGH.dtype.itemsize
+            window = self._engine.state.window  # what attention reads, where the engine keeps one
+            stored = window.self_k_BNKH[0] if window is not None else self._engine.state.pools.self_k_LNPGH
+            itemsize = stored.dtype.itemsize
             extra["kv_bytes_per_step"] = decode_kv_bytes(
                 self.model.config, itemsize, [len(r.inputs) for r in probe], [r.max_new_tokens for r in probe]
             )
@@ -288,11 +298,14 @@ def make_system(name: str, spec: ModelSpec, cfg: ExperimentConfig, *, model_dir:
     if reason is not None:
         raise SystemUnavailable(f"{name}: {reason}")
     if name in ENCDEC_SYSTEMS:
-        if name.endswith("-int8") and model.quantize is None:
+        if "-int8" in name and model.quantize is None:
             from encdec import quantize_model
 
             model = quantize_model(model)
-        return EncdecEngine(name, model, name.split("-")[1], cfg.engine)
+        options = cfg.engine
+        if name.endswith("-bf16kv"):
+            options = dataclasses.replace(options, options={**options.options, "window_dtype": "bfloat16"})
+        return EncdecEngine(name, model, name.split("-")[1], options)
     if name == "hf-generate":
         if spec.dtype == "int8":
             raise SystemUnavailable("hf-generate: no int8 weights (dtype int8)")
