@@ -23,6 +23,7 @@ from encdec.bench.results import write_results
 from encdec.bench.systems import EncdecEngine, System, hf_beam_reference, make_system
 from encdec.bench.workloads import Trace, make_trace
 from encdec.checkpoints.pretrained import split_dtype
+from encdec.engine import clear_compiled
 from encdec.experiment_config import read_yaml
 
 TABLE_COLUMNS = (
@@ -137,6 +138,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
         finally:
             for system in systems.values():
                 system.close()
+            clear_compiled()  # the next model's engines compile afresh: see clear_compiled
     bar.close()
     from encdec.bench.plots import plot_results
 

@@ -18,7 +18,7 @@ from encdec.engine.request import FinishReason, Request, RequestError, RequestOu
 from encdec.engine.request_stream import Delta, RequestStream
 from encdec.engine.scheduler import Plan, Scheduler
 from encdec.engine.stats import EngineStats
-from encdec.engine.steps import SlotParams
+from encdec.engine.steps import SlotParams, clear_compiled
 from encdec.engine.stream import TokenStream
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "RequestStream",
     "Scheduler",
     "SlotParams",
+    "clear_compiled",
     "TextFrontEnd",
     "TokenStream",
 ]

@@ -510,3 +510,16 @@ def jitted_steps(
     )
     donated = functools.partial(jax.jit, donate_argnames=("state",))
     return JittedSteps(encode, donated(insert_shared), decode, donated(release_slots), donated(grant_pages))
+
+
+def clear_compiled() -> None:
+    """Forget every engine step compiled so far in this process (the step functions cached per
+    configuration, and JAX's caches). Engines already built keep working and compile again on
+    use. For a process that builds many configurations one after another (a bench): XLA:CPU maps
+    each executable's code separately, and a 20-run bench kept enough of them to exhaust
+    ``vm.max_map_count`` (65,530), which crashed the compiler with "Cannot allocate memory"."""
+    from encdec.engine.sharded import sharded_steps  # sharded imports this module
+
+    jitted_steps.cache_clear()
+    sharded_steps.cache_clear()
+    jax.clear_caches()
