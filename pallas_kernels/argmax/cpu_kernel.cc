@@ -52,18 +52,26 @@ int32_t RowArgmax(const float* x, int64_t V) {
   return _mm512_mask_reduce_min_epi32(at_top, best_index);
 }
 
-ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out) {
+// Checks that x is [rows, V] with V > 0 (unless there are no rows), then body(r, row r, V) for
+// every row, rows split over threads once rows * V reaches `parallel` elements.
+template <typename Body>
+ffi::Error ForEachRow(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t parallel, Body body) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("argmax: x must be [rows, V]");
   const int64_t rows = dims[0], V = dims[1];
   if (V == 0 && rows) return ffi::Error::InvalidArgument("argmax: empty rows have no maximum");
   const float* xd = x.typed_data();
-  int32_t* od = out->typed_data();
-  const int64_t chunks = rows * V >= kParallelElements ? std::min<int64_t>(rows, pool.num_threads() + 1) : 1;
+  const int64_t chunks = rows * V >= parallel ? std::min<int64_t>(rows, pool.num_threads() + 1) : 1;
   ParallelFor(pool, chunks, [&](int64_t c) {
-    for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) od[r] = RowArgmax(xd + r * V, V);
+    for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) body(r, xd + r * V, V);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out) {
+  int32_t* od = out->typed_data();
+  return ForEachRow(pool, x, kParallelElements,
+                    [&](int64_t r, const float* row, int64_t V) { od[r] = RowArgmax(row, V); });
 }
 
 // sum_v exp(x_v - top) over a row whose maximum is top; NaN where top is not finite (a NaN or
@@ -81,24 +89,14 @@ float SumExp(const float* x, int64_t V, float top) {
 
 ffi::Error ArgmaxNormalizer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out,
                             ffi::ResultBuffer<ffi::F32> top, ffi::ResultBuffer<ffi::F32> sum_exp) {
-  const auto dims = x.dimensions();
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("argmax: x must be [rows, V]");
-  const int64_t rows = dims[0], V = dims[1];
-  if (V == 0 && rows) return ffi::Error::InvalidArgument("argmax: empty rows have no maximum");
-  const float* xd = x.typed_data();
   int32_t* od = out->typed_data();
   float *td = top->typed_data(), *sd = sum_exp->typed_data();
   // The exponentials make a row cost ~10x its argmax: rows split over threads sooner.
-  const int64_t chunks = rows * V >= kParallelElements / 8 ? std::min<int64_t>(rows, pool.num_threads() + 1) : 1;
-  ParallelFor(pool, chunks, [&](int64_t c) {
-    for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) {
-      const float* row = xd + r * V;
-      od[r] = RowArgmax(row, V);
-      td[r] = row[od[r]];
-      sd[r] = SumExp(row, V, td[r]);
-    }
+  return ForEachRow(pool, x, kParallelElements / 8, [&](int64_t r, const float* row, int64_t V) {
+    od[r] = RowArgmax(row, V);
+    td[r] = row[od[r]];
+    sd[r] = SumExp(row, V, td[r]);
   });
-  return ffi::Error::Success();
 }
 
 }  // namespace

@@ -184,11 +184,9 @@ ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t Np = (N + 31) / 32 * 32;
   const int64_t blocks = (K + kBlockRows - 1) / kBlockRows;
   const int64_t ranges = parallel ? std::min(threads, blocks) : 1;
-  if (ranges == 1) {  // straight into y when N is whole panels, else through a padded buffer
-    if (Np == N) {
-      KnRange(xd, wd, M, K, N, 0, K, out, N);
-      return ffi::Error::Success();
-    }
+  if (ranges == 1 && Np == N) {  // straight into y; else through a padded buffer
+    KnRange(xd, wd, M, K, N, 0, K, out, N);
+    return ffi::Error::Success();
   }
   thread_local std::vector<float> acc;
   acc.resize(ranges * M * Np);

@@ -29,7 +29,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -112,6 +111,26 @@ inline void KnInterleave(const int8_t* w, int64_t N, __mmask64 mask, int rows, _
   v[3] = _mm512_unpackhi_epi16(t1, t3);
 }
 
+// One row of a 64-column panel's int32 sums in KnInterleave's lane order (a[i] lane L holds
+// columns 16L + 4i .. +3) to float32 at dst: a 4 x 4 transpose of 128-bit lanes puts columns
+// 16q .. 16q + 15 in out[q]; then (sum - excess) * row scale * column scale, the first cols.
+inline void StorePanelRow(const __m512i a[4], int32_t excess, float row_scale, const float* w_scale, float* dst,
+                          int64_t cols) {
+  const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[2], a[3], 0x44);
+  const __m512i t2 = _mm512_shuffle_i32x4(a[0], a[1], 0xEE), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
+  const __m512i out[4] = {_mm512_shuffle_i32x4(t0, t1, 0x88), _mm512_shuffle_i32x4(t0, t1, 0xDD),
+                          _mm512_shuffle_i32x4(t2, t3, 0x88), _mm512_shuffle_i32x4(t2, t3, 0xDD)};
+  const __m512i ex = _mm512_set1_epi32(excess);
+  const __m512 xs = _mm512_set1_ps(row_scale);
+  for (int q = 0; q < 4 && 16 * q < cols; ++q) {
+    const int64_t left = cols - 16 * q;
+    const __mmask16 mask = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+    const __m512 ws = _mm512_maskz_loadu_ps(mask, w_scale + 16 * q);
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(out[q], ex)), xs), ws);
+    _mm512_mask_storeu_ps(dst + 16 * q, mask, v);
+  }
+}
+
 // Accumulators are named variables, not arrays: GCC keeps arrays of vectors updated by
 // VPDPBUSD on the stack, which halved the kernel's speed.
 #define ENCDEC_ZERO4(r) __m512i a##r##0 = _mm512_setzero_si512(), a##r##1 = a##r##0, a##r##2 = a##r##0, a##r##3 = a##r##0;
@@ -151,25 +170,8 @@ void KnTile(const Quantized& xq, const int8_t* w, const float* w_scale, float* y
   __m512i acc[4][4];
   ENCDEC_STORE4(0) ENCDEC_STORE4(1) ENCDEC_STORE4(2) ENCDEC_STORE4(3)
   const int64_t cols = std::min<int64_t>(64, N - n0);
-  for (int r = 0; r < R; ++r) {
-    // acc[i] lane L holds columns 16L + 4i .. +3: a 4 x 4 transpose of 128-bit lanes puts
-    // columns 16q .. 16q + 15 in out[q].
-    const __m512i* a = acc[r];
-    const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[2], a[3], 0x44);
-    const __m512i t2 = _mm512_shuffle_i32x4(a[0], a[1], 0xEE), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
-    const __m512i out[4] = {_mm512_shuffle_i32x4(t0, t1, 0x88), _mm512_shuffle_i32x4(t0, t1, 0xDD),
-                            _mm512_shuffle_i32x4(t2, t3, 0x88), _mm512_shuffle_i32x4(t2, t3, 0xDD)};
-    const __m512i excess = _mm512_set1_epi32(xq.excess[m0 + r]);
-    const __m512 xs = _mm512_set1_ps(xq.scale[m0 + r]);
-    float* dst = y + (m0 + r) * N + n0;
-    for (int q = 0; q < 4 && 16 * q < cols; ++q) {
-      const int64_t left = cols - 16 * q;
-      const __mmask16 mask = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-      const __m512 ws = _mm512_maskz_loadu_ps(mask, w_scale + n0 + 16 * q);
-      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(out[q], excess)), xs), ws);
-      _mm512_mask_storeu_ps(dst + 16 * q, mask, v);
-    }
-  }
+  for (int r = 0; r < R; ++r)
+    StorePanelRow(acc[r], xq.excess[m0 + r], xq.scale[m0 + r], w_scale + n0, y + (m0 + r) * N + n0, cols);
 }
 
 void KnPanel(const Quantized& xq, const int8_t* w, const float* s, float* y, int64_t M, int64_t K,
@@ -364,8 +366,6 @@ void KnStream(const Quantized& xq, const int8_t* w, int64_t M, int64_t K, int64_
 void KnStreamStore(const int32_t* acc, int64_t ranges, const Quantized& xq, bool excess_in, const float* w_scale,
                    float* y, int64_t M, int64_t N, int64_t Np, int64_t p0, int64_t p1) {
   for (int64_t m = 0; m < M; ++m) {
-    const __m512i excess = _mm512_set1_epi32(excess_in ? xq.excess[m] : 0);
-    const __m512 xs = _mm512_set1_ps(xq.scale[m]);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = 64 * p, cols = std::min<int64_t>(64, N - n0);
       __m512i a[4];
@@ -374,18 +374,7 @@ void KnStreamStore(const int32_t* acc, int64_t ranges, const Quantized& xq, bool
         for (int64_t r = 1; r < ranges; ++r)
           a[i] = _mm512_add_epi32(a[i], _mm512_load_si512(acc + r * M * Np + m * Np + n0 + 16 * i));
       }
-      const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[2], a[3], 0x44);
-      const __m512i t2 = _mm512_shuffle_i32x4(a[0], a[1], 0xEE), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
-      const __m512i out[4] = {_mm512_shuffle_i32x4(t0, t1, 0x88), _mm512_shuffle_i32x4(t0, t1, 0xDD),
-                              _mm512_shuffle_i32x4(t2, t3, 0x88), _mm512_shuffle_i32x4(t2, t3, 0xDD)};
-      float* dst = y + m * N + n0;
-      for (int c = 0; c < 4 && 16 * c < cols; ++c) {
-        const int64_t left = cols - 16 * c;
-        const __mmask16 mask = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-        const __m512 ws = _mm512_maskz_loadu_ps(mask, w_scale + n0 + 16 * c);
-        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(out[c], excess)), xs), ws);
-        _mm512_mask_storeu_ps(dst + 16 * c, mask, v);
-      }
+      StorePanelRow(a, excess_in ? xq.excess[m] : 0, xq.scale[m], w_scale + n0, y + m * N + n0, cols);
     }
   }
 }
