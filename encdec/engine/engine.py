@@ -57,6 +57,7 @@ from encdec.engine.steps import (
 )
 from encdec.engine.stream import TokenStream
 from encdec.lora.bank import AdapterBank, gather_rows
+from encdec.models.quant import engine_params
 from encdec.sharding import DATA, axis_size, check_mesh, make_mesh, shard_params, to_host
 
 
@@ -168,7 +169,7 @@ class Engine:
         self._prefill_widths = prefill_widths(self.max_prefix - 1)
         window = attention_path(config.attention_impl) == "window"
         if mesh is None:
-            self.params = model.params
+            self.params = engine_params(model.params, cfg)
             pools = init_pools(self.pool_config)
             self.state = init_state(
                 pools, config.num_slots, self.slot_shape, window=window, window_dtype=config.window_dtype

@@ -37,16 +37,18 @@ def project(
     layout as ``w`` split at the rank, and ``scale`` (alpha / rank); see ``encdec.lora``.
     ``out_dtype`` (default ``x``'s) is the result's dtype, accumulated in it: float32 out of
     float16 inputs keeps a sum that outgrows float16 finite. An int8 ``w`` comes with
-    ``w_scale`` (per output channel, :mod:`encdec.models.quant`); a bfloat16 ``w`` under float32
-    activations multiplies ``x`` rounded to bfloat16, in float32. The adapter stays float.
+    ``w_scale`` (per output channel, :mod:`encdec.models.quant`), or is packed for the CPU
+    kernel as ``w_tiles`` (an engine's, :func:`encdec.models.quant.engine_params`); a bfloat16
+    ``w`` under float32 activations multiplies ``x`` rounded to bfloat16, in float32. The adapter stays float.
     """
-    w = p["w"]
-    if "w_scale" in p:
-        y = _int8_project(eq, x, w, p["w_scale"], out_dtype)
-    elif w.dtype == jnp.bfloat16 and x.dtype == jnp.float32:  # quantize="bfloat16"
-        y = _as_matmul(eq, x.astype(jnp.bfloat16), w, out_dtype or jnp.float32)
+    if "w_tiles" in p:  # int8 packed for the CPU kernel (encdec.models.quant.engine_params)
+        y = _int8_project(eq, x, p["w_tiles"], p["w_scale"], out_dtype, tiles=True)
+    elif "w_scale" in p:
+        y = _int8_project(eq, x, p["w"], p["w_scale"], out_dtype)
+    elif p["w"].dtype == jnp.bfloat16 and x.dtype == jnp.float32:  # quantize="bfloat16"
+        y = _as_matmul(eq, x.astype(jnp.bfloat16), p["w"], out_dtype or jnp.float32)
     else:
-        y = _as_matmul(eq, x, w.astype(x.dtype), out_dtype)
+        y = _as_matmul(eq, x, p["w"].astype(x.dtype), out_dtype)
     if "b" in p:
         y = y + lead(p["b"].astype(y.dtype), y.ndim)
     if lora is not None:
@@ -80,18 +82,23 @@ def _as_matmul(eq: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> ja
     return y.reshape(x.shape[:-n] + w.shape[n:])
 
 
-def _int8_project(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype: Any) -> jax.Array:
+def _int8_project(
+    eq: str, x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype: Any, *, tiles: bool = False
+) -> jax.Array:
     """:func:`project`'s product for an int8 ``w``: one :func:`int8_matmul` over ``x``'s trailing
     contracted dims and ``w``'s output dims flattened (``w``'s are leading, as in every projection,
-    or trailing, as in a tied head ``VD``)."""
+    or trailing, as in a tied head ``VD``); ``tiles``: ``w`` is such a weight with leading
+    contracted dims, packed for the CPU kernel."""
     x_spec, w_spec, out, contracted = _specs(eq)
     kept = "".join(c for c in w_spec if c in out)
     n = len(contracted)
-    bounded = w_spec in (contracted + kept, kept + contracted)
+    bounded = w_spec in ((contracted + kept,) if tiles else (contracted + kept, kept + contracted))
     if not (x_spec.endswith(contracted) and out == x_spec[:-n] + kept and bounded):
         raise ValueError(f"int8 projection {eq!r}: contracted dims must end x and bound w")
     size = int(np.prod(x.shape[-n:]))
-    if w_spec.startswith(contracted):
+    if tiles:
+        y = int8_matmul(x.reshape(-1, size), w, scale.reshape(-1), out_dtype=out_dtype, w_layout="tiles")
+    elif w_spec.startswith(contracted):
         y = int8_matmul(x.reshape(-1, size), w.reshape(size, -1), scale.reshape(-1), out_dtype=out_dtype)
     else:
         y = int8_matmul(

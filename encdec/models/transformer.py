@@ -270,10 +270,14 @@ def logits(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
         x_BTD = x_BTD * jnp.asarray(cfg.d_model**-0.5, x_BTD.dtype)
     if cfg.tie_word_embeddings:
         owner = params["decoder"] if "embedding_VD" in params["decoder"] else params["shared"]
-        head = {"w": owner["embedding_VD"]}
-        if "embedding_scale_V" in owner:
-            head["w_scale"] = owner["embedding_scale_V"]
-        out_BTV = project(head, x_BTD, "BTD,VD->BTV", out_dtype=jnp.float32)
+        if "head_tiles" in owner:  # the table's int8 transpose, packed for the CPU kernel
+            head = {"w_tiles": owner["head_tiles"], "w_scale": owner["embedding_scale_V"]}
+            out_BTV = project(head, x_BTD, "BTD,DV->BTV", out_dtype=jnp.float32)
+        else:
+            head = {"w": owner["embedding_VD"]}
+            if "embedding_scale_V" in owner:
+                head["w_scale"] = owner["embedding_scale_V"]
+            out_BTV = project(head, x_BTD, "BTD,VD->BTV", out_dtype=jnp.float32)
     else:
         out_BTV = project(params["lm_head"], x_BTD, "BTD,DV->BTV", out_dtype=jnp.float32)
     if cfg.final_logits_bias:

@@ -6,6 +6,18 @@ XLA FFI custom call; it keeps the folder's shape (reference, kernel, api).
 """
 
 from pallas_kernels.int8_matmul.api import int8_matmul, kernel_available
-from pallas_kernels.int8_matmul.reference import int8_matmul_reference, quantize_rows
+from pallas_kernels.int8_matmul.reference import (
+    int8_matmul_reference,
+    pack_tiles,
+    quantize_rows,
+    unpack_tiles,
+)
 
-__all__ = ["int8_matmul", "int8_matmul_reference", "kernel_available", "quantize_rows"]
+__all__ = [
+    "int8_matmul",
+    "int8_matmul_reference",
+    "kernel_available",
+    "pack_tiles",
+    "quantize_rows",
+    "unpack_tiles",
+]

@@ -5,9 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.int8_matmul.build import TARGET, register
-from pallas_kernels.int8_matmul.reference import int8_matmul_reference
+from pallas_kernels.int8_matmul.reference import int8_matmul_reference, tiles_shape
 
 IMPLEMENTATIONS = ("auto", "kernel", "xla")
+LAYOUTS = ("KN", "NK", "tiles")
+"""``w``'s layouts: ``[K, N]``; ``[N, K]`` (a tied head's table); ``tiles``, a ``[K, N]`` weight
+packed by :func:`~pallas_kernels.int8_matmul.reference.pack_tiles` (the fastest on CPU)."""
 
 
 def kernel_available() -> bool:
@@ -23,8 +26,11 @@ def int8_matmul(
     default backend is CPU and the kernel runs here (``"auto"``)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; known: {', '.join(IMPLEMENTATIONS)}")
-    if w_layout not in ("KN", "NK"):
-        raise ValueError(f"w_layout must be 'KN' or 'NK', not {w_layout!r}")
+    if w_layout not in LAYOUTS:
+        raise ValueError(f"w_layout must be one of {', '.join(LAYOUTS)}, not {w_layout!r}")
+    K, N = x_MK.shape[1], scale_N.shape[0]
+    if w_layout == "tiles" and w.shape != tiles_shape(K, N):
+        raise ValueError(f"tiles of shape {w.shape} do not pack a [{K}, {N}] weight")
     if implementation == "auto":
         implementation = "kernel" if jax.default_backend() == "cpu" and kernel_available() else "xla"
     if implementation == "xla":
@@ -32,8 +38,7 @@ def int8_matmul(
     why = register()
     if why is not None:
         raise RuntimeError(f"the int8 CPU kernel cannot run: {why}")
-    M, N = x_MK.shape[0], w.shape[1 if w_layout == "KN" else 0]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32), vmap_method="sequential")
-    nk_layout = np.int64(w_layout == "NK")
+    out = jax.ShapeDtypeStruct((x_MK.shape[0], N), jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
     x_MK, w, scale_N = x_MK.astype(jnp.float32), w.astype(jnp.int8), scale_N.astype(jnp.float32)
-    return call(x_MK, w, scale_N, nk_layout=nk_layout)
+    return call(x_MK, w, scale_N, w_layout=np.int64(LAYOUTS.index(w_layout)))

@@ -10,7 +10,7 @@
 // per loaded vector), the quantized activations the signed side, and the excess
 // 128 * sum_k q[m, k] is subtracted per row: exact, since every sum fits int32 (K * 127 * 255).
 //
-// Two weight layouts, read in place (no packing at load: the trees stay the models' own):
+// Three weight layouts. Two are the models' own, read in place:
 // - KN ([K, N], every projection): four rows of 64 columns are loaded and interleaved into
 //   four vectors of 16 columns x 4 consecutive k, the layout VPDPBUSD reduces over; each
 //   activation row broadcasts its 4 bytes of k. Columns come out permuted within 128-bit lanes
@@ -19,7 +19,10 @@
 //   contiguous k; 16-lane partial sums are reduced at the end.
 // Decode rows (M <= 16) of a KN weight stream it in address order, split over row ranges, and
 // multiply with AMX tiles where the CPU has them (KnDecode); more rows (the encoder) are split
-// over column panels. Work is shared with XLA's intra-op thread pool.
+// over column panels.
+// - tiles ([N / 64, K / 64, 4096]): a KN weight packed once, at load, in the order the products
+//   read it (TilesMatmul): what an engine holds on CPU, the fastest at every row count.
+// Work is shared with XLA's intra-op thread pool.
 
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -46,6 +49,7 @@ constexpr int64_t kNkCols = 4;         // weight rows (outputs) of an NK tile (<
 constexpr int64_t kParallelBytes = 1 << 19;  // below both, the calling thread does it all
 constexpr int64_t kParallelMacs = 1 << 22;
 constexpr int64_t kParallelQuantize = 1 << 17;  // activations quantized by several threads
+constexpr int64_t kLayoutNk = 1, kLayoutTiles = 2;  // the w_layout attribute (0: KN)
 
 struct Quantized {
   std::vector<int8_t> q;        // [M, Kp], zero past K
@@ -399,6 +403,98 @@ void KnDecode(ffi::ThreadPool& pool, const Quantized& xq, const int8_t* w, const
   });
 }
 
+// Weights packed at load (reference.pack_tiles): [panels of 64 columns][K / 64 blocks][4 column
+// groups][16 row groups of 4 rows][64 bytes], each vector in KnInterleave's lane order, signed. A
+// panel's bytes for all of K are contiguous, so each thread streams its panels in address order
+// while a panel's sums stay in AMX tiles (or VPDPBUSD registers) for all of K: no pack pass and
+// no partial sums in memory, and the stream runs at the machine's read bandwidth.
+constexpr int64_t kTileRows = 16;  // activation rows of an AMX tile
+
+// One panel's int32 sums for rows q[0:rows] (rows configured by AmxBegin) into acc [rows][64].
+__attribute__((target("amx-tile,amx-int8")))
+void TilesPanelAmx(const int8_t* q, int64_t q_stride, const int8_t* panel, int64_t blocks, int32_t* acc) {
+  _tile_zero(1); _tile_zero(2); _tile_zero(3); _tile_zero(4);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* blk = panel + b * 4096;
+    _tile_loadd(0, q + 64 * b, q_stride);
+    _tile_loadd(5, blk, 64); _tile_dpbssd(1, 0, 5);
+    _tile_loadd(5, blk + 1024, 64); _tile_dpbssd(2, 0, 5);
+    _tile_loadd(5, blk + 2048, 64); _tile_dpbssd(3, 0, 5);
+    _tile_loadd(5, blk + 3072, 64); _tile_dpbssd(4, 0, 5);
+  }
+  _tile_stored(1, acc, 256); _tile_stored(2, acc + 16, 256);
+  _tile_stored(3, acc + 32, 256); _tile_stored(4, acc + 48, 256);
+}
+
+// The same with VPDPBUSD for R <= 4 rows (the weights flipped to the unsigned side as loaded).
+template <int R>
+void TilesPanelVnni(const int8_t* q, int64_t q_stride, const __m512i* panel, int64_t groups, __m512i acc[4][4]) {
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  ENCDEC_ZERO4(0) ENCDEC_ZERO4(1) ENCDEC_ZERO4(2) ENCDEC_ZERO4(3)
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i* blk = panel + (g >> 4) * 64 + (g & 15);
+    __m512i v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm512_xor_si512(_mm512_load_si512(blk + 16 * i), flip);
+    const int64_t k = 4 * g;
+    ENCDEC_KN_ROW(0) ENCDEC_KN_ROW(1) ENCDEC_KN_ROW(2) ENCDEC_KN_ROW(3)
+  }
+  ENCDEC_STORE4(0) ENCDEC_STORE4(1) ENCDEC_STORE4(2) ENCDEC_STORE4(3)
+}
+
+// y[m0:m1, panels p0..p1) from tiles.
+void TilesRows(const Quantized& xq, const int8_t* tiles, const float* s, float* y, int64_t m0, int64_t m1,
+               int64_t N, int64_t p0, int64_t p1, bool amx) {
+  const int64_t blocks = xq.Kp / 64, rows = m1 - m0;
+  const int8_t* q = xq.q.data() + m0 * xq.Kp;
+  if (amx) AmxBegin(rows);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = 64 * p, cols = std::min<int64_t>(64, N - n0);
+    const int8_t* panel = tiles + p * blocks * 4096;
+    if (amx) {
+      alignas(64) int32_t acc[kTileRows * 64];
+      TilesPanelAmx(q, xq.Kp, panel, blocks, acc);
+      for (int64_t r = 0; r < rows; ++r)
+        StorePanelRow((const __m512i*)(acc + 64 * r), 0, xq.scale[m0 + r], s + n0, y + (m0 + r) * N + n0, cols);
+      continue;
+    }
+    const int64_t tiles_of_4 = (rows + kMaxRows - 1) / kMaxRows;
+    for (int64_t t = 0, r0 = 0; t < tiles_of_4; ++t) {
+      const int64_t r = (rows - r0) / (tiles_of_4 - t);
+      __m512i acc[4][4];
+      const int8_t* qt = q + r0 * xq.Kp;
+      const __m512i* pv = (const __m512i*)panel;
+      switch (r) {
+        case 1: TilesPanelVnni<1>(qt, xq.Kp, pv, 16 * blocks, acc); break;
+        case 2: TilesPanelVnni<2>(qt, xq.Kp, pv, 16 * blocks, acc); break;
+        case 3: TilesPanelVnni<3>(qt, xq.Kp, pv, 16 * blocks, acc); break;
+        default: TilesPanelVnni<4>(qt, xq.Kp, pv, 16 * blocks, acc); break;
+      }
+      for (int64_t i = 0; i < r; ++i) {
+        const int64_t m = m0 + r0 + i;
+        StorePanelRow(acc[i], xq.excess[m], xq.scale[m], s + n0, y + m * N + n0, cols);
+      }
+      r0 += r;
+    }
+  }
+  if (amx) AmxEnd();
+}
+
+// Rows in tiles of at most 16 (even: 20 rows run as 10 + 10) times column chunks, enough tasks
+// to share the threads.
+void TilesMatmul(ffi::ThreadPool& pool, const Quantized& xq, const int8_t* tiles, const float* s, float* y,
+                 int64_t M, int64_t K, int64_t N, int64_t threads) {
+  const bool amx = AmxUsable();
+  const int64_t panels = (N + 63) / 64, row_tiles = (M + kTileRows - 1) / kTileRows;
+  const bool parallel = K * N >= kStreamParallelBytes || M * K * N >= kParallelMacs;
+  const int64_t want = parallel ? 2 * threads : 1;
+  const int64_t col_chunks = std::min(panels, std::max<int64_t>(1, (want + row_tiles - 1) / row_tiles));
+  ParallelFor(pool, row_tiles * col_chunks, [&](int64_t task) {
+    const int64_t t = task / col_chunks, c = task % col_chunks;
+    TilesRows(xq, tiles, s, y, M * t / row_tiles, M * (t + 1) / row_tiles, N, panels * c / col_chunks,
+              panels * (c + 1) / col_chunks, amx);
+  });
+}
+
 // The 16-lane sums of four vectors, as one vector of four (one VPHADDD-style tree instead of
 // four full reductions: at K = 768 the reductions cost as much as the products).
 inline __m128i Sum4(__m512i a, __m512i b, __m512i c, __m512i d) {
@@ -471,13 +567,15 @@ void NkPanel(const Quantized& xq, const int8_t* w, const float* s, float* y, int
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                       ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y,
-                      int64_t nk_layout) {
+                      int64_t w_layout) {
   const auto x_dims = x.dimensions(), w_dims = w.dimensions();
-  if (x_dims.size() != 2 || w_dims.size() != 2)
-    return ffi::Error::InvalidArgument("int8 matmul: x and w must be matrices");
+  const bool nk_layout = w_layout == kLayoutNk, tiled = w_layout == kLayoutTiles;
+  if (x_dims.size() != 2 || w_dims.size() != (tiled ? 3u : 2u))
+    return ffi::Error::InvalidArgument("int8 matmul: x must be a matrix, w a matrix (or [P, K / 64, 4096] tiles)");
   const int64_t M = x_dims[0], K = x_dims[1];
-  const int64_t N = nk_layout ? w_dims[0] : w_dims[1];
-  if ((nk_layout ? w_dims[1] : w_dims[0]) != K || (int64_t)w_scale.element_count() != N)
+  const int64_t N = tiled ? (int64_t)w_scale.element_count() : nk_layout ? w_dims[0] : w_dims[1];
+  const bool tiles_fit = tiled && w_dims[0] == (N + 63) / 64 && w_dims[1] == (K + 63) / 64 && w_dims[2] == 4096;
+  if ((tiled ? !tiles_fit : (nk_layout ? w_dims[1] : w_dims[0]) != K) || (int64_t)w_scale.element_count() != N)
     return ffi::Error::InvalidArgument("int8 matmul: x, w and w_scale disagree on K or N");
   if (M == 0 || N == 0) return ffi::Error::Success();
   float* out = y->typed_data();
@@ -496,6 +594,10 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   });
   const int8_t* wd = w.typed_data();
   const float* sd = w_scale.typed_data();
+  if (tiled) {
+    TilesMatmul(pool, xq, wd, sd, out, M, K, N, std::max<int64_t>(1, pool.num_threads()));
+    return ffi::Error::Success();
+  }
   if (!nk_layout && M <= kStreamRows) {
     KnDecode(pool, xq, wd, sd, out, M, K, N, std::max<int64_t>(1, pool.num_threads()));
     return ffi::Error::Success();
@@ -525,5 +627,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EncdecInt8Matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("nk_layout"));
+                                  .Attr<int64_t>("w_layout"));
 

@@ -24,11 +24,41 @@ def quantize_rows(x_MK: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q_MK, scale_M1
 
 
+def tiles_shape(K: int, N: int) -> tuple[int, int, int]:
+    """The shape :func:`pack_tiles` gives a ``[K, N]`` weight."""
+    return -(-N // 64), -(-K // 64), 4096
+
+
+def pack_tiles(w_KN: jax.Array) -> jax.Array:
+    """An int8 ``[K, N]`` weight in the kernel's ``tiles`` layout, ``[P, KB, 4096]``: ``P``
+    panels of 64 columns, each holding its ``KB = ceil(K / 64)`` blocks of 64 rows contiguously
+    (zero-padded), a block as 4 column groups x 16 row groups x 64 bytes. Byte ``4 * (4 * L + j)
+    + t`` of column group ``i``, row group ``g`` holds ``w[64 * b + 4 * g + t, 64 * p + 16 * L +
+    4 * i + j]``: the four consecutive ``k`` of one column that VPDPBUSD and AMX reduce over, in
+    the lane order the kernel's stores put back. The same bytes, so the same memory, as ``w``."""
+    K, N = w_KN.shape
+    P, KB, _ = tiles_shape(K, N)
+    w = jnp.pad(w_KN.astype(jnp.int8), ((0, 64 * KB - K), (0, 64 * P - N)))
+    # [b, g, t, p, L, i, j] -> [p, b, i, g, L, j, t]
+    w = w.reshape(KB, 16, 4, P, 4, 4, 4).transpose(3, 0, 5, 1, 4, 6, 2)
+    return w.reshape(P, KB, 4096)
+
+
+def unpack_tiles(tiles: jax.Array, K: int, N: int) -> jax.Array:
+    """The int8 ``[K, N]`` weight that :func:`pack_tiles` packed."""
+    P, KB, _ = tiles.shape
+    w = tiles.reshape(P, KB, 4, 16, 4, 4, 4).transpose(1, 3, 6, 0, 4, 2, 5)
+    return w.reshape(64 * KB, 64 * P)[:K, :N]
+
+
 def int8_matmul_reference(
     x_MK: jax.Array, w: jax.Array, scale_N: jax.Array, *, w_layout: str = "KN"
 ) -> jax.Array:
-    """``quantize(x) @ w * scale`` as float32 ``[M, N]``; ``w`` is int8 ``[K, N]``, or ``[N, K]``
-    with ``w_layout="NK"`` (a tied head's embedding table, contracted in place)."""
+    """``quantize(x) @ w * scale`` as float32 ``[M, N]``; ``w`` is int8 ``[K, N]``, ``[N, K]``
+    with ``w_layout="NK"`` (a tied head's embedding table, contracted in place), or
+    :func:`pack_tiles`'s layout with ``w_layout="tiles"``."""
+    if w_layout == "tiles":
+        w, w_layout = unpack_tiles(w, x_MK.shape[1], scale_N.shape[0]), "KN"
     dims = (((1,), (0,)), ((), ())) if w_layout == "KN" else (((1,), (1,)), ((), ()))
     q_MK, xs_M1 = quantize_rows(x_MK)
     acc_MN = jax.lax.dot_general(q_MK, w, dims, preferred_element_type=jnp.int32)
