@@ -57,7 +57,7 @@ from encdec.engine.steps import (
 )
 from encdec.engine.stream import TokenStream
 from encdec.lora.bank import AdapterBank, gather_rows
-from encdec.models.quant import engine_params
+from encdec.models.packing import engine_params
 from encdec.sharding import DATA, axis_size, check_mesh, make_mesh, shard_params, to_host
 
 

@@ -38,10 +38,10 @@ def project(
     ``out_dtype`` (default ``x``'s) is the result's dtype, accumulated in it: float32 out of
     float16 inputs keeps a sum that outgrows float16 finite. An int8 ``w`` comes with
     ``w_scale`` (per output channel, :mod:`encdec.models.quant`), or is packed for the CPU
-    kernel as ``w_tiles`` (an engine's, :func:`encdec.models.quant.engine_params`); a bfloat16
+    kernel as ``w_tiles`` (an engine's, :func:`encdec.models.packing.engine_params`); a bfloat16
     ``w`` under float32 activations multiplies ``x`` rounded to bfloat16, in float32. The adapter stays float.
     """
-    if "w_tiles" in p:  # int8 packed for the CPU kernel (encdec.models.quant.engine_params)
+    if "w_tiles" in p:  # int8 packed for the CPU kernel (encdec.models.packing.engine_params)
         y = _int8_project(eq, x, p["w_tiles"], p["w_scale"], out_dtype, tiles=True)
     elif "w_scale" in p:
         y = _int8_project(eq, x, p["w"], p["w_scale"], out_dtype)

@@ -36,7 +36,7 @@ import numpy as np
 
 from pallas_kernels.int8_matmul import int8_matmul as int8_kernel_matmul
 from pallas_kernels.int8_matmul import int8_matmul_reference as int8_dynamic_matmul
-from pallas_kernels.int8_matmul import kernel_available, pack_tiles, unpack_tiles
+from pallas_kernels.int8_matmul import kernel_available, unpack_tiles
 
 SCHEMES = ("int8", "bfloat16")
 """Known quantization schemes (``load_pretrained(path, quantize=...)``). ``bfloat16``: the same
@@ -48,11 +48,9 @@ the KV cache stay float32."""
 METHODS = ("kernel", "dynamic", "weight_only")
 """Ways :func:`int8_matmul` multiplies (see the module doc)."""
 METHOD_ENV = "ENCDEC_INT8_MATMUL"
-TILES_ENV = "ENCDEC_INT8_TILES"
-"""``0`` keeps an engine's int8 weights in the models' layouts (:func:`engine_params`)."""
 
 # Leading (input) dims of each projection's ``w``; the rest are output dims (``b``'s shape).
-_INPUT_DIMS = {
+INPUT_DIMS = {
     "q": 1,
     "k": 1,
     "v": 1,
@@ -128,10 +126,10 @@ def quantize_params(params: Mapping[str, Any], scheme: str = "int8") -> dict[str
     def walk(node: Any, name: str | None) -> Any:
         if isinstance(node, Mapping):
             if "w" in node and not isinstance(node["w"], Mapping):
-                if name not in _INPUT_DIMS:
+                if name not in INPUT_DIMS:
                     raise QuantizationError(f"no quantization rule for projection {name!r}")
                 out = {k: walk(v, k) for k, v in node.items() if k != "w"}
-                out["w"], out["w_scale"] = quantize_array(node["w"], _INPUT_DIMS[name])
+                out["w"], out["w_scale"] = quantize_array(node["w"], INPUT_DIMS[name])
                 return out
             out = {}
             for k, v in node.items():
@@ -156,43 +154,6 @@ def _bfloat16_params(params: Mapping[str, Any]) -> dict[str, Any]:
         return jnp.asarray(x, jnp.bfloat16) if named and jnp.issubdtype(x.dtype, jnp.floating) else x
 
     return jax.tree_util.tree_map_with_path(leaf, dict(params))
-
-
-def engine_params(params: Mapping[str, Any], cfg: Any) -> Mapping[str, Any]:
-    """The tree an engine decodes with: where the CPU kernel multiplies (:func:`matmul_method`),
-    every int8 projection's ``w`` packed once into the kernel's tiles (``w_tiles``,
-    :func:`~pallas_kernels.int8_matmul.pack_tiles`) and a tied head's table beside its embedding
-    (``head_tiles``); elsewhere ``params`` itself.
-
-    A decode step then streams each weight in address order with no pack pass (t5-small's int8
-    step ~25% faster on a 2-core Sapphire Rapids). The packed copy is the engine's own: the
-    model keeps its tree for checkpoints, adapters and other backends, so an engine holds a
-    second copy of the int8 weights (one byte a weight). ``ENCDEC_INT8_TILES=0`` turns it off."""
-    if not is_quantized(params) or matmul_method() != "kernel" or os.environ.get(TILES_ENV) == "0":
-        return params
-
-    def walk(node: Any, name: str | None) -> Any:
-        if isinstance(node, Mapping):
-            w = node.get("w")
-            if "w_scale" in node and getattr(w, "dtype", None) == jnp.int8 and name in _INPUT_DIMS:
-                size = int(np.prod(w.shape[: _INPUT_DIMS[name]]))
-                out = {k: v for k, v in node.items() if k != "w"}
-                out["w_tiles"] = _pack(w.reshape(size, -1))
-                return out
-            return {k: walk(v, k) for k, v in node.items()}
-        if isinstance(node, (list, tuple)):
-            return type(node)(walk(v, name) for v in node)
-        return node
-
-    out = walk(params, None)
-    if cfg.tie_word_embeddings:
-        key = "decoder" if "embedding_VD" in params["decoder"] else "shared"
-        if "embedding_scale_V" in params[key]:
-            out[key] = {**out[key], "head_tiles": _pack(jnp.swapaxes(params[key]["embedding_VD"], 0, 1))}
-    return out
-
-
-_pack = jax.jit(pack_tiles)
 
 
 def dequantize_params(params: Mapping[str, Any]) -> dict[str, Any]:

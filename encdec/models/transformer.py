@@ -270,9 +270,12 @@ def logits(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
         x_BTD = x_BTD * jnp.asarray(cfg.d_model**-0.5, x_BTD.dtype)
     if cfg.tie_word_embeddings:
         owner = params["decoder"] if "embedding_VD" in params["decoder"] else params["shared"]
-        if "head_tiles" in owner:  # the table's int8 transpose, packed for the CPU kernel
+        # The table's transpose, packed for the CPU kernels (encdec.models.packing).
+        if "head_tiles" in owner:
             head = {"w_tiles": owner["head_tiles"], "w_scale": owner["embedding_scale_V"]}
             out_BTV = project(head, x_BTD, "BTD,DV->BTV", out_dtype=jnp.float32)
+        elif "head_KN" in owner:
+            out_BTV = project({"w": owner["head_KN"]}, x_BTD, "BTD,DV->BTV", out_dtype=jnp.float32)
         else:
             head = {"w": owner["embedding_VD"]}
             if "embedding_scale_V" in owner:

@@ -35,7 +35,11 @@ constexpr int64_t kBlockRows = 16;    // weight rows a KN block walks together
 constexpr int64_t kParallelBytes = 1 << 17;  // below, the calling thread does it all
 constexpr int64_t kPrefetchMaxCols = 1024;   // rows of at most 4 KB: prefetched (KnRange)
 
-inline __mmask16 Lanes(int64_t count) { return count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1); }
+// No lanes for count <= 0: a shift by a negative count is undefined (x86 gave all 16, so a
+// tile's second vector read past a row narrower than 16 columns).
+inline __mmask16 Lanes(int64_t count) {
+  return count >= 16 ? 0xFFFF : count <= 0 ? 0 : (__mmask16)((1u << count) - 1);
+}
 
 // acc[0:R, 0:32] (+)= x[0:R, k0:k1] . w[k0:k1, n0:n0+32] (columns masked past N).
 template <int R>

@@ -14,10 +14,8 @@ from encdec.models import decode, encode, init_dense_kv
 from encdec.models.layers import project
 from encdec.models.quant import (
     METHOD_ENV,
-    TILES_ENV,
     QuantizationError,
     dequantize_params,
-    engine_params,
     int8_matmul,
     int8_matmul_reference,
     quantize_array,
@@ -95,33 +93,6 @@ def test_weight_only_model_equals_its_dequantized_float_twin(pair, monkeypatch):
     got = _logits(q.params, cfg, ids, toks)
     want = _logits(dequantize_params(q.params), cfg, ids, toks)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).std())
-
-
-def test_an_engine_holds_its_int8_weights_packed_for_the_kernel(pair, monkeypatch):
-    """Where the CPU kernel multiplies, an engine's tree has every int8 projection as tiles (and a
-    tied head's table packed beside the embedding), and its logits are the unpacked tree's: the
-    same int32 sums. The model's own tree is untouched; elsewhere the tree is the model's."""
-    if cpu_missing():
-        pytest.skip(f"this CPU lacks {', '.join(cpu_missing())}")
-    monkeypatch.setenv(METHOD_ENV, "kernel")
-    _, q = pair
-    cfg = q.config
-    packed = engine_params(q.params, cfg)
-    def paths(tree, name):
-        return [k for k, _ in jax.tree_util.tree_leaves_with_path(tree) if k[-1].key == name]
-
-    assert len(paths(packed, "w_tiles")) == len(paths(q.params, "w")) > 0 and not paths(packed, "w")
-    assert len(paths(packed, "head_tiles")) == int(cfg.tie_word_embeddings)
-    assert paths(q.params, "w") and not paths(q.params, "w_tiles")
-    ids, toks = _requests(1, 4)[0], [cfg.decoder_start_token_id, 7, 3, 11]
-    want = _logits(q.params, cfg, ids, toks)
-    np.testing.assert_allclose(_logits(packed, cfg, ids, toks), want, rtol=1e-5, atol=1e-5)
-    engine = Engine(q, EngineConfig(num_slots=2, page_size=4, max_encoder_len=MAX_IN, max_new_tokens=4))
-    assert paths(engine.params, "w_tiles")
-    for env, value in ((TILES_ENV, "0"), (METHOD_ENV, "dynamic")):
-        with monkeypatch.context() as m:
-            m.setenv(env, value)
-            assert engine_params(q.params, cfg) is q.params
 
 
 def test_int8_greedy_agrees_with_float32(pair):
