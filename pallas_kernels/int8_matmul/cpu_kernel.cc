@@ -58,10 +58,14 @@ struct Quantized {
   int64_t Kp;
 };
 
-Quantized Allocate(int64_t M, int64_t K) {
-  Quantized out;
+// The calling thread's buffers, sized for M rows of K (a decode step's calls reuse them: fresh
+// vectors cost ~1 us a call). Codes past K are zeros: the tiles read whole blocks of 64.
+Quantized& Allocate(int64_t M, int64_t K) {
+  thread_local Quantized out;
   out.Kp = (K + 63) / 64 * 64;
-  out.q.assign(M * out.Kp, 0);
+  out.q.resize(M * out.Kp);
+  if (out.Kp != K)
+    for (int64_t m = 0; m < M; ++m) std::fill(out.q.begin() + m * out.Kp + K, out.q.begin() + (m + 1) * out.Kp, 0);
   out.scale.resize(M);
   out.excess.resize(M);
   return out;
@@ -583,7 +587,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     std::fill(out, out + M * N, 0.0f);
     return ffi::Error::Success();
   }
-  Quantized xq = Allocate(M, K);
+  Quantized& xq = Allocate(M, K);
   const float* xd = x.typed_data();
   const int64_t threads = pool.num_threads() + 1;  // the pool's and the calling one
   // Rows quantized by several threads only when there are many (the encoder's).
