@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from encdec.models.transformer import tied_head_owner
+
 PROBE_BYTES = 256 << 20
 """Bytes the probe streams per pass: well beyond any L3 here."""
 
@@ -65,7 +67,7 @@ def decode_weight_bytes(params: Mapping[str, Any], cfg) -> int:
         if name in dec:
             total += _nbytes(dec[name])
     if cfg.tie_word_embeddings:
-        owner = dec if "embedding_VD" in dec else params["shared"]
+        owner = params[tied_head_owner(params)]
         total += _nbytes({k: owner[k] for k in ("embedding_VD", "embedding_scale_V") if k in owner})
     else:
         total += _nbytes(params["lm_head"])

@@ -28,6 +28,7 @@ import numpy as np
 
 from encdec.config import ModelConfig
 from encdec.models.quant import INPUT_DIMS, is_quantized, matmul_method
+from encdec.models.transformer import tied_head_owner
 from pallas_kernels.decode_matmul import kernel_available as decode_kernel_available
 from pallas_kernels.int8_matmul import pack_tiles
 
@@ -51,10 +52,8 @@ def engine_params(params: Mapping[str, Any], cfg: ModelConfig) -> Mapping[str, A
 
 
 def _head_owner(params: Mapping[str, Any], cfg: ModelConfig) -> str | None:
-    """Where a tied head's table lives (as :func:`encdec.models.transformer.logits` reads it)."""
-    if not cfg.tie_word_embeddings:
-        return None
-    return "decoder" if "embedding_VD" in params["decoder"] else "shared"
+    """Where a tied head's table lives, or None for an untied head."""
+    return tied_head_owner(params) if cfg.tie_word_embeddings else None
 
 
 def _int8_tiles(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, Any]:

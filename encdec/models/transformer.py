@@ -264,12 +264,18 @@ def decode(
     return logits(params, cfg, x_BTD.astype(dtype)), kv.advance(tokens_BT.shape[1])
 
 
+def tied_head_owner(params: Params) -> str:
+    """The key of the subtree holding a tied head's table: the decoder's own embedding, or the
+    one it shares with the encoder."""
+    return "decoder" if "embedding_VD" in params["decoder"] else "shared"
+
+
 def logits(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
     """LM head in float32 accumulation: tied (with T5's rescale) or untied, plus BART's logits bias."""
     if cfg.tied_output_rescale:
         x_BTD = x_BTD * jnp.asarray(cfg.d_model**-0.5, x_BTD.dtype)
     if cfg.tie_word_embeddings:
-        owner = params["decoder"] if "embedding_VD" in params["decoder"] else params["shared"]
+        owner = params[tied_head_owner(params)]
         # The table's transpose, packed for the CPU kernels (encdec.models.packing).
         if "head_tiles" in owner:
             head = {"w_tiles": owner["head_tiles"], "w_scale": owner["embedding_scale_V"]}
