@@ -41,15 +41,14 @@ def project(
     kernel as ``w_tiles`` (an engine's, :func:`encdec.models.packing.engine_params`); a bfloat16
     ``w`` under float32 activations multiplies ``x`` rounded to bfloat16, in float32. The adapter stays float.
     """
-    if "w_tiles" in p:  # int8 packed for the CPU kernel (encdec.models.packing.engine_params)
-        y = _int8_project(eq, x, p["w_tiles"], p["w_scale"], out_dtype, tiles=True)
-    elif "w_scale" in p:
-        y = _int8_project(eq, x, p["w"], p["w_scale"], out_dtype)
+    int8_w = p.get("w_tiles", p.get("w")) if "w_scale" in p else None
+    if int8_w is not None:  # the bias is added by the int8 product as it stores
+        y = _int8_project(eq, x, int8_w, p["w_scale"], out_dtype, tiles="w_tiles" in p, bias=p.get("b"))
     elif p["w"].dtype == jnp.bfloat16 and x.dtype == jnp.float32:  # quantize="bfloat16"
         y = _as_matmul(eq, x.astype(jnp.bfloat16), p["w"], out_dtype or jnp.float32)
     else:
         y = _as_matmul(eq, x, p["w"].astype(x.dtype), out_dtype)
-    if "b" in p:
+    if "b" in p and int8_w is None:
         y = y + lead(p["b"].astype(y.dtype), y.ndim)
     if lora is not None:
         y = y + lora_delta(lora, x, eq).astype(y.dtype)
@@ -83,12 +82,19 @@ def _as_matmul(eq: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> ja
 
 
 def _int8_project(
-    eq: str, x: jax.Array, w: jax.Array, scale: jax.Array, out_dtype: Any, *, tiles: bool = False
+    eq: str,
+    x: jax.Array,
+    w: jax.Array,
+    scale: jax.Array,
+    out_dtype: Any,
+    *,
+    tiles: bool = False,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
     """:func:`project`'s product for an int8 ``w``: one :func:`int8_matmul` over ``x``'s trailing
     contracted dims and ``w``'s output dims flattened (``w``'s are leading, as in every projection,
     or trailing, as in a tied head ``VD``); ``tiles``: ``w`` is such a weight with leading
-    contracted dims, packed for the CPU kernel."""
+    contracted dims, packed for the CPU kernel; ``bias`` has ``scale``'s shape."""
     x_spec, w_spec, out, contracted = _specs(eq)
     kept = "".join(c for c in w_spec if c in out)
     n = len(contracted)
@@ -96,14 +102,14 @@ def _int8_project(
     if not (x_spec.endswith(contracted) and out == x_spec[:-n] + kept and bounded):
         raise ValueError(f"int8 projection {eq!r}: contracted dims must end x and bound w")
     size = int(np.prod(x.shape[-n:]))
+    x_MK, scale_N = x.reshape(-1, size), scale.reshape(-1)
+    bias_N = None if bias is None else bias.reshape(-1)
     if tiles:
-        y = int8_matmul(x.reshape(-1, size), w, scale.reshape(-1), out_dtype=out_dtype, w_layout="tiles")
+        y = int8_matmul(x_MK, w, scale_N, bias_N, out_dtype=out_dtype, w_layout="tiles")
     elif w_spec.startswith(contracted):
-        y = int8_matmul(x.reshape(-1, size), w.reshape(size, -1), scale.reshape(-1), out_dtype=out_dtype)
+        y = int8_matmul(x_MK, w.reshape(size, -1), scale_N, bias_N, out_dtype=out_dtype)
     else:
-        y = int8_matmul(
-            x.reshape(-1, size), w.reshape(-1, size), scale.reshape(-1), out_dtype=out_dtype, w_layout="NK"
-        )
+        y = int8_matmul(x_MK, w.reshape(-1, size), scale_N, bias_N, out_dtype=out_dtype, w_layout="NK")
     return y.reshape(x.shape[:-n] + scale.shape)
 
 

@@ -184,14 +184,16 @@ def int8_matmul(
     x_MK: jax.Array,
     w: jax.Array,
     scale_N: jax.Array,
+    bias_N: jax.Array | None = None,
     *,
     method: str | None = None,
     out_dtype: Any = None,
     w_layout: str = "KN",
 ) -> jax.Array:
-    """``x @ (w * scale)`` for an int8 ``w`` ([K, N], or [N, K] with ``w_layout="NK"``: a tied
+    """``x @ (w * scale) (+ bias)`` for an int8 ``w`` ([K, N], or [N, K] with ``w_layout="NK"``: a tied
     head's table, contracted in place rather than transposed, or the kernel's packed tiles of a
-    [K, N] weight with ``w_layout="tiles"``) and per-column ``scale`` [N]; the result in
+    [K, N] weight with ``w_layout="tiles"``), per-column ``scale`` [N] and ``bias`` [N] (added in
+    float32 before the cast, by the kernel as it stores); the result in
     ``out_dtype`` (default ``x``'s). ``method``: see the module doc (default
     :func:`matmul_method`)."""
     method = method or matmul_method()
@@ -199,15 +201,18 @@ def int8_matmul(
     if w_layout == "tiles" and method != "kernel":
         w, w_layout = unpack_tiles(w, x_MK.shape[1], scale_N.shape[0]), "KN"
     if method == "kernel":
-        y_MN = int8_kernel_matmul(x_MK, w, scale_N, w_layout=w_layout, implementation="kernel")
+        y_MN = int8_kernel_matmul(x_MK, w, scale_N, bias_N, w_layout=w_layout, implementation="kernel")
         return y_MN.astype(out_dtype)
     if method == "dynamic":
-        return int8_dynamic_matmul(x_MK, w, scale_N, w_layout=w_layout).astype(out_dtype)
+        return int8_dynamic_matmul(x_MK, w, scale_N, bias_N, w_layout=w_layout).astype(out_dtype)
     if method == "weight_only":
         dims = (((1,), (0,)), ((), ())) if w_layout == "KN" else (((1,), (1,)), ((), ()))
         acc = jnp.promote_types(out_dtype, x_MK.dtype)
         y_MN = jax.lax.dot_general(x_MK, w.astype(x_MK.dtype), dims, preferred_element_type=acc)
-        return (y_MN * scale_N[None].astype(acc)).astype(out_dtype)
+        y_MN = y_MN * scale_N[None].astype(acc)
+        if bias_N is not None:
+            y_MN = y_MN + bias_N[None].astype(acc)
+        return y_MN.astype(out_dtype)
     raise QuantizationError(f"unknown int8 matmul method {method!r}; known: {', '.join(METHODS)}")
 
 

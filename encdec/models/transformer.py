@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from encdec.config import ModelConfig
 from encdec.models.attention import dot_product_attention, relative_bias
 from encdec.models.kv import DecoderKV, DenseKV
-from encdec.models.layers import Params, activation, lead, norm, project
+from encdec.models.layers import Params, activation, norm, project
 
 # BART's learned position table reserves its first two rows (``ModelConfig.learned_position_offset``).
 LEARNED_POSITION_OFFSET = 2
@@ -271,26 +271,27 @@ def tied_head_owner(params: Params) -> str:
 
 
 def logits(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
-    """LM head in float32 accumulation: tied (with T5's rescale) or untied, plus BART's logits bias."""
+    """LM head in float32 accumulation: tied (with T5's rescale) or untied, plus BART's logits bias
+    (the head's ``b``: an int8 product adds it as it stores)."""
     if cfg.tied_output_rescale:
         x_BTD = x_BTD * jnp.asarray(cfg.d_model**-0.5, x_BTD.dtype)
     if cfg.tie_word_embeddings:
         owner = params[tied_head_owner(params)]
         # The table's transpose, packed for the CPU kernels (encdec.models.packing).
         if "head_tiles" in owner:
-            head = {"w_tiles": owner["head_tiles"], "w_scale": owner["embedding_scale_V"]}
-            out_BTV = project(head, x_BTD, "BTD,DV->BTV", out_dtype=jnp.float32)
+            head, eq = {"w_tiles": owner["head_tiles"], "w_scale": owner["embedding_scale_V"]}, "BTD,DV->BTV"
         elif "head_KN" in owner:
-            out_BTV = project({"w": owner["head_KN"]}, x_BTD, "BTD,DV->BTV", out_dtype=jnp.float32)
+            head, eq = {"w": owner["head_KN"]}, "BTD,DV->BTV"
         else:
-            head = {"w": owner["embedding_VD"]}
+            head, eq = {"w": owner["embedding_VD"]}, "BTD,VD->BTV"
             if "embedding_scale_V" in owner:
                 head["w_scale"] = owner["embedding_scale_V"]
-            out_BTV = project(head, x_BTD, "BTD,VD->BTV", out_dtype=jnp.float32)
     else:
-        out_BTV = project(params["lm_head"], x_BTD, "BTD,DV->BTV", out_dtype=jnp.float32)
+        head, eq = dict(params["lm_head"]), "BTD,DV->BTV"
     if cfg.final_logits_bias:
-        out_BTV = out_BTV + lead(params["final_logits_bias_V"].astype(jnp.float32), 3)
+        bias_V = params["final_logits_bias_V"].astype(jnp.float32)
+        head["b"] = head["b"].astype(jnp.float32) + bias_V if "b" in head else bias_V
+    out_BTV = project(head, x_BTD, eq, out_dtype=jnp.float32)
     # A vocabulary padded to split evenly over devices (encdec.sharding) ends at the real one.
     return out_BTV[..., : cfg.decoder_vocab_size]
 

@@ -1,7 +1,7 @@
 // int8 x int8 -> int32 matmul for decode shapes on x86 CPUs with AVX-512 VNNI, as an XLA FFI
 // custom call. The same arithmetic as reference.py: activations quantized per row (symmetric,
 // absmax * (1 / 127), round half to even), an exact int32 dot against int8 weights, then
-// acc * row scale * column scale in float32.
+// acc * row scale * column scale in float32, plus a bias per column where one is given.
 //
 // Why a kernel: XLA:CPU's int8 dot is compute-bound at decode shapes (4-10 GB/s of weights),
 // while a decode step is memory-bound; VPDPBUSD multiplies 64 byte pairs per instruction.
@@ -122,7 +122,15 @@ inline void KnInterleave(const int8_t* w, int64_t N, __mmask64 mask, int rows, _
 // One row of a 64-column panel's int32 sums in KnInterleave's lane order (a[i] lane L holds
 // columns 16L + 4i .. +3) to float32 at dst: a 4 x 4 transpose of 128-bit lanes puts columns
 // 16q .. 16q + 15 in out[q]; then (sum - excess) * row scale * column scale, the first cols.
-inline void StorePanelRow(const __m512i a[4], int32_t excess, float row_scale, const float* w_scale, float* dst,
+// What a store applies per output column: the weight's scale, then the bias where there is one
+// (a projection's, BART's logits bias): one pass over y fewer than an add after the call.
+struct Columns {
+  const float* scale;
+  const float* bias;  // or null
+  Columns at(int64_t n0) const { return {scale + n0, bias ? bias + n0 : nullptr}; }
+};
+
+inline void StorePanelRow(const __m512i a[4], int32_t excess, float row_scale, Columns w, float* dst,
                           int64_t cols) {
   const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[2], a[3], 0x44);
   const __m512i t2 = _mm512_shuffle_i32x4(a[0], a[1], 0xEE), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
@@ -133,8 +141,9 @@ inline void StorePanelRow(const __m512i a[4], int32_t excess, float row_scale, c
   for (int q = 0; q < 4 && 16 * q < cols; ++q) {
     const int64_t left = cols - 16 * q;
     const __mmask16 mask = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-    const __m512 ws = _mm512_maskz_loadu_ps(mask, w_scale + 16 * q);
-    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(out[q], ex)), xs), ws);
+    const __m512 ws = _mm512_maskz_loadu_ps(mask, w.scale + 16 * q);
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(out[q], ex)), xs), ws);
+    if (w.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, w.bias + 16 * q));
     _mm512_mask_storeu_ps(dst + 16 * q, mask, v);
   }
 }
@@ -158,7 +167,7 @@ inline void StorePanelRow(const __m512i a[4], int32_t excess, float row_scale, c
 // y[m0:m0+R, n0:n0+64] for a KN weight (R <= 4), interleaving as it goes, or reading the panel
 // interleaved once into `packed` (many row tiles: the encoder).
 template <int R>
-void KnTile(const Quantized& xq, const int8_t* w, const float* w_scale, float* y, int64_t K,
+void KnTile(const Quantized& xq, const int8_t* w, Columns w_scale, float* y, int64_t K,
             int64_t N, int64_t m0, int64_t n0, bool prefetch, const __m512i* packed) {
   const __mmask64 mask = ColumnMask(N - n0);
   const int8_t* q = xq.q.data() + m0 * xq.Kp;
@@ -179,10 +188,10 @@ void KnTile(const Quantized& xq, const int8_t* w, const float* w_scale, float* y
   ENCDEC_STORE4(0) ENCDEC_STORE4(1) ENCDEC_STORE4(2) ENCDEC_STORE4(3)
   const int64_t cols = std::min<int64_t>(64, N - n0);
   for (int r = 0; r < R; ++r)
-    StorePanelRow(acc[r], xq.excess[m0 + r], xq.scale[m0 + r], w_scale + n0, y + (m0 + r) * N + n0, cols);
+    StorePanelRow(acc[r], xq.excess[m0 + r], xq.scale[m0 + r], w_scale.at(n0), y + (m0 + r) * N + n0, cols);
 }
 
-void KnPanel(const Quantized& xq, const int8_t* w, const float* s, float* y, int64_t M, int64_t K,
+void KnPanel(const Quantized& xq, const int8_t* w, Columns s, float* y, int64_t M, int64_t K,
              int64_t N, int64_t n0) {
   // Even row tiles of at most kMaxRows: 7 rows run as 3 + 4, not 4 + 3 + ... .
   const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
@@ -371,7 +380,7 @@ void KnStream(const Quantized& xq, const int8_t* w, int64_t M, int64_t K, int64_
 
 // y[:, panels p0..p1) from the ranges' partial sums: added, lanes put back in column order,
 // the excess (VPDPBUSD's) subtracted and both scales applied.
-void KnStreamStore(const int32_t* acc, int64_t ranges, const Quantized& xq, bool excess_in, const float* w_scale,
+void KnStreamStore(const int32_t* acc, int64_t ranges, const Quantized& xq, bool excess_in, Columns w_scale,
                    float* y, int64_t M, int64_t N, int64_t Np, int64_t p0, int64_t p1) {
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -382,12 +391,12 @@ void KnStreamStore(const int32_t* acc, int64_t ranges, const Quantized& xq, bool
         for (int64_t r = 1; r < ranges; ++r)
           a[i] = _mm512_add_epi32(a[i], _mm512_load_si512(acc + r * M * Np + m * Np + n0 + 16 * i));
       }
-      StorePanelRow(a, excess_in ? xq.excess[m] : 0, xq.scale[m], w_scale + n0, y + m * N + n0, cols);
+      StorePanelRow(a, excess_in ? xq.excess[m] : 0, xq.scale[m], w_scale.at(n0), y + m * N + n0, cols);
     }
   }
 }
 
-void KnDecode(ffi::ThreadPool& pool, const Quantized& xq, const int8_t* w, const float* s, float* y,
+void KnDecode(ffi::ThreadPool& pool, const Quantized& xq, const int8_t* w, Columns s, float* y,
               int64_t M, int64_t K, int64_t N, int64_t threads) {
   const bool amx = AmxUsable();
   const int64_t Np = (N + 63) / 64 * 64, panels = Np / 64;
@@ -446,7 +455,7 @@ void TilesPanelVnni(const int8_t* q, int64_t q_stride, const __m512i* panel, int
 }
 
 // y[m0:m1, panels p0..p1) from tiles.
-void TilesRows(const Quantized& xq, const int8_t* tiles, const float* s, float* y, int64_t m0, int64_t m1,
+void TilesRows(const Quantized& xq, const int8_t* tiles, Columns s, float* y, int64_t m0, int64_t m1,
                int64_t N, int64_t p0, int64_t p1, bool amx) {
   const int64_t blocks = xq.Kp / 64, rows = m1 - m0;
   const int8_t* q = xq.q.data() + m0 * xq.Kp;
@@ -458,7 +467,7 @@ void TilesRows(const Quantized& xq, const int8_t* tiles, const float* s, float* 
       alignas(64) int32_t acc[kTileRows * 64];
       TilesPanelAmx(q, xq.Kp, panel, blocks, acc);
       for (int64_t r = 0; r < rows; ++r)
-        StorePanelRow((const __m512i*)(acc + 64 * r), 0, xq.scale[m0 + r], s + n0, y + (m0 + r) * N + n0, cols);
+        StorePanelRow((const __m512i*)(acc + 64 * r), 0, xq.scale[m0 + r], s.at(n0), y + (m0 + r) * N + n0, cols);
       continue;
     }
     const int64_t tiles_of_4 = (rows + kMaxRows - 1) / kMaxRows;
@@ -475,7 +484,7 @@ void TilesRows(const Quantized& xq, const int8_t* tiles, const float* s, float* 
       }
       for (int64_t i = 0; i < r; ++i) {
         const int64_t m = m0 + r0 + i;
-        StorePanelRow(acc[i], xq.excess[m], xq.scale[m], s + n0, y + m * N + n0, cols);
+        StorePanelRow(acc[i], xq.excess[m], xq.scale[m], s.at(n0), y + m * N + n0, cols);
       }
       r0 += r;
     }
@@ -485,7 +494,7 @@ void TilesRows(const Quantized& xq, const int8_t* tiles, const float* s, float* 
 
 // Rows in tiles of at most 16 (even: 20 rows run as 10 + 10) times column chunks, enough tasks
 // to share the threads.
-void TilesMatmul(ffi::ThreadPool& pool, const Quantized& xq, const int8_t* tiles, const float* s, float* y,
+void TilesMatmul(ffi::ThreadPool& pool, const Quantized& xq, const int8_t* tiles, Columns s, float* y,
                  int64_t M, int64_t K, int64_t N, int64_t threads) {
   const bool amx = AmxUsable();
   const int64_t panels = (N + 63) / 64, row_tiles = (M + kTileRows - 1) / kTileRows;
@@ -522,7 +531,7 @@ inline __m128i Sum4(__m512i a, __m512i b, __m512i c, __m512i d) {
 
 // y[m0:m0+R, n0:n0+C] for an NK weight ([N, K], k contiguous; R, C <= 4).
 template <int R, int C>
-void NkTile(const Quantized& xq, const int8_t* w, const float* w_scale, float* y, int64_t K,
+void NkTile(const Quantized& xq, const int8_t* w, Columns w_scale, float* y, int64_t K,
             int64_t N, int64_t m0, int64_t n0, bool prefetch) {
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   const int8_t* q = xq.q.data() + m0 * xq.Kp;
@@ -546,12 +555,15 @@ void NkTile(const Quantized& xq, const int8_t* w, const float* w_scale, float* y
                                          C > 3 ? acc[r][3] : flip));
     const float xs = xq.scale[m0 + r];
     const int32_t excess = xq.excess[m0 + r];
-    for (int c = 0; c < C; ++c) y[(m0 + r) * N + n0 + c] = (float)(sums[c] - excess) * xs * w_scale[n0 + c];
+    for (int c = 0; c < C; ++c) {
+      const float v = (float)(sums[c] - excess) * xs * w_scale.scale[n0 + c];
+      y[(m0 + r) * N + n0 + c] = w_scale.bias ? v + w_scale.bias[n0 + c] : v;
+    }
   }
 }
 
 template <int C>
-void NkColumns(const Quantized& xq, const int8_t* w, const float* s, float* y, int64_t M, int64_t K,
+void NkColumns(const Quantized& xq, const int8_t* w, Columns s, float* y, int64_t M, int64_t K,
                int64_t N, int64_t n0) {
   int64_t m0 = 0;
   for (; m0 + kNkRows <= M; m0 += kNkRows) NkTile<kNkRows, C>(xq, w, s, y, K, N, m0, n0, m0 == 0);
@@ -562,7 +574,7 @@ void NkColumns(const Quantized& xq, const int8_t* w, const float* s, float* y, i
   }
 }
 
-void NkPanel(const Quantized& xq, const int8_t* w, const float* s, float* y, int64_t M, int64_t K,
+void NkPanel(const Quantized& xq, const int8_t* w, Columns s, float* y, int64_t M, int64_t K,
              int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + kNkCols <= n1; n += kNkCols) NkColumns<kNkCols>(xq, w, s, y, M, K, N, n);
@@ -570,7 +582,7 @@ void NkPanel(const Quantized& xq, const int8_t* w, const float* s, float* y, int
 }
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                      ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y,
+                      ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                       int64_t w_layout) {
   const auto x_dims = x.dimensions(), w_dims = w.dimensions();
   const bool nk_layout = w_layout == kLayoutNk, tiled = w_layout == kLayoutTiles;
@@ -581,10 +593,14 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const bool tiles_fit = tiled && w_dims[0] == (N + 63) / 64 && w_dims[1] == (K + 63) / 64 && w_dims[2] == 4096;
   if ((tiled ? !tiles_fit : (nk_layout ? w_dims[1] : w_dims[0]) != K) || (int64_t)w_scale.element_count() != N)
     return ffi::Error::InvalidArgument("int8 matmul: x, w and w_scale disagree on K or N");
+  if (bias.element_count() != 0 && (int64_t)bias.element_count() != N)
+    return ffi::Error::InvalidArgument("int8 matmul: bias must be [N] (or empty)");
   if (M == 0 || N == 0) return ffi::Error::Success();
   float* out = y->typed_data();
+  const float* bd = bias.element_count() ? bias.typed_data() : nullptr;
   if (K == 0) {
-    std::fill(out, out + M * N, 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) out[m * N + n] = bd ? bd[n] : 0.0f;
     return ffi::Error::Success();
   }
   Quantized& xq = Allocate(M, K);
@@ -597,7 +613,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       QuantizeRow(xd, K, m, xq);
   });
   const int8_t* wd = w.typed_data();
-  const float* sd = w_scale.typed_data();
+  const Columns sd{w_scale.typed_data(), bd};
   if (tiled) {
     TilesMatmul(pool, xq, wd, sd, out, M, K, N, std::max<int64_t>(1, pool.num_threads()));
     return ffi::Error::Success();
@@ -630,6 +646,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EncdecInt8Matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias [N], or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("w_layout"));
 

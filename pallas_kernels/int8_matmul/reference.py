@@ -52,14 +52,20 @@ def unpack_tiles(tiles: jax.Array, K: int, N: int) -> jax.Array:
 
 
 def int8_matmul_reference(
-    x_MK: jax.Array, w: jax.Array, scale_N: jax.Array, *, w_layout: str = "KN"
+    x_MK: jax.Array,
+    w: jax.Array,
+    scale_N: jax.Array,
+    bias_N: jax.Array | None = None,
+    *,
+    w_layout: str = "KN",
 ) -> jax.Array:
-    """``quantize(x) @ w * scale`` as float32 ``[M, N]``; ``w`` is int8 ``[K, N]``, ``[N, K]``
-    with ``w_layout="NK"`` (a tied head's embedding table, contracted in place), or
+    """``quantize(x) @ w * scale (+ bias)`` as float32 ``[M, N]``; ``w`` is int8 ``[K, N]``,
+    ``[N, K]`` with ``w_layout="NK"`` (a tied head's embedding table, contracted in place), or
     :func:`pack_tiles`'s layout with ``w_layout="tiles"``."""
     if w_layout == "tiles":
         w, w_layout = unpack_tiles(w, x_MK.shape[1], scale_N.shape[0]), "KN"
     dims = (((1,), (0,)), ((), ())) if w_layout == "KN" else (((1,), (1,)), ((), ()))
     q_MK, xs_M1 = quantize_rows(x_MK)
     acc_MN = jax.lax.dot_general(q_MK, w, dims, preferred_element_type=jnp.int32)
-    return acc_MN.astype(jnp.float32) * xs_M1 * scale_N[None].astype(jnp.float32)
+    y_MN = acc_MN.astype(jnp.float32) * xs_M1 * scale_N[None].astype(jnp.float32)
+    return y_MN if bias_N is None else y_MN + bias_N[None].astype(jnp.float32)

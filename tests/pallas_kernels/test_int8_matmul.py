@@ -85,6 +85,25 @@ def test_kernel_equals_the_reference(layout, M, K, N):
 
 @needs_kernel
 @pytest.mark.parametrize("layout", ["KN", "NK", "tiles"])
+@pytest.mark.parametrize("M, K, N", [(8, 512, 200), (16, 1000, 4200), (300, 512, 70), (3, 70, 9)])
+def test_the_kernel_adds_the_bias_as_it_stores(layout, M, K, N):
+    """Every store path (decode stream, column panels, NK tiles, AMX and VPDPBUSD tiles) adds
+    ``bias[n]`` once, after both scales (a rounding step apart: the compiler may fuse the add)."""
+    x, w, s = _operands(M, K, N, layout, seed=M + K + N)
+    bias = jnp.asarray(np.random.default_rng(N).standard_normal(N).astype(np.float32))
+    w_in = _as_layout(w, layout)
+    fn = jax.jit(
+        lambda x, w, s, b, impl: int8_matmul(x, w, s, b, w_layout=layout, implementation=impl),
+        static_argnums=4,
+    )
+    got = np.asarray(fn(x, w_in, s, bias, "kernel"))
+    np.testing.assert_allclose(got, np.asarray(fn(x, w_in, s, bias, "xla")), rtol=2e-6, atol=1e-6)
+    plain = np.asarray(int8_matmul(x, w_in, s, w_layout=layout, implementation="kernel"))
+    np.testing.assert_allclose(got, plain + np.asarray(bias)[None], rtol=2e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["KN", "NK", "tiles"])
 def test_zero_and_saturating_rows(layout):
     x, w, s = _operands(6, 100, 70, layout, seed=1)
     x[0] = 0.0  # scale 1, all codes 0
@@ -113,9 +132,12 @@ def test_the_vpdpbusd_stream_equals_the_reference_where_amx_is_off(tmp_path):
         "    w = jnp.asarray(rng.integers(-128, 128, (K, N)).astype(np.int8))\n"
         "    s = jnp.asarray(rng.uniform(1e-3, 2e-2, N).astype(np.float32))\n"
         "    want = np.asarray(int8_matmul_reference(x, w, s))\n"
+        "    b = jnp.asarray(rng.standard_normal(N, np.float32))\n"
         "    for w_in, layout in [(w, 'KN'), (pack_tiles(w), 'tiles')]:\n"
         "        got = np.asarray(int8_matmul(x, w_in, s, w_layout=layout, implementation='kernel'))\n"
         "        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)\n"
+        "        got = np.asarray(int8_matmul(x, w_in, s, b, w_layout=layout, implementation='kernel'))\n"
+        "        np.testing.assert_allclose(got, want + np.asarray(b)[None], rtol=2e-6, atol=1e-6)\n"
         "print('ok')\n"
     )
     env = {**os.environ, "ENCDEC_INT8_AMX": "0", "PYTHONPATH": str(ROOT)}
@@ -162,6 +184,9 @@ def test_bad_arguments_are_refused():
         int8_matmul(x, w, s, implementation="pallas")
     with pytest.raises(ValueError, match="w_layout"):
         int8_matmul(x, w, s, w_layout="MN")
+    for impl in ("kernel", "xla"):
+        with pytest.raises(ValueError, match=r"bias of shape \(3,\), expected \[4\]"):
+            int8_matmul(x, w, s, jnp.zeros(3), implementation=impl)
     s100 = np.ones(100, np.float32)
     for impl in ("kernel", "xla"):
         with pytest.raises(ValueError, match=r"tiles of shape \(1, 1, 4096\) do not pack a \[8, 100\]"):
