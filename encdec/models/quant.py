@@ -190,12 +190,12 @@ def int8_matmul(
     out_dtype: Any = None,
     w_layout: str = "KN",
 ) -> jax.Array:
-    """``x @ (w * scale) (+ bias)`` for an int8 ``w`` ([K, N], or [N, K] with ``w_layout="NK"``: a tied
-    head's table, contracted in place rather than transposed, or the kernel's packed tiles of a
-    [K, N] weight with ``w_layout="tiles"``), per-column ``scale`` [N] and ``bias`` [N] (added in
-    float32 before the cast, by the kernel as it stores); the result in
-    ``out_dtype`` (default ``x``'s). ``method``: see the module doc (default
-    :func:`matmul_method`)."""
+    """``x @ (w * scale) + bias`` for an int8 ``w`` ([K, N], or [N, K] with ``w_layout="NK"``: a
+    tied head's table, contracted in place rather than transposed, or the kernel's packed tiles
+    of a [K, N] weight with ``w_layout="tiles"``), per-column ``scale`` [N] and optional ``bias``
+    [N] (the kernel adds it to the rounded product as it stores, the other methods after the
+    cast); the result in ``out_dtype`` (default ``x``'s). ``method``: see the module doc
+    (default :func:`matmul_method`)."""
     method = method or matmul_method()
     out_dtype = out_dtype or x_MK.dtype
     if w_layout == "tiles" and method != "kernel":
@@ -204,16 +204,16 @@ def int8_matmul(
         y_MN = int8_kernel_matmul(x_MK, w, scale_N, bias_N, w_layout=w_layout, implementation="kernel")
         return y_MN.astype(out_dtype)
     if method == "dynamic":
-        return int8_dynamic_matmul(x_MK, w, scale_N, bias_N, w_layout=w_layout).astype(out_dtype)
-    if method == "weight_only":
+        y_MN = int8_dynamic_matmul(x_MK, w, scale_N, w_layout=w_layout).astype(out_dtype)
+    elif method == "weight_only":
         dims = (((1,), (0,)), ((), ())) if w_layout == "KN" else (((1,), (1,)), ((), ()))
         acc = jnp.promote_types(out_dtype, x_MK.dtype)
         y_MN = jax.lax.dot_general(x_MK, w.astype(x_MK.dtype), dims, preferred_element_type=acc)
-        y_MN = y_MN * scale_N[None].astype(acc)
-        if bias_N is not None:
-            y_MN = y_MN + bias_N[None].astype(acc)
-        return y_MN.astype(out_dtype)
-    raise QuantizationError(f"unknown int8 matmul method {method!r}; known: {', '.join(METHODS)}")
+        y_MN = (y_MN * scale_N[None].astype(acc)).astype(out_dtype)
+    else:
+        raise QuantizationError(f"unknown int8 matmul method {method!r}; known: {', '.join(METHODS)}")
+    # Added after the product's cast, as a separate add: XLA:CPU's own paths round as before.
+    return y_MN if bias_N is None else y_MN + bias_N[None].astype(y_MN.dtype)
 
 
 def int8_matmul_reference(x_MK: np.ndarray, w_KN: np.ndarray, scale_N: np.ndarray, method: str) -> np.ndarray:

@@ -68,4 +68,5 @@ def int8_matmul_reference(
     q_MK, xs_M1 = quantize_rows(x_MK)
     acc_MN = jax.lax.dot_general(q_MK, w, dims, preferred_element_type=jnp.int32)
     y_MN = acc_MN.astype(jnp.float32) * xs_M1 * scale_N[None].astype(jnp.float32)
+    # The kernel rounds the product, then adds the bias; XLA may fuse the two (one rounding fewer).
     return y_MN if bias_N is None else y_MN + bias_N[None].astype(jnp.float32)
