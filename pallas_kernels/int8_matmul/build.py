@@ -9,9 +9,9 @@ TARGET = "encdec_int8_matmul"
 KERNEL = CpuKernel(
     name="int8_matmul",
     source=Path(__file__).with_name("cpu_kernel.cc"),
-    # No fused multiply-adds the source does not write: the stores round (acc * scales) and then
-    # add the bias, as XLA's reference does, so both paths give the same bits (a one-ulp
-    # difference flips later rows' int8 rounding, and int8 models then decode differently).
+    # No fused multiply-adds the source does not write: the stores round (acc * scales), then
+    # add the bias, the bits of an add after the call (a one-ulp difference flips later rows'
+    # int8 rounding, and int8 models then decode differently).
     isa_flags=("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-ffp-contract=off"),
     cpu_flags=("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
     targets=((TARGET, "EncdecInt8Matmul"),),

@@ -119,9 +119,6 @@ inline void KnInterleave(const int8_t* w, int64_t N, __mmask64 mask, int rows, _
   v[3] = _mm512_unpackhi_epi16(t1, t3);
 }
 
-// One row of a 64-column panel's int32 sums in KnInterleave's lane order (a[i] lane L holds
-// columns 16L + 4i .. +3) to float32 at dst: a 4 x 4 transpose of 128-bit lanes puts columns
-// 16q .. 16q + 15 in out[q]; then (sum - excess) * row scale * column scale, the first cols.
 // What a store applies per output column: the weight's scale, then the bias where there is one
 // (a projection's, BART's logits bias): one pass over y fewer than an add after the call.
 struct Columns {
@@ -130,6 +127,9 @@ struct Columns {
   Columns at(int64_t n0) const { return {scale + n0, bias ? bias + n0 : nullptr}; }
 };
 
+// One row of a 64-column panel's int32 sums in KnInterleave's lane order (a[i] lane L holds
+// columns 16L + 4i .. +3) to float32 at dst: a 4 x 4 transpose of 128-bit lanes puts columns
+// 16q .. 16q + 15 in out[q]; then (sum - excess) * row scale * column scale, rounded, + bias.
 inline void StorePanelRow(const __m512i a[4], int32_t excess, float row_scale, Columns w, float* dst,
                           int64_t cols) {
   const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[2], a[3], 0x44);

@@ -95,6 +95,22 @@ def test_weight_only_model_equals_its_dequantized_float_twin(pair, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).std())
 
 
+def test_the_kernel_and_xla_int8_paths_give_the_same_bits(pair, monkeypatch):
+    """The CPU kernel (biases added as it stores, in every projection and BART's head) and XLA's
+    dynamic int8 path give a model the same logits, bit for bit: one ulp apart in a layer flips
+    the next layer's int8 roundings, and int8 models then decode differently."""
+    if cpu_missing():
+        pytest.skip(f"this CPU lacks {', '.join(cpu_missing())}")
+    _, q = pair
+    cfg = q.config
+    ids, toks = _requests(1, 5)[0], [cfg.decoder_start_token_id, 7, 11, 3]
+    got = {}
+    for method in ("kernel", "dynamic"):
+        monkeypatch.setenv(METHOD_ENV, method)
+        got[method] = _logits(q.params, cfg, ids, toks)
+    np.testing.assert_array_equal(got["kernel"], got["dynamic"])
+
+
 def test_int8_greedy_agrees_with_float32(pair):
     """Figures (these tiny configs, 24 requests x 12 tokens): teacher-forced per-step agreement
     T5 0.997, BART 0.986 (free-running positions 0.958, 0.941). The engine's int8 output equals
