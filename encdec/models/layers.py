@@ -38,12 +38,17 @@ def project(
     ``out_dtype`` (default ``x``'s) is the result's dtype, accumulated in it: float32 out of
     float16 inputs keeps a sum that outgrows float16 finite. An int8 ``w`` comes with
     ``w_scale`` (per output channel, :mod:`encdec.models.quant`), or is packed for the CPU
-    kernel as ``w_tiles`` (an engine's, :func:`encdec.models.packing.engine_params`); a bfloat16
+    kernel as ``w_tiles`` (an engine's, :func:`encdec.models.packing.engine_params`). A float32
+    ``w`` may come with ``w_panels``, the same weight packed for the float32 decode kernel (an
+    engine's head), which decode rows read instead; a bfloat16
     ``w`` under float32 activations multiplies ``x`` rounded to bfloat16, in float32. The adapter stays float.
     """
     int8_w = p.get("w_tiles", p.get("w")) if "w_scale" in p else None
+    panels = _panel_project(eq, x, p, out_dtype) if "w_panels" in p and int8_w is None else None
     if int8_w is not None:  # the bias is added by the int8 product as it stores
         y = _int8_project(eq, x, int8_w, p["w_scale"], out_dtype, tiles="w_tiles" in p, bias=p.get("b"))
+    elif panels is not None:
+        y = panels
     elif p["w"].dtype == jnp.bfloat16 and x.dtype == jnp.float32:  # quantize="bfloat16"
         y = _as_matmul(eq, x.astype(jnp.bfloat16), p["w"], out_dtype or jnp.float32)
     else:
@@ -79,6 +84,28 @@ def _as_matmul(eq: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> ja
     else:
         y = jnp.dot(x_MK, w_KN, preferred_element_type=out_dtype)
     return y.reshape(x.shape[:-n] + w.shape[n:])
+
+
+def _panel_project(eq: str, x: jax.Array, p: Params, out_dtype: Any) -> jax.Array | None:
+    """:func:`project`'s product through ``p["w_panels"]`` (``p["w"]`` packed by
+    :func:`~pallas_kernels.decode_matmul.pack_panels` as ``[K, N]``: its contracted dims, then the
+    rest, in either order), or None where the decode kernel does not take it (more rows, other
+    dtypes): then ``w`` serves."""
+    x_spec, w_spec, out, contracted = _specs(eq)
+    n = len(contracted)
+    kept = "".join(c for c in w_spec if c in out)
+    if not (x_spec.endswith(contracted) and out == x_spec[:-n] + kept) or out_dtype not in (
+        None,
+        jnp.float32,
+    ):
+        return None
+    sizes = dict(zip(w_spec, p["w"].shape, strict=True))
+    x_MK = x.reshape(-1, math.prod(sizes[c] for c in contracted))
+    if os.environ.get(DECODE_MATMUL_ENV) == "xla" or not kernel_applies(x_MK, p["w_panels"]):
+        return None
+    N = math.prod(sizes[c] for c in kept)
+    y = decode_matmul(x_MK, p["w_panels"], w_layout="panels", n=N, implementation="kernel")
+    return y.reshape(x.shape[:-n] + tuple(sizes[c] for c in kept))
 
 
 def _int8_project(

@@ -280,8 +280,8 @@ def logits(params: Params, cfg: ModelConfig, x_BTD: jax.Array) -> jax.Array:
         # The table's transpose, packed for the CPU kernels (encdec.models.packing).
         if "head_tiles" in owner:
             head, eq = {"w_tiles": owner["head_tiles"], "w_scale": owner["embedding_scale_V"]}, "BTD,DV->BTV"
-        elif "head_KN" in owner:
-            head, eq = {"w": owner["head_KN"]}, "BTD,DV->BTV"
+        elif "head_panels" in owner:
+            head, eq = {"w": owner["embedding_VD"], "w_panels": owner["head_panels"]}, "BTD,VD->BTV"
         else:
             head, eq = {"w": owner["embedding_VD"]}, "BTD,VD->BTV"
             if "embedding_scale_V" in owner:

@@ -6,6 +6,14 @@ it keeps the folder's shape (reference, kernel, api).
 """
 
 from pallas_kernels.decode_matmul.api import MAX_ROWS, decode_matmul, kernel_applies, kernel_available
-from pallas_kernels.decode_matmul.reference import decode_matmul_reference
+from pallas_kernels.decode_matmul.reference import decode_matmul_reference, pack_panels, unpack_panels
 
-__all__ = ["MAX_ROWS", "decode_matmul", "decode_matmul_reference", "kernel_applies", "kernel_available"]
+__all__ = [
+    "MAX_ROWS",
+    "decode_matmul",
+    "decode_matmul_reference",
+    "kernel_applies",
+    "kernel_available",
+    "pack_panels",
+    "unpack_panels",
+]

@@ -10,9 +10,13 @@
 //   time, 32 columns across (kBlockRows streams the L2 prefetcher follows), keeping a tile of
 //   up to 8 activation rows x 32 columns in registers; the ranges' partial sums, in memory, are
 //   added at the end.
-// - NK: each thread takes a range of outputs, 4 weight rows (contiguous) at a time, and reduces
-//   16-lane partial sums at the end; the next 4 rows are fetched into L2 as it goes (12 -> 17
-//   GB/s on a t5-small head; XLA's dot reads it at 16).
+// - NK: each thread takes a range of outputs, 2 weight rows (contiguous) at a time against up to 8
+//   activation rows, and reduces 16-lane partial sums at the end; the rows 2 groups on are
+//   fetched into L2 as it goes (15-16 -> 18-21 GB/s on the t5-small and bart-base heads; XLA's dot reads it at 16).
+// - panels ([N / 32, K, 32], a KN weight packed once by an engine: pack_panels): each thread takes
+//   a range of 32-column panels and streams them in address order, fetching 8 KB ahead into L2,
+//   with the panel's sums in registers for all of K. The loads otherwise stalled the products:
+//   a 512 x 512 weight read at 13 GB/s in place, at ~21 packed (the machine streams ~27).
 // Float32 throughout (FMA): the sums differ from XLA's only in their order.
 
 #include <immintrin.h>
@@ -34,6 +38,11 @@ constexpr int64_t kTileRows = 8;      // rows a KN tile keeps in registers (x 2 
 constexpr int64_t kBlockRows = 16;    // weight rows a KN block walks together
 constexpr int64_t kParallelBytes = 1 << 17;  // below, the calling thread does it all
 constexpr int64_t kPrefetchMaxCols = 1024;   // rows of at most 4 KB: prefetched (KnRange)
+constexpr int64_t kNkCols = 2;     // weight rows (outputs) an NK tile reads together
+constexpr int64_t kNkAhead = 2;    // NK groups fetched ahead
+constexpr int64_t kPanelCols = 32;       // columns of a packed panel
+constexpr int64_t kPanelAhead = 8192;    // bytes of a panel stream fetched ahead into L2
+constexpr int64_t kLayoutNk = 1, kLayoutPanels = 2;  // the w_layout attribute (0: KN)
 
 // No lanes for count <= 0: a shift by a negative count is undefined (x86 gave all 16, so a
 // tile's second vector read past a row narrower than 16 columns).
@@ -104,65 +113,125 @@ void KnRange(const float* x, const float* w, int64_t M, int64_t K, int64_t N, in
   }
 }
 
-// The 16-lane sums of four vectors, as four floats.
-inline __m128 Sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-                                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-}
-
-// y[m0:m0+R, n0:n0+C] for an NK weight (R, C <= 4).
+// y[m0:m0+R, n0:n0+C] for an NK weight (R <= 8, C <= 2): every row of the tile in one pass over
+// the C weight rows, so each weight line is loaded once; 16-lane partial sums reduced at the end.
+// `ahead`: where to fetch into L2, line for line, the weight rows kNkAhead groups on (null: none).
 template <int R, int C>
 void NkTile(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0,
-            const float* next) {
-  __m512 a[4][4];
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
+            const float* ahead) {
+  __m512 a[R][C];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 lanes = Lanes(K - k);
-    __m512 wv[4];
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) wv[c] = _mm512_maskz_loadu_ps(lanes, w + (n0 + c) * K + k);
-    if (next)  // the next group's rows, line for line (four streams in a few pages: see KnRange)
-      for (int c = 0; c < 4; ++c) _mm_prefetch((const char*)(next + c * K + k), _MM_HINT_T1);
-#pragma GCC unroll 4
+    __m512 wv[C];
+#pragma GCC unroll 2
+    for (int c = 0; c < C; ++c) {
+      wv[c] = _mm512_maskz_loadu_ps(lanes, w + (n0 + c) * K + k);
+      if (ahead) _mm_prefetch((const char*)(ahead + c * K + k), _MM_HINT_T1);
+    }
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + (m0 + r) * K + k);
-#pragma GCC unroll 4
+#pragma GCC unroll 2
       for (int c = 0; c < C; ++c) a[r][c] = _mm512_fmadd_ps(xv, wv[c], a[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(16) float sums[4];
-    _mm_store_ps(sums, Sum4(a[r][0], a[r][1], a[r][2], a[r][3]));
-    for (int c = 0; c < C; ++c) y[(m0 + r) * N + n0 + c] = sums[c];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[(m0 + r) * N + n0 + c] = _mm512_reduce_add_ps(a[r][c]);
+}
+
+using NkTileFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, const float*);
+
+template <int C>
+NkTileFn NkTileFor(int64_t rows) {
+  static constexpr NkTileFn fns[] = {NkTile<1, C>, NkTile<2, C>, NkTile<3, C>, NkTile<4, C>,
+                                     NkTile<5, C>, NkTile<6, C>, NkTile<7, C>, NkTile<8, C>};
+  return fns[rows - 1];
+}
+
+// Outputs [n0, n1) of an NK weight, kNkCols at a time, every row tile (of at most kTileRows) in
+// turn. The first tile fetches ahead: the weight streams in address order, but each line also
+// costs R x C products, and the hardware prefetcher alone let the loads stall them (a t5-small
+// head: 17 GB/s; fetched into L2 two groups ahead: 19-21).
+void NkRange(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+             int64_t n1) {
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  int64_t n = n0;
+  for (; n < n1; n += kNkCols) {
+    const int64_t cols = std::min(kNkCols, n1 - n);
+    const float* ahead = n + (kNkAhead + 1) * kNkCols <= N ? w + (n + kNkAhead * kNkCols) * K : nullptr;
+    for (int64_t t = 0, m0 = 0; t < tiles; ++t, ahead = nullptr) {
+      const int64_t rows = (M - m0) / (tiles - t);
+      (cols == kNkCols ? NkTileFor<kNkCols>(rows) : NkTileFor<1>(rows))(x, w, y, K, N, m0, n, ahead);
+      m0 += rows;
+    }
   }
 }
 
-template <int C>
-void NkColumns(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0) {
-  const float* next = n0 + 8 <= N ? w + (n0 + 4) * K : nullptr;  // only the first pass fetches
-  int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4, next = nullptr) NkTile<4, C>(x, w, y, K, N, m0, n0, next);
-  switch (M - m0) {
-    case 1: NkTile<1, C>(x, w, y, K, N, m0, n0, next); break;
-    case 2: NkTile<2, C>(x, w, y, K, N, m0, n0, next); break;
-    case 3: NkTile<3, C>(x, w, y, K, N, m0, n0, next); break;
+
+// y[0:R, n0:n0+32] (columns masked past N) from one packed panel [K, 32]; `fetch`: the tile that
+// fetches the stream ahead (the first of a panel's row tiles).
+template <int R>
+void PanelTile(const float* x, int64_t K, const float* panel, int64_t N, int64_t n0, float* y, bool fetch) {
+  __m512 a[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* row = panel + k * kPanelCols;
+    if (fetch) {  // past the weight's end a prefetch is dropped, never a fault
+      _mm_prefetch((const char*)row + kPanelAhead, _MM_HINT_T1);
+      _mm_prefetch((const char*)row + kPanelAhead + 64, _MM_HINT_T1);
+    }
+    const __m512 w0 = _mm512_loadu_ps(row), w1 = _mm512_loadu_ps(row + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 b = _mm512_set1_ps(x[r * K + k]);
+      a[r][0] = _mm512_fmadd_ps(b, w0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(b, w1, a[r][1]);
+    }
+  }
+  const __mmask16 m0 = Lanes(N - n0), m1 = Lanes(N - n0 - 16);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(y + r * N + n0, m0, a[r][0]);
+    _mm512_mask_storeu_ps(y + r * N + n0 + 16, m1, a[r][1]);
+  }
+}
+
+using PanelTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, bool);
+
+PanelTileFn PanelTileFor(int64_t rows) {
+  static constexpr PanelTileFn fns[] = {PanelTile<1>, PanelTile<2>, PanelTile<3>, PanelTile<4>,
+                                        PanelTile<5>, PanelTile<6>, PanelTile<7>, PanelTile<8>};
+  return fns[rows - 1];
+}
+
+// Panels [p0, p1) of a packed weight into y[M, N], every row tile (of at most kTileRows) in turn.
+void PanelRange(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0,
+                int64_t p1) {
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
+      const int64_t rows = (M - m0) / (tiles - t);
+      PanelTileFor(rows)(x + m0 * K, K, w + p * K * kPanelCols, N, p * kPanelCols, y + m0 * N, t == 0);
+      m0 += rows;
+    }
   }
 }
 
 ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y, int64_t nk_layout) {
-  const auto x_dims = x.dimensions(), w_dims = w.dimensions();
-  if (x_dims.size() != 2 || w_dims.size() != 2)
-    return ffi::Error::InvalidArgument("decode matmul: x and w must be matrices");
+                        ffi::ResultBuffer<ffi::F32> y, int64_t w_layout) {
+  const auto x_dims = x.dimensions(), w_dims = w.dimensions(), y_dims = y->dimensions();
+  const bool nk_layout = w_layout == kLayoutNk, panels = w_layout == kLayoutPanels;
+  if (x_dims.size() != 2 || w_dims.size() != (panels ? 3u : 2u) || y_dims.size() != 2)
+    return ffi::Error::InvalidArgument("decode matmul: x and w must be matrices (w: [N / 32, K, 32] panels)");
   const int64_t M = x_dims[0], K = x_dims[1];
-  const int64_t N = nk_layout ? w_dims[0] : w_dims[1];
-  if ((nk_layout ? w_dims[1] : w_dims[0]) != K)
-    return ffi::Error::InvalidArgument("decode matmul: x and w disagree on K");
+  const int64_t N = panels ? y_dims[1] : nk_layout ? w_dims[0] : w_dims[1];
+  const bool panels_fit = panels && w_dims[0] == (N + kPanelCols - 1) / kPanelCols && w_dims[2] == kPanelCols;
+  if ((panels ? !panels_fit || w_dims[1] != K : (nk_layout ? w_dims[1] : w_dims[0]) != K) || y_dims[0] != M)
+    return ffi::Error::InvalidArgument("decode matmul: x, w and y disagree on K or N");
   if (M > kMaxRows) return ffi::Error::InvalidArgument("decode matmul: more than 16 rows");
   float* out = y->typed_data();
   if (M == 0 || N == 0) return ffi::Error::Success();
@@ -174,14 +243,19 @@ ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float* wd = w.typed_data();
   const bool parallel = K * N * 4 >= kParallelBytes;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (panels) {
+    const int64_t count = (N + kPanelCols - 1) / kPanelCols;
+    const int64_t chunks = parallel ? std::min<int64_t>(count, 4 * (threads + 1)) : 1;
+    ParallelFor(pool, chunks, [&](int64_t c) {
+      PanelRange(xd, wd, out, M, K, N, count * c / chunks, count * (c + 1) / chunks);
+    });
+    return ffi::Error::Success();
+  }
   if (nk_layout) {
-    const int64_t groups = (N + 3) / 4;
+    const int64_t groups = (N + kNkCols - 1) / kNkCols;
     const int64_t chunks = parallel ? std::min<int64_t>(groups, 4 * (threads + 1)) : 1;
     ParallelFor(pool, chunks, [&](int64_t c) {
-      const int64_t n1 = std::min(N, groups * (c + 1) / chunks * 4);
-      int64_t n = groups * c / chunks * 4;
-      for (; n + 4 <= n1; n += 4) NkColumns<4>(xd, wd, out, M, K, N, n);
-      for (; n < n1; ++n) NkColumns<1>(xd, wd, out, M, K, N, n);
+      NkRange(xd, wd, out, M, K, N, groups * c / chunks * kNkCols, std::min(N, groups * (c + 1) / chunks * kNkCols));
     });
     return ffi::Error::Success();
   }
@@ -218,4 +292,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EncdecDecodeMatmul, DecodeMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("nk_layout"));
+                                  .Attr<int64_t>("w_layout"));

@@ -1,5 +1,5 @@
 """An engine's packed weights (encdec.models.packing): int8 projections as the kernel's tiles and
-a tied head's table packed beside its embedding give the unpacked tree's logits, the engine
+a float32 head packed as panels beside its weight give the unpacked tree's logits, the engine
 decodes with them, and nothing is packed where no kernel reads it."""
 
 import jax
@@ -13,6 +13,7 @@ from encdec.models import decode, encode, init_dense_kv
 from encdec.models.packing import PACK_ENV, engine_params
 from encdec.models.quant import METHOD_ENV
 from pallas_kernels.decode_matmul import build as decode_build
+from pallas_kernels.decode_matmul import unpack_panels
 from pallas_kernels.int8_matmul import build as int8_build
 from tests.tiny_models import save_hf_model
 
@@ -80,21 +81,25 @@ def test_int8_weights_are_packed_as_tiles_and_give_the_same_logits(pair, monkeyp
 
 
 @pytest.mark.skipif(bool(decode_build.cpu_missing()), reason="no float32 decode kernel here")
-def test_a_tied_float32_head_is_transposed_beside_its_table(pair, monkeypatch):
+def test_a_float32_head_is_packed_as_panels_beside_its_weight(pair, monkeypatch):
     fp, _ = pair
     cfg = fp.config
     packed = engine_params(fp.params, cfg)
-    if not cfg.tie_word_embeddings:
-        assert packed is fp.params
-        return
-    (path,) = _paths(packed, "head_KN")
-    table = fp.params[path[0].key]["embedding_VD"]
-    np.testing.assert_array_equal(np.asarray(packed[path[0].key]["head_KN"]), np.asarray(table).T)
+    (path,) = _paths(packed, "head_panels" if cfg.tie_word_embeddings else "w_panels")
+    node = packed[path[0].key]
+    table_DV = node["embedding_VD"].T if cfg.tie_word_embeddings else node["w"]
+    np.testing.assert_array_equal(
+        np.asarray(unpack_panels(node[path[-1].key], table_DV.shape[1])), np.asarray(table_DV)
+    )
     np.testing.assert_allclose(_logits(packed, cfg), _logits(fp.params, cfg), rtol=1e-5, atol=1e-5)
-    zeroed = {**packed, path[0].key: {**packed[path[0].key], "head_KN": jnp.zeros_like(table).T}}
-    assert not _logits(zeroed, cfg).any()  # the head reads the transposed copy
+    zeroed = {**packed, path[0].key: {**node, path[-1].key: jnp.zeros_like(node[path[-1].key])}}
+    logits = _logits(zeroed, cfg)
+    bias = np.asarray(fp.params["final_logits_bias_V"]) if cfg.final_logits_bias else 0.0
+    np.testing.assert_allclose(
+        logits, np.broadcast_to(bias, logits.shape), atol=1e-6
+    )  # decode rows read the panels
     engine, tokens = _engine_tokens(fp)
-    assert _paths(engine.params, "head_KN")
+    assert _paths(engine.params, path[-1].key)
     monkeypatch.setenv(PACK_ENV, "0")
     assert tokens == _engine_tokens(fp)[1]
 

@@ -1,6 +1,7 @@
 """The float32 decode matmul kernel against its pure-JAX reference: row tiles, column tails,
-both layouts, the threaded split and its prefetched narrow rows; gradients through it; and that
-the model's float32 projections reach it at decode rows only."""
+every layout (packed panels too), the threaded split and its prefetched narrow rows; gradients
+through it; and that the model's float32 projections reach it at decode rows only, packed panels
+included."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,14 @@ import numpy as np
 import pytest
 
 from encdec.models.layers import project
-from pallas_kernels.decode_matmul import build, decode_matmul, decode_matmul_reference, kernel_available
+from pallas_kernels.decode_matmul import (
+    build,
+    decode_matmul,
+    decode_matmul_reference,
+    kernel_available,
+    pack_panels,
+    unpack_panels,
+)
 
 needs_kernel = pytest.mark.skipif(
     bool(build.cpu_missing()), reason=f"this CPU lacks {', '.join(build.cpu_missing())}"
@@ -18,7 +26,7 @@ needs_kernel = pytest.mark.skipif(
 def _operands(M, K, N, layout, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((M, K), np.float32)
-    w = rng.standard_normal((K, N) if layout == "KN" else (N, K), np.float32)
+    w = rng.standard_normal((N, K) if layout == "NK" else (K, N), np.float32)
     return jnp.asarray(x), jnp.asarray(w)
 
 
@@ -29,7 +37,7 @@ def test_the_kernel_builds_where_the_cpu_has_avx512():
 
 
 @needs_kernel
-@pytest.mark.parametrize("layout", ["KN", "NK"])
+@pytest.mark.parametrize("layout", ["KN", "NK", "panels"])
 @pytest.mark.parametrize(
     "M, K, N",
     [
@@ -39,16 +47,22 @@ def test_the_kernel_builds_where_the_cpu_has_avx512():
         (5, 512, 512),  # threaded (1 MB), prefetched narrow rows
         (16, 768, 3072),  # every row the kernel takes: two row tiles; wide rows, not prefetched
         (9, 2048, 200),  # row tiles 4 + 5; ranges of 64 blocks
+        (2, 64, 4100),  # panels: a last panel of 4 columns, chunks of several panels
     ],
 )
 def test_kernel_equals_the_reference(layout, M, K, N):
     x, w = _operands(M, K, N, layout, seed=M * 100 + N)
+    packed = pack_panels(w) if layout == "panels" else w
+    n = N if layout == "panels" else None
     fn = jax.jit(
-        lambda x, w, impl: decode_matmul(x, w, w_layout=layout, implementation=impl), static_argnums=2
+        lambda x, w, impl: decode_matmul(x, w, w_layout=layout, n=n, implementation=impl), static_argnums=2
     )
-    got, want = np.asarray(fn(x, w, "kernel")), np.asarray(fn(x, w, "xla"))
+    got, want = np.asarray(fn(x, packed, "kernel")), np.asarray(fn(x, packed, "xla"))
+    np.testing.assert_array_equal(
+        np.asarray(decode_matmul_reference(x, w, w_layout="NK" if layout == "NK" else "KN")), want
+    )
     # float32 sums in another order: within a few ulps of the sum's magnitude.
-    scale = np.abs(np.asarray(x)) @ np.abs(np.asarray(w if layout == "KN" else w.T))
+    scale = np.abs(np.asarray(x)) @ np.abs(np.asarray(w.T if layout == "NK" else w))
     np.testing.assert_array_less(np.abs(got - want), 1e-5 * scale + 1e-6)
 
 
@@ -79,12 +93,39 @@ def test_float32_projections_call_the_kernel_at_decode_rows_only():
     assert build.TARGET not in hlo(17)  # the encoder's rows: XLA's dot
 
 
+@needs_kernel
+def test_a_projection_reads_its_packed_panels_at_decode_rows_and_its_w_beyond():
+    rng = np.random.default_rng(6)
+    w_VD = jnp.asarray(rng.standard_normal((70, 64), np.float32))  # a tied head's table
+    p = {"w": w_VD, "w_panels": pack_panels(w_VD.T)}
+    decoy = {"w": w_VD, "w_panels": jnp.zeros_like(p["w_panels"])}  # which weight was read?
+    for rows, panels_read in ((8, True), (17, False)):
+        x = jnp.asarray(rng.standard_normal((rows, 1, 64), np.float32))
+        want = np.asarray(x) @ np.asarray(w_VD).T
+        np.testing.assert_allclose(np.asarray(project(p, x, "BTD,VD->BTV")), want, rtol=1e-5, atol=1e-4)
+        assert (not np.asarray(project(decoy, x, "BTD,VD->BTV")).any()) == panels_read
+
+
+def test_packed_panels_round_trip():
+    w = jnp.asarray(np.arange(5 * 70, dtype=np.float32).reshape(5, 70))
+    panels = pack_panels(w)
+    assert panels.shape == (3, 5, 32)
+    np.testing.assert_array_equal(np.asarray(unpack_panels(panels, 70)), np.asarray(w))
+    assert not np.asarray(panels)[2, :, 6:].any()  # the last panel's padding
+
+
 def test_bad_arguments_are_refused():
     x, w = _operands(2, 8, 4, "KN", seed=5)
     with pytest.raises(ValueError, match="unknown implementation 'pallas'"):
         decode_matmul(x, w, implementation="pallas")
     with pytest.raises(ValueError, match="w_layout"):
         decode_matmul(x, w, w_layout="MN")
+    with pytest.raises(ValueError, match="do not hold a"):
+        decode_matmul(x, pack_panels(w), w_layout="panels")  # no n
+    with pytest.raises(ValueError, match="do not hold a"):
+        decode_matmul(x, pack_panels(w), w_layout="panels", n=40)
+    with pytest.raises(ValueError, match="n=5"):
+        decode_matmul(x, w, n=5)
     if kernel_available():
         with pytest.raises(TypeError, match="float32"):
             decode_matmul(x.astype(jnp.bfloat16), w, implementation="kernel")
