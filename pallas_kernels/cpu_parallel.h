@@ -50,7 +50,8 @@ class Team {
   bool Run(int64_t chunks, void (*fn)(void*, int64_t), void* ctx) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
-    fn_ = fn, ctx_ = ctx, chunks_ = chunks;
+    fn_ = fn, ctx_ = ctx;
+    chunks_.store(chunks, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     const uint64_t gen = (word_.load(std::memory_order_relaxed) >> 32) + 1;
     word_.store(gen << 32);  // seq_cst with sleeping_: a helper going to sleep sees it or is woken
@@ -80,7 +81,7 @@ class Team {
   void Work(uint64_t gen) {
     for (;;) {
       uint64_t w = word_.load(std::memory_order_acquire);
-      if ((w >> 32) != gen || (int64_t)(w & 0xffffffffu) >= chunks_) return;
+      if ((w >> 32) != gen || (int64_t)(w & 0xffffffffu) >= chunks_.load(std::memory_order_relaxed)) return;
       if (!word_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel)) continue;
       fn_(ctx_, (int64_t)(w & 0xffffffffu));
       done_.fetch_add(1, std::memory_order_release);
@@ -117,7 +118,7 @@ class Team {
   std::atomic<int> sleeping_{0};
   void (*fn_)(void*, int64_t) = nullptr;
   void* ctx_ = nullptr;
-  int64_t chunks_ = 0;
+  std::atomic<int64_t> chunks_{0};  // atomic: a late helper may read it while the next job is set
   std::vector<std::thread> threads_;
 };
 
