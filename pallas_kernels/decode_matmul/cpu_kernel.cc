@@ -50,17 +50,35 @@ inline __mmask16 Lanes(int64_t count) {
   return count >= 16 ? 0xFFFF : count <= 0 ? 0 : (__mmask16)((1u << count) - 1);
 }
 
-// acc[0:R, 0:32] (+)= x[0:R, k0:k1] . w[k0:k1, n0:n0+32] (columns masked past N).
-template <int R>
-void KnTile(const float* x, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1, int64_t n0,
-            float* acc, int64_t acc_stride, bool first) {
-  const __mmask16 m0 = Lanes(N - n0), m1 = Lanes(N - n0 - 16);
+// Where a tile's weight columns come from and its sums go: the KN path's 32 columns of rows
+// [k0, k1) in place (loads masked past N, sums added to a padded buffer), or a packed panel's
+// (every column loaded, stores masked past N, the stream fetched ahead).
+struct TileIo {
+  const float* w;      // weight row 0's first column of the 32
+  int64_t w_stride;    // floats from one weight row to the next
+  __mmask16 load[2];   // the columns loaded (a vector each)
+  float* out;          // sums row 0
+  int64_t out_stride;  // floats from one sums row to the next
+  __mmask16 store[2];  // the columns stored
+  bool add;            // add the tile to what `out` holds
+};
+
+// out[0:R, 0:32] (+)= x[0:R, k0:k1] . w[k0:k1, 0:32], x's rows K apart: 8 rows x 2 vectors of
+// sums in registers, each weight row loaded once and broadcast-multiplied by every x row.
+// `Fetch`: fetch kPanelAhead bytes on into L2 as the rows stream (a packed panel's first tile; a
+// compile-time choice: tested in the loop, it cost the panels 4-7%).
+template <int R, bool Fetch>
+void Tile(const float* x, int64_t K, int64_t k0, int64_t k1, const TileIo& io) {
   __m512 a[R][2];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
   for (int64_t k = k0; k < k1; ++k) {
-    const float* row = w + k * N + n0;
-    const __m512 w0 = _mm512_maskz_loadu_ps(m0, row), w1 = _mm512_maskz_loadu_ps(m1, row + 16);
+    const float* row = io.w + k * io.w_stride;
+    if (Fetch) {  // past the weight's end a prefetch is dropped, never a fault
+      _mm_prefetch((const char*)row + kPanelAhead, _MM_HINT_T1);
+      _mm_prefetch((const char*)row + kPanelAhead + 64, _MM_HINT_T1);
+    }
+    const __m512 w0 = _mm512_maskz_loadu_ps(io.load[0], row), w1 = _mm512_maskz_loadu_ps(io.load[1], row + 16);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 b = _mm512_set1_ps(x[r * K + k]);
@@ -70,23 +88,25 @@ void KnTile(const float* x, int64_t K, const float* w, int64_t N, int64_t k0, in
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    float* t = acc + r * acc_stride;
-    if (!first) {
-      a[r][0] = _mm512_add_ps(a[r][0], _mm512_loadu_ps(t));
-      a[r][1] = _mm512_add_ps(a[r][1], _mm512_loadu_ps(t + 16));
+    float* t = io.out + r * io.out_stride;
+    if (io.add) {
+      a[r][0] = _mm512_add_ps(a[r][0], _mm512_maskz_loadu_ps(io.store[0], t));
+      a[r][1] = _mm512_add_ps(a[r][1], _mm512_maskz_loadu_ps(io.store[1], t + 16));
     }
-    _mm512_storeu_ps(t, a[r][0]);
-    _mm512_storeu_ps(t + 16, a[r][1]);
+    _mm512_mask_storeu_ps(t, io.store[0], a[r][0]);
+    _mm512_mask_storeu_ps(t + 16, io.store[1], a[r][1]);
   }
 }
 
-using KnTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*,
-                          int64_t, bool);
+using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, const TileIo&);
 
-KnTileFn KnTileFor(int64_t rows) {
-  static constexpr KnTileFn fns[] = {KnTile<1>, KnTile<2>, KnTile<3>, KnTile<4>,
-                                     KnTile<5>, KnTile<6>, KnTile<7>, KnTile<8>};
-  return fns[rows - 1];
+TileFn TileFor(int64_t rows, bool fetch) {
+  static constexpr TileFn fns[2][8] = {
+      {Tile<1, false>, Tile<2, false>, Tile<3, false>, Tile<4, false>, Tile<5, false>, Tile<6, false>,
+       Tile<7, false>, Tile<8, false>},
+      {Tile<1, true>, Tile<2, true>, Tile<3, true>, Tile<4, true>, Tile<5, true>, Tile<6, true>, Tile<7, true>,
+       Tile<8, true>}};
+  return fns[fetch][rows - 1];
 }
 
 // Weight rows [k0, k1) into acc[M, Np] (stored by the first block, added by the rest).
@@ -104,9 +124,11 @@ void KnRange(const float* x, const float* w, int64_t M, int64_t K, int64_t N, in
     for (int64_t n0 = 0; n0 < N; n0 += 32) {
       for (int64_t b = n0 / 32 * slice; b < std::min(next_bytes, (n0 / 32 + 1) * slice); b += 64)
         _mm_prefetch(next + b, _MM_HINT_T1);
+      TileIo io{w + n0, N, {Lanes(N - n0), Lanes(N - n0 - 16)}, nullptr, Np, {0xFFFF, 0xFFFF}, k != k0};
       for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
         const int64_t rows = (M - m0) / (tiles - t);
-        KnTileFor(rows)(x + m0 * K, K, w, N, k, kend, n0, acc + m0 * Np + n0, Np, k == k0);
+        io.out = acc + m0 * Np + n0;
+        TileFor(rows, false)(x + m0 * K, K, k, kend, io);
         m0 += rows;
       }
     }
@@ -170,52 +192,17 @@ void NkRange(const float* x, const float* w, float* y, int64_t M, int64_t K, int
   }
 }
 
-
-// y[0:R, n0:n0+32] (columns masked past N) from one packed panel [K, 32]; `fetch`: the tile that
-// fetches the stream ahead (the first of a panel's row tiles).
-template <int R>
-void PanelTile(const float* x, int64_t K, const float* panel, int64_t N, int64_t n0, float* y, bool fetch) {
-  __m512 a[R][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const float* row = panel + k * kPanelCols;
-    if (fetch) {  // past the weight's end a prefetch is dropped, never a fault
-      _mm_prefetch((const char*)row + kPanelAhead, _MM_HINT_T1);
-      _mm_prefetch((const char*)row + kPanelAhead + 64, _MM_HINT_T1);
-    }
-    const __m512 w0 = _mm512_loadu_ps(row), w1 = _mm512_loadu_ps(row + 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 b = _mm512_set1_ps(x[r * K + k]);
-      a[r][0] = _mm512_fmadd_ps(b, w0, a[r][0]);
-      a[r][1] = _mm512_fmadd_ps(b, w1, a[r][1]);
-    }
-  }
-  const __mmask16 m0 = Lanes(N - n0), m1 = Lanes(N - n0 - 16);
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    _mm512_mask_storeu_ps(y + r * N + n0, m0, a[r][0]);
-    _mm512_mask_storeu_ps(y + r * N + n0 + 16, m1, a[r][1]);
-  }
-}
-
-using PanelTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, bool);
-
-PanelTileFn PanelTileFor(int64_t rows) {
-  static constexpr PanelTileFn fns[] = {PanelTile<1>, PanelTile<2>, PanelTile<3>, PanelTile<4>,
-                                        PanelTile<5>, PanelTile<6>, PanelTile<7>, PanelTile<8>};
-  return fns[rows - 1];
-}
-
 // Panels [p0, p1) of a packed weight into y[M, N], every row tile (of at most kTileRows) in turn.
 void PanelRange(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0,
                 int64_t p1) {
   const int64_t tiles = (M + kTileRows - 1) / kTileRows;
   for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * kPanelCols;
+    TileIo io{w + p * K * kPanelCols, kPanelCols, {0xFFFF, 0xFFFF}, nullptr, N, {Lanes(N - n0), Lanes(N - n0 - 16)}, false};
     for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
       const int64_t rows = (M - m0) / (tiles - t);
-      PanelTileFor(rows)(x + m0 * K, K, w + p * K * kPanelCols, N, p * kPanelCols, y + m0 * N, t == 0);
+      io.out = y + m0 * N + n0;
+      TileFor(rows, t == 0)(x + m0 * K, K, 0, K, io);  // the first tile fetches ahead
       m0 += rows;
     }
   }
