@@ -169,7 +169,7 @@ class Engine:
         self._prefill_widths = prefill_widths(self.max_prefix - 1)
         window = attention_path(config.attention_impl) == "window"
         if mesh is None:
-            self.params = engine_params(model.params, cfg)
+            self.params = engine_params(model.params, cfg, decode_rows=config.num_slots)
             pools = init_pools(self.pool_config)
             self.state = init_state(
                 pools, config.num_slots, self.slot_shape, window=window, window_dtype=config.window_dtype

@@ -8,21 +8,27 @@ the step's time. Packed once here, when an engine is built:
   (``w_tiles``, :func:`~pallas_kernels.int8_matmul.pack_tiles`), each read in address order
   with its sums in AMX tiles (or VPDPBUSD registers) for all of K; a tied head's table packed the
   same way beside the embedding (``head_tiles``). The encoder's many-row products gain as well.
-- float32: the LM head as the float32 decode kernel's panels
-  (:func:`~pallas_kernels.decode_matmul.pack_panels`, 32 columns each, contiguous for all of K),
-  streamed in address order with the next bytes fetched into L2: a tied head's table beside the
-  embedding (``head_panels``), an untied head's ``w`` beside it (``w_panels``). The head is a
-  decode step's largest product (bart-base's: 768 x 50265, 18 -> ~22 GB/s against the table
-  transposed in rows); the other projections' decode rows gained nothing packed (a call of 1-4 MB
-  loses its time elsewhere).
+- float32 (decode steps of at most 16 rows, the kernel's): every projection a decode step reads
+  (a decoder layer's self-attention, cross-attention query and output, FFN; an untied head) as
+  the float32 decode kernel's panels (:func:`~pallas_kernels.decode_matmul.pack_panels`, 32
+  columns each, contiguous for all of K), streamed in address order with the next bytes fetched
+  into L2. A weight whose last output dim is a multiple of 32 is replaced by its panels
+  (``w_panels`` shaped ``(*out_dims[:-1], out_dims[-1] / 32, K, 32)``: no ``w``, no second copy);
+  another keeps ``w`` beside ``[ceil(N / 32), K, 32]`` panels. A tied head's table gets panels
+  beside the embedding (``head_panels``). bart-base's float32 step at 8 slots: 21.9-22.2 ->
+  18.7-19.4 ms with its projections packed too, not the head alone (its head: 768 x 50265, 18 ->
+  ~22 GB/s as panels).
 
 The packed copies are the engine's own: the model keeps its tree for checkpoints, adapters and
-other backends, so an engine holds a second copy of what it packs (a byte a weight for int8;
-the head for float32). ``ENCDEC_PACK_WEIGHTS=0`` keeps the models' layouts (comparisons).
+other backends, so an engine holds a second copy of what it packs (a byte a weight for int8; a
+tied table's panels and any weight packed beside its ``w`` for float32). ``ENCDEC_PACK_WEIGHTS=0``
+keeps the models' layouts (comparisons).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -32,36 +38,87 @@ import jax.numpy as jnp
 import numpy as np
 
 from encdec.config import ModelConfig
+from encdec.models.layers import DECODE_MATMUL_ENV
 from encdec.models.quant import INPUT_DIMS, is_quantized, matmul_method
 from encdec.models.transformer import tied_head_owner
+from pallas_kernels.decode_matmul import MAX_ROWS, pack_panels
 from pallas_kernels.decode_matmul import kernel_available as decode_kernel_available
-from pallas_kernels.decode_matmul import pack_panels
+from pallas_kernels.decode_matmul.reference import PANEL_COLS
 from pallas_kernels.int8_matmul import pack_tiles
 
 PACK_ENV = "ENCDEC_PACK_WEIGHTS"
 """``0`` keeps an engine's weights in the models' layouts."""
 
+DECODE_PROJECTIONS = {
+    "attn": ("q", "k", "v", "o"),
+    "cross_attn": ("q", "o"),
+    "ffn": ("wi", "wi_0", "wi_1", "wo"),
+}
+"""A decoder layer's projections that every decode step reads, by block. The cross-attention's
+``k`` and ``v`` project the encoder's states once, at admission, over many rows: never packed."""
 
-def engine_params(params: Mapping[str, Any], cfg: ModelConfig) -> Mapping[str, Any]:
+
+def engine_params(
+    params: Mapping[str, Any], cfg: ModelConfig, *, decode_rows: int = MAX_ROWS
+) -> Mapping[str, Any]:
     """``params`` with its decode-time weights packed for the CPU kernels (see the module doc),
     or ``params`` itself where no kernel reads a packed layout (other backends, int8 through XLA,
-    float16 or bfloat16 weights) or ``ENCDEC_PACK_WEIGHTS=0``."""
+    float16 or bfloat16 weights, float32 decode steps of more than 16 rows, ``decode_rows``)
+    or ``ENCDEC_PACK_WEIGHTS=0``."""
     if os.environ.get(PACK_ENV) == "0" or jax.default_backend() != "cpu":
         return params
     if is_quantized(params):
         return _int8_tiles(params, cfg) if matmul_method() == "kernel" else params
-    if not decode_kernel_available():
+    if decode_rows > MAX_ROWS or os.environ.get(DECODE_MATMUL_ENV) == "xla" or not decode_kernel_available():
         return params
+    return _float32_panels(params, cfg)
+
+
+def _float32_panels(params: Mapping[str, Any], cfg: ModelConfig) -> Mapping[str, Any]:
+    dec = params["decoder"]
+    layers = [_panel_layer(layer) for layer in dec["layers"]]
+    out = dict(params)
+    if any(new is not old for new, old in zip(layers, dec["layers"], strict=True)):
+        out["decoder"] = {**dec, "layers": type(dec["layers"])(layers)}
     owner = _head_owner(params, cfg)
     if owner is not None:
         table_VD = params[owner]["embedding_VD"]
-        if table_VD.dtype != jnp.float32:
-            return params
-        return {**params, owner: {**params[owner], "head_panels": _pack_panels(jnp.swapaxes(table_VD, 0, 1))}}
-    head = params.get("lm_head")
-    if head is None or head["w"].dtype != jnp.float32 or head["w"].ndim != 2:
-        return params
-    return {**params, "lm_head": {**head, "w_panels": _pack_panels(head["w"])}}
+        if table_VD.dtype == jnp.float32:
+            out[owner] = {**params[owner], "head_panels": _pack_panels(jnp.swapaxes(table_VD, 0, 1))}
+    elif "lm_head" in params:
+        out["lm_head"] = _panel_node(params["lm_head"], "lm_head")
+    unchanged = all(out[k] is params[k] for k in params)
+    return params if unchanged else out
+
+
+def _panel_layer(layer: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``layer`` with its decode-time projections packed, or itself where none is float32."""
+    out = dict(layer)
+    for block, names in DECODE_PROJECTIONS.items():
+        if block in layer:
+            out[block] = {k: _panel_node(v, k) if k in names else v for k, v in layer[block].items()}
+    changed = any(out[b][k] is not layer[b][k] for b in DECODE_PROJECTIONS if b in layer for k in layer[b])
+    return out if changed else layer
+
+
+def _panel_node(node: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """A float32 projection with its ``w`` as panels: in their place where its last output dim
+    is a multiple of 32, else beside it (see the module doc)."""
+    w = node["w"]
+    if w.dtype != jnp.float32:
+        return node
+    n_in = INPUT_DIMS[name]
+    out_dims = w.shape[n_in:]
+    if out_dims[-1] % PANEL_COLS:
+        return {**node, "w_panels": _pack_panels(w.reshape(math.prod(w.shape[:n_in]), -1))}
+    return {**{k: v for k, v in node.items() if k != "w"}, "w_panels": _shaped_panels(w, n_in)}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _shaped_panels(w: jax.Array, n_in: int) -> jax.Array:
+    K, out_dims = math.prod(w.shape[:n_in]), w.shape[n_in:]
+    panels = pack_panels(w.reshape(K, -1))
+    return panels.reshape(*out_dims[:-1], out_dims[-1] // PANEL_COLS, K, PANEL_COLS)
 
 
 def _head_owner(params: Mapping[str, Any], cfg: ModelConfig) -> str | None:

@@ -1,6 +1,8 @@
 """An engine's packed weights (encdec.models.packing): int8 projections as the kernel's tiles and
-a float32 head packed as panels beside its weight give the unpacked tree's logits, the engine
-decodes with them, and nothing is packed where no kernel reads it."""
+float32 decode projections as panels give the unpacked tree's logits, the engine decodes with
+them, and nothing is packed where no kernel reads it."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +12,16 @@ import pytest
 import encdec
 from encdec.engine import Engine, EngineConfig, Request
 from encdec.models import decode, encode, init_dense_kv
-from encdec.models.packing import PACK_ENV, engine_params
+from encdec.models.packing import DECODE_PROJECTIONS, PACK_ENV, engine_params
 from encdec.models.quant import METHOD_ENV
+from encdec.models.transformer import tied_head_owner
 from pallas_kernels.decode_matmul import build as decode_build
 from pallas_kernels.decode_matmul import unpack_panels
 from pallas_kernels.int8_matmul import build as int8_build
 from tests.tiny_models import save_hf_model
 
-# T5 at initializer_factor 1 (see test_quant), tied BART, and T5 v1.1's untied head.
+# T5 at initializer_factor 1 (see test_quant), tied BART, and T5 v1.1 (gated FFN; transformers 5
+# saves its head tied: _untied gives it one of its own).
 CONFIGS = {
     "t5": ("t5", {"initializer_factor": 1.0}),
     "bart": ("bart", {}),
@@ -80,26 +84,89 @@ def test_int8_weights_are_packed_as_tiles_and_give_the_same_logits(pair, monkeyp
     assert unpacked.params is q.params and tokens == want
 
 
+def _unpacked(node):
+    """A packed projection's ``w``, from its panels (in place, or beside ``w``)."""
+    if "w" in node:
+        return node["w"]
+    panels = node["w_panels"]
+    out_dims = (*panels.shape[:-3], panels.shape[-3] * 32)
+    return unpack_panels(panels.reshape(-1, *panels.shape[-2:]), int(np.prod(out_dims)))
+
+
+def _decoder_projections(params):
+    for i, layer in enumerate(params["decoder"]["layers"]):
+        for block, names in DECODE_PROJECTIONS.items():
+            for name in names:
+                if name in layer.get(block, {}):
+                    yield (i, block, name), layer[block][name]
+
+
+def _with_projections(params, fn):
+    """``params`` with ``fn(key, node)`` for each decoder projection a decode step reads."""
+    layers = [
+        {
+            **layer,
+            **{
+                block: {k: fn((i, block, k), v) if k in names else v for k, v in layer[block].items()}
+                for block, names in DECODE_PROJECTIONS.items()
+                if block in layer
+            },
+        }
+        for i, layer in enumerate(params["decoder"]["layers"])
+    ]
+    return {**params, "decoder": {**params["decoder"], "layers": layers}}
+
+
+def _untied(model):
+    """The model with an untied head of its own (the tiny T5 v1.1 saves tied under transformers 5)."""
+    owner = model.params[tied_head_owner(model.params)]
+    w_DV = jnp.asarray(np.random.default_rng(3).standard_normal(owner["embedding_VD"].T.shape, np.float32))
+    cfg = dataclasses.replace(model.config, tie_word_embeddings=False, tied_output_rescale=False)
+    return dataclasses.replace(model, config=cfg, params={**model.params, "lm_head": {"w": w_DV}})
+
+
 @pytest.mark.skipif(bool(decode_build.cpu_missing()), reason="no float32 decode kernel here")
-def test_a_float32_head_is_packed_as_panels_beside_its_weight(pair, monkeypatch):
-    fp, _ = pair
+@pytest.mark.parametrize("head", ["own", "untied"])
+def test_float32_decode_projections_are_packed_as_panels(pair, head, monkeypatch):
+    """Every projection a decode step reads becomes panels: in place of a ``w`` whose last output
+    dim is a multiple of 32, else beside it; a tied table gets panels beside the embedding. The
+    logits are the unpacked tree's, decode rows read the panels, the engine's tokens are the
+    unpacked engine's, and an engine of more than 16 slots packs nothing."""
+    fp = pair[0] if head == "own" else _untied(pair[0])
     cfg = fp.config
     packed = engine_params(fp.params, cfg)
-    (path,) = _paths(packed, "head_panels" if cfg.tie_word_embeddings else "w_panels")
-    node = packed[path[0].key]
-    table_DV = node["embedding_VD"].T if cfg.tie_word_embeddings else node["w"]
-    np.testing.assert_array_equal(
-        np.asarray(unpack_panels(node[path[-1].key], table_DV.shape[1])), np.asarray(table_DV)
-    )
+    assert packed["encoder"] is fp.params["encoder"]
+    nodes = dict(_decoder_projections(packed))
+    assert nodes and all("w_panels" in n for n in nodes.values())
+    assert any("w" not in n for n in nodes.values())  # d_model 32: o and wo packed in place
+    for key, node in _decoder_projections(fp.params):
+        np.testing.assert_array_equal(np.asarray(_unpacked(nodes[key])).reshape(node["w"].shape), node["w"])
+        assert ("w" in nodes[key]) == bool(node["w"].shape[-1] % 32)
+    for layer in packed["decoder"]["layers"]:  # projected once per request, over many rows
+        assert "w_panels" not in layer["cross_attn"]["k"] and "w_panels" not in layer["cross_attn"]["v"]
+    if cfg.tie_word_embeddings:
+        zero_key = tied_head_owner(packed)
+        owner = packed[zero_key]
+        table_DV = unpack_panels(owner["head_panels"], cfg.vocab_size)
+        np.testing.assert_array_equal(table_DV, owner["embedding_VD"].T)
+        zero_head = {**owner, "head_panels": jnp.zeros_like(owner["head_panels"])}
+    else:
+        zero_key, head_node = "lm_head", packed["lm_head"]
+        assert "w" not in head_node  # a vocabulary of 96: panels in place
+        np.testing.assert_array_equal(_unpacked(head_node), fp.params["lm_head"]["w"])
+        zero_head = {"w_panels": jnp.zeros_like(head_node["w_panels"])}
     np.testing.assert_allclose(_logits(packed, cfg), _logits(fp.params, cfg), rtol=1e-5, atol=1e-5)
-    zeroed = {**packed, path[0].key: {**node, path[-1].key: jnp.zeros_like(node[path[-1].key])}}
-    logits = _logits(zeroed, cfg)
     bias = np.asarray(fp.params["final_logits_bias_V"]) if cfg.final_logits_bias else 0.0
-    np.testing.assert_allclose(
-        logits, np.broadcast_to(bias, logits.shape), atol=1e-6
-    )  # decode rows read the panels
+    logits = _logits({**packed, zero_key: zero_head}, cfg)
+    np.testing.assert_allclose(logits, np.broadcast_to(bias, logits.shape), atol=1e-6)  # the head's panels
+    # Zeroed panels read as zeroed weights: decode rows read the panels, not a ``w`` beside them.
+    zero_panels = _with_projections(packed, lambda _, n: {**n, "w_panels": jnp.zeros_like(n["w_panels"])})
+    zero_w = _with_projections(fp.params, lambda _, n: {**n, "w": jnp.zeros_like(n["w"])})
+    np.testing.assert_allclose(_logits(zero_panels, cfg), _logits(zero_w, cfg), rtol=1e-5, atol=1e-5)
     engine, tokens = _engine_tokens(fp)
-    assert _paths(engine.params, path[-1].key)
+    assert dict(_decoder_projections(engine.params)).keys() == nodes.keys()
+    assert all("w_panels" in n for _, n in _decoder_projections(engine.params))
+    assert engine_params(fp.params, cfg, decode_rows=17) is fp.params
     monkeypatch.setenv(PACK_ENV, "0")
     assert tokens == _engine_tokens(fp)[1]
 

@@ -106,6 +106,29 @@ def test_a_projection_reads_its_packed_panels_at_decode_rows_and_its_w_beyond():
         assert (not np.asarray(project(decoy, x, "BTD,VD->BTV")).any()) == panels_read
 
 
+@needs_kernel
+@pytest.mark.parametrize(
+    "eq, w_shape, x_shape",
+    [("BTD,DNH->BTNH", (48, 2, 64), (1, 48)), ("BTNH,NHD->BTD", (2, 24, 32), (1, 2, 24))],
+)
+def test_a_projection_packed_in_place_reads_its_panels_at_any_rows(eq, w_shape, x_shape):
+    """Panels in place of ``w`` (shaped ``(*out[:-1], out[-1] / 32, K, 32)``, an engine's decoder
+    projection): the kernel at decode rows, the panels unpacked beyond; both are ``w``'s product."""
+    rng = np.random.default_rng(7)
+    w = jnp.asarray(rng.standard_normal(w_shape, np.float32))
+    n_in = len(x_shape) - 1
+    K, out_dims = int(np.prod(w_shape[:n_in])), w_shape[n_in:]
+    panels = pack_panels(w.reshape(K, -1)).reshape(*out_dims[:-1], out_dims[-1] // 32, K, 32)
+    p, decoy = {"w_panels": panels}, {"w_panels": jnp.zeros_like(panels)}
+    for rows in (8, 17):
+        x = jnp.asarray(rng.standard_normal((rows, *x_shape), np.float32))
+        want = np.einsum(eq, np.asarray(x), np.asarray(w))
+        got = project(p, x, eq)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+        assert not np.asarray(project(decoy, x, eq)).any()
+
+
 def test_packed_panels_round_trip():
     w = jnp.asarray(np.arange(5 * 70, dtype=np.float32).reshape(5, 70))
     panels = pack_panels(w)
