@@ -15,8 +15,7 @@ import numpy as np
 
 from encdec.config import ModelConfig
 from encdec.models.quant import int8_matmul
-from pallas_kernels.decode_matmul import decode_matmul, kernel_applies, unpack_panels
-from pallas_kernels.decode_matmul.reference import PANEL_COLS
+from pallas_kernels.decode_matmul import decode_matmul, kernel_applies
 
 DECODE_MATMUL_ENV = "ENCDEC_DECODE_MATMUL"
 """``xla`` keeps XLA's dot for float32 decode rows where the CPU kernel would run (comparisons)."""
@@ -41,9 +40,8 @@ def project(
     ``w_scale`` (per output channel, :mod:`encdec.models.quant`), or is packed for the CPU
     kernel as ``w_tiles`` (an engine's, :func:`encdec.models.packing.engine_params`). A float32
     ``w`` may come with ``w_panels``, the same weight packed for the float32 decode kernel (an
-    engine's), which decode rows read instead, or be replaced by them (``w_panels`` alone). A
-    bfloat16 ``w`` under float32 activations multiplies ``x`` rounded to bfloat16, in float32.
-    The adapter stays float.
+    engine's decoder and head), which decode rows read instead; a bfloat16
+    ``w`` under float32 activations multiplies ``x`` rounded to bfloat16, in float32. The adapter stays float.
     """
     int8_w = p.get("w_tiles", p.get("w")) if "w_scale" in p else None
     panels = _panel_project(eq, x, p, out_dtype) if "w_panels" in p and int8_w is None else None
@@ -89,34 +87,25 @@ def _as_matmul(eq: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> ja
 
 
 def _panel_project(eq: str, x: jax.Array, p: Params, out_dtype: Any) -> jax.Array | None:
-    """:func:`project`'s product through ``p["w_panels"]``, ``w`` packed by
-    :func:`~pallas_kernels.decode_matmul.pack_panels` as ``[K, N]`` (its contracted dims, then
-    the rest, in either order): beside ``w`` as ``[ceil(N / 32), K, 32]``, or in its place shaped
-    ``(*out_dims[:-1], out_dims[-1] / 32, K, 32)`` (:mod:`encdec.models.packing`). Where the
-    decode kernel does not take the product (more rows, other dtypes), None beside ``w`` (then
-    ``w`` serves); in its place, the panels unpacked to ``w``, which costs a copy."""
+    """:func:`project`'s product through ``p["w_panels"]`` (``p["w"]`` packed by
+    :func:`~pallas_kernels.decode_matmul.pack_panels` as ``[K, N]``: its contracted dims, then the
+    rest, in either order), or None where the decode kernel does not take it (more rows, other
+    dtypes): then ``w`` serves."""
     x_spec, w_spec, out, contracted = _specs(eq)
     n = len(contracted)
     kept = "".join(c for c in w_spec if c in out)
-    if not (x_spec.endswith(contracted) and out == x_spec[:-n] + kept):
-        raise ValueError(f"projection {eq!r}: packed panels need x to end with the contracted dims")
-    panels = p["w_panels"]
-    if "w" in p:
-        sizes = dict(zip(w_spec, p["w"].shape, strict=True))
-        out_dims = tuple(sizes[c] for c in kept)
-    else:
-        out_dims = (*panels.shape[:-3], panels.shape[-3] * PANEL_COLS)
-    K, N = math.prod(x.shape[-n:]), math.prod(out_dims)
-    x_MK, panels_PKC = x.reshape(-1, K), panels.reshape(-1, K, PANEL_COLS)
-    kernel = out_dtype in (None, jnp.float32) and os.environ.get(DECODE_MATMUL_ENV) != "xla"
-    if kernel and kernel_applies(x_MK, panels_PKC):
-        y = decode_matmul(x_MK, panels_PKC, w_layout="panels", n=N, implementation="kernel")
-    elif "w" in p:
+    if not (x_spec.endswith(contracted) and out == x_spec[:-n] + kept) or out_dtype not in (
+        None,
+        jnp.float32,
+    ):
         return None
-    else:
-        w_KN = unpack_panels(panels_PKC, N).astype(x.dtype)
-        y = jnp.dot(x_MK, w_KN, preferred_element_type=out_dtype)
-    return y.reshape(x.shape[:-n] + out_dims)
+    sizes = dict(zip(w_spec, p["w"].shape, strict=True))
+    x_MK = x.reshape(-1, math.prod(sizes[c] for c in contracted))
+    if os.environ.get(DECODE_MATMUL_ENV) == "xla" or not kernel_applies(x_MK, p["w_panels"]):
+        return None
+    N = math.prod(sizes[c] for c in kept)
+    y = decode_matmul(x_MK, p["w_panels"], w_layout="panels", n=N, implementation="kernel")
+    return y.reshape(x.shape[:-n] + tuple(sizes[c] for c in kept))
 
 
 def _int8_project(

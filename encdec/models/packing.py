@@ -10,24 +10,21 @@ the step's time. Packed once here, when an engine is built:
   same way beside the embedding (``head_tiles``). The encoder's many-row products gain as well.
 - float32 (decode steps of at most 16 rows, the kernel's): every projection a decode step reads
   (a decoder layer's self-attention, cross-attention query and output, FFN; an untied head) as
-  the float32 decode kernel's panels (:func:`~pallas_kernels.decode_matmul.pack_panels`, 32
-  columns each, contiguous for all of K), streamed in address order with the next bytes fetched
-  into L2. A weight whose last output dim is a multiple of 32 is replaced by its panels
-  (``w_panels`` shaped ``(*out_dims[:-1], out_dims[-1] / 32, K, 32)``: no ``w``, no second copy);
-  another keeps ``w`` beside ``[ceil(N / 32), K, 32]`` panels. A tied head's table gets panels
-  beside the embedding (``head_panels``). bart-base's float32 step at 8 slots: 21.9-22.2 ->
-  18.7-19.4 ms with its projections packed too, not the head alone (its head: 768 x 50265, 18 ->
-  ~22 GB/s as panels).
+  the float32 decode kernel's panels beside its ``w`` (``w_panels``,
+  :func:`~pallas_kernels.decode_matmul.pack_panels`: 32 columns each, contiguous for all of K),
+  streamed in address order with the next bytes fetched into L2; a tied head's table the same
+  way beside the embedding (``head_panels``). ``w`` serves more rows. bart-base's float32 step
+  at 8 slots, alternated: 21.0-21.6 ms with its head alone packed, 17.5-17.9 with every
+  decode-time projection (768 x 768 products read at ~16 GB/s in place, ~19 as panels).
 
 The packed copies are the engine's own: the model keeps its tree for checkpoints, adapters and
-other backends, so an engine holds a second copy of what it packs (a byte a weight for int8; a
-tied table's panels and any weight packed beside its ``w`` for float32). ``ENCDEC_PACK_WEIGHTS=0``
-keeps the models' layouts (comparisons).
+other backends, so an engine holds a second copy of what it packs (a byte a weight for int8;
+for float32, the decoder's decode-time projections and the head: bart-base's 198 MB and 154 MB).
+``ENCDEC_PACK_WEIGHTS=0`` keeps the models' layouts (comparisons).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Mapping
@@ -43,7 +40,6 @@ from encdec.models.quant import INPUT_DIMS, is_quantized, matmul_method
 from encdec.models.transformer import tied_head_owner
 from pallas_kernels.decode_matmul import MAX_ROWS, pack_panels
 from pallas_kernels.decode_matmul import kernel_available as decode_kernel_available
-from pallas_kernels.decode_matmul.reference import PANEL_COLS
 from pallas_kernels.int8_matmul import pack_tiles
 
 PACK_ENV = "ENCDEC_PACK_WEIGHTS"
@@ -102,23 +98,12 @@ def _panel_layer(layer: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _panel_node(node: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    """A float32 projection with its ``w`` as panels: in their place where its last output dim
-    is a multiple of 32, else beside it (see the module doc)."""
+    """A float32 projection with its ``w``'s panels beside it."""
     w = node["w"]
     if w.dtype != jnp.float32:
         return node
-    n_in = INPUT_DIMS[name]
-    out_dims = w.shape[n_in:]
-    if out_dims[-1] % PANEL_COLS:
-        return {**node, "w_panels": _pack_panels(w.reshape(math.prod(w.shape[:n_in]), -1))}
-    return {**{k: v for k, v in node.items() if k != "w"}, "w_panels": _shaped_panels(w, n_in)}
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _shaped_panels(w: jax.Array, n_in: int) -> jax.Array:
-    K, out_dims = math.prod(w.shape[:n_in]), w.shape[n_in:]
-    panels = pack_panels(w.reshape(K, -1))
-    return panels.reshape(*out_dims[:-1], out_dims[-1] // PANEL_COLS, K, PANEL_COLS)
+    K = math.prod(w.shape[: INPUT_DIMS[name]])
+    return {**node, "w_panels": _pack_panels(w.reshape(K, -1))}
 
 
 def _head_owner(params: Mapping[str, Any], cfg: ModelConfig) -> str | None:

@@ -13,7 +13,7 @@ import encdec
 from encdec.engine import Engine, EngineConfig, Request
 from encdec.models import decode, encode, init_dense_kv
 from encdec.models.packing import DECODE_PROJECTIONS, PACK_ENV, engine_params
-from encdec.models.quant import METHOD_ENV
+from encdec.models.quant import INPUT_DIMS, METHOD_ENV
 from encdec.models.transformer import tied_head_owner
 from pallas_kernels.decode_matmul import build as decode_build
 from pallas_kernels.decode_matmul import unpack_panels
@@ -84,13 +84,11 @@ def test_int8_weights_are_packed_as_tiles_and_give_the_same_logits(pair, monkeyp
     assert unpacked.params is q.params and tokens == want
 
 
-def _unpacked(node):
-    """A packed projection's ``w``, from its panels (in place, or beside ``w``)."""
-    if "w" in node:
-        return node["w"]
-    panels = node["w_panels"]
-    out_dims = (*panels.shape[:-3], panels.shape[-3] * 32)
-    return unpack_panels(panels.reshape(-1, *panels.shape[-2:]), int(np.prod(out_dims)))
+def _unpacked(node, name):
+    """A packed projection's panels as its ``w``."""
+    w = node["w"]
+    K = int(np.prod(w.shape[: INPUT_DIMS[name]]))
+    return unpack_panels(node["w_panels"], w.size // K).reshape(w.shape)
 
 
 def _decoder_projections(params):
@@ -128,20 +126,17 @@ def _untied(model):
 @pytest.mark.skipif(bool(decode_build.cpu_missing()), reason="no float32 decode kernel here")
 @pytest.mark.parametrize("head", ["own", "untied"])
 def test_float32_decode_projections_are_packed_as_panels(pair, head, monkeypatch):
-    """Every projection a decode step reads becomes panels: in place of a ``w`` whose last output
-    dim is a multiple of 32, else beside it; a tied table gets panels beside the embedding. The
-    logits are the unpacked tree's, decode rows read the panels, the engine's tokens are the
-    unpacked engine's, and an engine of more than 16 slots packs nothing."""
+    """Every projection a decode step reads gets panels beside its ``w``, a tied table beside the
+    embedding. The logits are the unpacked tree's, decode rows read the panels, the engine's
+    tokens are the unpacked engine's, and an engine of more than 16 slots packs nothing."""
     fp = pair[0] if head == "own" else _untied(pair[0])
     cfg = fp.config
     packed = engine_params(fp.params, cfg)
     assert packed["encoder"] is fp.params["encoder"]
     nodes = dict(_decoder_projections(packed))
-    assert nodes and all("w_panels" in n for n in nodes.values())
-    assert any("w" not in n for n in nodes.values())  # d_model 32: o and wo packed in place
-    for key, node in _decoder_projections(fp.params):
-        np.testing.assert_array_equal(np.asarray(_unpacked(nodes[key])).reshape(node["w"].shape), node["w"])
-        assert ("w" in nodes[key]) == bool(node["w"].shape[-1] % 32)
+    assert nodes.keys() == dict(_decoder_projections(fp.params)).keys()
+    for (_, _, name), node in nodes.items():
+        np.testing.assert_array_equal(_unpacked(node, name), node["w"])
     for layer in packed["decoder"]["layers"]:  # projected once per request, over many rows
         assert "w_panels" not in layer["cross_attn"]["k"] and "w_panels" not in layer["cross_attn"]["v"]
     if cfg.tie_word_embeddings:
@@ -152,19 +147,17 @@ def test_float32_decode_projections_are_packed_as_panels(pair, head, monkeypatch
         zero_head = {**owner, "head_panels": jnp.zeros_like(owner["head_panels"])}
     else:
         zero_key, head_node = "lm_head", packed["lm_head"]
-        assert "w" not in head_node  # a vocabulary of 96: panels in place
-        np.testing.assert_array_equal(_unpacked(head_node), fp.params["lm_head"]["w"])
-        zero_head = {"w_panels": jnp.zeros_like(head_node["w_panels"])}
+        np.testing.assert_array_equal(_unpacked(head_node, "lm_head"), head_node["w"])
+        zero_head = {**head_node, "w_panels": jnp.zeros_like(head_node["w_panels"])}
     np.testing.assert_allclose(_logits(packed, cfg), _logits(fp.params, cfg), rtol=1e-5, atol=1e-5)
     bias = np.asarray(fp.params["final_logits_bias_V"]) if cfg.final_logits_bias else 0.0
     logits = _logits({**packed, zero_key: zero_head}, cfg)
     np.testing.assert_allclose(logits, np.broadcast_to(bias, logits.shape), atol=1e-6)  # the head's panels
-    # Zeroed panels read as zeroed weights: decode rows read the panels, not a ``w`` beside them.
+    # Zeroed panels read as zeroed weights: decode rows read the panels, not the ``w`` beside them.
     zero_panels = _with_projections(packed, lambda _, n: {**n, "w_panels": jnp.zeros_like(n["w_panels"])})
     zero_w = _with_projections(fp.params, lambda _, n: {**n, "w": jnp.zeros_like(n["w"])})
     np.testing.assert_allclose(_logits(zero_panels, cfg), _logits(zero_w, cfg), rtol=1e-5, atol=1e-5)
     engine, tokens = _engine_tokens(fp)
-    assert dict(_decoder_projections(engine.params)).keys() == nodes.keys()
     assert all("w_panels" in n for _, n in _decoder_projections(engine.params))
     assert engine_params(fp.params, cfg, decode_rows=17) is fp.params
     monkeypatch.setenv(PACK_ENV, "0")

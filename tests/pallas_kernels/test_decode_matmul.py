@@ -94,39 +94,27 @@ def test_float32_projections_call_the_kernel_at_decode_rows_only():
 
 
 @needs_kernel
-def test_a_projection_reads_its_packed_panels_at_decode_rows_and_its_w_beyond():
-    rng = np.random.default_rng(6)
-    w_VD = jnp.asarray(rng.standard_normal((70, 64), np.float32))  # a tied head's table
-    p = {"w": w_VD, "w_panels": pack_panels(w_VD.T)}
-    decoy = {"w": w_VD, "w_panels": jnp.zeros_like(p["w_panels"])}  # which weight was read?
-    for rows, panels_read in ((8, True), (17, False)):
-        x = jnp.asarray(rng.standard_normal((rows, 1, 64), np.float32))
-        want = np.asarray(x) @ np.asarray(w_VD).T
-        np.testing.assert_allclose(np.asarray(project(p, x, "BTD,VD->BTV")), want, rtol=1e-5, atol=1e-4)
-        assert (not np.asarray(project(decoy, x, "BTD,VD->BTV")).any()) == panels_read
-
-
-@needs_kernel
 @pytest.mark.parametrize(
-    "eq, w_shape, x_shape",
-    [("BTD,DNH->BTNH", (48, 2, 64), (1, 48)), ("BTNH,NHD->BTD", (2, 24, 32), (1, 2, 24))],
+    "eq, w_shape, x_dims",
+    [
+        ("BTD,VD->BTV", (70, 64), (64,)),
+        ("BTD,DNH->BTNH", (48, 2, 12), (48,)),
+        ("BTNH,NHD->BTD", (2, 24, 40), (2, 24)),
+    ],
 )
-def test_a_projection_packed_in_place_reads_its_panels_at_any_rows(eq, w_shape, x_shape):
-    """Panels in place of ``w`` (shaped ``(*out[:-1], out[-1] / 32, K, 32)``, an engine's decoder
-    projection): the kernel at decode rows, the panels unpacked beyond; both are ``w``'s product."""
-    rng = np.random.default_rng(7)
+def test_a_projection_reads_its_packed_panels_at_decode_rows_and_its_w_beyond(eq, w_shape, x_dims):
+    """A tied head's table (contracted last) and a decoder's projections (contracted first), with
+    panels beside ``w``: decode rows read the panels, more rows ``w``."""
+    rng = np.random.default_rng(6)
     w = jnp.asarray(rng.standard_normal(w_shape, np.float32))
-    n_in = len(x_shape) - 1
-    K, out_dims = int(np.prod(w_shape[:n_in])), w_shape[n_in:]
-    panels = pack_panels(w.reshape(K, -1)).reshape(*out_dims[:-1], out_dims[-1] // 32, K, 32)
-    p, decoy = {"w_panels": panels}, {"w_panels": jnp.zeros_like(panels)}
-    for rows in (8, 17):
-        x = jnp.asarray(rng.standard_normal((rows, *x_shape), np.float32))
+    w_KN = w.T if eq == "BTD,VD->BTV" else w.reshape(int(np.prod(x_dims)), -1)
+    p = {"w": w, "w_panels": pack_panels(w_KN)}
+    decoy = {"w": w, "w_panels": jnp.zeros_like(p["w_panels"])}  # which weight was read?
+    for rows, panels_read in ((8, True), (17, False)):
+        x = jnp.asarray(rng.standard_normal((rows, 1, *x_dims), np.float32))
         want = np.einsum(eq, np.asarray(x), np.asarray(w))
-        got = project(p, x, eq)
-        assert got.shape == want.shape
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
-        assert not np.asarray(project(decoy, x, eq)).any()
+        np.testing.assert_allclose(np.asarray(project(p, x, eq)), want, rtol=1e-5, atol=1e-4)
+        assert (not np.asarray(project(decoy, x, eq)).any()) == panels_read
 
 
 def test_packed_panels_round_trip():
