@@ -71,34 +71,32 @@ def engine_params(
 
 
 def _float32_panels(params: Mapping[str, Any], cfg: ModelConfig) -> Mapping[str, Any]:
-    dec = params["decoder"]
-    layers = [_panel_layer(layer) for layer in dec["layers"]]
-    out = dict(params)
-    if any(new is not old for new, old in zip(layers, dec["layers"], strict=True)):
-        out["decoder"] = {**dec, "layers": type(dec["layers"])(layers)}
+    """The decoder's decode-time projections and the head as panels; ``params`` itself when the
+    head is not float32 (the model's dtype: bfloat16 and float16 models are not packed)."""
     owner = _head_owner(params, cfg)
+    head_w = params[owner]["embedding_VD"] if owner is not None else params.get("lm_head", {}).get("w")
+    if head_w is None or head_w.dtype != jnp.float32:
+        return params
+    dec = params["decoder"]
+    layers = type(dec["layers"])(_panel_layer(layer) for layer in dec["layers"])
+    out = {**params, "decoder": {**dec, "layers": layers}}
     if owner is not None:
-        table_VD = params[owner]["embedding_VD"]
-        if table_VD.dtype == jnp.float32:
-            out[owner] = {**params[owner], "head_panels": _pack_panels(jnp.swapaxes(table_VD, 0, 1))}
-    elif "lm_head" in params:
+        out[owner] = {**params[owner], "head_panels": _pack_panels(jnp.swapaxes(head_w, 0, 1))}
+    else:
         out["lm_head"] = _panel_node(params["lm_head"], "lm_head")
-    unchanged = all(out[k] is params[k] for k in params)
-    return params if unchanged else out
+    return out
 
 
-def _panel_layer(layer: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``layer`` with its decode-time projections packed, or itself where none is float32."""
+def _panel_layer(layer: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(layer)
     for block, names in DECODE_PROJECTIONS.items():
         if block in layer:
             out[block] = {k: _panel_node(v, k) if k in names else v for k, v in layer[block].items()}
-    changed = any(out[b][k] is not layer[b][k] for b in DECODE_PROJECTIONS if b in layer for k in layer[b])
-    return out if changed else layer
+    return out
 
 
 def _panel_node(node: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    """A float32 projection with its ``w``'s panels beside it."""
+    """A float32 projection with its ``w``'s panels beside it; another dtype as it is."""
     w = node["w"]
     if w.dtype != jnp.float32:
         return node
