@@ -33,13 +33,18 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def measure_bandwidth(nbytes: int = PROBE_BYTES, repeats: int = 7) -> dict[str, float]:
+def measure_bandwidth(
+    nbytes: int = PROBE_BYTES, repeats: int = 7, *, numpy_copy: bool = True
+) -> dict[str, float]:
     """Read bandwidth in GB/s (1e9 bytes): ``jax_read`` (a jitted sum, what XLA's loops reach)
-    and ``numpy_copy`` (bytes read plus bytes written over the time of ``np.copyto``)."""
+    and, with ``numpy_copy``, ``numpy_copy`` (bytes read plus bytes written over the time of
+    ``np.copyto``)."""
     n = nbytes // 4
     x = jnp.arange(n, dtype=jnp.float32)
     total = jax.jit(lambda a: jnp.sum(a))
     t_read = _best(lambda: total(x).block_until_ready(), repeats)
+    if not numpy_copy:
+        return {"jax_read_GBps": nbytes / t_read / 1e9}
     a = np.ones(n, np.float32)
     b = np.empty_like(a)
     t_copy = _best(lambda: np.copyto(b, a), repeats)

@@ -40,6 +40,7 @@ TABLE_COLUMNS = (
     ("token_agreement", "agree"),
     ("teacher_forced_agreement", "TF agree"),
     ("decode_step_ms", "step ms"),
+    ("bandwidth_GBps", "GB/s"),
     ("floor_ms", "floor ms"),
     ("kv_floor_ms", "+KV floor ms"),
 )
@@ -122,12 +123,13 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
                     if row.get("decode_step_ms") is not None and system_model is not None:
                         wb = decode_weight_bytes(system_model.params, system_model.config)
                         row["weight_bytes_per_step"] = wb
-                        row["floor_ms"] = floor_ms(wb, results["machine"]["bandwidth"]["jax_read_GBps"])
+                        # The probe read beside this step (a busy neighbour moves both), else the run's.
+                        run_bandwidth = results["machine"]["bandwidth"]["jax_read_GBps"]
+                        bandwidth = row.get("bandwidth_GBps") or run_bandwidth
+                        row["floor_ms"] = floor_ms(wb, bandwidth)
                         row["step_over_floor"] = row["decode_step_ms"] / row["floor_ms"]
                         if row.get("kv_bytes_per_step") is not None:
-                            total = wb + row["kv_bytes_per_step"]
-                            bandwidth = results["machine"]["bandwidth"]["jax_read_GBps"]
-                            row["kv_floor_ms"] = floor_ms(total, bandwidth)
+                            row["kv_floor_ms"] = floor_ms(wb + row["kv_bytes_per_step"], bandwidth)
                     if ref is not None and system_model is not None and system_model.quantize is not None:
                         inputs = [list(r.input_ids) for r in trace.requests]
                         row["teacher_forced_agreement"] = teacher_forced_agreement(system_model, inputs, ref)

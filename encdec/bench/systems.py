@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from encdec.bench.bandwidth import decode_kv_bytes
+from encdec.bench.bandwidth import decode_kv_bytes, measure_bandwidth
 from encdec.bench.config import BaselineSection, EngineSection, ExperimentConfig, ModelSpec
 from encdec.bench.ctranslate2 import CT2Translate
 from encdec.bench.machine import cpu_threads
@@ -247,7 +247,12 @@ class EncdecEngine:
             Request(inputs=list(r.input_ids), max_new_tokens=r.output_len, min_new_tokens=r.output_len)
             for r in trace.requests[:num_slots]
         ]
-        extra = {"decode_step_ms": decode_step_ms(self._engine, probe) if trace.num_beams == 1 else None}
+        extra: dict[str, Any] = {"decode_step_ms": None}
+        if trace.num_beams == 1:
+            # The floor's bandwidth, read beside the step: a neighbour's load moves both.
+            before = measure_bandwidth(numpy_copy=False)["jax_read_GBps"]
+            extra["decode_step_ms"] = decode_step_ms(self._engine, probe)
+            extra["bandwidth_GBps"] = max(before, measure_bandwidth(numpy_copy=False)["jax_read_GBps"])
         if extra["decode_step_ms"] is not None:
             window = self._engine.state.window  # what attention reads, where the engine keeps one
             stored = window.self_k_BNKH[0] if window is not None else self._engine.state.pools.self_k_LNPGH

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from encdec.bench.bandwidth import floor_ms
 from encdec.bench.config import load_experiment
 from encdec.bench.run import markdown_table, run_experiment
 from encdec.bench.shapes import get_shape
@@ -72,6 +73,9 @@ def test_experiment_smoke_run_writes_results(name, cache, tmp_path):
             assert run["ttft_p50_s"] is not None and 0 < run["kv_utilization"] <= 1
         if run.get("decode_step_ms") is not None:  # the cache adds to the weights' floor
             assert 0 < run["floor_ms"] < run["kv_floor_ms"]
+            # the floor is at the bandwidth probed beside this row's step
+            expected_floor = floor_ms(run["weight_bytes_per_step"], run["bandwidth_GBps"])
+            assert run["floor_ms"] == pytest.approx(expected_floor)
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == expected
     assert (tmp_path / "throughput.png").stat().st_size > 0
