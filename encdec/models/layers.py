@@ -47,13 +47,13 @@ def project(
     panels = _panel_project(eq, x, p, out_dtype) if "w_panels" in p and int8_w is None else None
     if int8_w is not None:  # the bias is added by the int8 product as it stores
         y = _int8_project(eq, x, int8_w, p["w_scale"], out_dtype, tiles="w_tiles" in p, bias=p.get("b"))
-    elif panels is not None:
+    elif panels is not None:  # with its bias, added by the kernel as it stores
         y = panels
     elif p["w"].dtype == jnp.bfloat16 and x.dtype == jnp.float32:  # quantize="bfloat16"
         y = _as_matmul(eq, x.astype(jnp.bfloat16), p["w"], out_dtype or jnp.float32)
     else:
         y = _as_matmul(eq, x, p["w"].astype(x.dtype), out_dtype)
-    if "b" in p and int8_w is None:
+    if "b" in p and int8_w is None and panels is None:
         y = y + lead(p["b"].astype(y.dtype), y.ndim)
     if lora is not None:
         y = y + lora_delta(lora, x, eq).astype(y.dtype)
@@ -89,8 +89,8 @@ def _as_matmul(eq: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> ja
 def _panel_project(eq: str, x: jax.Array, p: Params, out_dtype: Any) -> jax.Array | None:
     """:func:`project`'s product through ``p["w_panels"]`` (``p["w"]`` packed by
     :func:`~pallas_kernels.decode_matmul.pack_panels` as ``[K, N]``: its contracted dims, then the
-    rest, in either order), or None where the decode kernel does not take it (more rows, other
-    dtypes): then ``w`` serves."""
+    rest, in either order), plus ``p["b"]``, or None where the decode kernel does not take it (more
+    rows, other dtypes): then ``w`` serves."""
     x_spec, w_spec, out, contracted = _specs(eq)
     n = len(contracted)
     kept = "".join(c for c in w_spec if c in out)
@@ -104,7 +104,8 @@ def _panel_project(eq: str, x: jax.Array, p: Params, out_dtype: Any) -> jax.Arra
     if os.environ.get(DECODE_MATMUL_ENV) == "xla" or not kernel_applies(x_MK, p["w_panels"]):
         return None
     N = math.prod(sizes[c] for c in kept)
-    y = decode_matmul(x_MK, p["w_panels"], w_layout="panels", n=N, implementation="kernel")
+    bias_N = p["b"].astype(jnp.float32).reshape(N) if "b" in p else None
+    y = decode_matmul(x_MK, p["w_panels"], w_layout="panels", n=N, bias_N=bias_N, implementation="kernel")
     return y.reshape(x.shape[:-n] + tuple(sizes[c] for c in kept))
 
 
@@ -183,8 +184,8 @@ def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 def activation(name: str, x: jax.Array) -> jax.Array:
     if name == "relu":
         return jax.nn.relu(x)
-    if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu":  # PyTorch's erf form: jax.nn.gelu's erfc took XLA:CPU twice as long
+        return 0.5 * x * (1 + jax.lax.erf(x * 0.5**0.5))
     if name == "gelu_new":
         return jax.nn.gelu(x, approximate=True)
     if name == "silu":

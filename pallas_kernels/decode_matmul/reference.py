@@ -27,15 +27,21 @@ def unpack_panels(panels: jax.Array, N: int) -> jax.Array:
 
 
 def decode_matmul_reference(
-    x_MK: jax.Array, w: jax.Array, *, w_layout: str = "KN", n: int | None = None
+    x_MK: jax.Array,
+    w: jax.Array,
+    *,
+    w_layout: str = "KN",
+    n: int | None = None,
+    bias_N: jax.Array | None = None,
 ) -> jax.Array:
-    """``x @ w`` in float32 (``w`` is ``[K, N]``, ``[N, K]`` with ``w_layout="NK"``: a tied
-    head's table, contracted in place, or :func:`pack_panels`'s with ``w_layout="panels"`` and
-    ``n = N``), at full float32 precision."""
+    """``x @ w (+ bias_N)`` in float32 (``w`` is ``[K, N]``, ``[N, K]`` with ``w_layout="NK"``: a
+    tied head's table, contracted in place, or :func:`pack_panels`'s with ``w_layout="panels"``
+    and ``n = N``), at full float32 precision."""
     if w_layout == "panels":
         w, w_layout = unpack_panels(w, n), "KN"
     dims = (((1,), (0,)), ((), ())) if w_layout == "KN" else (((1,), (1,)), ((), ()))
-    return jax.lax.dot_general(
+    y_MN = jax.lax.dot_general(
         x_MK.astype(jnp.float32), w.astype(jnp.float32), dims,
         precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
     )
+    return y_MN if bias_N is None else y_MN + bias_N.astype(jnp.float32)

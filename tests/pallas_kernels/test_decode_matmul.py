@@ -50,19 +50,22 @@ def test_the_kernel_builds_where_the_cpu_has_avx512():
         (2, 64, 4100),  # panels: a last panel of 4 columns, chunks of several panels
     ],
 )
-def test_kernel_equals_the_reference(layout, M, K, N):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernel_equals_the_reference(layout, M, K, N, with_bias):
     x, w = _operands(M, K, N, layout, seed=M * 100 + N)
     packed = pack_panels(w) if layout == "panels" else w
     n = N if layout == "panels" else None
+    bias = jnp.asarray(np.random.default_rng(N).standard_normal(N, np.float32)) if with_bias else None
     fn = jax.jit(
-        lambda x, w, impl: decode_matmul(x, w, w_layout=layout, n=n, implementation=impl), static_argnums=2
+        lambda x, w, b, impl: decode_matmul(x, w, w_layout=layout, n=n, bias_N=b, implementation=impl),
+        static_argnums=3,
     )
-    got, want = np.asarray(fn(x, packed, "kernel")), np.asarray(fn(x, packed, "xla"))
-    np.testing.assert_array_equal(
-        np.asarray(decode_matmul_reference(x, w, w_layout="NK" if layout == "NK" else "KN")), want
-    )
+    got, want = np.asarray(fn(x, packed, bias, "kernel")), np.asarray(fn(x, packed, bias, "xla"))
+    product = np.asarray(decode_matmul_reference(x, w, w_layout="NK" if layout == "NK" else "KN"))
+    np.testing.assert_array_equal(product + (np.asarray(bias) if with_bias else 0), want)
     # float32 sums in another order: within a few ulps of the sum's magnitude.
     scale = np.abs(np.asarray(x)) @ np.abs(np.asarray(w.T if layout == "NK" else w))
+    scale = scale + (np.abs(np.asarray(bias)) if with_bias else 0)
     np.testing.assert_array_less(np.abs(got - want), 1e-5 * scale + 1e-6)
 
 
@@ -70,12 +73,14 @@ def test_kernel_equals_the_reference(layout, M, K, N):
 def test_gradients_are_the_references():
     """A LoRA step through a frozen float32 layer at few rows differentiates through the kernel."""
     x, w = _operands(4, 64, 48, "KN", seed=3)
+    bias = jnp.linspace(-1, 1, 48, dtype=jnp.float32)
 
-    def loss(x, w, impl):
-        return jnp.sum(jnp.tanh(decode_matmul(x, w, implementation=impl)))
+    def loss(x, w, bias, impl):
+        return jnp.sum(jnp.tanh(decode_matmul(x, w, bias_N=bias, implementation=impl)))
 
-    got = jax.grad(loss, argnums=(0, 1))(x, w, "kernel")
-    want = jax.grad(loss, argnums=(0, 1))(x, w, "xla")
+    got = jax.grad(loss, argnums=(0, 1, 2))(x, w, bias, "kernel")
+    want = jax.grad(loss, argnums=(0, 1, 2))(x, w, bias, "xla")
+    assert np.abs(np.asarray(want[2])).sum() > 0
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
 
@@ -108,13 +113,16 @@ def test_a_projection_reads_its_packed_panels_at_decode_rows_and_its_w_beyond(eq
     rng = np.random.default_rng(6)
     w = jnp.asarray(rng.standard_normal(w_shape, np.float32))
     w_KN = w.T if eq == "BTD,VD->BTV" else w.reshape(int(np.prod(x_dims)), -1)
-    p = {"w": w, "w_panels": pack_panels(w_KN)}
-    decoy = {"w": w, "w_panels": jnp.zeros_like(p["w_panels"])}  # which weight was read?
+    kept = w_shape[:1] if eq == "BTD,VD->BTV" else w_shape[len(x_dims):]
+    b = jnp.asarray(rng.standard_normal(kept, np.float32))  # the kernel adds it as it stores
+    p = {"w": w, "w_panels": pack_panels(w_KN), "b": b}
+    decoy = {**p, "w_panels": jnp.zeros_like(p["w_panels"])}  # which weight was read?
     for rows, panels_read in ((8, True), (17, False)):
         x = jnp.asarray(rng.standard_normal((rows, 1, *x_dims), np.float32))
-        want = np.einsum(eq, np.asarray(x), np.asarray(w))
+        want = np.einsum(eq, np.asarray(x), np.asarray(w)) + np.asarray(b)
         np.testing.assert_allclose(np.asarray(project(p, x, eq)), want, rtol=1e-5, atol=1e-4)
-        assert (not np.asarray(project(decoy, x, eq)).any()) == panels_read
+        bias_only = np.allclose(np.asarray(project(decoy, x, eq)), np.broadcast_to(np.asarray(b), want.shape))
+        assert bias_only == panels_read
 
 
 def test_packed_panels_round_trip():
@@ -137,6 +145,8 @@ def test_bad_arguments_are_refused():
         decode_matmul(x, pack_panels(w), w_layout="panels", n=40)
     with pytest.raises(ValueError, match="n=5"):
         decode_matmul(x, w, n=5)
+    with pytest.raises(ValueError, match=r"bias_N must be float32 \[4\]"):
+        decode_matmul(x, w, bias_N=jnp.zeros((5,), jnp.float32))
     if kernel_available():
         with pytest.raises(TypeError, match="float32"):
             decode_matmul(x.astype(jnp.bfloat16), w, implementation="kernel")
