@@ -47,6 +47,7 @@ def test_the_kernel_builds_where_the_cpu_has_avx512():
         (2, 2, 17, 256, [17, 9]),  # the largest head size
         (8, 8, 300, 64, [300, 5, 129, 0, 200, 64, 1, 299]),  # threaded; distances past max_distance
         (2, 2, 12, 64, [40, -3]),  # a length past the window is the window; below zero, none
+        (4, 6, 50, 32, [50, 3, 0, 17]),  # heads attended 4 then 2 at a time
     ],
 )
 def test_kernel_equals_the_reference(B, N, K, H, lengths, biased):
@@ -92,13 +93,14 @@ def test_bfloat16_keys_and_values_are_read_as_their_float32_values(B, N, K, H, l
 
 @needs_kernel
 @pytest.mark.parametrize("biased", [False, True])
-def test_slots_reading_another_slots_rows(biased):
+@pytest.mark.parametrize("N, H", [(3, 64), (6, 32)])  # one head at a time; 4 + 2 (of 2 queries)
+def test_slots_reading_another_slots_rows(biased, N, H):
     # Beam groups read their leader's cross rows: a group of 5 (split 3 + 2), of 3, a lone slot,
     # a group whose members differ in length, an empty member; the other slots' rows are NaN
     # (never written: only a group's leader holds its rows).
     source = [0, 0, 0, 0, 0, 5, 5, 5, 8, 9, 9, 9, 12]
     lengths = [30, 30, 30, 30, 30, 7, 7, 7, 40, 12, 20, 0, 1]
-    B, N, K, H = len(source), 3, 40, 64
+    B, K = len(source), 40
     q, k, v, lengths_B = _operands(B, N, K, H, lengths, seed=7)
     stale_k, stale_v = k.copy(), v.copy()
     readers = sorted(set(range(B)) - set(source))
