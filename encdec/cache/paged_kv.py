@@ -93,9 +93,9 @@ class PagedKV:
         """Store the new K/V row at ``self_lengths`` and attend over ``self_lengths + 1`` keys."""
         if k_BTNH.shape[1] != 1:
             raise ValueError(f"PagedKV decodes one token per step; got T={k_BTNH.shape[1]}")
-        pools, _ = store_self_row(
+        pools, _ = store_self_row(  # attention reads the pool next: XLA's scatter stays in place
             self.pools, layer, self.self_page_table_BM, self.self_lengths_B, self.active_B,
-            k_BTNH[:, 0], v_BTNH[:, 0],
+            k_BTNH[:, 0], v_BTNH[:, 0], implementation="xla",
         )
         lengths_B = jnp.where(self.active_B, self.self_lengths_B.astype(jnp.int32) + 1, 0)
         out_BTNH = self._attend(
@@ -141,8 +141,11 @@ def store_self_row(
     active_B: jax.Array,
     k_BNH: jax.Array,
     v_BNH: jax.Array,
+    *,
+    implementation: str = "auto",
 ) -> tuple[PagePools, jax.Array]:
-    """Write each active slot's new K/V row at position ``lengths[b]`` of its self pages.
+    """Write each active slot's new K/V row at position ``lengths[b]`` of its self pages
+    (``implementation``: :func:`~encdec.cache.pools.write_layer_rows`'s).
 
     Returns the pools and which slots wrote: a slot past its page table's end writes nothing
     (it would otherwise clobber a page).
@@ -155,9 +158,10 @@ def store_self_row(
     page_B = jnp.take_along_axis(page_table_BM, page_slot_B1, axis=1)[:, 0]
     page_B = jnp.where(writes_B, page_B, SENTINEL_PAGE)
     offset_B = pos_B % G
+    how = implementation
     pools = pools.replace(
-        self_k_LNPGH=write_layer_rows(pools.self_k_LNPGH, layer, page_B, offset_B, k_BNH),
-        self_v_LNPGH=write_layer_rows(pools.self_v_LNPGH, layer, page_B, offset_B, v_BNH),
+        self_k_LNPGH=write_layer_rows(pools.self_k_LNPGH, layer, page_B, offset_B, k_BNH, implementation=how),
+        self_v_LNPGH=write_layer_rows(pools.self_v_LNPGH, layer, page_B, offset_B, v_BNH, implementation=how),
     )
     return pools, writes_B
 

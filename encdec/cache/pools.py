@@ -27,6 +27,7 @@ import numpy as np
 
 from encdec.cache.allocator import SENTINEL_PAGE
 from encdec.config import ModelConfig
+from pallas_kernels.put_rows import put_rows
 
 _DROP = jax.lax.GatherScatterMode.FILL_OR_DROP
 
@@ -206,13 +207,22 @@ def write_rows(k_NPGH: jax.Array, page_ids_B: jax.Array, offsets_B: jax.Array, k
 
 
 def write_layer_rows(
-    k_LNPGH: jax.Array, layer: int | jax.Array, page_ids_B: jax.Array, offsets_B: jax.Array, k_BNH: jax.Array
+    k_LNPGH: jax.Array,
+    layer: int | jax.Array,
+    page_ids_B: jax.Array,
+    offsets_B: jax.Array,
+    k_BNH: jax.Array,
+    *,
+    implementation: str = "auto",
 ) -> jax.Array:
-    """:func:`write_rows` into one layer of a stacked pool, as one scatter on the whole pool."""
-    page_B = _drop_sentinel(page_ids_B, k_LNPGH.shape[2])
-    layer_B = jnp.full_like(page_B, layer)
-    indices_B3 = jnp.stack([layer_B, page_B, offsets_B.astype(jnp.int32)], axis=-1)
-    return _scatter_rows(k_LNPGH, (0, 2, 3), indices_B3, k_BNH)
+    """:func:`write_rows` into one layer of a stacked pool, in place: through the row writer's
+    CPU kernel (``"auto"`` on CPU: a step's 2 x layers scatters of a few KB each cost XLA:CPU
+    15-40 us apiece) or one XLA scatter on the whole pool (``"xla"``: a step that reads the pool
+    after writing it, as PagedKV's does, keeps XLA's scatter, which XLA orders in place where an
+    aliased custom call got a copy of the pool)."""
+    P, G = k_LNPGH.shape[2:4]
+    row_B = _drop_sentinel(page_ids_B, P) * G + offsets_B.astype(jnp.int32)  # page P: past the end
+    return put_rows(k_LNPGH, k_BNH, jnp.full_like(row_B, layer), row_B, implementation=implementation)
 
 
 def _page_ids_for_lengths(page_table_BM: jax.Array, lengths_B: jax.Array, page_size: int) -> jax.Array:

@@ -39,6 +39,7 @@ from encdec.models.kv import replace_at
 from encdec.sharding import per_head_shard
 from pallas_kernels.cpu_build import unpartitioned
 from pallas_kernels.paged_attention.reference import attention_over_keys
+from pallas_kernels.put_rows import put_rows
 from pallas_kernels.window_attention import kernel_applies, window_attention
 
 # "xla" keeps XLA's per-slot loop where the CPU kernel would run (comparisons, debugging).
@@ -256,10 +257,10 @@ class WindowKV:
         B, K = self.self_page_table_BM.shape[0], self.window.self_k_BNKH[layer].shape[2]
         pos_B = self.self_lengths_B.astype(jnp.int32)
         row_B = jnp.where(writes_B, pos_B, K)  # out of range: dropped
-        slot_B = jnp.arange(B)
+        slot_B = jnp.arange(B, dtype=jnp.int32)
 
-        def append(rows_BNKH, new_BNH):
-            return rows_BNKH.at[slot_B, :, row_B].set(as_rows(new_BNH, rows_BNKH), mode="drop")
+        def append(rows_BNKH, new_BNH):  # in place (the row writer's kernel on CPU)
+            return put_rows(rows_BNKH, as_rows(new_BNH, rows_BNKH), slot_B, row_B)
 
         k_BNKH = append(self.window.self_k_BNKH[layer], k_BTNH[:, 0])
         v_BNKH = append(self.window.self_v_BNKH[layer], v_BTNH[:, 0])

@@ -21,6 +21,7 @@ from encdec.cache import (
     write_rows,
 )
 from encdec.config import ModelConfig
+from pallas_kernels.put_rows.build import TARGET as PUT_ROWS_TARGET
 
 
 def _model_cfg(layers=3, heads=4, head_dim=8) -> ModelConfig:
@@ -154,17 +155,20 @@ def _entry_lines(hlo: str) -> list[str]:
 
 
 def full_size_values(hlo: str, shape: tuple[int, ...]) -> list[str]:
-    """Entry-computation values of ``shape`` (any dtype) other than parameters and scatters.
+    """Entry-computation values of ``shape`` (any dtype) other than parameters, scatters and the
+    row writer's custom call that aliases its operand.
 
     In a step that writes a donated pool in place, the only pool-sized values are the
-    parameter and the scatters on it; a copy, a convert or any other full-size fusion is not.
+    parameter and the writes on it; a copy, a convert or any other full-size fusion is not.
     """
     dims = "[" + ",".join(map(str, shape)) + "]"
     found = []
     for line in _entry_lines(hlo):
         m = re.match(r"\s*(?:ROOT )?%(\S+) = [a-z0-9]+(\[[0-9,]*\])\S* ([\w-]+)\(", line)
         if m and m.group(2) == dims and m.group(3) not in ("parameter", "bitcast", "get-tuple-element"):
-            if not ("scatter" in m.group(1) or m.group(3) == "scatter"):
+            aliased = "output_to_operand_aliasing" in line
+            aliased_put = m.group(3) == "custom-call" and PUT_ROWS_TARGET in line and aliased
+            if not ("scatter" in m.group(1) or m.group(3) == "scatter" or aliased_put):
                 found.append(line.strip()[:160])
     return found
 
