@@ -13,7 +13,7 @@ python -m pip install -q -e ".[cpu,audio,test,bench]"
 # espeak-ng synthesizes the Whisper test clips; bible-kjv (the `bible` program) and bible-kjv-text
 # (the King James Version, public domain) are the text of the long Whisper recordings; fortunes and
 # fortunes-min (BSD) the sayings of experiments/whisper_lora.yaml; g++ builds the CPU kernels
-# (pallas_kernels/{int8_matmul,decode_matmul,window_attention,argmax}). Debian packages; skipped where apt is absent.
+# (pallas_kernels/{int8_matmul,decode_matmul,window_attention,argmax,put_rows}). Debian packages; skipped where apt is absent.
 if { ! command -v espeak-ng || ! command -v bible || [ ! -f /usr/share/games/fortunes/wisdom ] \
      || ! command -v g++; } \
    >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
@@ -21,6 +21,6 @@ if { ! command -v espeak-ng || ! command -v bible || [ ! -f /usr/share/games/for
     g++ >/dev/null) || echo "setup: espeak-ng / bible-kjv / fortunes / g++ not installed"
 fi
 # Build the CPU kernels now rather than on first use (each prints why where it cannot run).
-for kernel in int8_matmul decode_matmul window_attention argmax; do
+for kernel in int8_matmul decode_matmul window_attention argmax put_rows; do
   python -c "from pallas_kernels.$kernel.build import KERNEL as k; print(k.name, k.register() or 'CPU kernel ready')"
 done
