@@ -15,8 +15,9 @@
 //   fetched into L2 as it goes (15-16 -> 18-21 GB/s on the t5-small and bart-base heads; XLA's dot reads it at 16).
 // - panels ([N / 32, K, 32], a KN weight packed once by an engine: pack_panels): each thread takes
 //   a range of 32-column panels and streams them in address order, fetching 8 KB ahead into L2,
-//   with the panel's sums in registers for all of K. The loads otherwise stalled the products:
-//   a 512 x 512 weight read at 13 GB/s in place, at ~21 packed (the machine streams ~27).
+//   with the panel's sums in registers for all of K, then takes panels from the far end of the
+//   others' (ParallelStream). The loads otherwise stalled the products: a 512 x 512 weight read
+//   at 13 GB/s in place, at ~21 packed (the machine streams ~27).
 // A bias ([N], or empty) is added as the sums are stored: on a BART head, an add of XLA's after
 // the product cost ~0.4 ms a step (8 x 50265 sums written, read and written again).
 // Float32 throughout (FMA): the sums differ from XLA's only in their order.
@@ -32,6 +33,7 @@
 
 namespace ffi = xla::ffi;
 using encdec::ParallelFor;
+using encdec::ParallelStream;
 
 namespace {
 
@@ -199,20 +201,24 @@ void NkRange(const float* x, const float* w, float* y, int64_t M, int64_t K, int
   }
 }
 
-// Panels [p0, p1) of a packed weight into y[M, N], every row tile (of at most kTileRows) in turn.
-void PanelRange(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K, int64_t N,
-                int64_t p0, int64_t p1) {
-  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n0 = p * kPanelCols;
-    TileIo io{w + p * K * kPanelCols, kPanelCols, {0xFFFF, 0xFFFF}, nullptr, N,
-              {Lanes(N - n0), Lanes(N - n0 - 16)}, false, bias ? bias + n0 : nullptr};
-    for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
-      const int64_t rows = (M - m0) / (tiles - t);
-      io.out = y + m0 * N + n0;
-      TileFor(rows, t == 0)(x + m0 * K, K, 0, K, io);  // the first tile fetches ahead
-      m0 += rows;
-    }
+// Panel p of a packed weight into y[M, N], every row tile (of at most kTileRows) in turn; the
+// first fetches kPanelAhead bytes on as it streams. `jumped`: the panel does not follow the one
+// this thread did last, so its first kPanelAhead bytes are fetched first, all at once (a chain of
+// cold products lost ~3% to each claim's first bytes read as they were needed).
+void Panel(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K, int64_t N, int64_t p,
+           bool jumped) {
+  const float* panel = w + p * K * kPanelCols;
+  if (jumped)
+    for (int64_t b = 0; b < std::min<int64_t>(kPanelAhead, K * kPanelCols * 4); b += 64)
+      _mm_prefetch((const char*)panel + b, _MM_HINT_T1);
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows, n0 = p * kPanelCols;
+  TileIo io{panel, kPanelCols, {0xFFFF, 0xFFFF}, nullptr, N, {Lanes(N - n0), Lanes(N - n0 - 16)}, false,
+            bias ? bias + n0 : nullptr};
+  for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
+    const int64_t rows = (M - m0) / (tiles - t);
+    io.out = y + m0 * N + n0;
+    TileFor(rows, t == 0)(x + m0 * K, K, 0, K, io);
+    m0 += rows;
   }
 }
 
@@ -253,11 +259,13 @@ ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const bool parallel = K * N * 4 >= kParallelBytes;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (panels) {
-    const int64_t count = (N + kPanelCols - 1) / kPanelCols;
-    const int64_t chunks = parallel ? std::min<int64_t>(count, 4 * (threads + 1)) : 1;
-    ParallelFor(pool, chunks, [&](int64_t c) {
-      PanelRange(xd, wd, bias, out, M, K, N, count * c / chunks, count * (c + 1) / chunks);
-    });
+    ParallelStream(
+        pool, (N + kPanelCols - 1) / kPanelCols,
+        [&](encdec::StreamClaims& claims) {
+          bool jumped;
+          for (int64_t p; claims.Next(&p, &jumped);) Panel(xd, wd, bias, out, M, K, N, p, jumped);
+        },
+        parallel);
     return ffi::Error::Success();
   }
   if (nk_layout) {

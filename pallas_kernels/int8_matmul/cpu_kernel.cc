@@ -40,6 +40,7 @@
 
 namespace ffi = xla::ffi;
 using encdec::ParallelFor;
+using encdec::ParallelStream;
 
 namespace {
 
@@ -454,57 +455,73 @@ void TilesPanelVnni(const int8_t* q, int64_t q_stride, const __m512i* panel, int
   ENCDEC_STORE4(0) ENCDEC_STORE4(1) ENCDEC_STORE4(2) ENCDEC_STORE4(3)
 }
 
-// y[m0:m1, panels p0..p1) from tiles.
-void TilesRows(const Quantized& xq, const int8_t* tiles, Columns s, float* y, int64_t m0, int64_t m1,
-               int64_t N, int64_t p0, int64_t p1, bool amx) {
+// y[m0:m1, panel p] from tiles (AmxBegin(m1 - m0) before, where `amx`).
+void TilesPanel(const Quantized& xq, const int8_t* tiles, Columns s, float* y, int64_t m0, int64_t m1, int64_t N,
+                int64_t p, bool amx) {
   const int64_t blocks = xq.Kp / 64, rows = m1 - m0;
   const int8_t* q = xq.q.data() + m0 * xq.Kp;
-  if (amx) AmxBegin(rows);
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n0 = 64 * p, cols = std::min<int64_t>(64, N - n0);
-    const int8_t* panel = tiles + p * blocks * 4096;
-    if (amx) {
-      alignas(64) int32_t acc[kTileRows * 64];
-      TilesPanelAmx(q, xq.Kp, panel, blocks, acc);
-      for (int64_t r = 0; r < rows; ++r)
-        StorePanelRow((const __m512i*)(acc + 64 * r), 0, xq.scale[m0 + r], s.at(n0), y + (m0 + r) * N + n0, cols);
-      continue;
-    }
-    const int64_t tiles_of_4 = (rows + kMaxRows - 1) / kMaxRows;
-    for (int64_t t = 0, r0 = 0; t < tiles_of_4; ++t) {
-      const int64_t r = (rows - r0) / (tiles_of_4 - t);
-      __m512i acc[4][4];
-      const int8_t* qt = q + r0 * xq.Kp;
-      const __m512i* pv = (const __m512i*)panel;
-      switch (r) {
-        case 1: TilesPanelVnni<1>(qt, xq.Kp, pv, 16 * blocks, acc); break;
-        case 2: TilesPanelVnni<2>(qt, xq.Kp, pv, 16 * blocks, acc); break;
-        case 3: TilesPanelVnni<3>(qt, xq.Kp, pv, 16 * blocks, acc); break;
-        default: TilesPanelVnni<4>(qt, xq.Kp, pv, 16 * blocks, acc); break;
-      }
-      for (int64_t i = 0; i < r; ++i) {
-        const int64_t m = m0 + r0 + i;
-        StorePanelRow(acc[i], xq.excess[m], xq.scale[m], s.at(n0), y + m * N + n0, cols);
-      }
-      r0 += r;
-    }
+  const int64_t n0 = 64 * p, cols = std::min<int64_t>(64, N - n0);
+  const int8_t* panel = tiles + p * blocks * 4096;
+  if (amx) {
+    alignas(64) int32_t acc[kTileRows * 64];
+    TilesPanelAmx(q, xq.Kp, panel, blocks, acc);
+    for (int64_t r = 0; r < rows; ++r)
+      StorePanelRow((const __m512i*)(acc + 64 * r), 0, xq.scale[m0 + r], s.at(n0), y + (m0 + r) * N + n0, cols);
+    return;
   }
-  if (amx) AmxEnd();
+  const int64_t tiles_of_4 = (rows + kMaxRows - 1) / kMaxRows;
+  for (int64_t t = 0, r0 = 0; t < tiles_of_4; ++t) {
+    const int64_t r = (rows - r0) / (tiles_of_4 - t);
+    __m512i acc[4][4];
+    const int8_t* qt = q + r0 * xq.Kp;
+    const __m512i* pv = (const __m512i*)panel;
+    switch (r) {
+      case 1: TilesPanelVnni<1>(qt, xq.Kp, pv, 16 * blocks, acc); break;
+      case 2: TilesPanelVnni<2>(qt, xq.Kp, pv, 16 * blocks, acc); break;
+      case 3: TilesPanelVnni<3>(qt, xq.Kp, pv, 16 * blocks, acc); break;
+      default: TilesPanelVnni<4>(qt, xq.Kp, pv, 16 * blocks, acc); break;
+    }
+    for (int64_t i = 0; i < r; ++i) {
+      const int64_t m = m0 + r0 + i;
+      StorePanelRow(acc[i], xq.excess[m], xq.scale[m], s.at(n0), y + m * N + n0, cols);
+    }
+    r0 += r;
+  }
 }
 
 // Rows in tiles of at most 16 (even: 20 rows run as 10 + 10) times column chunks, enough tasks
-// to share the threads.
+// to share the threads. One tile of rows (decode): the panels are shared as a stream
+// (ParallelStream: each thread reads on in address order, and none waits idle on another's last
+// chunk).
 void TilesMatmul(ffi::ThreadPool& pool, const Quantized& xq, const int8_t* tiles, Columns s, float* y,
                  int64_t M, int64_t K, int64_t N, int64_t threads) {
   const bool amx = AmxUsable();
   const int64_t panels = (N + 63) / 64, row_tiles = (M + kTileRows - 1) / kTileRows;
   const bool parallel = K * N >= kStreamParallelBytes || M * K * N >= kParallelMacs;
+  if (row_tiles == 1) {
+    ParallelStream(
+        pool, panels,
+        [&](encdec::StreamClaims& claims) {
+          int64_t p;
+          bool jumped;
+          if (!claims.Next(&p, &jumped)) return;
+          if (amx) AmxBegin(M);
+          do TilesPanel(xq, tiles, s, y, 0, M, N, p, amx);
+          while (claims.Next(&p, &jumped));
+          if (amx) AmxEnd();
+        },
+        parallel);
+    return;
+  }
   const int64_t want = parallel ? 2 * threads : 1;
   const int64_t col_chunks = std::min(panels, std::max<int64_t>(1, (want + row_tiles - 1) / row_tiles));
   ParallelFor(pool, row_tiles * col_chunks, [&](int64_t task) {
     const int64_t t = task / col_chunks, c = task % col_chunks;
-    TilesRows(xq, tiles, s, y, M * t / row_tiles, M * (t + 1) / row_tiles, N, panels * c / col_chunks,
-              panels * (c + 1) / col_chunks, amx);
+    const int64_t m0 = M * t / row_tiles, m1 = M * (t + 1) / row_tiles;
+    if (amx) AmxBegin(m1 - m0);
+    for (int64_t p = panels * c / col_chunks; p < panels * (c + 1) / col_chunks; ++p)
+      TilesPanel(xq, tiles, s, y, m0, m1, N, p, amx);
+    if (amx) AmxEnd();
   });
 }
 
