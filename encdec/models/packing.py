@@ -17,6 +17,9 @@ the step's time. Packed once here, when an engine is built:
   at 8 slots, alternated: 21.0-21.6 ms with its head alone packed, 17.5-17.9 with every
   decode-time projection (768 x 768 products read at ~16 GB/s in place, ~19 as panels).
 
+The packed copies live in memory advised for 2 MB pages (:mod:`encdec.models.huge_pages`): the
+stream then misses the TLB every 2 MB instead of every 4 KB.
+
 The packed copies are the engine's own: the model keeps its tree for checkpoints, adapters and
 other backends, so an engine holds a second copy of what it packs (a byte a weight for int8;
 for float32, the decoder's decode-time projections and the head: bart-base's 198 MB and 154 MB).
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from encdec.config import ModelConfig
+from encdec.models.huge_pages import to_huge_pages
 from encdec.models.layers import DECODE_MATMUL_ENV
 from encdec.models.quant import INPUT_DIMS, is_quantized, matmul_method
 from encdec.models.transformer import tied_head_owner
@@ -64,10 +68,37 @@ def engine_params(
     if os.environ.get(PACK_ENV) == "0" or jax.default_backend() != "cpu":
         return params
     if is_quantized(params):
-        return _int8_tiles(params, cfg) if matmul_method() == "kernel" else params
+        return _in_huge_pages(_int8_tiles(params, cfg)) if matmul_method() == "kernel" else params
     if decode_rows > MAX_ROWS or os.environ.get(DECODE_MATMUL_ENV) == "xla" or not decode_kernel_available():
         return params
-    return _float32_panels(params, cfg)
+    return _in_huge_pages(_float32_panels(params, cfg))
+
+
+PACKED_LEAVES = ("w_panels", "head_panels", "w_tiles", "head_tiles")
+"""The packed copies :func:`engine_params` adds, which every decode step streams."""
+
+
+def _in_huge_pages(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``params`` with its packed leaves moved to huge-page memory
+    (:func:`~encdec.models.huge_pages.to_huge_pages`: a float32 step ~4% faster); every subtree
+    without one is the same object as before."""
+    found = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if getattr(path[-1], "key", None) in PACKED_LEAVES
+    ]
+    moved = {id(a): b for a, b in zip(found, to_huge_pages(found), strict=True) if a is not b}
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            out = {k: swap(v) for k, v in node.items()}
+            return node if all(out[k] is node[k] for k in node) else out
+        if isinstance(node, (list, tuple)):
+            items = [swap(v) for v in node]
+            return node if all(a is b for a, b in zip(items, node, strict=True)) else type(node)(items)
+        return moved.get(id(node), node)
+
+    return swap(params) if moved else params
 
 
 def _float32_panels(params: Mapping[str, Any], cfg: ModelConfig) -> Mapping[str, Any]:
