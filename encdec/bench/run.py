@@ -97,6 +97,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
         systems: dict[str, System] = {}
         try:
             for wl in cfg.workloads:
+                # Each workload's engines are new configurations: drop the last ones' compiled
+                # steps first (six float32 and int8 engines of one model crossed vm.max_map_count).
+                for system in systems.values():
+                    if isinstance(system, EncdecEngine):
+                        system.close()
+                clear_compiled()
                 trace = make_trace(wl, bench_model.token_range, max_input_len=max_in)
                 results["workload"][wl.name] = {**trace.summary(), "config": plain(dataclasses.asdict(wl))}
                 reference, tie_check = None, None
