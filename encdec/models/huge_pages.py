@@ -62,14 +62,26 @@ def to_huge_pages(arrays: Sequence[jax.Array]) -> list[jax.Array]:
         view = raw[offset : offset + h.nbytes].view(h.dtype).reshape(h.shape)
         view[...] = h
         try:
-            moved = jax.dlpack.from_dlpack(view)
-        except (BufferError, TypeError, ValueError, RuntimeError):  # a dtype DLPack does not carry
-            return arrays
+            moved = _committed_as(a, jax.dlpack.from_dlpack(view))
+        except (BufferError, TypeError, ValueError, RuntimeError, AttributeError):  # a dtype DLPack
+            return arrays  # does not carry, or a JAX without the uncommitted wrapper
         if moved.unsafe_buffer_pointer() != view.ctypes.data:
             return arrays  # JAX copied it: nothing gained
         out.append(moved)
         offset += size
     return out
+
+
+def _committed_as(a: jax.Array, moved: jax.Array) -> jax.Array:
+    """``moved`` committed to its device as ``a`` was. DLPack's arrays are committed, and a jitted
+    function caches one executable per pattern of committed arguments: an engine's weights
+    committed where its state is not compiled every step again after warm-up (and their outputs,
+    committed too, made the next call's state differ from the first's)."""
+    if a.committed:
+        return moved
+    from jax._src.array import ArrayImpl  # no public way to wrap a buffer uncommitted
+
+    return ArrayImpl(moved.aval, moved.sharding, [moved], committed=False, _skip_checks=True)
 
 
 def in_huge_page_memory(a: jax.Array) -> bool:

@@ -79,3 +79,19 @@ def test_an_engines_packed_weights_are_in_huge_page_memory(tmp_path, monkeypatch
     for path, leaf in leaves:  # XLA's: another library may have advised its heap too
         assert plain_leaves[path].unsafe_buffer_pointer() != leaf.unsafe_buffer_pointer()
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(plain_leaves[path]))
+
+
+@needs_huge_pages
+def test_moved_arrays_keep_their_committed_state_so_jitted_steps_do_not_recompile():
+    """DLPack's arrays come back committed to their device. An engine's weights committed where
+    its state is not made every step after warm-up compile again (test_engine's
+    no-recompilation check caught it): a moved array is committed exactly when its source was."""
+    loose = jax.jit(lambda: jnp.ones((64, 32)))()  # a jitted output: not committed
+    pinned = jax.device_put(jnp.ones((64, 32)), jax.devices()[0])  # committed
+    moved_loose, moved_pinned = to_huge_pages([loose, pinned])
+    assert not loose.committed and not moved_loose.committed
+    assert pinned.committed and moved_pinned.committed
+    double = jax.jit(lambda x: x * 2)
+    double(loose)
+    np.testing.assert_array_equal(np.asarray(double(moved_loose)), 2 * np.asarray(loose))
+    assert double._cache_size() == 1
