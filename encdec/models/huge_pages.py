@@ -74,9 +74,9 @@ def to_huge_pages(arrays: Sequence[jax.Array]) -> list[jax.Array]:
 
 def _committed_as(a: jax.Array, moved: jax.Array) -> jax.Array:
     """``moved`` committed to its device as ``a`` was. DLPack's arrays are committed, and a jitted
-    function caches one executable per pattern of committed arguments: an engine's weights
-    committed where its state is not compiled every step again after warm-up (and their outputs,
-    committed too, made the next call's state differ from the first's)."""
+    function caches one executable per pattern of committed arguments: with committed weights, an
+    engine's steps returned committed state, so the call after warm-up met a new pattern and
+    compiled again."""
     if a.committed:
         return moved
     from jax._src.array import ArrayImpl  # no public way to wrap a buffer uncommitted
