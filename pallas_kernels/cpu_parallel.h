@@ -122,15 +122,16 @@ class Team {
   std::vector<std::thread> threads_;
 };
 
-// Runs body(chunk) for chunk in [0, chunks) on the calling thread and helpers (one chunk: the
-// calling thread alone): the team's where it is free, else XLA's pool. Chunks are claimed from a
-// shared counter, so the caller never waits on a task that has not started: a busy helper only
-// means the caller does more itself.
+// Helpers the team keeps: XLA's pool size, leaving one core for the calling thread.
 inline int64_t TeamSize(xla::ffi::ThreadPool& pool) {
   static const int64_t size = std::min<int64_t>(pool.num_threads(), (int64_t)std::thread::hardware_concurrency() - 1);
   return size;
 }
 
+// Runs body(chunk) for chunk in [0, chunks) on the calling thread and helpers (one chunk: the
+// calling thread alone): the team's where it is free, else XLA's pool. Chunks are claimed from a
+// shared counter, so the caller never waits on a task that has not started: a busy helper only
+// means the caller does more itself.
 template <typename Body>
 void ParallelFor(xla::ffi::ThreadPool& pool, int64_t chunks, Body body) {
   if (chunks <= 1) {
