@@ -243,10 +243,7 @@ class EncdecEngine:
         stats = self._engine.stats()
         memory = engine_memory(stats, trace.engine_slots(num_slots))
         memory["compiled"] = stats.compiled
-        probe = [
-            Request(inputs=list(r.input_ids), max_new_tokens=r.output_len, min_new_tokens=r.output_len)
-            for r in trace.requests[:num_slots]
-        ]
+        probe = step_probe(trace, num_slots, Request)
         extra: dict[str, Any] = {"decode_step_ms": None}
         if trace.num_beams == 1:
             # The floor's bandwidth, read beside the step: a neighbour's load moves both.
@@ -274,11 +271,23 @@ PROBE_REPEATS = 3
 here are shared, and a neighbour's burst inflates a probe by 10-30%."""
 
 
+def step_probe(trace: Trace, num_slots: int, request_class: type) -> list:
+    """The requests the step probe times: the trace's first ``num_slots`` inputs, each to the
+    longest of their output lengths, so every step runs with every slot busy (a mixed trace's
+    short outputs would leave most steps at one or two rows, and the encoder's start-up would
+    weigh on a few steps)."""
+    first = trace.requests[:num_slots]
+    length = max((r.output_len for r in first), default=0)
+    return [
+        request_class(inputs=list(r.input_ids), max_new_tokens=length, min_new_tokens=length) for r in first
+    ]
+
+
 def decode_step_ms(engine: Any, requests: list, repeats: int = PROBE_REPEATS) -> float | None:
     """Milliseconds per decode step, every dispatch waited on, over one batch of ``requests``
-    (at most the engine's slots, so every step runs about full), the fastest of ``repeats``
-    runs: what the bench prints beside the memory floor. None when the engine has no
-    ``_decode`` to time."""
+    (at most the engine's slots; of one output length, every step runs full), the fastest of
+    ``repeats`` runs: what the bench prints beside the memory floor. Each dispatch's clock starts
+    once its inputs are ready. None when the engine has no ``_decode`` to time."""
     import jax
 
     jitted = getattr(engine, "_decode", None)
@@ -287,6 +296,9 @@ def decode_step_ms(engine: Any, requests: list, repeats: int = PROBE_REPEATS) ->
     spent: list[float] = []
 
     def waited(*a, **kw):
+        # Dispatch is asynchronous: the encoder's work for the same requests may still be running
+        # when the step is called. Wait for the step's inputs first, so its time is its own.
+        jax.block_until_ready((a, kw))
         start = time.perf_counter()
         out = jax.block_until_ready(jitted(*a, **kw))
         spent.append(time.perf_counter() - start)

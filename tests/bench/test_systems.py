@@ -17,9 +17,17 @@ from encdec.bench.metrics import (
     reference_outputs,
     summarize,
 )
-from encdec.bench.systems import CT2Translate, HFGenerate, available_systems, run_static_batches
+from encdec.bench.systems import (
+    CT2Translate,
+    HFGenerate,
+    available_systems,
+    decode_step_ms,
+    run_static_batches,
+    step_probe,
+)
 from encdec.bench.workloads import Trace, TraceRequest, make_trace
 from encdec.config import ModelConfig
+from encdec.engine import Request
 
 CPU = BaselineSection(device="cpu", threads=1)
 
@@ -87,6 +95,56 @@ def test_static_batches_run_in_order_to_their_longest_request():
     # A batch's requests finish together; later batches finish later.
     assert run.latency_s[0] == run.latency_s[1] <= run.latency_s[2] == run.latency_s[3] <= run.latency_s[4]
     assert run.wall_s == pytest.approx(run.latency_s[4])
+
+
+def test_step_probe_keeps_every_slot_busy():
+    probe = step_probe(_toy_trace([3, 40, 7, 19, 100]), 4, Request)
+    assert [r.inputs for r in probe] == [[10], [11], [12], [13]]  # the first requests' inputs
+    # each to the longest of their lengths (not the fifth's): no slot idles before the end
+    assert {(r.max_new_tokens, r.min_new_tokens) for r in probe} == {(40, 40)}
+
+
+class _Unfinished:
+    """A step's input still being computed (say, by the encoder); ``jax.block_until_ready``
+    calls this."""
+
+    def __init__(self, events: list[str]):
+        self.events = events
+
+    def block_until_ready(self):
+        self.events.append("input ready")
+        return self
+
+
+class _ToyEngine:
+    """What ``decode_step_ms`` uses of an engine: a ``_decode`` that ``generate`` calls, and the
+    count of steps run."""
+
+    def __init__(self, events: list[str]):
+        self.events, self.steps = events, 0
+
+    def _decode(self, pending):
+        self.events.append("step")
+        return 0
+
+    def generate(self, requests):
+        for _ in range(3):
+            self._decode(_Unfinished(self.events))
+            self.steps += 4
+
+    def stats(self):
+        return type("Stats", (), {"decode_steps": self.steps})
+
+
+def test_decode_step_ms_waits_for_a_steps_inputs_before_its_clock():
+    events: list[str] = []
+    engine = _ToyEngine(events)
+    jitted = engine._decode
+    ms = decode_step_ms(engine, [Request(inputs=[1], max_new_tokens=4)], repeats=2)
+    assert ms is not None and ms >= 0
+    # The encoder's unfinished work is not the step's: each input is waited on before its step.
+    assert events == ["input ready", "step"] * 6
+    assert engine._decode == jitted  # the engine's step is put back
 
 
 def test_static_batches_wait_for_arrivals():
