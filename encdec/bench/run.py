@@ -51,6 +51,24 @@ def _median_run(runs: list) -> Any:
     return by_wall[(len(by_wall) - 1) // 2]
 
 
+MAPS_SHARE_TO_CLEAR = 0.25
+"""The share of ``vm.max_map_count`` above which the bench drops compiled steps before a workload:
+one workload of three bench-sized engines took ~34,000 mappings (about half the default limit),
+so a quarter leaves room for the next; tiny engines (the tests') stay well below and are reused."""
+
+
+def memory_maps_share() -> float:
+    """This process's memory mappings as a share of the kernel's limit (``vm.max_map_count``);
+    0 where Linux's ``/proc`` does not say."""
+    try:
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+        with open("/proc/self/maps", "rb") as f:
+            count = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return 0.0
+    return count / max(limit, 1)
+
+
 def _timed_runs(system: System, trace: Trace, slots: int, cfg: ExperimentConfig) -> list[SystemRun]:
     """Size the system to the trace, warm it up (untimed), then ``cfg.repeats`` timed runs."""
     system.prepare(trace, slots)
@@ -97,12 +115,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
         systems: dict[str, System] = {}
         try:
             for wl in cfg.workloads:
-                # Each workload's engines are new configurations: drop the last ones' compiled
-                # steps first (six float32 and int8 engines of one model crossed vm.max_map_count).
+                # A workload's engines are new configurations: drop the last ones' compiled steps
+                # first where they hold many memory mappings (six float32 and int8 engines of one
+                # model crossed vm.max_map_count). Small ones stay, for the next to reuse.
                 for system in systems.values():
                     if isinstance(system, EncdecEngine):
                         system.close()
-                clear_compiled()
+                if memory_maps_share() > MAPS_SHARE_TO_CLEAR:
+                    clear_compiled()
                 trace = make_trace(wl, bench_model.token_range, max_input_len=max_in)
                 results["workload"][wl.name] = {**trace.summary(), "config": plain(dataclasses.asdict(wl))}
                 reference, tie_check = None, None

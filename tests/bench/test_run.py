@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from encdec.bench import run as bench_run
 from encdec.bench.bandwidth import floor_ms
 from encdec.bench.config import load_experiment
-from encdec.bench.run import markdown_table, run_experiment
+from encdec.bench.run import markdown_table, memory_maps_share, run_experiment
 from encdec.bench.shapes import get_shape
 from encdec.bench.systems import available_systems
 from encdec.cli import main
@@ -82,6 +83,20 @@ def test_experiment_smoke_run_writes_results(name, cache, tmp_path):
     assert (tmp_path / "latency_cdf.png").stat().st_size > 0
     table = markdown_table(saved["runs"]).splitlines()
     assert sum(line.startswith("| ") for line in table) == expected + 1  # int8 rows add mismatch notes
+
+
+def test_compiled_steps_are_dropped_only_past_a_share_of_the_map_limit(cache, tmp_path, monkeypatch):
+    assert 0 < memory_maps_share() < bench_run.MAPS_SHARE_TO_CLEAR  # this process: few mappings
+    cleared = []
+    monkeypatch.setattr(bench_run, "clear_compiled", lambda: cleared.append(True))
+    path = EXPERIMENTS / "quickstart.yaml"
+    overrides = shrink(path, cache) + ["systems=[encdec-inflight]", "check_outputs=false"]
+    run_experiment(load_experiment(path, overrides), tmp_path / "below", progress=False)
+    assert cleared == [True]  # after the model only: its workload's engines could be reused
+    monkeypatch.setattr(bench_run, "MAPS_SHARE_TO_CLEAR", 0.0)
+    cleared.clear()
+    run_experiment(load_experiment(path, overrides), tmp_path / "above", progress=False)
+    assert cleared == [True, True]  # before the workload as well
 
 
 def test_cli_runs_an_experiment_and_prints_a_table(cache, tmp_path, capsys):
