@@ -115,9 +115,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
         systems: dict[str, System] = {}
         try:
             for wl in cfg.workloads:
-                # A workload's engines are new configurations: drop the last ones' compiled steps
-                # first where they hold many memory mappings (six float32 and int8 engines of one
-                # model crossed vm.max_map_count). Small ones stay, for the next to reuse.
+                # A workload sizes its engines anew (their page pools are large). Their compiled
+                # steps are dropped only where they hold many memory mappings (six float32 and
+                # int8 engines of one model crossed vm.max_map_count); else the next reuses them.
                 for system in systems.values():
                     if isinstance(system, EncdecEngine):
                         system.close()
