@@ -44,6 +44,12 @@ run_lane() {
 
 PYTEST_ARGS=("$@")
 logs=$(mktemp -d)
+# Many groups compile the same tiny models' steps: JAX's persistent cache, fresh for this run and
+# shared by both lanes, compiles each once. (A half-written entry read by the other lane fails
+# to decode: JAX warns and compiles it.)
+export JAX_COMPILATION_CACHE_DIR="$logs/jax-cache"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+trap 'rm -rf "$logs/jax-cache"' EXIT
 run_lane "${lane1[@]}" >"$logs/1" 2>&1 & pid1=$!
 run_lane "${lane2[@]}" >"$logs/2" 2>&1 & pid2=$!
 status=0
