@@ -195,6 +195,9 @@ class ExperimentConfig:
     about rows x steps, so small batches waste less on padding; on GPU make it large (fewer compiles)."""
     cache_dir: str | None = None
     """Where shape checkpoints are cached; default ``$ENCDEC_CACHE/shapes`` or ``~/.cache/encdec/shapes``."""
+    bandwidth_probe_mib: int = 256
+    """MiB the memory-bandwidth probe reads (at the start, and beside each row's decode step): well
+    past the L3 share a process gets here, where reads under ~100 MiB ran up to 1.6x faster."""
 
     def __post_init__(self):
         _require(len(self.models) > 0, "models", "needs at least one model")
@@ -208,6 +211,8 @@ class ExperimentConfig:
         _require(self.repeats >= 1, "repeats", f"must be >= 1, got {self.repeats}")
         _require(self.tie_checks >= 0, "tie_checks", f"must be >= 0, got {self.tie_checks}")
         _require(self.reference_batch >= 1, "reference_batch", f"must be >= 1, got {self.reference_batch}")
+        mib = self.bandwidth_probe_mib
+        _require(mib >= 1, "bandwidth_probe_mib", f"must be >= 1, got {mib}")
 
     def to_dict(self) -> dict[str, Any]:
         return plain(dataclasses.asdict(self))

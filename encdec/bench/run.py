@@ -96,7 +96,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
         "experiment": cfg.name,
         "description": cfg.description,
         "config": cfg.to_dict(),
-        "machine": {**machine_info(), "bandwidth": measure_bandwidth()},
+        "machine": {**machine_info(), "bandwidth": measure_bandwidth(cfg.bandwidth_probe_mib << 20)},
         "model": {},
         "workload": {},
         "runs": [],

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from encdec.bench.bandwidth import decode_kv_bytes, measure_bandwidth
+from encdec.bench.bandwidth import PROBE_BYTES, decode_kv_bytes, measure_bandwidth
 from encdec.bench.config import BaselineSection, EngineSection, ExperimentConfig, ModelSpec
 from encdec.bench.ctranslate2 import CT2Translate
 from encdec.bench.machine import cpu_threads
@@ -186,13 +186,16 @@ def hf_beam_reference(
 class EncdecEngine:
     """The encdec engine (``inflight`` or ``static`` mode), sized once per trace and slot count."""
 
-    def __init__(self, name: str, model: Any, mode: str, options: EngineSection):
+    def __init__(
+        self, name: str, model: Any, mode: str, options: EngineSection, *, probe_bytes: int = PROBE_BYTES
+    ):
         from encdec.engine import Engine, EngineConfig, Request
 
         self.name = name
         self.model = model
         self.mode = mode
         self.options = options
+        self.probe_bytes = probe_bytes  # the bandwidth probe's read beside the step
         self._classes = (Engine, EngineConfig, Request)
         self._key: tuple[int, int, int] | None = None
         self._engine: Any = None  # one at a time: its page pools are large
@@ -247,9 +250,10 @@ class EncdecEngine:
         extra: dict[str, Any] = {"decode_step_ms": None}
         if trace.num_beams == 1:
             # The floor's bandwidth, read beside the step: a neighbour's load moves both.
-            before = measure_bandwidth(numpy_copy=False)["jax_read_GBps"]
+            bandwidth = lambda: measure_bandwidth(self.probe_bytes, numpy_copy=False)["jax_read_GBps"]  # noqa: E731
+            before = bandwidth()
             extra["decode_step_ms"] = decode_step_ms(self._engine, probe)
-            extra["bandwidth_GBps"] = max(before, measure_bandwidth(numpy_copy=False)["jax_read_GBps"])
+            extra["bandwidth_GBps"] = max(before, bandwidth())
         if extra["decode_step_ms"] is not None:
             window = self._engine.state.window  # what attention reads, where the engine keeps one
             stored = window.self_k_BNKH[0] if window is not None else self._engine.state.pools.self_k_LNPGH
@@ -334,7 +338,8 @@ def make_system(name: str, spec: ModelSpec, cfg: ExperimentConfig, *, model_dir:
         options = cfg.engine
         if name.endswith("-bf16kv"):
             options = dataclasses.replace(options, options={**options.options, "window_dtype": "bfloat16"})
-        return EncdecEngine(name, model, name.split("-")[1], options)
+        mode, probe_bytes = name.split("-")[1], cfg.bandwidth_probe_mib << 20
+        return EncdecEngine(name, model, mode, options, probe_bytes=probe_bytes)
     if name == "hf-generate":
         if spec.dtype == "int8":
             raise SystemUnavailable("hf-generate: no int8 weights (dtype int8)")

@@ -118,6 +118,7 @@ def test_scalar_for_a_list_field_and_broadcast_over_list_items():
         ("engine.page_size=big", "engine.page_size"),
         ("workloads.5.rate=1", "workloads[5]"),
         ("num_slots", "num_slots"),
+        ("bandwidth_probe_mib=0", "bandwidth_probe_mib"),
     ],
 )
 def test_bad_overrides_name_the_key(override, key):

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from encdec.bench import run as bench_run
-from encdec.bench.bandwidth import floor_ms
+from encdec.bench import systems as bench_systems
+from encdec.bench.bandwidth import floor_ms, measure_bandwidth
 from encdec.bench.config import load_experiment
 from encdec.bench.run import markdown_table, memory_maps_share, run_experiment
 from encdec.bench.shapes import get_shape
@@ -37,6 +38,7 @@ def shrink(path: Path, cache: Path) -> list[str]:
         "workloads.output_len={kind: uniform, low: 1, high: 5}",
         "hf.device=cpu", "ctranslate2.device=cpu", f"cache_dir={cache}",
         "engine.options.max_encoder_batch=2",  # few encoder variants to compile
+        "bandwidth_probe_mib=8",  # the probe's path, not a figure: ~0.3 s a probe at 256 MiB
     ]
     return out
 
@@ -47,10 +49,19 @@ def cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["quickstart", "bench_cpu", "bench_gpu", "bench_cpu_int8"])
-def test_experiment_smoke_run_writes_results(name, cache, tmp_path):
+def test_experiment_smoke_run_writes_results(name, cache, tmp_path, monkeypatch):
     path = EXPERIMENTS / f"{name}.yaml"
     cfg = load_experiment(path, shrink(path, cache))
+    probed = []
+
+    def probe(nbytes, *args, **kwargs):
+        probed.append(nbytes)
+        return measure_bandwidth(nbytes, *args, **kwargs)
+
+    for module in (bench_run, bench_systems):
+        monkeypatch.setattr(module, "measure_bandwidth", probe)
     results = run_experiment(cfg, tmp_path, progress=False)
+    assert set(probed) == {cfg.bandwidth_probe_mib << 20}  # the machine's probe and every step's
 
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
