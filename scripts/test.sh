@@ -13,12 +13,11 @@ ruff check encdec pallas_kernels tests scripts
 # Tiny-model tests are mostly XLA compilation, which uses one core: two lanes of groups run
 # side by side (balanced by their measured times), each lane's output printed when it ends.
 lane1=(tests/engine/test_engine.py tests/engine/test_engine_whisper.py tests/engine/test_lifecycle.py
-       tests/engine/test_memory_policies.py tests/sharding tests/whisper tests/models tests/checkpoints
-       tests/engine/test_fixtures.py)
+       tests/engine/test_memory_policies.py tests/sharding tests/whisper tests/models tests/checkpoints)
 lane2=(tests/engine/test_engine_lora.py tests/engine/test_bad_input.py tests/engine/test_beams.py
        tests/notebooks tests/lora tests/bench tests/serving tests/engine/test_engine_families.py
        tests/engine/test_engine_traffic.py tests/engine/test_decoding.py "tests/test_*.py" tests/cache
-       tests/pallas_kernels tests/engine/test_scheduler_properties.py)
+       tests/pallas_kernels tests/engine/test_scheduler_properties.py tests/engine/test_fixtures.py)
 
 # Every test file must be in a lane: a new file in tests/engine, or a new folder, goes in one.
 listed=" ${lane1[*]} ${lane2[*]} "
