@@ -2,13 +2,11 @@
 
     python scripts/stream_rows.py [--rows 1 4 8] [--repeats 9] [--sizes 16 64 128 256]
 
-Three tables:
+Two tables:
 
 - ``stream``: one ``512 x N`` weight of 256 MiB, packed as panels and read once per call, so
   every byte comes from memory; beside it the probe (:func:`encdec.bench.bandwidth.measure_bandwidth`)
-  over the same bytes. The rows are the decode slots: each weight byte costs ``rows`` FMAs.
-- ``cache``: a 1 MiB weight (512 x 512, a t5-small attention projection) multiplied 200 times in
-  one jitted loop: the kernel's rate when the bytes are already in cache, its work per byte alone.
+  over the same bytes. The rows are the decode slots: every weight is multiplied by each row.
 - ``probe``: the probe's rate by read size: below the L3 share a process gets, reads run faster
   than the floor's (the bench probes 256 MiB).
 
@@ -46,19 +44,6 @@ def stream_GBps(rows: int, w, N: int, repeats: int) -> float:
     return K * N * 4 / fastest(lambda: f(x, w).block_until_ready(), repeats) / 1e9
 
 
-def cache_GBps(rows: int, repeats: int, calls: int = 200) -> float:
-    N = 512
-    w = pack_panels(jnp.asarray(np.random.default_rng(0).standard_normal((K, N)), jnp.float32))
-    x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, K)), jnp.float32)
-
-    def body(_, acc):  # each call's input depends on the last: calls run one after another
-        y = decode_matmul(x + 0 * acc[:, :K], w, w_layout="panels", n=N, implementation="kernel")
-        return acc + y
-
-    f = jax.jit(lambda x: jax.lax.fori_loop(0, calls, body, jnp.zeros((rows, N), jnp.float32)))
-    return K * N * 4 * calls / fastest(lambda: f(x).block_until_ready(), repeats) / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8])
@@ -71,13 +56,12 @@ def main() -> None:
     w_KN = jax.random.normal(jax.random.key(0), (K, N), jnp.float32)
     (w,) = to_huge_pages([pack_panels(w_KN)])
     del w_KN
-    print("| rows | stream GB/s | probe GB/s | stream / probe | cache GB/s |")
-    print("|---|---|---|---|---|")
+    print("| rows | stream GB/s | probe GB/s | stream / probe |")
+    print("|---|---|---|---|")
     for rows in args.rows:
         got = stream_GBps(rows, w, N, args.repeats)
         probe = measure_bandwidth(256 << 20, args.repeats, numpy_copy=False)["jax_read_GBps"]
-        hot = cache_GBps(rows, args.repeats)
-        print(f"| {rows} | {got:.1f} | {probe:.1f} | {got / probe:.2f} | {hot:.1f} |")
+        print(f"| {rows} | {got:.1f} | {probe:.1f} | {got / probe:.2f} |")
     print("\n| probe MiB | GB/s |\n|---|---|")
     for mib in args.sizes:
         probe = measure_bandwidth(mib << 20, args.repeats, numpy_copy=False)["jax_read_GBps"]
