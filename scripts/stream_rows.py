@@ -14,13 +14,12 @@ All rates are weight bytes (or probe bytes) per second, 1e9 bytes, fastest of ``
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from encdec.bench.bandwidth import measure_bandwidth
+from encdec.bench.bandwidth import fastest_s, measure_bandwidth
 from encdec.models.huge_pages import to_huge_pages
 from pallas_kernels.decode_matmul import decode_matmul, kernel_available
 from pallas_kernels.decode_matmul.reference import pack_panels
@@ -28,20 +27,10 @@ from pallas_kernels.decode_matmul.reference import pack_panels
 K = 512
 
 
-def fastest(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def stream_GBps(rows: int, w, N: int, repeats: int) -> float:
     x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, K)), jnp.float32)
     f = jax.jit(lambda x, w: decode_matmul(x, w, w_layout="panels", n=N, implementation="kernel"))
-    return K * N * 4 / fastest(lambda: f(x, w).block_until_ready(), repeats) / 1e9
+    return K * N * 4 / fastest_s(lambda: f(x, w).block_until_ready(), repeats) / 1e9
 
 
 def main() -> None:

@@ -27,8 +27,10 @@ PROBE_BYTES = 256 << 20
 """Bytes the probe streams per pass: well beyond any L3 here."""
 
 
-def _best(fn, repeats: int) -> float:
-    fn()  # compile / first touch
+def fastest_s(fn, repeats: int) -> float:
+    """Seconds of ``fn``'s fastest call of ``repeats``, after one untimed call (compiles, first
+    touches)."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -51,14 +53,14 @@ def measure_bandwidth(
     n = nbytes // 4
     x = jnp.arange(n, dtype=jnp.float32)
     probe = to_huge_pages([x])[0]
-    t_read = _best(lambda: _total(probe).block_until_ready(), repeats)
+    t_read = fastest_s(lambda: _total(probe).block_until_ready(), repeats)
     out = {"jax_read_GBps": nbytes / t_read / 1e9}
     if not numpy_copy:
         return out
-    out["jax_read_4k_GBps"] = nbytes / _best(lambda: _total(x).block_until_ready(), repeats) / 1e9
+    out["jax_read_4k_GBps"] = nbytes / fastest_s(lambda: _total(x).block_until_ready(), repeats) / 1e9
     a = np.ones(n, np.float32)
     b = np.empty_like(a)
-    out["numpy_copy_GBps"] = 2 * nbytes / _best(lambda: np.copyto(b, a), repeats) / 1e9
+    out["numpy_copy_GBps"] = 2 * nbytes / fastest_s(lambda: np.copyto(b, a), repeats) / 1e9
     return out
 
 

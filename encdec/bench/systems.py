@@ -250,10 +250,9 @@ class EncdecEngine:
         extra: dict[str, Any] = {"decode_step_ms": None}
         if trace.num_beams == 1:
             # The floor's bandwidth, read beside the step: a neighbour's load moves both.
-            bandwidth = lambda: measure_bandwidth(self.probe_bytes, numpy_copy=False)["jax_read_GBps"]  # noqa: E731
-            before = bandwidth()
+            before = self._bandwidth_GBps()
             extra["decode_step_ms"] = decode_step_ms(self._engine, probe)
-            extra["bandwidth_GBps"] = max(before, bandwidth())
+            extra["bandwidth_GBps"] = max(before, self._bandwidth_GBps())
         if extra["decode_step_ms"] is not None:
             window = self._engine.state.window  # what attention reads, where the engine keeps one
             stored = window.self_k_BNKH[0] if window is not None else self._engine.state.pools.self_k_LNPGH
@@ -265,6 +264,9 @@ class EncdecEngine:
             system=self.name, token_ids=[list(map(int, o.token_ids)) for o in outs], latency_s=latency,
             wall_s=max(o.timings["done"] for o in outs) - t0, ttft_s=ttft, memory=memory, extra=extra,
         )
+
+    def _bandwidth_GBps(self) -> float:
+        return measure_bandwidth(self.probe_bytes, numpy_copy=False)["jax_read_GBps"]
 
     def close(self) -> None:
         self._key, self._engine = None, None
