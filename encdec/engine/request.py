@@ -206,6 +206,7 @@ def check_limits(
         token = getattr(request, name)
         if token is not None:
             _check_vocab(name, (token,), decoder_vocab_size)
+    _check_forced(request, max_new_tokens)
     for name in ("logprobs", "prompt_logprobs"):
         n = getattr(request, name)
         if n is not None and n > config.max_logprobs:
@@ -249,6 +250,22 @@ def check_group(request: Request, config: EngineConfig) -> None:
 def group_width(request: Request) -> int:
     """Decode slots the request holds."""
     return max(request.num_beams, request.num_return_sequences)
+
+
+def _check_forced(request: Request, max_new_tokens: int) -> None:
+    """A forced token that is also suppressed at its step leaves that step no token to choose
+    (every score -inf: beam search keeps no hypothesis, greedy picks an arbitrary id)."""
+    first = ("suppress_tokens", "begin_suppress_tokens")
+    steps = [("forced_bos_token_id", first)]
+    last = ("suppress_tokens",) + (("begin_suppress_tokens",) if max_new_tokens == 1 else ())
+    steps.append(("forced_eos_token_id", last))
+    for name, banned in steps:
+        token = getattr(request, name)
+        for ban in banned:
+            if token is not None and token in getattr(request, ban):
+                raise RequestError(
+                    f"{name}={token} is also in {ban}: that step would have no token left to generate"
+                )
 
 
 def _check_vocab(name: str, ids: Sequence[int], vocab: int) -> None:

@@ -58,6 +58,17 @@ BAD_REQUESTS = {
     "negative logprobs": ({"logprobs": -1}, "logprobs must be in"),
     "stop int": ({"stop": 5}, "stop must be a string or a list of strings"),
     "forced bos outside the vocabulary": ({"forced_bos_token_id": 500}, "forced_bos_token_id has ids"),
+    # a step with no token left: beam search kept no hypothesis and answered "length", no tokens
+    "forced bos begin-suppressed": (
+        {"forced_bos_token_id": 0, "begin_suppress_tokens": [0], "num_beams": 2},
+        "forced_bos_token_id=0 is also in begin_suppress_tokens",
+    ),
+    "forced bos suppressed": ({"forced_bos_token_id": 9, "suppress_tokens": [3, 9]}, "=9 is also in supp"),
+    "forced eos suppressed": ({"forced_eos_token_id": 1, "suppress_tokens": [1]}, "eos_token_id=1 is also"),
+    "forced eos begin-suppressed at its one step": (
+        {"forced_eos_token_id": 1, "begin_suppress_tokens": [1], "max_new_tokens": 1},
+        "forced_eos_token_id=1 is also in begin_suppress_tokens",
+    ),
 }
 """name -> (Request fields over a good request's, the error it must raise)."""
 
