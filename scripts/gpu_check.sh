@@ -4,6 +4,8 @@
 # 1. Pallas kernel tests on the device (the non-interpret test class) and the Triton lowering,
 # 2. the paged-attention benchmark (Pallas vs XLA, T5-base and BART-large shapes),
 # 3. the engine: Pallas vs XLA vs reference tokens, and throughput vs HF generate.
+# Then, in a second call where device time is left: issue 15's int8 vs bfloat16 decode steps,
+#   encdec run experiments/bench_gpu_int8.yaml --out OUT_DIR/int8
 set -uo pipefail
 out=${1:-${OUT:-/tmp/gpu_out}}
 mkdir -p "$out"

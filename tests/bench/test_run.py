@@ -48,7 +48,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("shapes")
 
 
-@pytest.mark.parametrize("name", ["quickstart", "bench_cpu", "bench_gpu", "bench_cpu_int8"])
+@pytest.mark.parametrize("name", ["quickstart", "bench_cpu", "bench_gpu", "bench_cpu_int8", "bench_gpu_int8"])
 def test_experiment_smoke_run_writes_results(name, cache, tmp_path, monkeypatch):
     path = EXPERIMENTS / f"{name}.yaml"
     cfg = load_experiment(path, shrink(path, cache))
