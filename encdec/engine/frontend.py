@@ -22,7 +22,7 @@ from encdec.checkpoints.pretrained import Model
 from encdec.engine.config import EngineConfig
 from encdec.engine.request import Request, RequestError
 from encdec.engine.steps import EncoderFn
-from encdec.engine.validation import FieldError, TokenIds
+from encdec.engine.validation import FieldError, TokenIds, unicode_text
 from encdec.models import encode
 from encdec.processors import LogitsHook
 from encdec.sampling import TokenMasks
@@ -135,6 +135,10 @@ class TextFrontEnd:
         if isinstance(inputs, str):
             if self.tokenizer is None:
                 raise RequestError("text input needs a tokenizer; this model has none (pass token ids)")
+            try:
+                unicode_text("inputs", inputs)
+            except FieldError as e:
+                raise RequestError(str(e)) from None
             return tuple(int(t) for t in self.tokenizer(inputs)["input_ids"]), True
         if not isinstance(inputs, list | tuple | range | np.ndarray):
             raise RequestError(

@@ -170,6 +170,17 @@ class OneOf:
         return value
 
 
+def unicode_text(field: str, text: str) -> str:
+    """``text`` if it encodes as UTF-8: a JSON ``"\\ud800"`` escape arrives as a lone surrogate,
+    which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = f"a lone surrogate {text[e.start]!r} at character {e.start}"
+        raise FieldError(field, f"is not valid Unicode: {bad}") from None
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
 class Text:
     """A string (``None`` too when optional)."""
@@ -181,7 +192,7 @@ class Text:
             return None
         if not isinstance(value, str):
             raise FieldError(field, f"must be a string, got {_show(value)} ({type(value).__name__})")
-        return value
+        return unicode_text(field, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +207,7 @@ class Texts:
         for i, text in enumerate(value):
             if not isinstance(text, str) or not text:
                 raise FieldError(f"{field}[{i}]", f"must be a non-empty string, got {_show(text)}")
+            unicode_text(f"{field}[{i}]", text)
         return tuple(value)
 
 

@@ -137,6 +137,15 @@ FRIENDLY = {
 
 def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
     """One message naming the first offending field, and the field (``param``)."""
+    if errors[0]["type"] == "json_invalid":  # loc: ("body", character)
+        where = errors[0]["loc"][-1]
+        why = (errors[0].get("ctx") or {}).get("error", "")
+        return f"the body is not valid JSON ({why}, at character {where})".replace("(, ", "("), None
+    if tuple(errors[0]["loc"]) == ("body",):
+        if errors[0]["type"] == "missing":
+            return "the request has no body: send a JSON object", None
+        if errors[0]["type"] in ("model_attributes_type", "dict_type"):
+            return "the body must be a JSON object (sent with Content-Type: application/json)", None
     loc = [str(x) for x in errors[0]["loc"] if x not in ("body", "query", "form")]
     param = loc[0] if loc else None
     if param in FRIENDLY and errors[0]["type"] not in ("missing", "extra_forbidden"):

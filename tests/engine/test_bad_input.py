@@ -57,6 +57,7 @@ BAD_REQUESTS = {
     "early_stopping 1": ({"early_stopping": 1}, "early_stopping must be one of"),
     "negative logprobs": ({"logprobs": -1}, "logprobs must be in"),
     "stop int": ({"stop": 5}, "stop must be a string or a list of strings"),
+    "stop with a lone surrogate": ({"stop": ["ab", "x\ud800"]}, r"stop\[1\] is not valid Unicode: a lone"),
     "forced bos outside the vocabulary": ({"forced_bos_token_id": 500}, "forced_bos_token_id has ids"),
     # a step with no token left: beam search kept no hypothesis and answered "length", no tokens
     "forced bos begin-suppressed": (

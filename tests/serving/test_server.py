@@ -4,6 +4,7 @@ HTTP where the client hides the wire): completions, streaming, stop strings, ada
 
 import dataclasses
 import json
+import re
 import time
 
 import httpx
@@ -272,6 +273,32 @@ def test_bad_requests_get_named_errors(client, server, kw, param, message):
         "not_found_error",
     )
     _wait_idle(server[1])
+
+
+@pytest.mark.parametrize(
+    "content, headers, param, message",
+    [
+        (b"not json", {}, None, r"the body is not valid JSON \(Expecting value, at character 0\)"),
+        (b'{"model": "tiny-t5"', {}, None, "the body is not valid JSON"),
+        (b"[1, 2]", {}, None, "the body must be a JSON object"),
+        (b'{"model": "tiny-t5", "prompt": "t5"}', {"content-type": "text/plain"}, None, "a JSON object"),
+        (b"", {}, None, "the request has no body"),
+        # JSON escapes a lone surrogate (the official client cannot send one: it encodes to UTF-8)
+        (
+            b'{"model": "tiny-t5", "prompt": "t5 \\ud800"}', {}, "prompt",
+            "prompt is not valid Unicode: a lone surrogate '.ud800' at character 3",
+        ),
+        (b'{"model": "tiny-t5", "prompt": "t5", "stop": ["t9", "\\udfff"]}', {}, "stop", r"stop\[1\] is not"),
+    ],
+)
+def test_a_body_the_client_would_not_send_gets_a_named_error(server, content, headers, param, message):
+    http, served = server
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"} | headers
+    r = httpx.post(http.url + "/v1/completions", content=content, headers=headers)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert re.search(message, error["message"]) and error["param"] == param, error
+    _wait_idle(served)
 
 
 def test_api_key_is_required_on_v1_only(server):
