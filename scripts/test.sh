@@ -16,11 +16,12 @@ lane1=(tests/engine/test_engine.py tests/engine/test_engine_whisper.py tests/eng
        tests/engine/test_memory_policies.py tests/sharding tests/whisper tests/models tests/checkpoints)
 lane2=(tests/engine/test_engine_lora.py tests/engine/test_bad_input.py tests/engine/test_beams.py
        tests/notebooks tests/lora tests/bench tests/serving tests/engine/test_engine_families.py
-       tests/engine/test_engine_traffic.py tests/engine/test_decoding.py "tests/test_*.py" tests/cache
-       tests/pallas_kernels tests/engine/test_scheduler_properties.py tests/engine/test_fixtures.py)
+       # small groups share a process (each process spends ~4 s importing jax, torch, transformers)
+       "tests/engine/test_engine_traffic.py tests/engine/test_decoding.py tests/test_*.py tests/cache
+        tests/pallas_kernels tests/engine/test_scheduler_properties.py tests/engine/test_fixtures.py")
 
 # Every test file must be in a lane: a new file in tests/engine, or a new folder, goes in one.
-listed=" ${lane1[*]} ${lane2[*]} "
+listed=" $(echo ${lane1[*]} ${lane2[*]}) "  # echo: one space between paths
 for path in tests/engine/test_*.py tests/*/; do
   path=${path%/}
   case "$path" in tests/__pycache__|tests/engine) continue ;; esac
