@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-vad", action="store_true", help="do not cut files at silences")
     tr.add_argument("--no-condition-on-previous-text", action="store_true", help="no previous-text prompts")
     tr.add_argument(
+        "--initial-prompt",
+        default=None,
+        help="text before each file's first window (spellings, names, a style), as faster-whisper's",
+    )
+    tr.add_argument(
         "--temperature-increment-on-fallback",
         type=float,
         default=0.2,

@@ -25,6 +25,7 @@ from encdec.checkpoints.pretrained import Model
 from encdec.engine import EngineConfig
 from encdec.serving.app import build_app
 from encdec.serving.models import ServedModel, serve_model
+from encdec.whisper.options import LongFormOptions
 from encdec.whisper.serving import whisper_engine_config
 
 GRACEFUL_SECONDS = 5
@@ -87,7 +88,9 @@ def engine_config(model: Model, *, num_slots: int | None, options: Mapping[str, 
         fields["num_slots"] = num_slots
     try:
         if model.config.is_audio:
-            base = whisper_engine_config(model, num_slots=fields.pop("num_slots", 16))
+            # Prompts as long as encdec transcribe's fit (a request's text prompt, previous text).
+            prompt_len = LongFormOptions(timestamps=False).prefix_len(model.config.max_positions)
+            base = whisper_engine_config(model, num_slots=fields.pop("num_slots", 16), prompt_len=prompt_len)
             return dataclasses.replace(base, **fields)
         return EngineConfig(**fields)
     except TypeError as e:

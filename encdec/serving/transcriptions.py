@@ -86,6 +86,33 @@ def _segment(
     return Segment(start, min(start + CHUNK_SECONDS, duration), text, ids, temperature, avg)
 
 
+def window_prefix(served: ServedModel, prompt: str | None, language: str, task: str) -> list[int] | None:
+    """Every window's decoder prompt with the request's text ``prompt`` as its previous text
+    (``<|startofprev|>``, as faster-whisper's batched chunks each get its ``initial_prompt``),
+    its first tokens dropped past what the engine's ``max_decoder_prefix`` holds; None without
+    one (the front end's default prompt)."""
+    if not prompt or not prompt.strip():
+        return None
+    engine = served.engine.engine
+    tokens = engine.frontend.tokens
+    try:
+        ids = tokens.encode_prompt(engine.model.tokenizer, prompt, engine.model.config.vocab_size)
+    except ValueError as e:
+        raise APIError(400, f"prompt: {e}", param="prompt") from None
+    room = engine.max_prefix - len(tokens.prompt()) - 1  # <|startofprev|>, the text, the prompt
+    if room <= 0:
+        raise APIError(
+            400,
+            f"prompt: this server's engine takes no text prompt (max_decoder_prefix={engine.max_prefix}); "
+            "start it with --engine max_decoder_prefix=N",
+            param="prompt",
+        )
+    try:
+        return tokens.prompt(language, task, previous=ids[-room:])
+    except ValueError as e:  # an unknown language
+        raise APIError(400, str(e), param="language") from None
+
+
 async def create_transcription(
     served: ServedModel, http: HTTPRequest, *, task: str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
 ) -> Response:
@@ -93,20 +120,20 @@ async def create_transcription(
     adapter_id = served.resolve(form.model)
     if not served.is_audio:
         raise APIError(400, f"{form.model!r} is not a speech-recognition model", param="model")
-    if form.prompt:
-        raise APIError(400, "prompt: a text prompt for Whisper is not supported yet", param="prompt")
     if "word" in (form.timestamp_granularities or ()):
         raise APIError(
             400, "timestamp_granularities: word timestamps are not supported", param="timestamp_granularities"
         )
+    language = form.language or "en"
+    prefix = window_prefix(served, form.prompt, language, task)
     samples = await asyncio.to_thread(read_samples, upload)
     duration = samples.size / SAMPLE_RATE
-    language = form.language or "en"
     streams: list[RequestStream] = []
     try:
         for window in split_windows(samples):
             request = Request(
                 AudioInput(window, language=language, task=task),
+                decoder_prefix=prefix,
                 temperature=form.temperature,
                 logprobs=0,
                 adapter_id=adapter_id,

@@ -48,6 +48,7 @@ def transcribe_cli(args: argparse.Namespace) -> int:
         beam_size=args.beam_size,
         vad=not args.no_vad,
         condition_on_previous_text=not args.no_condition_on_previous_text,
+        initial_prompt=args.initial_prompt,
         adapter=ADAPTER_ID if args.adapter else None,
     )
     model = load_whisper(args.model, quantize=getattr(args, "quantize", None))

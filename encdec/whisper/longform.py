@@ -132,6 +132,12 @@ class LongFormTranscriber:
             )
         self.engine, self.options, self.tokens = engine, options, tokens
         self.prompt_tokens = options.prompt_tokens(positions)
+        self.initial_prompt: tuple[int, ...] = ()
+        """The initial prompt's ids, each stream's first previous text."""
+        if options.initial_prompt is not None:
+            self.initial_prompt = tokens.encode_prompt(
+                engine.model.tokenizer, options.initial_prompt, engine.model.config.vocab_size
+            )
         self.max_in_flight = 2 * engine.config.num_slots
         self.speculative_decodes = 0
         """Fallback decodes started before the temperatures before them had failed (so far)."""
@@ -271,7 +277,10 @@ class LongFormTranscriber:
             f.result.error = f"{f.source} is silent: no speech found in {f.result.duration:.1f} s of audio"
             return False
         f.samples = samples
-        f.streams = [_Stream(f, i, c.start, samples[c.start : c.end]) for i, c in enumerate(chunks)]
+        f.streams = [
+            _Stream(f, i, c.start, samples[c.start : c.end], tokens=list(self.initial_prompt))
+            for i, c in enumerate(chunks)
+        ]
         f.streams_left = len(f.streams)
         f.result.language = opts.language if self.tokens.languages else "en"
         if opts.language is None and self.tokens.languages:

@@ -113,6 +113,29 @@ class WhisperTokens:
             return " ".join(map(str, text))
         return tokenizer.decode(text, skip_special_tokens=True).strip()
 
+    def encode_prompt(self, tokenizer: Any, prompt: str | Sequence[int], vocab_size: int) -> tuple[int, ...]:
+        """Token ids of a text prompt (previous text, after ``<|startofprev|>``): text encoded as
+        faster-whisper's ``initial_prompt`` is, ``" " + text.strip()``; ids checked against the
+        vocabulary. A ``ValueError`` names what cannot be used."""
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError("a text prompt needs the model's tokenizer; this model has none (give ids)")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = f"a lone surrogate at character {e.start}"
+                raise ValueError(f"the prompt is not valid Unicode: {bad}") from None
+            encoded = tokenizer(" " + prompt.strip(), add_special_tokens=False)["input_ids"]
+            ids = tuple(int(t) for t in encoded)
+        else:
+            ids = tuple(int(t) for t in prompt)
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"the prompt has ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        if self.sot_prev is None and ids:
+            raise ValueError("this model has no <|startofprev|> token for a previous-text prompt")
+        return ids
+
     @classmethod
     def from_vocabulary(
         cls,

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import encdec
-from encdec.whisper.audio import SAMPLE_RATE, log_mel_spectrogram
+from encdec.whisper.audio import SAMPLE_RATE, features_for, log_mel_spectrogram
 from encdec.whisper.longform import LongFormTranscriber
 from encdec.whisper.options import LongFormOptions
 from encdec.whisper.segments import Thresholds
 from encdec.whisper.serving import longform_engine
 from encdec.whisper.silence import chunk_recording
 from encdec.whisper.tokens import WhisperTokens
-from encdec.whisper.transcribe import transcribe
+from encdec.whisper.transcribe import greedy_decode, transcribe
 from tests.whisper.tiny_whisper import DE, EN, EOT, LONGFORM_VOCAB, MEL_BINS, SOT, TIMESTAMP_BEGIN
 
 OFF = Thresholds(None, None, None)
@@ -85,6 +85,42 @@ def test_fixed_windows_without_timestamps_equal_the_dense_reference(model):
         assert g.segments[0].start == 0.0
         assert g.duration == pytest.approx(w.audio_seconds)
     assert [(s.start, s.end) for s in got[0].segments] == [(0.0, 30.0), (30.0, 37.3)]
+
+
+@pytest.mark.parametrize("condition", [False, True])
+def test_initial_prompt_is_each_streams_first_previous_text(model, condition):
+    """faster-whisper's ``initial_prompt``: the first window's previous text; later windows keep
+    it (with the text decoded since, its first tokens dropped past the limit) only while
+    conditioning on previous text. Fixed windows, against the dense reference's decodes."""
+    audio = _bursts([(31.0, 300), (6.0, 900)], 1)
+    tokens = WhisperTokens.from_dir(model.path)
+    tokens = dataclasses.replace(tokens, suppress=(*tokens.suppress, *range(TIMESTAMP_BEGIN, LONGFORM_VOCAB)))
+    engine = longform_engine(model, LongFormOptions(best_of=3), num_slots=SLOTS, tokens=tokens)  # same steps
+    initial = [5, 9, 17, 23, 31, 40, 41, 42, 43, 44, 45, 46, 47]
+    fixed = dict(timestamps=False, vad=False, condition_on_previous_text=condition, thresholds=OFF)
+    options = LongFormOptions(language="en", temperatures=(0.0,), initial_prompt=initial, **fixed)
+    (got,) = LongFormTranscriber(engine, options).transcribe([audio])
+    (plain,) = _run(engine, [audio], temperatures=(0.0,), **fixed)
+
+    mel, _ = features_for(audio, MEL_BINS, padding="features")
+    most = options.prompt_tokens(model.config.max_positions)
+    first, _ = greedy_decode(model, mel[:1], tokens, tokens.prompt("en", previous=initial[-most:]))
+    previous = (initial + first[0])[-most:] if condition else []
+    second, _ = greedy_decode(model, mel[1:], tokens, tokens.prompt("en", previous=previous))
+    assert [s.tokens for s in got.segments] == [first[0], second[0]]
+    assert got.segments[0].tokens != plain.segments[0].tokens  # the prompt changed what was heard
+    assert len(initial + first[0]) > most  # the second window's prompt dropped its first tokens
+
+
+def test_a_bad_initial_prompt_is_refused_by_name(engine):
+    with pytest.raises(ValueError, match="initial_prompt must be text or token ids"):
+        LongFormOptions(initial_prompt=[3, -1])
+    with pytest.raises(ValueError, match="initial_prompt must be text or token ids"):
+        LongFormOptions(initial_prompt=7)
+    with pytest.raises(ValueError, match="the prompt has ids outside the vocabulary"):
+        LongFormTranscriber(engine, LongFormOptions(initial_prompt=[3, LONGFORM_VOCAB]))
+    with pytest.raises(ValueError, match="a text prompt needs the model's tokenizer; this model has none"):
+        LongFormTranscriber(engine, LongFormOptions(initial_prompt="Jehoshaphat"))
 
 
 def test_windows_obey_the_timestamp_rules_and_files_do_not_mix(engine, tmp_path):

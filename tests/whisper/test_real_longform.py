@@ -78,3 +78,26 @@ def test_language_detection_on_espeak_voices_equals_ctranslate2(model, greedy, t
         assert next(iter(probs)) == code, (voice, probs)
         assert list(probs) == [t[2:-2] for t, _ in their[: len(probs)]]
         np.testing.assert_allclose(list(probs.values()), [p for _, p in their[: len(probs)]], atol=1e-4)
+
+
+def test_initial_prompt_gives_faster_whispers_tokens(model, greedy, espeak_clips):
+    """``initial_prompt`` text (encoded as faster-whisper encodes it) before each clip: the
+    tokens faster-whisper decodes with the same prompt, and on the first clip not the unprompted
+    ones ("dumps" becomes "jumps"). Fixed windows without timestamps on both sides."""
+    faster_whisper = pytest.importorskip("faster_whisper")
+    prompt = "the quick brown fox jumps, the weather is nice and sunny"
+    fixed = dict(language="en", temperatures=(0.0,), timestamps=False, vad=False)
+    prompted = LongFormTranscriber(greedy.engine, LongFormOptions(initial_prompt=prompt, **fixed))
+    plain = LongFormTranscriber(greedy.engine, LongFormOptions(**fixed))
+    _, paths = espeak_clips
+    ours = prompted.transcribe([str(p) for p in paths])
+    unprompted = plain.transcribe([str(paths[0])])[0]
+    peer = faster_whisper.WhisperModel(str(model.path), device="cpu", compute_type="float32", cpu_threads=2)
+    for path, got in zip(paths, ours, strict=True):
+        segments, _ = peer.transcribe(
+            str(path), language="en", beam_size=1, temperature=0.0, initial_prompt=prompt,
+            without_timestamps=True, vad_filter=False,
+        )
+        theirs = [t for s in segments for t in s.tokens]
+        assert [t for s in got.segments for t in s.tokens] == theirs, (path, got.text)
+    assert ours[0].text != unprompted.text
