@@ -8,7 +8,12 @@ import encdec
 from encdec.bench.shapes import write_shape
 from encdec.engine import Engine, EngineConfig
 from encdec.lora import AdapterBank
-from tests.whisper.fixtures import tiny_ct2_dir, tiny_hf_model  # noqa: F401 (the Whisper fixtures)
+from tests.whisper.fixtures import (  # noqa: F401 (the Whisper fixtures)
+    espeak_clips,
+    tiny_ct2_dir,
+    tiny_hf_model,
+    whisper_base_path,
+)
 
 MAX_NEW = 16
 

@@ -146,3 +146,49 @@ def test_bad_uploads_get_named_errors(server, clip, data, files, status, message
 def test_completions_are_refused_by_a_whisper_model(client):
     with pytest.raises(openai.BadRequestError, match="speech-recognition model"):
         client.completions.create(model="tiny-whisper", prompt="hello")
+
+
+@pytest.mark.slow
+def test_whisper_base_prompt_is_every_windows_previous_text(whisper_base_path, espeak_clips):
+    """``prompt`` through the official client, on the real weights: each window decodes as
+    CTranslate2 does after ``<|startofprev|>`` and the prompt (encoded as faster-whisper encodes
+    an ``initial_prompt``), and the prompt changes what is heard ("dumps" becomes "jumps")."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    import tokenizers
+
+    from encdec.serving.server import engine_config
+    from encdec.whisper.audio import features_for
+    from encdec.whisper.tokens import WhisperTokens
+    from encdec.whisper.transcribe import load_whisper
+
+    model = load_whisper(whisper_base_path)
+    prompt = "the quick brown fox jumps, the weather is nice and sunny"
+    paths = espeak_clips[1][:3]
+    config = engine_config(model, num_slots=2, options={})  # encdec serve's: prompts fit
+    served = serve_model(model, name="base", config=config, warmup=False)
+    with ServerThread(build_app(served)) as http:
+        client = openai.OpenAI(base_url=http.url + "/v1", api_key="-", max_retries=0, timeout=300)
+        got = []
+        for path in paths:
+            with open(path, "rb") as f:
+                got.append(
+                    client.audio.transcriptions.create(
+                        file=(path.name, f), model="base", prompt=prompt, response_format="verbose_json"
+                    )
+                )
+        with open(paths[0], "rb") as f:
+            plain = client.audio.transcriptions.create(file=(paths[0].name, f), model="base")
+    served.engine.shutdown(drain=False)
+
+    encoded = tokenizers.Tokenizer.from_file(str(whisper_base_path / "tokenizer.json"))
+    ids = encoded.encode(" " + prompt.strip(), add_special_tokens=False).ids
+    tokens = WhisperTokens.from_dir(whisper_base_path)
+    mel = np.stack([features_for(p)[0][0] for p in paths])
+    peer = ctranslate2.models.Whisper(
+        str(whisper_base_path), device="cpu", compute_type="float32", intra_threads=2
+    )
+    prompts = [[tokens.sot_prev, *ids, *tokens.prompt("en")]] * len(paths)
+    theirs = peer.generate(ctranslate2.StorageView.from_array(mel), prompts, beam_size=1)
+    for mine, their in zip(got, theirs, strict=True):
+        assert [t for s in mine.segments for t in s.tokens] == their.sequences_ids[0], mine.text
+    assert got[0].text != plain.text

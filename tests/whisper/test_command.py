@@ -60,6 +60,8 @@ def test_bad_options_stop_before_any_audio_is_read(tiny_longform_ct2_dir, files,
     model = ["--model", str(tiny_longform_ct2_dir)]
     assert main(["transcribe", files[0], *model, "--language", "xx"]) == 2
     assert "language 'xx' is not one of the model's: de, en" in capsys.readouterr().err
+    assert main(["transcribe", files[0], *model, "--initial-prompt", "Jehoshaphat"]) == 2
+    assert "a text prompt needs the model's tokenizer; this model has none" in capsys.readouterr().err
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert main(["transcribe", files[0], *model, *FAST, "--output-dir", str(blocker / "sub")]) == 2
