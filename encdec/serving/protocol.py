@@ -121,7 +121,8 @@ class TranscriptionForm(BaseModel):
 
     model: str
     language: str | None = None
-    """The spoken language (ISO 639-1); None: English (language detection is not built yet)."""
+    """The spoken language (ISO 639-1); None: detected from the first 30 s (English-only models:
+    English)."""
     prompt: str | None = None
     response_format: ResponseFormat = "json"
     temperature: float = 0.0

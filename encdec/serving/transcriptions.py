@@ -10,8 +10,10 @@ and the requested format is rendered from the segments.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request as HTTPRequest
@@ -26,6 +28,7 @@ from encdec.serving.protocol import APIError, TranscriptionForm, parse_form
 from encdec.serving.streaming import unless_disconnected
 from encdec.whisper.audio import CHUNK_SECONDS, SAMPLE_RATE, AudioError, load_audio, split_windows
 from encdec.whisper.frontend import AudioInput
+from encdec.whisper.language import detection_request
 
 DEFAULT_MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 """OpenAI's upload limit."""
@@ -86,19 +89,29 @@ def _segment(
     return Segment(start, min(start + CHUNK_SECONDS, duration), text, ids, temperature, avg)
 
 
-def window_prefix(served: ServedModel, prompt: str | None, language: str, task: str) -> list[int] | None:
-    """Every window's decoder prompt with the request's text ``prompt`` as its previous text
+def encoded_prompt(served: ServedModel, prompt: str | None) -> tuple[int, ...]:
+    """The request's text ``prompt`` as token ids (none for an empty one); a 400 naming it."""
+    if not prompt or not prompt.strip():
+        return ()
+    engine = served.engine.engine
+    try:
+        tokens, vocab = engine.frontend.tokens, engine.model.config.vocab_size
+        return tokens.encode_prompt(engine.model.tokenizer, prompt, vocab)
+    except ValueError as e:
+        raise APIError(400, f"prompt: {e}", param="prompt") from None
+
+
+def window_prefix(
+    served: ServedModel, prompt_ids: Sequence[int], language: str, task: str
+) -> list[int] | None:
+    """Every window's decoder prompt with ``prompt_ids`` as its previous text
     (``<|startofprev|>``, as faster-whisper's batched chunks each get its ``initial_prompt``),
     its first tokens dropped past what the engine's ``max_decoder_prefix`` holds; None without
     one (the front end's default prompt)."""
-    if not prompt or not prompt.strip():
+    if not prompt_ids:
         return None
     engine = served.engine.engine
     tokens = engine.frontend.tokens
-    try:
-        ids = tokens.encode_prompt(engine.model.tokenizer, prompt, engine.model.config.vocab_size)
-    except ValueError as e:
-        raise APIError(400, f"prompt: {e}", param="prompt") from None
     room = engine.max_prefix - len(tokens.prompt()) - 1  # <|startofprev|>, the text, the prompt
     if room <= 0:
         raise APIError(
@@ -108,9 +121,34 @@ def window_prefix(served: ServedModel, prompt: str | None, language: str, task: 
             param="prompt",
         )
     try:
-        return tokens.prompt(language, task, previous=ids[-room:])
+        return tokens.prompt(language, task, previous=prompt_ids[-room:])
     except ValueError as e:  # an unknown language
         raise APIError(400, str(e), param="language") from None
+
+
+async def detect_language(
+    served: ServedModel, http: HTTPRequest, samples: Any, adapter_id: str | None
+) -> str:
+    """The spoken language of the first 30 s (openai-whisper's ``detect_language``: one decode
+    step over the language tokens), for a request that names none; English-only models: ``en``."""
+    tokens = served.engine.engine.frontend.tokens
+    if not tokens.languages:
+        return "en"
+    request = dataclasses.replace(detection_request(tokens, samples, top=0), adapter_id=adapter_id)
+    stream = await served.engine.submit_async(request)
+
+    async def output() -> RequestOutput:
+        async for _ in stream:
+            pass
+        assert stream.output is not None
+        return stream.output
+
+    try:
+        out = await unless_disconnected(http, output(), stream.cancel)
+    finally:
+        stream.cancel()
+    check_output(out)
+    return tokens.language_of(out.token_ids[0])
 
 
 async def create_transcription(
@@ -124,10 +162,13 @@ async def create_transcription(
         raise APIError(
             400, "timestamp_granularities: word timestamps are not supported", param="timestamp_granularities"
         )
-    language = form.language or "en"
-    prefix = window_prefix(served, form.prompt, language, task)
+    prompt_ids = encoded_prompt(served, form.prompt)
     samples = await asyncio.to_thread(read_samples, upload)
     duration = samples.size / SAMPLE_RATE
+    language = form.language
+    if language is None:
+        language = await detect_language(served, http, samples, adapter_id)
+    prefix = window_prefix(served, prompt_ids, language, task)
     streams: list[RequestStream] = []
     try:
         for window in split_windows(samples):

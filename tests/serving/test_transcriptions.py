@@ -8,13 +8,15 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 
 import encdec
 from encdec.engine import EngineConfig
 from encdec.serving import ServerThread, build_app, serve_model
-from encdec.whisper.audio import N_SAMPLES
+from encdec.whisper.audio import N_SAMPLES, log_mel_spectrogram
 from encdec.whisper.transcribe import transcribe
 from tests.whisper.test_transcribe import _tone, _wav
+from tests.whisper.tiny_whisper import DE, EN, MEL_BINS, SOT
 
 LIMIT = 20
 """The tiny model's token limit: min(40 / 2, 40 - 4)."""
@@ -54,19 +56,33 @@ def clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(whisper, clip):
-    """Each window transcribed alone by the dense reference: (text, tokens) per window."""
+def spoken(tiny_hf_model, clip):
+    """The clip's language by HF's model (same weights): the likelier language token after
+    ``<|startoftranscript|>`` over the first 30 s (openai-whisper's ``detect_language``)."""
+    mel = torch.tensor(log_mel_spectrogram(clip[1][:N_SAMPLES], MEL_BINS)[None])
+    with torch.no_grad():
+        logits = tiny_hf_model(input_features=mel, decoder_input_ids=torch.tensor([[SOT]])).logits
+    return "en" if logits[0, 0, EN] > logits[0, 0, DE] else "de"
+
+
+@pytest.fixture(scope="module")
+def expected(whisper, clip, spoken):
+    """Each window transcribed alone by the dense reference: (text, tokens) per window; in
+    English, translated from the spoken language, and transcribed in the spoken language."""
     _, samples = clip
     windows = [samples[i : i + N_SAMPLES] for i in range(0, len(samples), N_SAMPLES)]
     out = {}
-    for task in ("transcribe", "translate"):
-        refs = transcribe(whisper, windows, task=task, max_new_tokens=LIMIT)
-        out[task] = [(r.text, r.token_ids) for r in refs]
+    for key, task, language in (("transcribe", "transcribe", "en"), ("translate", "translate", spoken)):
+        refs = transcribe(whisper, windows, task=task, language=language, max_new_tokens=LIMIT)
+        out[key] = [(r.text, r.token_ids) for r in refs]
+    refs = transcribe(whisper, windows, language=spoken, max_new_tokens=LIMIT)
+    out["spoken"] = [(r.text, r.token_ids) for r in refs]
     assert out["transcribe"][0] != out["transcribe"][1] != out["translate"][1]
     return out
 
 
 def _create(client, clip, **kw):
+    kw.setdefault("language", "en")
     with open(clip[0], "rb") as f:
         return client.audio.transcriptions.create(file=("clip.wav", f), model="tiny-whisper", **kw)
 
@@ -85,6 +101,14 @@ def test_every_response_format(client, clip, expected):
     segments = [(s.start, s.end, s.text, s.tokens) for s in verbose.segments]
     assert segments == [(0.0, 30.0, t0, ids0), (30.0, 41.5, t1, ids1)]
     assert all(s.avg_logprob < 0 for s in verbose.segments)
+
+
+def test_the_language_is_detected_when_not_given(client, clip, expected, spoken):
+    """No ``language``: the first 30 s decide it (as OpenAI's API does), and every window is
+    transcribed in it. (The random model hears German in this clip.)"""
+    verbose = _create(client, clip, response_format="verbose_json", language=openai.NOT_GIVEN)
+    assert verbose.language == spoken == "de"
+    assert [s.tokens for s in verbose.segments] == [ids for _, ids in expected["spoken"]]
 
 
 def test_translation_and_language(client, server, clip, expected):
