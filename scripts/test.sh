@@ -34,7 +34,7 @@ done
 run_lane() {
   local status=0 group
   for group in "$@"; do
-    echo "== pytest $group (at ${SECONDS}s)"
+    echo "== pytest $(echo $group) (at ${SECONDS}s)"  # echo: a merged group on one line
     # shellcheck disable=SC2086  # "tests/test_*.py" expands here
     python -m pytest -p no:cacheprovider $group "${PYTEST_ARGS[@]}" || status=$?
   done

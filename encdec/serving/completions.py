@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from encdec.engine import Request, RequestOutput, RequestStream
+from encdec.engine import Request, RequestError, RequestOutput, RequestStream
 from encdec.engine.async_engine import EngineClosed, EngineUnavailable
 from encdec.engine.detokenizer import IncrementalDetokenizer
 from encdec.engine.request import SequenceOutput
@@ -222,9 +222,15 @@ async def create_completion(served: ServedModel, body: CompletionRequest, http: 
     n, best_of = choice_counts(body)
     streams: list[RequestStream] = []
     try:
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             request = engine_request(body, prompt, adapter_id)
-            streams.append(await served.engine.submit_async(request, decode=served.decode))
+            try:
+                streams.append(await served.engine.submit_async(request, decode=served.decode))
+            except RequestError as e:  # name which prompt of a list: "inputs[2] ..." is "prompt[2] ..."
+                message = str(e)
+                if len(prompts) > 1 and message.startswith("inputs"):
+                    raise RequestError(f"inputs[{i}]{message.removeprefix('inputs')}") from None
+                raise
     except BaseException:
         for s in streams:
             s.cancel()

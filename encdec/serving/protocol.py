@@ -139,14 +139,19 @@ FRIENDLY = {
 def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
     """One message naming the first offending field, and the field (``param``)."""
     if errors[0]["type"] == "json_invalid":  # loc: ("body", character)
-        where = errors[0]["loc"][-1]
-        why = (errors[0].get("ctx") or {}).get("error", "")
-        return f"the body is not valid JSON ({why}, at character {where})".replace("(, ", "("), None
+        why = (errors[0].get("ctx") or {}).get("error")
+        where = f"at character {errors[0]['loc'][-1]}"
+        return f"the body is not valid JSON ({f'{why}, ' if why else ''}{where})", None
     if tuple(errors[0]["loc"]) == ("body",):
         if errors[0]["type"] == "missing":
             return "the request has no body: send a JSON object", None
         if errors[0]["type"] in ("model_attributes_type", "dict_type"):
-            return "the body must be a JSON object (sent with Content-Type: application/json)", None
+            got = errors[0].get("input")
+            if isinstance(got, str | bytes):  # not parsed: another Content-Type
+                return "the body must be a JSON object sent with Content-Type: application/json", None
+            kinds = {list: "an array", type(None): "null", bool: "a boolean"}
+            kind = kinds.get(type(got), type(got).__name__)
+            return f"the body must be a JSON object, got {kind}", None
     loc = [str(x) for x in errors[0]["loc"] if x not in ("body", "query", "form")]
     param = loc[0] if loc else None
     if param in FRIENDLY and errors[0]["type"] not in ("missing", "extra_forbidden"):

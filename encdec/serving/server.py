@@ -88,7 +88,9 @@ def engine_config(model: Model, *, num_slots: int | None, options: Mapping[str, 
         fields["num_slots"] = num_slots
     try:
         if model.config.is_audio:
-            # Prompts as long as encdec transcribe's fit (a request's text prompt, previous text).
+            # Prompts as long as encdec transcribe's fit (a request's text prompt, previous text):
+            # each slot's self pages hold 448 positions rather than 227 (Whisper-base: 28 pages of
+            # 16, not 15). --engine max_decoder_prefix=4 gives that back and refuses prompts.
             prompt_len = LongFormOptions(timestamps=False).prefix_len(model.config.max_positions)
             base = whisper_engine_config(model, num_slots=fields.pop("num_slots", 16), prompt_len=prompt_len)
             return dataclasses.replace(base, **fields)

@@ -316,7 +316,7 @@ class LongFormTranscriber:
         t = opts.temperatures[index]
         previous = st.tokens[st.prompt_from :][-self.prompt_tokens :] if self.prompt_tokens else []
         prefix = tokens.prompt(f.result.language, opts.task, timestamps=opts.timestamps, previous=previous)
-        st.sot_index = prefix.index(tokens.sot)
+        st.sot_index = 1 + len(previous) if previous else 0  # not searched: prompt ids may hold one
         window = st.samples[st.seek * HOP_LENGTH : st.seek * HOP_LENGTH + N_SAMPLES]
         th = opts.thresholds
         kw: dict[str, Any] = {}

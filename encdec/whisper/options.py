@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+
+import numpy as np
 
 from encdec.whisper.segments import Thresholds
 from encdec.whisper.silence import SilenceOptions
@@ -32,11 +34,12 @@ class LongFormOptions:
     prompt_reset_on_temperature: float = 0.5
     initial_prompt: str | Sequence[int] | None = None
     """Text (or its token ids) given as the text before each stream's first window
-    (faster-whisper's ``initial_prompt``: spellings, names, a style to follow). Text is encoded as
-    ``" " + text.strip()``. It stays in the prompt as the stream's previous text does: every window
-    until a reset (above, or after the first window without ``condition_on_previous_text``), its
-    first tokens dropped as the text grows past ``max_prompt_tokens``. Each chunk of a file starts
-    with it, as each of faster-whisper's batched chunks does."""
+    (faster-whisper's ``initial_prompt``: spellings, names, a style to follow), encoded as its
+    sequential ``transcribe`` encodes it (:meth:`~encdec.whisper.tokens.WhisperTokens.encode_prompt`).
+    It stays in the prompt as the stream's previous text does: every window until a reset (above,
+    or after the first window without ``condition_on_previous_text``), its first tokens dropped as
+    the text grows past ``max_prompt_tokens``. Each chunk of a file (``vad``) starts with it, as
+    each of faster-whisper's batched chunks does (its sequential walk with VAD prompts once)."""
     max_prompt_tokens: int | None = None
     """Most previous-text tokens in a prompt; None: as many as leave every window the model's
     whole token budget (half the decoder's positions): 221 for Whisper. (openai-whisper keeps
@@ -61,10 +64,12 @@ class LongFormOptions:
             raise ValueError(f"max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
         prompt = self.initial_prompt
         if prompt is not None and not isinstance(prompt, str):
-            ids = tuple(prompt) if isinstance(prompt, Iterable) else (None,)
+            ids = tuple(prompt) if isinstance(prompt, list | tuple | range | np.ndarray) else (None,)
             if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in ids):
                 raise ValueError(f"initial_prompt must be text or token ids (ints >= 0), got {prompt!r:.80}")
             object.__setattr__(self, "initial_prompt", tuple(int(t) for t in ids))
+        if prompt is not None and self.max_prompt_tokens == 0:
+            raise ValueError("initial_prompt needs max_prompt_tokens > 0 (0 keeps no prompt at all)")
 
     def prompt_tokens(self, max_positions: int) -> int:
         """Most previous-text tokens in a window's prompt, for a decoder of ``max_positions``."""

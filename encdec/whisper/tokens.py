@@ -24,6 +24,7 @@ import numpy as np
 
 from encdec.checkpoints.ctranslate2 import has_vocabulary, read_config, read_vocabulary
 from encdec.checkpoints.hf import CheckpointError, read_json
+from encdec.engine.validation import unicode_text
 
 _LANGUAGE = re.compile(r"^<\|([a-z]{2,3}|haw|yue)\|>$")
 
@@ -114,19 +115,24 @@ class WhisperTokens:
         return tokenizer.decode(text, skip_special_tokens=True).strip()
 
     def encode_prompt(self, tokenizer: Any, prompt: str | Sequence[int], vocab_size: int) -> tuple[int, ...]:
-        """Token ids of a text prompt (previous text, after ``<|startofprev|>``): text encoded as
-        faster-whisper's ``initial_prompt`` is, ``" " + text.strip()``; ids checked against the
-        vocabulary. A ``ValueError`` names what cannot be used."""
+        """Token ids of a prompt (previous text, after ``<|startofprev|>``): text encoded as
+        faster-whisper's sequential ``transcribe`` encodes its ``initial_prompt``,
+        ``" " + text.strip()`` (text of only spaces: no prompt), and refused where it spells a
+        special token (``<|endoftext|>``: HF's ``get_prompt_ids`` and openai-whisper refuse it
+        too); ids are taken as they are, checked against the vocabulary. A ``ValueError`` names
+        what cannot be used."""
         if isinstance(prompt, str):
+            if not prompt.strip():
+                return ()
             if tokenizer is None:
                 raise ValueError("a text prompt needs the model's tokenizer; this model has none (give ids)")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as e:
-                bad = f"a lone surrogate at character {e.start}"
-                raise ValueError(f"the prompt is not valid Unicode: {bad}") from None
+            unicode_text("the prompt", prompt)
             encoded = tokenizer(" " + prompt.strip(), add_special_tokens=False)["input_ids"]
             ids = tuple(int(t) for t in encoded)
+            special = [t for t in ids if t >= self.eot]
+            if special:
+                named = tokenizer.convert_ids_to_tokens(special[:3])
+                raise ValueError(f"the prompt's text spells special tokens {named}: give plain text (or ids)")
         else:
             ids = tuple(int(t) for t in prompt)
         bad = [t for t in ids if not 0 <= t < vocab_size]

@@ -2,7 +2,10 @@
 with some replaced by any JSON. Each gets a completion or an OpenAI-style 4xx naming the
 problem, never a 500, and the engine is idle after each."""
 
+import json
+
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,15 +18,17 @@ ANY_JSON = st.recursive(
     max_leaves=5,
 )
 _IDS = st.lists(st.integers(-2, 600), max_size=4)
+_TEXT = st.text(max_size=3) | st.builds(str.__add__, st.text(max_size=2), st.characters(categories=["Cs"]))
+"""Text, some of it ending in a lone surrogate (JSON can escape one: ``"\\ud800"``)."""
 PLAUSIBLE = {
     "model": st.sampled_from(["tiny-t5", "my-adapter", "nope"]),
-    "prompt": st.sampled_from(["t5 t6", "", "t9 t8 t7", "é中"]) | _IDS | st.lists(_IDS, max_size=2)
-    | st.lists(st.sampled_from(["t5", "", "t7 t8"]), max_size=3),
+    "prompt": st.sampled_from(["t5 t6", "", "t9 t8 t7", "é中"]) | _TEXT | _IDS | st.lists(_IDS, max_size=2)
+    | st.lists(st.sampled_from(["t5", "", "t7 t8"]) | _TEXT, max_size=3),
     "max_tokens": st.none() | st.integers(-1, 20),
     "temperature": st.none() | st.floats(0, 3),
     "top_p": st.none() | st.floats(0, 1),
     "seed": st.none() | st.integers(-(2**33), 2**33),
-    "stop": st.none() | st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3),
+    "stop": st.none() | _TEXT | st.lists(_TEXT, max_size=3),
     "stream": st.booleans(),
     "stream_options": st.none() | st.fixed_dictionaries({"include_usage": st.booleans()}),
     "n": st.none() | st.integers(0, 4),
@@ -59,7 +64,9 @@ def bodies(draw):
 def test_any_body_gets_a_completion_or_a_named_error(server, body):  # noqa: F811
     http, served = server
     headers = {"Authorization": f"Bearer {KEY}"}
-    r = httpx.post(http.url + "/v1/completions", json=body, headers=headers, timeout=60)
+    content = json.dumps(body)  # ASCII, escapes and all: a lone surrogate travels as "\\ud800"
+    headers = headers | {"Content-Type": "application/json"}
+    r = httpx.post(http.url + "/v1/completions", content=content, headers=headers, timeout=60)
     assert r.status_code in (200, 400, 404), (r.status_code, r.text[:300], body)
     if r.status_code != 200:
         SEEN["refused"] += 1
@@ -77,4 +84,6 @@ def test_any_body_gets_a_completion_or_a_named_error(server, body):  # noqa: F81
 
 def test_the_fuzz_served_and_refused():
     """Runs after the fuzz test (file order): both outcomes were exercised."""
+    if not any(SEEN.values()):
+        pytest.skip("the fuzz test did not run in this session")
     assert min(SEEN.values()) >= 20, SEEN

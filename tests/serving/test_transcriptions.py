@@ -167,6 +167,25 @@ def test_bad_uploads_get_named_errors(server, clip, data, files, status, message
     assert snapshot.pending == 0 and snapshot.alive
 
 
+def test_a_prompt_keeps_its_last_tokens_that_fit(whisper, server):
+    """Every window's prefix: ``<|startofprev|>``, the prompt's last tokens that the engine's
+    ``max_decoder_prefix`` leaves room for, Whisper's prompt; no room: a 400 naming it."""
+    from encdec.serving.protocol import APIError
+    from encdec.serving.transcriptions import window_prefix
+
+    tokens = server[1].engine.engine.frontend.tokens
+    with pytest.raises(APIError, match=r"engine takes no text prompt \(max_decoder_prefix=4\)"):
+        window_prefix(server[1], [5, 6], "en", "transcribe")
+    config = EngineConfig(max_decoder_prefix=9, max_new_tokens=LIMIT)  # room: 9 - 4 - 1 prompt tokens
+    served = serve_model(whisper, name="tiny-whisper", config=config, warmup=False)
+    try:
+        prefix = window_prefix(served, [5, 6, 7, 8, 9, 10], "de", "translate")
+        assert prefix == [tokens.sot_prev, 7, 8, 9, 10, *tokens.prompt("de", "translate")]
+        assert window_prefix(served, [], "en", "transcribe") is None
+    finally:
+        served.engine.shutdown(drain=False)
+
+
 def test_completions_are_refused_by_a_whisper_model(client):
     with pytest.raises(openai.BadRequestError, match="speech-recognition model"):
         client.completions.create(model="tiny-whisper", prompt="hello")
@@ -202,6 +221,8 @@ def test_whisper_base_prompt_is_every_windows_previous_text(whisper_base_path, e
                 )
         with open(paths[0], "rb") as f:
             plain = client.audio.transcriptions.create(file=(paths[0].name, f), model="base")
+        with open(paths[0], "rb") as f, pytest.raises(openai.BadRequestError, match="spells special tokens"):
+            client.audio.transcriptions.create(file=(paths[0].name, f), model="base", prompt="<|fr|> hi")
     served.engine.shutdown(drain=False)
 
     encoded = tokenizers.Tokenizer.from_file(str(whisper_base_path / "tokenizer.json"))

@@ -115,8 +115,11 @@ def test_initial_prompt_is_each_streams_first_previous_text(model, condition):
 def test_a_bad_initial_prompt_is_refused_by_name(engine):
     with pytest.raises(ValueError, match="initial_prompt must be text or token ids"):
         LongFormOptions(initial_prompt=[3, -1])
-    with pytest.raises(ValueError, match="initial_prompt must be text or token ids"):
-        LongFormOptions(initial_prompt=7)
+    for bad in (7, b"hi", {3: 4}):
+        with pytest.raises(ValueError, match="initial_prompt must be text or token ids"):
+            LongFormOptions(initial_prompt=bad)
+    with pytest.raises(ValueError, match="initial_prompt needs max_prompt_tokens > 0"):
+        LongFormOptions(initial_prompt=[3], max_prompt_tokens=0)
     with pytest.raises(ValueError, match="the prompt has ids outside the vocabulary"):
         LongFormTranscriber(engine, LongFormOptions(initial_prompt=[3, LONGFORM_VOCAB]))
     with pytest.raises(ValueError, match="a text prompt needs the model's tokenizer; this model has none"):

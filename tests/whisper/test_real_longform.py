@@ -101,3 +101,5 @@ def test_initial_prompt_gives_faster_whispers_tokens(model, greedy, espeak_clips
         theirs = [t for s in segments for t in s.tokens]
         assert [t for s in got.segments for t in s.tokens] == theirs, (path, got.text)
     assert ours[0].text != unprompted.text
+    with pytest.raises(ValueError, match=r"the prompt's text spells special tokens \['<\|endoftext\|>'\]"):
+        LongFormTranscriber(greedy.engine, LongFormOptions(initial_prompt="the end<|endoftext|>", **fixed))
