@@ -7,7 +7,7 @@ import pytest
 from encdec.bench.config import ConfigError, ExperimentConfig, LengthDist, load_experiment
 from encdec.bench.config import load_experiment_dict as load_dict
 
-BENCH_EXPERIMENTS = ("quickstart", "bench_cpu", "bench_gpu")
+BENCH_EXPERIMENTS = ("quickstart", "bench_cpu", "bench_gpu", "bench_cpu_int8", "bench_gpu_int8")
 EXPERIMENTS = [Path(__file__).parents[2] / "experiments" / f"{n}.yaml" for n in BENCH_EXPERIMENTS]
 
 

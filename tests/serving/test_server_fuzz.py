@@ -1,4 +1,4 @@
-"""Random request bodies against ``encdec serve``: plausible values of every completion field,
+"""Random request bodies (120 a run) against ``encdec serve``: plausible values of every completion field,
 with some replaced by any JSON. Each gets a completion or an OpenAI-style 4xx naming the
 problem, never a 500, and the engine is idle after each."""
 
@@ -59,7 +59,7 @@ def bodies(draw):
     return body
 
 
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=120, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(body=bodies())
 def test_any_body_gets_a_completion_or_a_named_error(server, body):  # noqa: F811
     http, served = server
@@ -86,4 +86,4 @@ def test_the_fuzz_served_and_refused():
     """Runs after the fuzz test (file order): both outcomes were exercised."""
     if not any(SEEN.values()):
         pytest.skip("the fuzz test did not run in this session")
-    assert min(SEEN.values()) >= 20, SEEN
+    assert min(SEEN.values()) >= 12, SEEN
