@@ -91,7 +91,7 @@ def _segment(
 
 def encoded_prompt(served: ServedModel, prompt: str | None) -> tuple[int, ...]:
     """The request's text ``prompt`` as token ids (none for an empty one); a 400 naming it."""
-    if not prompt or not prompt.strip():
+    if prompt is None:
         return ()
     engine = served.engine.engine
     try:

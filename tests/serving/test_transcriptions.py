@@ -91,6 +91,7 @@ def test_every_response_format(client, clip, expected):
     (t0, ids0), (t1, ids1) = expected["transcribe"]
     text = f"{t0} {t1}"
     assert _create(client, clip).text == text
+    assert _create(client, clip, prompt="  ").text == text  # a prompt of spaces is none (no tokenizer here)
     assert _create(client, clip, response_format="text") == text + "\n"
     srt = _create(client, clip, response_format="srt")
     assert srt == f"1\n00:00:00,000 --> 00:00:30,000\n{t0}\n\n2\n00:00:30,000 --> 00:00:41,500\n{t1}\n"
