@@ -256,10 +256,8 @@ def _check_forced(request: Request, max_new_tokens: int) -> None:
     """A forced token that is also suppressed at its step leaves that step no token to choose
     (every score -inf: beam search keeps no hypothesis, greedy picks an arbitrary id)."""
     first = ("suppress_tokens", "begin_suppress_tokens")
-    steps = [("forced_bos_token_id", first)]
-    last = ("suppress_tokens",) + (("begin_suppress_tokens",) if max_new_tokens == 1 else ())
-    steps.append(("forced_eos_token_id", last))
-    for name, banned in steps:
+    last = first if max_new_tokens == 1 else first[:1]  # the last step is the first too
+    for name, banned in (("forced_bos_token_id", first), ("forced_eos_token_id", last)):
         token = getattr(request, name)
         for ban in banned:
             if token is not None and token in getattr(request, ban):

@@ -126,6 +126,14 @@ def window_prefix(
         raise APIError(400, str(e), param="language") from None
 
 
+async def _finished(stream: RequestStream) -> RequestOutput:
+    """The stream's output once its request is done."""
+    async for _ in stream:
+        pass
+    assert stream.output is not None
+    return stream.output
+
+
 async def detect_language(
     served: ServedModel, http: HTTPRequest, samples: Any, adapter_id: str | None
 ) -> str:
@@ -136,15 +144,8 @@ async def detect_language(
         return "en"
     request = dataclasses.replace(detection_request(tokens, samples, top=0), adapter_id=adapter_id)
     stream = await served.engine.submit_async(request)
-
-    async def output() -> RequestOutput:
-        async for _ in stream:
-            pass
-        assert stream.output is not None
-        return stream.output
-
     try:
-        out = await unless_disconnected(http, output(), stream.cancel)
+        out = await unless_disconnected(http, _finished(stream), stream.cancel)
     finally:
         stream.cancel()
     check_output(out)
@@ -186,13 +187,7 @@ async def create_transcription(
         raise
 
     async def outputs() -> list[RequestOutput]:
-        async def one(stream: RequestStream) -> RequestOutput:
-            async for _ in stream:
-                pass
-            assert stream.output is not None
-            return stream.output
-
-        return list(await asyncio.gather(*(one(s) for s in streams)))
+        return list(await asyncio.gather(*(_finished(s) for s in streams)))
 
     def cancel_all() -> None:
         for s in streams:
