@@ -1,6 +1,6 @@
 """The engine forgets a request once its output is handed over, so a long run stays flat.
 
-``ENCDEC_LIFECYCLE_REQUESTS`` (default 10,000) requests go through ``generate``, ``stream`` (a
+``ENCDEC_LIFECYCLE_REQUESTS`` (default 4,000) requests go through ``generate``, ``stream`` (a
 third of the streams abandoned after two tokens) and ``submit`` + ``result``; afterwards the
 engine tracks nothing, holds no page, and host memory (tracemalloc, after a warm-up third)
 has not grown with the number of requests served.
@@ -16,7 +16,11 @@ import pytest
 from encdec.engine import Engine, Request
 from tests.engine.test_engine import MAX_IN, MAX_NEW, _config
 
-TOTAL = int(os.environ.get("ENCDEC_LIFECYCLE_REQUESTS", "10000"))
+TOTAL = int(os.environ.get("ENCDEC_LIFECYCLE_REQUESTS", "4000"))
+# Host memory may grow this much per request of the last part (measured: ~20-26 bytes, the
+# tables of the engine's dicts and sets after their peak): a request's output, handle or
+# stream left behind is hundreds of bytes.
+GROWTH_PER_REQUEST = 100
 
 
 def _rss_mb() -> float | None:
@@ -84,7 +88,7 @@ def test_many_requests_leave_nothing_behind(tiny_models):
         f"lifecycle: {TOTAL} requests, traced host memory {middle / 1e6:.2f} -> {end / 1e6:.2f} MB "
         f"over the last {last}; RSS {rss_start} -> {rss_middle} -> {_rss_mb()} MB"
     )
-    assert growth < 512 * 1024, f"host memory grew by {growth / 1e6:.2f} MB over the second half"
+    assert growth < GROWTH_PER_REQUEST * last, f"host memory grew {growth / 1e6:.2f} MB over the last {last}"
 
 
 def test_an_abandoned_stream_frees_its_slot_at_once(tiny_models):
