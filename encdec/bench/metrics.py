@@ -7,6 +7,7 @@ computed once per model x workload and held against every system's greedy tokens
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,11 +68,8 @@ def teacher_forced_agreement(
     is the target token: the per-step agreement of a quantized model with the float greedy
     output, free of the cascade that one early flip causes in a free-running comparison.
     ``ban_eos``: EOS is never chosen (as in the bench's references, which ban it)."""
-    import jax.numpy as jnp
-
-    from encdec.models import decode, encode, init_dense_kv
-
     cfg = model.config
+    ban = cfg.eos_token_id if ban_eos else None
     hits = total = 0
     for start in range(0, len(inputs), chunk):
         xs, ys = inputs[start : start + chunk], targets[start : start + chunk]
@@ -83,18 +81,34 @@ def teacher_forced_agreement(
         for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
             ids[i, : len(x)], mask[i, : len(x)] = x, True
             toks[i, 1 : len(y)] = y[:-1]
-        enc = encode(model.params, cfg, jnp.asarray(ids), jnp.asarray(mask), dtype=model.dtype)
-        kv = init_dense_kv(model.params, cfg, enc, jnp.asarray(mask), T, dtype=model.dtype)
-        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], toks.shape)
-        logits, _ = decode(model.params, cfg, jnp.asarray(toks), pos, kv, dtype=model.dtype)
-        logits = np.array(logits, np.float32)
-        if ban_eos and cfg.eos_token_id is not None:
-            logits[..., cfg.eos_token_id] = -np.inf
-        choice = logits.argmax(-1)
+        choice = np.asarray(_greedy_choices()(model.params, cfg, ids, mask, toks, dtype=model.dtype, ban=ban))
         for i, y in enumerate(ys):
             hits += int((choice[i, : len(y)] == np.asarray(y)).sum())
             total += len(y)
     return hits / max(total, 1)
+
+
+@functools.cache
+def _greedy_choices():
+    """The greedy token at every position of teacher-forced targets, as one compiled program (op
+    by op, a chunk took seconds)."""
+    import jax
+    import jax.numpy as jnp
+
+    from encdec.models import decode, encode, init_dense_kv
+
+    def choices(params, cfg, ids_BS, mask_BS, tokens_BT, *, dtype, ban):
+        B, T = tokens_BT.shape
+        enc_BSD = encode(params, cfg, ids_BS, mask_BS, dtype=dtype)
+        kv = init_dense_kv(params, cfg, enc_BSD, mask_BS, T, dtype=dtype)
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+        logits_BTV, _ = decode(params, cfg, tokens_BT, positions_BT, kv, dtype=dtype)
+        logits_BTV = logits_BTV.astype(jnp.float32)
+        if ban is not None:
+            logits_BTV = logits_BTV.at[..., ban].set(-jnp.inf)
+        return jnp.argmax(logits_BTV, axis=-1)
+
+    return jax.jit(choices, static_argnames=("cfg", "dtype", "ban"))
 
 
 def position_agreement(got: Sequence[Sequence[int]], expected: Sequence[Sequence[int]]) -> float:

@@ -26,9 +26,15 @@ RUN_KEYS = {
 
 def shrink(path: Path, cache: Path) -> list[str]:
     """Overrides that make an experiment tiny: tiny shapes of the same family, three requests of a
-    few tokens, two slots, no warm-up, CPU, and only the systems this environment has."""
+    few tokens, two slots, no warm-up, CPU, and only the systems this environment has. Workloads
+    that differ only in their lengths are alike once shrunk: the first of each kind (beams,
+    arrivals) runs."""
     raw = yaml.safe_load(path.read_text())
-    out = [f"models.{i}.shape=tiny-{get_shape(m['shape']).family}" for i, m in enumerate(raw["models"])]
+    kinds: dict[tuple, dict] = {}
+    for w in raw["workloads"]:
+        kinds.setdefault((w.get("num_beams", 1), w.get("arrival", "all-at-once")), w)
+    out = [f"workloads={json.dumps(list(kinds.values()))}"]
+    out += [f"models.{i}.shape=tiny-{get_shape(m['shape']).family}" for i, m in enumerate(raw["models"])]
     out += [f"models.{i}.seed={i}" for i in range(len(raw["models"]))]  # keep labels distinct
     ok = available_systems()
     systems = [s for s in raw.get("systems", load_experiment(path).systems) if ok[s] is None]
@@ -38,6 +44,8 @@ def shrink(path: Path, cache: Path) -> list[str]:
         "workloads.output_len={kind: uniform, low: 1, high: 5}",
         "hf.device=cpu", "ctranslate2.device=cpu", f"cache_dir={cache}",
         "engine.options.max_encoder_batch=2",  # few encoder variants to compile
+        # one engine size for every workload (each trace would size its own): compiled once
+        "engine.max_encoder_len=16", "engine.max_new_tokens=8",
         "bandwidth_probe_mib=8",  # the probe's path, not a figure: ~0.3 s a probe at 256 MiB
     ]
     return out
