@@ -12,6 +12,8 @@ import gzip
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from encdec.whisper.language import language_name
+
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "vtt", "verbose_json")
 
@@ -81,12 +83,14 @@ def compression_ratio(text: str) -> float:
 
 
 def verbose_json(segments: Sequence[Segment], *, task: str, language: str, duration: float) -> dict[str, Any]:
-    """OpenAI's ``verbose_json``: the text, the duration and every segment with its times, tokens
-    and ``avg_logprob`` (``no_speech_prob`` is left out: it needs the whole distribution after
-    ``<|startoftranscript|>``, which the engine reports only as its top tokens)."""
+    """OpenAI's ``verbose_json``: the language by name, as OpenAI's API gives it (the audio's for a
+    transcription, ``english`` for a translation: its output's), the text, the duration and every
+    segment with its times, tokens and ``avg_logprob`` (``no_speech_prob`` is left out: it needs
+    the whole distribution after ``<|startoftranscript|>``, which the engine reports only as its
+    top tokens)."""
     return {
         "task": task,
-        "language": language,
+        "language": language_name("en" if task == "translate" else language),
         "duration": round(duration, 3),
         "text": joined_text(segments),
         "segments": [

@@ -22,6 +22,14 @@ from encdec.whisper.frontend import AudioInput, WhisperFrontEnd
 from encdec.whisper.tokens import WhisperTokens
 
 
+def language_name(code: str) -> str:
+    """Whisper's English name for a language code (``"en"`` -> ``"english"``), as OpenAI's API
+    reports a transcription's language; a code Whisper does not know is returned as it is."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    return LANGUAGES.get(code, code)
+
+
 def detection_request(tokens: WhisperTokens, samples: np.ndarray, top: int = 5) -> Request:
     """The request for ``samples``' language (at most the first 30 s are used), ``top`` languages back."""
     if not tokens.languages:
