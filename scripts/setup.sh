@@ -21,6 +21,4 @@ if { ! command -v espeak-ng || ! command -v bible || [ ! -f /usr/share/games/for
     g++ >/dev/null) || echo "setup: espeak-ng / bible-kjv / fortunes / g++ not installed"
 fi
 # Build the CPU kernels now rather than on first use (each prints why where it cannot run).
-for kernel in int8_matmul decode_matmul window_attention argmax put_rows; do
-  python -c "from pallas_kernels.$kernel.build import KERNEL as k; print(k.name, k.register() or 'CPU kernel ready')"
-done
+python -m pallas_kernels.build_all
