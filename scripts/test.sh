@@ -12,8 +12,13 @@ ruff check encdec pallas_kernels tests scripts
 #
 # Tiny-model tests are mostly XLA compilation, which uses one core: two lanes of groups run
 # side by side (balanced by their measured times), each lane's output printed when it ends.
+#
+# A group written "real: PATHS" runs without FAST_XLA_FLAGS (below): the real Whisper-base tests.
 lane1=(tests/engine/test_engine.py tests/engine/test_engine_whisper.py tests/engine/test_lifecycle.py
-       tests/engine/test_memory_policies.py tests/sharding tests/whisper tests/models tests/checkpoints)
+       tests/engine/test_memory_policies.py tests/sharding
+       "real: tests/whisper/test_real_longform.py tests/whisper/test_real_whisper.py"
+       "tests/whisper --ignore=tests/whisper/test_real_longform.py --ignore=tests/whisper/test_real_whisper.py"
+       tests/models tests/checkpoints)
 lane2=(tests/engine/test_engine_lora.py tests/engine/test_bad_input.py tests/engine/test_beams.py
        tests/notebooks tests/lora tests/bench tests/serving tests/engine/test_engine_families.py
        # small groups share a process (each process spends ~4 s importing jax, torch, transformers)
@@ -34,9 +39,11 @@ done
 run_lane() {
   local status=0 group
   for group in "$@"; do
+    local flags=$FAST_XLA_FLAGS
+    if [[ $group == "real: "* ]]; then group=${group#real: } flags=""; fi
     echo "== pytest $(echo $group) (at ${SECONDS}s)"  # echo: a merged group on one line
     # shellcheck disable=SC2086  # "tests/test_*.py" expands here
-    python -m pytest -p no:cacheprovider $group "${PYTEST_ARGS[@]}" || status=$?
+    XLA_FLAGS="$flags ${XLA_FLAGS:-}" python -m pytest -p no:cacheprovider $group "${PYTEST_ARGS[@]}" || status=$?
   done
   echo "== lane done at ${SECONDS}s, status $status"
   return $status
@@ -53,6 +60,10 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENT
 # saves (test_engine.py 129 -> 97 s, test_parity.py 68 -> 53 s; the real Whisper-base tests
 # run about as fast either way). Matmuls call the same oneDNN/Eigen kernels at any level.
 export JAX_DISABLE_MOST_OPTIMIZATIONS=${JAX_DISABLE_MOST_OPTIMIZATIONS:-1}
+# XLA:CPU's older loop emitters compile tiny models' fusions faster still (test_parity.py 54 ->
+# 42 s, test_engine.py 97 -> 74) but run a real model's slower (the real Whisper-base tests 68
+# -> 85 s): those run in a group of their own without them.
+FAST_XLA_FLAGS="--xla_cpu_use_fusion_emitters=false"
 trap 'rm -rf "$logs/jax-cache"' EXIT
 run_lane "${lane1[@]}" >"$logs/1" 2>&1 & pid1=$!
 run_lane "${lane2[@]}" >"$logs/2" 2>&1 & pid2=$!
