@@ -41,9 +41,11 @@ run_lane() {
   for group in "$@"; do
     local flags=$FAST_XLA_FLAGS
     if [[ $group == "real: "* ]]; then group=${group#real: } flags=""; fi
+    # shellcheck disable=SC2086  # echo: trimmed (XLA reads a value not starting "--" as a file)
+    flags=$(echo $flags ${XLA_FLAGS:-})
     echo "== pytest $(echo $group) (at ${SECONDS}s)"  # echo: a merged group on one line
     # shellcheck disable=SC2086  # "tests/test_*.py" expands here
-    XLA_FLAGS="$flags ${XLA_FLAGS:-}" python -m pytest -p no:cacheprovider $group "${PYTEST_ARGS[@]}" || status=$?
+    XLA_FLAGS="$flags" python -m pytest -p no:cacheprovider $group "${PYTEST_ARGS[@]}" || status=$?
   done
   echo "== lane done at ${SECONDS}s, status $status"
   return $status
