@@ -59,8 +59,8 @@ logs=$(mktemp -d)
 export JAX_COMPILATION_CACHE_DIR="$logs/jax-cache"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 # Tiny models run in microseconds: LLVM's optimization of their fused loops costs more than it
-# saves (test_engine.py 129 -> 97 s, test_parity.py 68 -> 53 s; the real Whisper-base tests
-# run about as fast either way). Matmuls call the same oneDNN/Eigen kernels at any level.
+# saves (test_engine.py 129 -> 97 s, test_parity.py 68 -> 53 s). Matmuls call the same
+# oneDNN/Eigen kernels at any level. The real Whisper-base tests turn them back on (tests/conftest.py).
 export JAX_DISABLE_MOST_OPTIMIZATIONS=${JAX_DISABLE_MOST_OPTIMIZATIONS:-1}
 # XLA:CPU's older loop emitters compile tiny models' fusions faster still (test_parity.py 54 ->
 # 42 s, test_engine.py 97 -> 74) but run a real model's slower (the real Whisper-base tests 68
