@@ -774,9 +774,8 @@ class Engine:
                 request = tracked.request
                 if value & FORCED_BIT:
                     if request.prompt_logprobs is not None and not tracked.preemptions:
-                        tracked.prompt_logprobs.append(
-                            top_dict(res, s, slot, request.prompt_logprobs, token)
-                        )
+                        n, watched = request.prompt_logprobs, request.prompt_logprob_token_id
+                        tracked.prompt_logprobs.append(top_dict(res, s, slot, n, token, watched))
                     continue
                 if "first_token" not in tracked.timings:
                     tracked.timings["first_token"] = now

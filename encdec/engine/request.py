@@ -99,6 +99,10 @@ class Request:
     """With ``prompt_logprobs``: the first prefix position reported; earlier entries are empty,
     and the engine stores those positions at once instead of a decode step each (Whisper asks
     only from ``<|startoftranscript|>`` on, not over its previous-text prompt)."""
+    prompt_logprob_token_id: int | None = rule(Int(0, optional=True), None)
+    """With ``prompt_logprobs``: a token whose log-probability every reported entry also holds,
+    likely or not, and of the model's raw scores (before any logits processor), as
+    openai-whisper's ``no_speech_prob`` (``<|nospeech|>`` after ``<|startoftranscript|>``)."""
     stop: Sequence[str] = rule(Texts(), ())
     """Strings that end the sequence when its text contains one; the text then ends before it."""
 
@@ -202,11 +206,13 @@ def check_limits(
                 f"got {len(ids)}"
             )
         _check_vocab(name, ids, decoder_vocab_size)
-    for name in ("forced_bos_token_id", "forced_eos_token_id"):
+    for name in ("forced_bos_token_id", "forced_eos_token_id", "prompt_logprob_token_id"):
         token = getattr(request, name)
         if token is not None:
             _check_vocab(name, (token,), decoder_vocab_size)
     _check_forced(request, max_new_tokens)
+    if request.prompt_logprob_token_id is not None and request.prompt_logprobs is None:
+        raise RequestError("prompt_logprob_token_id is reported in prompt_logprobs: set prompt_logprobs too")
     for name in ("logprobs", "prompt_logprobs"):
         n = getattr(request, name)
         if n is not None and n > config.max_logprobs:

@@ -145,5 +145,10 @@ def sharded_steps(
 
 def _results_specs(per_step: P) -> StepResults:
     return StepResults(
-        tokens_SB=per_step, logprob_SB=per_step, top_ids_SBX=per_step, top_logprobs_SBX=per_step, hyps=P(DATA)
+        tokens_SB=per_step,
+        logprob_SB=per_step,
+        top_ids_SBX=per_step,
+        top_logprobs_SBX=per_step,
+        watched_logprob_SB=per_step,
+        hyps=P(DATA),
     )

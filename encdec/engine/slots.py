@@ -105,6 +105,9 @@ class SlotParams:
     begin_suppress_X: jax.Array = _slot_field(np.int32, "suppress", fill=-1, request="begin_suppress_tokens")
     top_logprobs: jax.Array = _slot_field(np.int32)
     """Alternatives to report per token (0: none)."""
+    watched_id: jax.Array = _slot_field(np.int32, fill=-1, request="prompt_logprob_token_id")
+    """A token whose log-probability (of the raw scores) each reported prompt position gives
+    (-1: none)."""
     num_beams: jax.Array = _slot_field(np.int32, fill=1, request="num_beams")
     """Beam search over the group's slots when above 1; 1: each slot samples on its own."""
     length_penalty: jax.Array = _slot_field(np.float32, fill=1.0, request="length_penalty")

@@ -62,6 +62,9 @@ class StepResults:
     top_ids_SBX: jax.Array
     """The most likely tokens, where a slot asked for them (else 0)."""
     top_logprobs_SBX: jax.Array
+    watched_logprob_SB: jax.Array
+    """The log-probability of the slot's watched token (``SlotParams.watched_id``) in the raw
+    scores, at a reported prompt position (else 0)."""
     hyps: Hypotheses
     """Beam groups' hypotheses at the end of the dispatch (read when a group finishes)."""
 
@@ -312,6 +315,21 @@ def decode_steps(
         n_B, L_B = state.num_generated_B, state.self_lengths_B
         ctx = DecodeContext(state.history_BT, L_B + 1, s.prefix_len, n_B)
         x_BV = logits_B1V[:, 0].astype(jnp.float32)
+        # The token after position p is forced while p + 1 is inside the slot's prefix.
+        forced_B = L_B + 1 < s.prefix_len
+        replaying_B = forced_B & (L_B + 1 >= s.gen_start)  # a resumed request's own tokens
+        leader_B = s.beam_index == 0
+        prompt_B = active_B & forced_B & ~replaying_B & leader_B  # reported prompt positions
+        # A watched token's log-probability of the raw scores (openai-whisper's no_speech_prob:
+        # before any processor), at the prompt positions reported: one more pass over the scores
+        # at those steps only.
+        watched_B1 = jnp.maximum(s.watched_id, 0)[:, None]
+        watched_lp_B = jax.lax.cond(
+            jnp.any(prompt_B & (s.watched_id >= 0)),
+            lambda x: jnp.take_along_axis(jax.nn.log_softmax(x), watched_B1, axis=1)[:, 0],
+            lambda x: jnp.zeros((B,), jnp.float32),
+            x_BV,
+        )
         any_beam = jnp.any(beam_rows_B & active_B)
         # Beam search processes log-probabilities, greedy and sampling logits (as HF does).
         x_BV = jax.lax.cond(
@@ -331,8 +349,6 @@ def decode_steps(
         # One read of the scores for the greedy pick and the log-softmax normalizer.
         greedy_B, max_B, sum_exp_B = argmax_normalizer(x_BV)
         token_B = sample(x_BV, keys, s.temperature, s.top_k, s.top_p, greedy_B)
-        # The token after position p is forced while p + 1 is inside the slot's prefix.
-        forced_B = L_B + 1 < s.prefix_len
         forced_token_B = jnp.take_along_axis(
             s.prefix_X, jnp.minimum(L_B + 1, s.prefix_X.shape[1] - 1)[:, None], axis=1
         )[:, 0]
@@ -389,17 +405,14 @@ def decode_steps(
         )
 
         emits_B = active_B & ~forced_B
-        replaying_B = forced_B & (L_B + 1 >= s.gen_start)  # a resumed request's own tokens
         stop_B = (token_B == cfg.eos_token_id) | jnp.any(token_B[:, None] == s.stop_ids_X, axis=-1)
         ended_B = emits_B & (stop_B | (n_B + 1 >= s.max_new))
         finished_B = jnp.where(beam_rows_B, choice.done_B & beaming_B, ended_B)
-        leader_B = s.beam_index == 0
         reported_B = jnp.where(
             beam_rows_B,
             jnp.where(finished_B & leader_B, FINISHED_BIT, -1),
             jnp.where(emits_B, token_B | jnp.where(finished_B, FINISHED_BIT, 0), -1),
         )
-        prompt_B = active_B & forced_B & ~replaying_B & leader_B
         reported_B = jnp.where(prompt_B, forced_token_B | FORCED_BIT, reported_B)
         none = (jnp.zeros((B, n_top), jnp.int32), jnp.zeros((B, n_top), jnp.float32))
         top_ids_BX, top_lp_BX = none if not n_top else jax.lax.cond(
@@ -424,6 +437,7 @@ def decode_steps(
             logprob_SB=jax.lax.dynamic_update_slice(out.logprob_SB, token_lp_B[None], row),
             top_ids_SBX=jax.lax.dynamic_update_slice(out.top_ids_SBX, top_ids_BX[None], (i, 0, 0)),
             top_logprobs_SBX=jax.lax.dynamic_update_slice(out.top_logprobs_SBX, top_lp_BX[None], (i, 0, 0)),
+            watched_logprob_SB=jax.lax.dynamic_update_slice(out.watched_logprob_SB, watched_lp_B[None], row),
             hyps=out.hyps,
         )
         return state.replace(window=window), out
@@ -435,6 +449,7 @@ def decode_steps(
         logprob_SB=jnp.zeros((S, B), jnp.float32),
         top_ids_SBX=jnp.zeros((S, B, n_top), jnp.int32),
         top_logprobs_SBX=jnp.zeros((S, B, n_top), jnp.float32),
+        watched_logprob_SB=jnp.zeros((S, B), jnp.float32),
         hyps=state.hyps,
     )
     state, out = jax.lax.fori_loop(0, steps, body, (state, out))

@@ -39,6 +39,8 @@ class Segment:
     avg_logprob: float | None = None
     """Whisper's figure: the sum of the tokens' log-probabilities (``<|endoftext|>``'s included)
     over the text tokens plus one."""
+    no_speech_prob: float | None = None
+    """``<|nospeech|>``'s probability after ``<|startoftranscript|>``."""
 
 
 def joined_text(segments: Sequence[Segment]) -> str:
@@ -85,9 +87,7 @@ def compression_ratio(text: str) -> float:
 def verbose_json(segments: Sequence[Segment], *, task: str, language: str, duration: float) -> dict[str, Any]:
     """OpenAI's ``verbose_json``: the language by name, as OpenAI's API gives it (the audio's for a
     transcription, ``english`` for a translation: its output's), the text, the duration and every
-    segment with its times, tokens and ``avg_logprob`` (``no_speech_prob`` is left out: it needs
-    the whole distribution after ``<|startoftranscript|>``, which the engine reports only as its
-    top tokens)."""
+    segment with its times, tokens, ``avg_logprob`` and ``no_speech_prob`` (each where known)."""
     return {
         "task": task,
         "language": language_name("en" if task == "translate" else language),
@@ -104,6 +104,7 @@ def verbose_json(segments: Sequence[Segment], *, task: str, language: str, durat
                 "temperature": s.temperature,
                 "compression_ratio": compression_ratio(s.text),
                 **({} if s.avg_logprob is None else {"avg_logprob": s.avg_logprob}),
+                **({} if s.no_speech_prob is None else {"no_speech_prob": s.no_speech_prob}),
             }
             for i, s in enumerate(segments)
         ],

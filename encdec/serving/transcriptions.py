@@ -29,6 +29,7 @@ from encdec.serving.streaming import unless_disconnected
 from encdec.whisper.audio import CHUNK_SECONDS, SAMPLE_RATE, AudioError, load_audio, split_windows
 from encdec.whisper.frontend import AudioInput
 from encdec.whisper.language import detection_request
+from encdec.whisper.segments import no_speech_fields, no_speech_prob
 
 DEFAULT_MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 """OpenAI's upload limit."""
@@ -79,14 +80,20 @@ def read_samples(upload: UploadFile) -> Any:
 
 
 def _segment(
-    served: ServedModel, index: int, output: RequestOutput, duration: float, temperature: float
+    served: ServedModel,
+    index: int,
+    output: RequestOutput,
+    duration: float,
+    temperature: float,
+    sot_index: int,
 ) -> Segment:
     tokens = served.engine.engine.frontend.tokens
     ids = tuple(t for t in output.token_ids if t != tokens.eot)
     text = output.text if output.text is not None else tokens.decode(None, ids)
     start = index * CHUNK_SECONDS
     avg = None if output.logprobs is None else sum(output.logprobs) / (len(ids) + 1)
-    return Segment(start, min(start + CHUNK_SECONDS, duration), text, ids, temperature, avg)
+    no_speech = no_speech_prob(output.prompt_logprobs, sot_index, tokens.no_speech)
+    return Segment(start, min(start + CHUNK_SECONDS, duration), text, ids, temperature, avg, no_speech)
 
 
 def encoded_prompt(served: ServedModel, prompt: str | None) -> tuple[int, ...]:
@@ -124,6 +131,14 @@ def window_prefix(
         return tokens.prompt(language, task, previous=prompt_ids[-room:])
     except ValueError as e:  # an unknown language
         raise APIError(400, str(e), param="language") from None
+
+
+def sot_index(served: ServedModel, prefix: Sequence[int] | None, language: str, task: str) -> int:
+    """Where ``<|startoftranscript|>`` is in a window's prefix (:func:`window_prefix`): after
+    the previous text, if any."""
+    if prefix is None:
+        return 0
+    return len(prefix) - len(served.engine.engine.frontend.tokens.prompt(language, task))
 
 
 async def _finished(stream: RequestStream) -> RequestOutput:
@@ -170,6 +185,8 @@ async def create_transcription(
     if language is None:
         language = await detect_language(served, http, samples, adapter_id)
     prefix = window_prefix(served, prompt_ids, language, task)
+    tokens = served.engine.engine.frontend.tokens
+    sot = sot_index(served, prefix, language, task)
     streams: list[RequestStream] = []
     try:
         for window in split_windows(samples):
@@ -179,6 +196,7 @@ async def create_transcription(
                 temperature=form.temperature,
                 logprobs=0,
                 adapter_id=adapter_id,
+                **no_speech_fields(sot, tokens.no_speech),
             )
             streams.append(await served.engine.submit_async(request))
     except BaseException:
@@ -199,7 +217,7 @@ async def create_transcription(
         cancel_all()
     for output in results:
         check_output(output)  # a failed window fails the request (500), a shutdown cancels it (503)
-    segments = [_segment(served, i, o, duration, form.temperature) for i, o in enumerate(results)]
+    segments = [_segment(served, i, o, duration, form.temperature, sot) for i, o in enumerate(results)]
     body, media_type = render(form.response_format, segments, task=task, language=language, duration=duration)
     if isinstance(body, dict):
         return JSONResponse(body)

@@ -52,6 +52,8 @@ from encdec.whisper.segments import (
     compression_ratio,
     is_silent,
     needs_fallback,
+    no_speech_fields,
+    no_speech_prob,
     split_window,
     text_tokens,
 )
@@ -322,9 +324,8 @@ class LongFormTranscriber:
         kw: dict[str, Any] = {}
         if th.logprob is not None or t > 0:
             kw["logprobs"] = 0
-        if th.no_speech is not None and tokens.no_speech is not None:
-            kw["prompt_logprobs"] = 1
-            kw["prompt_logprobs_from"] = st.sot_index  # the previous text is prefilled
+        if th.no_speech is not None:
+            kw.update(no_speech_fields(st.sot_index, tokens.no_speech))
         if t == 0 and opts.beam_size > 1:
             kw["num_beams"] = opts.beam_size
         elif t > 0:
@@ -433,18 +434,8 @@ class LongFormTranscriber:
         generated = _generated(best.token_ids, eot)
         avg = None if best.logprobs is None else average_logprob(best.logprobs, len(generated))
         text = tokens.decode(self.engine.model.tokenizer, text_tokens(generated, eot))
-        return _Attempt(temperature, generated, avg, compression_ratio(text), self._no_speech(st, out))
-
-    def _no_speech(self, st: _Stream, out: RequestOutput) -> float | None:
-        """``<|nospeech|>``'s probability after ``<|startoftranscript|>``, from the prompt's
-        log-probabilities (entry ``i`` predicts prefix token ``i + 1``). When another token is
-        likelier there, its probability is at most 0.5 and below any threshold that matters."""
-        if not out.prompt_logprobs or self.tokens.no_speech is None:
-            return None
-        entry = out.prompt_logprobs[st.sot_index]
-        if self.tokens.no_speech in entry:
-            return math.exp(entry[self.tokens.no_speech])
-        return min(0.5, 1.0 - math.exp(max(entry.values())))
+        no_speech = no_speech_prob(out.prompt_logprobs, st.sot_index, self.tokens.no_speech)
+        return _Attempt(temperature, generated, avg, compression_ratio(text), no_speech)
 
 
 def _generated(token_ids: Sequence[int], eot: int) -> list[int]:

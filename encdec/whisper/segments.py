@@ -20,8 +20,9 @@ Times: a timestamp token counts 20 ms from the window start; mel frames are 10 m
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 FRAMES_PER_SECOND = 100
 """Log-mel frames per second of audio (hop 160 at 16 kHz)."""
@@ -122,6 +123,28 @@ def average_logprob(logprobs: Sequence[float], num_text_tokens: int) -> float:
     """openai-whisper's average: the tokens' log-probabilities (``<|endoftext|>``'s included)
     summed, over the text tokens plus one."""
     return float(sum(logprobs)) / (num_text_tokens + 1)
+
+
+def no_speech_fields(sot_index: int, no_speech: int | None) -> dict[str, int]:
+    """The request fields (:class:`~encdec.engine.Request`) under which the engine reports
+    :func:`no_speech_prob`'s input: the prompt's log-probabilities from
+    ``<|startoftranscript|>`` on (earlier positions prefilled at once), each holding
+    ``<|nospeech|>``'s; none for a model without that token."""
+    if no_speech is None:
+        return {}
+    return {"prompt_logprobs": 0, "prompt_logprobs_from": sot_index, "prompt_logprob_token_id": no_speech}
+
+
+def no_speech_prob(
+    prompt_logprobs: Sequence[Mapping[int, float]] | None, sot_index: int, no_speech: int | None
+) -> float | None:
+    """openai-whisper's ``no_speech_prob``: ``<|nospeech|>``'s probability after
+    ``<|startoftranscript|>``, from a request's prompt log-probabilities (entry ``i`` predicts
+    prefix token ``i + 1``) asked for with :func:`no_speech_fields`; None without them."""
+    if no_speech is None or not prompt_logprobs or sot_index >= len(prompt_logprobs):
+        return None
+    lp = prompt_logprobs[sot_index].get(no_speech)
+    return None if lp is None else math.exp(lp)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,11 @@ BAD_REQUESTS = {
     "stop int": ({"stop": 5}, "stop must be a string or a list of strings"),
     "stop with a lone surrogate": ({"stop": ["ab", "x\ud800"]}, r"stop\[1\] is not valid Unicode: a lone"),
     "forced bos outside the vocabulary": ({"forced_bos_token_id": 500}, "forced_bos_token_id has ids"),
+    "watched token outside the vocabulary": (
+        {"prompt_logprob_token_id": 500, "prompt_logprobs": 0},
+        "prompt_logprob_token_id has ids outside",
+    ),
+    "watched token without prompt_logprobs": ({"prompt_logprob_token_id": 3}, "set prompt_logprobs too"),
     # a step with no token left: beam search kept no hypothesis and answered "length", no tokens
     "forced bos begin-suppressed": (
         {"forced_bos_token_id": 0, "begin_suppress_tokens": [0], "num_beams": 2},
@@ -302,6 +307,7 @@ PLAUSIBLE = {
     "logprobs": st.none() | st.integers(0, 5),
     "prompt_logprobs": st.none() | st.integers(0, 2),
     "prompt_logprobs_from": st.integers(0, 3),
+    "prompt_logprob_token_id": st.none() | st.integers(0, 95),
 }
 
 

@@ -104,6 +104,23 @@ def test_every_response_format(client, clip, expected):
     assert all(s.avg_logprob < 0 for s in verbose.segments)
 
 
+def test_no_speech_prob_is_whisper_s(client, server, clip, tiny_hf_model):
+    """Each segment's ``no_speech_prob`` is openai-whisper's: ``<|nocaptions|>``'s probability
+    after ``<|startoftranscript|>`` in HF's model (same weights) over that window, before any
+    suppression (the tiny model suppresses the token where it samples)."""
+    tokens = server[1].engine.engine.frontend.tokens
+    assert tokens.no_speech in tokens.suppress
+    verbose = _create(client, clip, response_format="verbose_json")
+    windows = [clip[1][i : i + N_SAMPLES] for i in range(0, len(clip[1]), N_SAMPLES)]
+    assert len(verbose.segments) == len(windows) == 2
+    for segment, window in zip(verbose.segments, windows, strict=True):
+        mel = torch.tensor(log_mel_spectrogram(window, MEL_BINS)[None])
+        with torch.no_grad():
+            logits = tiny_hf_model(input_features=mel, decoder_input_ids=torch.tensor([[SOT]])).logits
+        expected = torch.softmax(logits[0, -1].double(), -1)[tokens.no_speech].item()
+        assert segment.no_speech_prob == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
 def test_the_language_is_detected_when_not_given(client, clip, expected, spoken):
     """No ``language``: the first 30 s decide it (as OpenAI's API does), and every window is
     transcribed in it. (The random model hears German in this clip.)"""
@@ -173,7 +190,7 @@ def test_a_prompt_keeps_its_last_tokens_that_fit(whisper, server):
     """Every window's prefix: ``<|startofprev|>``, the prompt's last tokens that the engine's
     ``max_decoder_prefix`` leaves room for, Whisper's prompt; no room: a 400 naming it."""
     from encdec.serving.protocol import APIError
-    from encdec.serving.transcriptions import window_prefix
+    from encdec.serving.transcriptions import sot_index, window_prefix
 
     tokens = server[1].engine.engine.frontend.tokens
     with pytest.raises(APIError, match=r"engine takes no text prompt \(max_decoder_prefix=4\)"):
@@ -183,7 +200,9 @@ def test_a_prompt_keeps_its_last_tokens_that_fit(whisper, server):
     try:
         prefix = window_prefix(served, [5, 6, 7, 8, 9, 10], "de", "translate")
         assert prefix == [tokens.sot_prev, 7, 8, 9, 10, *tokens.prompt("de", "translate")]
+        assert sot_index(served, prefix, "de", "translate") == 5
         assert window_prefix(served, [], "en", "transcribe") is None
+        assert sot_index(served, None, "en", "transcribe") == 0
     finally:
         served.engine.shutdown(drain=False)
 
