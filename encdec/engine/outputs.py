@@ -11,12 +11,12 @@ from encdec.engine.request import FinishReason, Request, RequestOutput, Sequence
 
 def top_dict(res: Any, s: int, slot: int, n: int, token: int, watched: int | None = None) -> dict[int, float]:
     """The ``n`` most likely tokens at step ``s`` of a dispatch's results, the reported one, and
-    the slot's ``watched`` token (its ``SlotParams.watched_id``: of the raw scores) if given."""
+    the slot's ``watched`` token (its ``SlotParams.watched_id``) if given."""
     ids, lps = res.top_ids_SBX[s, slot, :n], res.top_logprobs_SBX[s, slot, :n]
     out = {int(t): float(lp) for t, lp in zip(ids, lps, strict=True)}
     out.setdefault(token, float(res.logprob_SB[s, slot]))
     if watched is not None:
-        out[watched] = float(res.watched_logprob_SB[s, slot])
+        out.setdefault(watched, float(res.watched_logprob_SB[s, slot]))
     return out
 
 

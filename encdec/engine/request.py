@@ -101,8 +101,8 @@ class Request:
     only from ``<|startoftranscript|>`` on, not over its previous-text prompt)."""
     prompt_logprob_token_id: int | None = rule(Int(0, optional=True), None)
     """With ``prompt_logprobs``: a token whose log-probability every reported entry also holds,
-    likely or not, and of the model's raw scores (before any logits processor), as
-    openai-whisper's ``no_speech_prob`` (``<|nospeech|>`` after ``<|startoftranscript|>``)."""
+    likely or not (Whisper's ``<|nospeech|>`` after ``<|startoftranscript|>``: its
+    ``no_speech_prob``)."""
     stop: Sequence[str] = rule(Texts(), ())
     """Strings that end the sequence when its text contains one; the text then ends before it."""
 

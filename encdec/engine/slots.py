@@ -106,8 +106,7 @@ class SlotParams:
     top_logprobs: jax.Array = _slot_field(np.int32)
     """Alternatives to report per token (0: none)."""
     watched_id: jax.Array = _slot_field(np.int32, fill=-1, request="prompt_logprob_token_id")
-    """A token whose log-probability (of the raw scores) each reported prompt position gives
-    (-1: none)."""
+    """A token whose log-probability each reported prompt position gives (-1: none)."""
     num_beams: jax.Array = _slot_field(np.int32, fill=1, request="num_beams")
     """Beam search over the group's slots when above 1; 1: each slot samples on its own."""
     length_penalty: jax.Array = _slot_field(np.float32, fill=1.0, request="length_penalty")

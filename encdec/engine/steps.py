@@ -63,8 +63,7 @@ class StepResults:
     """The most likely tokens, where a slot asked for them (else 0)."""
     top_logprobs_SBX: jax.Array
     watched_logprob_SB: jax.Array
-    """The log-probability of the slot's watched token (``SlotParams.watched_id``) in the raw
-    scores, at a reported prompt position (else 0)."""
+    """The log-probability of the slot's watched token (``SlotParams.watched_id``; 0: none)."""
     hyps: Hypotheses
     """Beam groups' hypotheses at the end of the dispatch (read when a group finishes)."""
 
@@ -320,16 +319,6 @@ def decode_steps(
         replaying_B = forced_B & (L_B + 1 >= s.gen_start)  # a resumed request's own tokens
         leader_B = s.beam_index == 0
         prompt_B = active_B & forced_B & ~replaying_B & leader_B  # reported prompt positions
-        # A watched token's log-probability of the raw scores (openai-whisper's no_speech_prob:
-        # before any processor), at the prompt positions reported: one more pass over the scores
-        # at those steps only.
-        watched_B1 = jnp.maximum(s.watched_id, 0)[:, None]
-        watched_lp_B = jax.lax.cond(
-            jnp.any(prompt_B & (s.watched_id >= 0)),
-            lambda x: jnp.take_along_axis(jax.nn.log_softmax(x), watched_B1, axis=1)[:, 0],
-            lambda x: jnp.zeros((B,), jnp.float32),
-            x_BV,
-        )
         any_beam = jnp.any(beam_rows_B & active_B)
         # Beam search processes log-probabilities, greedy and sampling logits (as HF does).
         x_BV = jax.lax.cond(
@@ -364,7 +353,10 @@ def decode_steps(
         )
         token_B = jnp.where(beaming_B, choice.token_B, token_B)
         parent_B = jnp.where(beaming_B, choice.parent_B, slots_B)
-        chosen_lp_B = chosen_logprob(x_BV, token_B, beam_rows_B, max_B, sum_exp_B)
+        # The chosen and the watched token in one gather (no pass over the scores of its own).
+        ids_B2 = jnp.stack([token_B, jnp.maximum(s.watched_id, 0)], axis=1)
+        lp_B2 = chosen_logprob(x_BV, ids_B2, beam_rows_B, max_B, sum_exp_B)
+        chosen_lp_B, watched_lp_B = lp_B2[:, 0], jnp.where(s.watched_id >= 0, lp_B2[:, 1], 0.0)
         token_lp_B = jnp.where(beaming_B, choice.token_logprob_B, chosen_lp_B)
 
         # Beams follow their parents: full pages by reference, the partial last page by copy.
@@ -457,13 +449,13 @@ def decode_steps(
 
 
 def chosen_logprob(
-    x_BV: jax.Array, token_B: jax.Array, is_logprob_B: jax.Array, max_B: jax.Array, sum_exp_B: jax.Array
+    x_BV: jax.Array, ids_BN: jax.Array, is_logprob_B: jax.Array, max_B: jax.Array, sum_exp_B: jax.Array
 ) -> jax.Array:
-    """``log_softmax(x_BV)[token_B]`` per row (``x_BV[token_B]`` where ``is_logprob_B``) from the
+    """``log_softmax(x_BV)[ids_BN]`` per row (``x_BV[ids_BN]`` where ``is_logprob_B``) from the
     rows' normalizer (:func:`argmax_normalizer`), as ``jax.nn.log_softmax`` computes it, without
     its ``[B, V]`` result (~0.3 ms of an 8-row CPU step to write and read again)."""
-    x_B = jnp.take_along_axis(x_BV, token_B[:, None], axis=1)[:, 0]
-    return jnp.where(is_logprob_B, x_B, (x_B - max_B) - jnp.log(sum_exp_B))
+    x_BN = jnp.take_along_axis(x_BV, ids_BN, axis=1)
+    return jnp.where(is_logprob_B[:, None], x_BN, (x_BN - max_B[:, None]) - jnp.log(sum_exp_B)[:, None])
 
 
 def _top(lp_BV: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:

@@ -140,7 +140,11 @@ def no_speech_prob(
 ) -> float | None:
     """openai-whisper's ``no_speech_prob``: ``<|nospeech|>``'s probability after
     ``<|startoftranscript|>``, from a request's prompt log-probabilities (entry ``i`` predicts
-    prefix token ``i + 1``) asked for with :func:`no_speech_fields`; None without them."""
+    prefix token ``i + 1``) asked for with :func:`no_speech_fields`; None without them.
+    openai-whisper takes it before suppressing tokens, the engine after the front end's static
+    suppression (``<|nospeech|>`` itself is spared): the suppressed tokens' share of the
+    distribution there is the difference (1e-6 to 5e-5 of the value on Whisper-base, speech or
+    silence, against CTranslate2's)."""
     if no_speech is None or not prompt_logprobs or sot_index >= len(prompt_logprobs):
         return None
     lp = prompt_logprobs[sot_index].get(no_speech)

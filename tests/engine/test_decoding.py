@@ -109,26 +109,25 @@ def test_prompt_logprobs_are_the_forced_prefix_scores(t5):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_a_watched_token_is_in_every_prompt_entry_from_the_raw_scores(t5, num_beams):
+def test_a_watched_token_is_in_every_prompt_entry(t5, num_beams):
     """``prompt_logprob_token_id``: that token's log-probability at every reported prompt
-    position, however unlikely, of the model's scores before any processor (openai-whisper's
-    ``no_speech_prob``), beside the processed ones of the forced tokens."""
+    position, however unlikely (Whisper's ``no_speech_prob``), beside the forced tokens'."""
     hf, model = t5
     ids, prefix = [5, 17, 33], [0, 44, 12, 70]
     with torch.no_grad():
         logits = hf(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([prefix])).logits[0]
     lp = torch.log_softmax(logits, dim=-1).numpy()
     watched = int(np.argmin(lp[1]))  # the least likely after the second prefix token
-    suppressed = [watched, 9, 61]  # processors ban it: the raw score is reported all the same
-    kw = dict(max_new_tokens=3, decoder_prefix=prefix, num_beams=num_beams, suppress_tokens=suppressed)
+    kw = dict(max_new_tokens=3, decoder_prefix=prefix, num_beams=num_beams)
     watching = dict(prompt_logprobs=0, prompt_logprobs_from=1, prompt_logprob_token_id=watched)
     out = Engine(model, _config(max_decoder_prefix=4)).generate([Request(ids, **kw, **watching)])[0]
     assert len(out.prompt_logprobs) == len(prefix) - 1
     assert out.prompt_logprobs[0] == {}  # prefilled
     for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
         assert entry.keys() == {prefix[i + 1], watched}
+        assert entry[prefix[i + 1]] == pytest.approx(lp[i, prefix[i + 1]], abs=2e-5)
         assert entry[watched] == pytest.approx(lp[i, watched], abs=2e-5)
-        assert entry[watched] < np.log(1e-3)
+    assert out.prompt_logprobs[1][watched] < np.log(1e-3)
     plain = Engine(model, _config(max_decoder_prefix=4)).generate([Request(ids, **kw)])[0]
     assert out.token_ids == plain.token_ids
 

@@ -105,11 +105,14 @@ def test_every_response_format(client, clip, expected):
 
 
 def test_no_speech_prob_is_whisper_s(client, server, clip, tiny_hf_model):
-    """Each segment's ``no_speech_prob`` is openai-whisper's: ``<|nocaptions|>``'s probability
-    after ``<|startoftranscript|>`` in HF's model (same weights) over that window, before any
-    suppression (the tiny model suppresses the token where it samples)."""
+    """Each segment's ``no_speech_prob``: ``<|nocaptions|>``'s probability after
+    ``<|startoftranscript|>`` in HF's model (same weights) over that window, the tokens the
+    model's generation config suppresses removed (openai-whisper's, where those carry nothing;
+    the tiny model's suppress a third of the text tokens, and the no-speech token itself where
+    a row samples)."""
     tokens = server[1].engine.engine.frontend.tokens
     assert tokens.no_speech in tokens.suppress
+    banned = sorted(set(tokens.suppress + tokens.suppress_begin) - {tokens.no_speech})
     verbose = _create(client, clip, response_format="verbose_json")
     windows = [clip[1][i : i + N_SAMPLES] for i in range(0, len(clip[1]), N_SAMPLES)]
     assert len(verbose.segments) == len(windows) == 2
@@ -117,7 +120,9 @@ def test_no_speech_prob_is_whisper_s(client, server, clip, tiny_hf_model):
         mel = torch.tensor(log_mel_spectrogram(window, MEL_BINS)[None])
         with torch.no_grad():
             logits = tiny_hf_model(input_features=mel, decoder_input_ids=torch.tensor([[SOT]])).logits
-        expected = torch.softmax(logits[0, -1].double(), -1)[tokens.no_speech].item()
+        scores = logits[0, -1].double()
+        scores[banned] = -torch.inf
+        expected = torch.softmax(scores, -1)[tokens.no_speech].item()
         assert segment.no_speech_prob == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 

@@ -64,5 +64,6 @@ def test_whisper_base_no_speech_prob_matches_ctranslate2(whisper_base_path, espe
     peer = ctranslate2.models.Whisper(str(whisper_base_path), compute_type="float32", intra_threads=2)
     features = ctranslate2.StorageView.from_array(mel)
     theirs = peer.generate(features, [prompt] * len(audio), max_length=4, return_no_speech_prob=True)
-    np.testing.assert_allclose(ours, [r.no_speech_prob for r in theirs], rtol=2e-3, atol=1e-6)
+    # CTranslate2 takes it before suppressing tokens, the engine after: 1e-6 to 5e-5 apart here.
+    np.testing.assert_allclose(ours, [r.no_speech_prob for r in theirs], rtol=5e-4, atol=1e-6)
     assert max(ours[:3]) < 0.2 < 0.5 < ours[3]  # speech, then silence
