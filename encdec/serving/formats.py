@@ -8,11 +8,11 @@ builds :class:`Segment` s; every format is rendered from them here.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from encdec.whisper.language import language_name
+from encdec.whisper.segments import compression_ratio
 
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "vtt", "verbose_json")
@@ -76,12 +76,6 @@ def to_vtt(segments: Sequence[Segment]) -> str:
         for s in _cues(segments)
     ]
     return "\n".join(["WEBVTT\n", *blocks])
-
-
-def compression_ratio(text: str) -> float:
-    """UTF-8 bytes over gzip-compressed bytes (Whisper's repetition signal; > 2.4 is suspect)."""
-    raw = text.encode("utf-8")
-    return len(raw) / len(gzip.compress(raw)) if raw else 0.0
 
 
 def verbose_json(segments: Sequence[Segment], *, task: str, language: str, duration: float) -> dict[str, Any]:

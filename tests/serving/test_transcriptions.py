@@ -3,6 +3,7 @@ every response format against ``transcribe`` (the dense reference) window by win
 error cases."""
 
 import re
+import zlib
 
 import httpx
 import numpy as np
@@ -102,6 +103,9 @@ def test_every_response_format(client, clip, expected):
     segments = [(s.start, s.end, s.text, s.tokens) for s in verbose.segments]
     assert segments == [(0.0, 30.0, t0, ids0), (30.0, 41.5, t1, ids1)]
     assert all(s.avg_logprob < 0 for s in verbose.segments)
+    for s in verbose.segments:  # openai-whisper's: UTF-8 bytes over zlib's
+        utf8 = s.text.encode()
+        assert s.compression_ratio == pytest.approx(len(utf8) / len(zlib.compress(utf8)))
 
 
 def test_no_speech_prob_is_whisper_s(client, server, clip, tiny_hf_model):
