@@ -6,9 +6,13 @@ Skipped, with the reason, only where the weight packages cannot be fetched or es
 import numpy as np
 import pytest
 
+from encdec.engine import Request
 from encdec.models.whisper import sinusoids
-from encdec.whisper.audio import features_for
+from encdec.whisper.audio import SAMPLE_RATE, features_for, load_audio, log_mel_spectrogram
 from encdec.whisper.clips import wer
+from encdec.whisper.frontend import AudioInput
+from encdec.whisper.segments import no_speech_fields, no_speech_prob
+from encdec.whisper.serving import whisper_engine
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import load_whisper, transcribe
 
@@ -44,12 +48,6 @@ def test_whisper_base_no_speech_prob_matches_ctranslate2(whisper_base_path, espe
     """``<|nospeech|>``'s probability after ``<|startoftranscript|>`` (faster-whisper's segment
     ``no_speech_prob``), through the engine's prompt log-probabilities, on speech and on
     silence, against CTranslate2 ``generate(return_no_speech_prob=True)`` on the same features."""
-    from encdec.engine import Request
-    from encdec.whisper.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram
-    from encdec.whisper.frontend import AudioInput
-    from encdec.whisper.segments import no_speech_fields, no_speech_prob
-    from encdec.whisper.serving import whisper_engine
-
     _, paths = espeak_clips
     model = load_whisper(whisper_base_path)
     engine = whisper_engine(model, num_slots=4, steps_per_dispatch=2)
