@@ -27,7 +27,7 @@ SYSTEMS = (
     "encdec-static",
     "encdec-inflight-int8",
     "encdec-static-int8",
-    "encdec-inflight-int8-bf16kv",
+    "encdec-inflight-int8-f32kv",
     "hf-generate",
     "ctranslate2",
     "ctranslate2-int8",

@@ -52,11 +52,12 @@ ENCDEC_SYSTEMS = (
     "encdec-static",
     "encdec-inflight-int8",
     "encdec-static-int8",
-    "encdec-inflight-int8-bf16kv",
+    "encdec-inflight-int8-f32kv",
 )
 """The engine's systems; ``-int8``: the same model with int8 weights (:func:`encdec.quantize_model`),
 so one run puts float32, int8 and CTranslate2 int8 side by side against one float32 reference;
-``-bf16kv``: and the K/V window decode attention reads in bfloat16 (``EngineConfig.window_dtype``)."""
+``-f32kv``: int8 with the K/V window decode attention reads in float32, not the int8 default's
+bfloat16 (``EngineConfig.window_dtype``)."""
 
 
 def available_systems() -> dict[str, str | None]:
@@ -338,8 +339,8 @@ def make_system(name: str, spec: ModelSpec, cfg: ExperimentConfig, *, model_dir:
 
             model = quantize_model(model)
         options = cfg.engine
-        if name.endswith("-bf16kv"):
-            options = dataclasses.replace(options, options={**options.options, "window_dtype": "bfloat16"})
+        if name.endswith("-f32kv"):
+            options = dataclasses.replace(options, options={**options.options, "window_dtype": "float32"})
         mode, probe_bytes = name.split("-")[1], cfg.bandwidth_probe_mib << 20
         return EncdecEngine(name, model, mode, options, probe_bytes=probe_bytes)
     if name == "hf-generate":

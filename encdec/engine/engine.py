@@ -58,6 +58,7 @@ from encdec.engine.steps import (
 from encdec.engine.stream import TokenStream
 from encdec.lora.bank import AdapterBank, gather_rows
 from encdec.models.packing import engine_params
+from encdec.models.quant import is_quantized
 from encdec.sharding import DATA, axis_size, check_mesh, make_mesh, shard_params, to_host
 
 
@@ -168,11 +169,14 @@ class Engine:
         # A request prefills its own prefix but its last token.
         self._prefill_widths = prefill_widths(self.max_prefix - 1)
         window = attention_path(config.attention_impl) == "window"
+        self.window_dtype = config.window_dtype or (
+            getattr(frontend, "int8_window_dtype", None) if is_quantized(model.params) else None
+        )
         if mesh is None:
             self.params = engine_params(model.params, cfg, decode_rows=config.num_slots)
             pools = init_pools(self.pool_config)
             self.state = init_state(
-                pools, config.num_slots, self.slot_shape, window=window, window_dtype=config.window_dtype
+                pools, config.num_slots, self.slot_shape, window=window, window_dtype=self.window_dtype
             )
             steps = jitted_steps(*step_args)
         else:  # the same steps per data shard, tensor parallel inside (encdec.engine.sharded)
@@ -182,7 +186,7 @@ class Engine:
             shape = self.slot_shape
             self.state = sharded_state(
                 self.pool_config, config.num_slots, shape, mesh,
-                window=window, window_dtype=config.window_dtype,
+                window=window, window_dtype=self.window_dtype,
             )
             steps = sharded_steps(mesh, cfg.decoder_heads, *step_args)
         self._encode, self._insert, self._decode, self._release, self._grant = steps

@@ -22,6 +22,13 @@ overrides, read when a step is traced):
 
 All scale the product by ``w_scale`` after the dot (the scale is per output channel, so it
 commutes with the contraction).
+
+The encoder is different: its products are compute-bound (hundreds to thousands of rows a call),
+so int8 bytes buy it little, and quantizing its activations per row cost the most accuracy. It
+multiplies ``w * w_scale`` rounded to bfloat16 by activations rounded to bfloat16, summed in
+float32 (:func:`encoder_weights`). Whisper-base, teacher-forced on 20 clips' float32 transcripts
+(212 positions): mean KL from float32 0.0076 -> 0.0047, argmax agreement 0.958 -> 0.972; its
+encoder as fast as through the int8 kernel, t5-small's and bart-base's faster.
 """
 
 from __future__ import annotations
@@ -178,6 +185,28 @@ def dequantize_params(params: Mapping[str, Any]) -> dict[str, Any]:
         return node
 
     return walk(params)
+
+
+def encoder_weights(enc: Mapping[str, Any]) -> dict[str, Any]:
+    """An encoder subtree as the encoder multiplies it: each int8 projection becomes a bfloat16
+    ``w`` (``w * w_scale`` rounded; :func:`encdec.models.layers.project` then rounds float32
+    activations to bfloat16 and sums in float32); float subtrees are returned as they are.
+    Called inside the jitted encoder, so the int8 bytes stay the only copy kept."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            if "w_scale" not in node:
+                return {k: walk(v) for k, v in node.items()}
+            w, s = node["w"], node["w_scale"]
+            out = {k: v for k, v in node.items() if k not in ("w", "w_scale", "w_tiles")}
+            full = w.astype(jnp.float32) * s.reshape((1,) * (w.ndim - s.ndim) + s.shape)
+            out["w"] = full.astype(jnp.bfloat16)
+            return out
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(v) for v in node)
+        return node
+
+    return walk(enc)
 
 
 def int8_matmul(

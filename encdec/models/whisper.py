@@ -17,6 +17,7 @@ import numpy as np
 
 from encdec.config import ModelConfig
 from encdec.models.layers import Params, activation, project
+from encdec.models.quant import encoder_weights
 from encdec.models.transformer import _sub, encoder_layers, init_dense_kv
 
 CONV_TAPS = 3
@@ -56,7 +57,7 @@ def encode_audio(
         raise ValueError(
             f"log-mel input has shape {tuple(mel_BCA.shape)}, expected [B, {expected[0]}, {expected[1]}]"
         )
-    enc, enc_lora = params["encoder"], _sub(lora, "encoder")
+    enc, enc_lora = encoder_weights(params["encoder"]), _sub(lora, "encoder")
     x_BAC = jnp.swapaxes(mel_BCA.astype(dtype), 1, 2)
     x_BAD = activation("gelu", conv1d(enc["conv1"], x_BAC, stride=1, lora=_sub(enc_lora, "conv1")))
     x_BSD = activation("gelu", conv1d(enc["conv2"], x_BAD, stride=2, lora=_sub(enc_lora, "conv2")))

@@ -41,6 +41,7 @@ from encdec.lora.adapters import STACKS, LoraConfig, target_sites
 from encdec.lora.bank import AdapterBank
 from encdec.lora.train import TrainConfig, TrainState, init_state, make_optimizer
 from encdec.models import decode, init_dense_kv
+from encdec.models.quant import encoder_weights
 from encdec.models.transformer import _sub, encoder_layers
 from encdec.models.whisper import encode_audio
 from encdec.whisper.accent import AccentDataConfig, AccentSplit, Clip, build_split
@@ -274,7 +275,7 @@ def decoder_nll(params, cfg: ModelConfig, lora, batch, *, first_block: int | Non
     if first_block is not None and first_block < 2 * cfg.encoder_layers:
         above = slice(first_block, None)
         x_BSD = encoder_layers(
-            params["encoder"], cfg, x_BSD, mask_BS, lora=_sub(lora, "encoder"), blocks=above
+            encoder_weights(params["encoder"]), cfg, x_BSD, mask_BS, lora=_sub(lora, "encoder"), blocks=above
         )
     T = dec_BT.shape[1]
     kv = init_dense_kv(params, cfg, x_BSD, mask_BS, T, dtype=dtype, lora=lora)

@@ -1,6 +1,8 @@
 """int8 weights: the matmul against its float64 reference, the model against its dequantized
 float twin, accuracy against float32 greedy output, and the errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from encdec.models.quant import (
     METHOD_ENV,
     QuantizationError,
     dequantize_params,
+    encoder_weights,
     int8_matmul,
     int8_matmul_reference,
     quantize_array,
@@ -80,7 +83,8 @@ def _logits(params, cfg, ids, toks):
 
 def test_weight_only_model_equals_its_dequantized_float_twin(pair, monkeypatch):
     """Every projection, cross K/V and the (tied or untied) head go through the int8 path: with
-    activations kept float, the logits are those of the float model holding ``w * w_scale``."""
+    activations kept float, the logits are those of the float model holding ``w * w_scale``
+    (rounded to bfloat16 in the encoder, which multiplies in bfloat16)."""
     fp, q = pair
     assert q.quantize == "int8"
     leaves = {jax.tree_util.keystr(k): x for k, x in jax.tree_util.tree_leaves_with_path(q.params)}
@@ -91,7 +95,9 @@ def test_weight_only_model_equals_its_dequantized_float_twin(pair, monkeypatch):
     cfg = fp.config
     ids, toks = _requests(1, 3)[0], [cfg.decoder_start_token_id, 5, 9, 17, 4]
     got = _logits(q.params, cfg, ids, toks)
-    want = _logits(dequantize_params(q.params), cfg, ids, toks)
+    twin = {**dequantize_params(q.params), "encoder": encoder_weights(q.params["encoder"])}
+    assert {x.dtype for x in jax.tree.leaves(twin["encoder"])} >= {jnp.dtype(jnp.bfloat16)}
+    want = _logits(twin, cfg, ids, toks)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).std())
 
 
@@ -132,6 +138,38 @@ def test_int8_greedy_agrees_with_float32(pair):
         f"{fp.config.model_type}: teacher-forced {agreement:.3f}, free-running "
         f"{position_agreement(q_ref, ref):.3f}"
     )
+
+
+def test_an_int8_engine_reads_a_bfloat16_window(pair):
+    """With int8 weights the CPU window decode attention reads holds bfloat16 bits (uint16)
+    unless ``window_dtype="float32"``; a float32 model keeps float32. Rounding K and V flips
+    a few of these chaotic tiny models' choices (free-running figures printed; the int8 bench's
+    teacher-forced agreement with float32 is the same with either window)."""
+    fp, q = pair
+    inputs = _requests()
+    cfg = EngineConfig(num_slots=8, page_size=4, max_encoder_len=MAX_IN, max_new_tokens=MAX_NEW)
+    engines = {
+        "int8": Engine(q, cfg),
+        "int8, float32 window": Engine(q, dataclasses.replace(cfg, window_dtype="float32")),
+        "float32": Engine(fp, cfg),
+    }
+    dtypes = {k: {x.dtype for x in jax.tree.leaves(e.state.window)} for k, e in engines.items()}
+    assert dtypes == {
+        "int8": {jnp.dtype(jnp.uint16)},
+        "int8, float32 window": {jnp.dtype(jnp.float32)},
+        "float32": {jnp.dtype(jnp.float32)},
+    }
+    reqs = [Request(inputs=x, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW) for x in inputs]
+    got = {k: [o.token_ids for o in e.generate(reqs)] for k, e in engines.items()}
+    ref = [g.token_ids for g in encdec.reference_generate(fp, inputs, MAX_NEW, min_new_tokens=MAX_NEW)]
+    assert got["float32"] == ref
+    q_ref = [g.token_ids for g in encdec.reference_generate(q, inputs, MAX_NEW, min_new_tokens=MAX_NEW)]
+    assert got["int8, float32 window"] == q_ref
+    window_vs_int8 = position_agreement(got["int8"], q_ref)
+    int8_vs_float32 = position_agreement(q_ref, ref)
+    print(f"{fp.config.model_type}: bfloat16 window vs int8 {window_vs_int8:.3f}, "
+          f"int8 vs float32 {int8_vs_float32:.3f}")
+    assert window_vs_int8 >= 0.85
 
 
 def test_bad_input_is_refused(pair, tmp_path):
