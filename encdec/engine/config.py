@@ -117,7 +117,7 @@ class EngineConfig:
     model with int8 weights the front end's choice (``FrontEnd.int8_window_dtype``: bfloat16 for
     text, float32 for Whisper for now), else the cache's. ``bfloat16`` halves the bytes a decode step's
     attention reads at bfloat16's rounding of K and V; the pools keep ``cache_dtype``. With int8
-    weights those bytes rival the weights' (t5-small at 8 slots of 128 + 64 tokens: more)."""
+    weights those bytes rival the weights' (t5-small at 8 slots of 128 + 64 tokens: as many)."""
     mesh_shape: tuple[int, int] | None = rule(Ints(Int(1), length=2, optional=True), None)
     """``(data, model)``: run over a device mesh of that shape (:mod:`encdec.sharding`): heads, MLP
     and vocabulary split over ``model`` (tensor parallel), slots, encoder rows and pages over

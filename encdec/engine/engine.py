@@ -58,7 +58,7 @@ from encdec.engine.steps import (
 from encdec.engine.stream import TokenStream
 from encdec.lora.bank import AdapterBank, gather_rows
 from encdec.models.packing import engine_params
-from encdec.models.quant import is_quantized
+from encdec.models.quant import is_quantized, with_encoder_weights
 from encdec.sharding import DATA, axis_size, check_mesh, make_mesh, shard_params, to_host
 
 
@@ -172,15 +172,16 @@ class Engine:
         self.window_dtype = config.window_dtype or (
             getattr(frontend, "int8_window_dtype", None) if is_quantized(model.params) else None
         )
+        params = with_encoder_weights(model.params) if cfg.is_audio else model.params
         if mesh is None:
-            self.params = engine_params(model.params, cfg, decode_rows=config.num_slots)
+            self.params = engine_params(params, cfg, decode_rows=config.num_slots)
             pools = init_pools(self.pool_config)
             self.state = init_state(
                 pools, config.num_slots, self.slot_shape, window=window, window_dtype=self.window_dtype
             )
             steps = jitted_steps(*step_args)
         else:  # the same steps per data shard, tensor parallel inside (encdec.engine.sharded)
-            self.params = shard_params(model.params, mesh)
+            self.params = shard_params(params, mesh)
             if adapters is not None:
                 adapters.shard(mesh)
             shape = self.slot_shape

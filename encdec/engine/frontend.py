@@ -97,7 +97,7 @@ class TextFrontEnd:
     default_prefix_len = 1
     masks = None
     logits_processor = None
-    # Half the K/V bytes (at 8 slots of t5-small, 128 + 64 tokens, more than its int8 weights);
+    # Half the K/V bytes (at 8 slots of t5-small, 128 + 64 tokens, as many as its int8 weights);
     # the int8 bench's teacher-forced agreement with float32 is the same either way.
     int8_window_dtype = "bfloat16"
 

@@ -7,8 +7,8 @@ the step's time. Packed once here, when an engine is built:
 - int8 (:mod:`encdec.models.quant`): every projection's ``w`` as the int8 kernel's tiles
   (``w_tiles``, :func:`~pallas_kernels.int8_matmul.pack_tiles`), each read in address order
   with its sums in AMX tiles (or VPDPBUSD registers) for all of K; a tied head's table packed the
-  same way beside the embedding (``head_tiles``). Not the encoder's: it multiplies in bfloat16
-  (:func:`~encdec.models.quant.encoder_weights`).
+  same way beside the embedding (``head_tiles``). A text encoder's many-row products gain as
+  well; an audio encoder multiplies in bfloat16 (:func:`~encdec.models.quant.encoder_weights`).
 - float32 (decode steps of at most 16 rows, the kernel's): every projection a decode step reads
   (a decoder layer's self-attention, cross-attention query and output, FFN; an untied head) as
   the float32 decode kernel's panels beside its ``w`` (``w_panels``,
@@ -155,7 +155,8 @@ def _int8_tiles(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, Any]:
             return type(node)(walk(v, name) for v in node)
         return node
 
-    out = {k: v if k == "encoder" else walk(v, k) for k, v in params.items()}
+    # An audio encoder multiplies in bfloat16 (encdec.models.quant.encoder_weights): no tiles.
+    out = {k: v if k == "encoder" and cfg.is_audio else walk(v, k) for k, v in params.items()}
     owner = _head_owner(params, cfg)
     if owner is not None and "embedding_scale_V" in params[owner]:
         out[owner] = {**out[owner], "head_tiles": _pack(jnp.swapaxes(params[owner]["embedding_VD"], 0, 1))}

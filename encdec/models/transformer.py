@@ -32,7 +32,6 @@ from encdec.config import ModelConfig
 from encdec.models.attention import dot_product_attention, relative_bias
 from encdec.models.kv import DecoderKV, DenseKV
 from encdec.models.layers import Params, activation, norm, project
-from encdec.models.quant import encoder_weights
 
 # BART's learned position table reserves its first two rows (``ModelConfig.learned_position_offset``).
 LEARNED_POSITION_OFFSET = 2
@@ -147,7 +146,7 @@ def encode(
     M2M100/NLLB number only the non-pad tokens (HF derives positions from the ids, fairseq's way),
     so a left-padded row gets the positions of the same row right-padded.
     """
-    enc, enc_lora = encoder_weights(params["encoder"]), _sub(lora, "encoder")
+    enc, enc_lora = params["encoder"], _sub(lora, "encoder")
     if cfg.position == "padded_sinusoidal":
         counted_BS = (input_ids_BS != cfg.pad_token_id) & mask_BS.astype(bool)
         positions_BS = jnp.where(counted_BS, jnp.cumsum(counted_BS, axis=1, dtype=jnp.int32) - 1, -1)

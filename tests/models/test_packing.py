@@ -61,18 +61,14 @@ def _engine_tokens(model):
 
 @pytest.mark.skipif(bool(int8_build.cpu_missing()), reason="no int8 CPU kernel here")
 def test_int8_weights_are_packed_as_tiles_and_give_the_same_logits(pair, monkeypatch):
-    """Every int8 projection but the encoder's (which multiplies in bfloat16) becomes tiles (a
-    tied head's table too, beside the embedding), with the same int32 sums; the model's own tree
-    is untouched, and the engine decodes with tiles to the tokens of the unpacked tree."""
+    """Every int8 projection becomes tiles (a tied head's table too, beside the embedding), with
+    the same int32 sums; the model's own tree is untouched, and the engine decodes with tiles to
+    the tokens of the unpacked tree."""
     monkeypatch.setenv(METHOD_ENV, "kernel")
     _, q = pair
     cfg = q.config
     packed = engine_params(q.params, cfg)
-    outside = {k: v for k, v in packed.items() if k != "encoder"}
-    assert packed["encoder"] is q.params["encoder"]
-    assert len(_paths(packed, "w_tiles")) == len(_paths(outside, "w_tiles")) > 0 and not _paths(outside, "w")
-    decoder_side = len(_paths(q.params, "w")) - len(_paths(q.params["encoder"], "w"))
-    assert len(_paths(packed, "w_tiles")) == decoder_side
+    assert len(_paths(packed, "w_tiles")) == len(_paths(q.params, "w")) > 0 and not _paths(packed, "w")
     assert len(_paths(packed, "head_tiles")) == int(cfg.tie_word_embeddings)
     assert _paths(q.params, "w") and not _paths(q.params, "w_tiles")
     np.testing.assert_allclose(_logits(packed, cfg), _logits(q.params, cfg), rtol=1e-5, atol=1e-5)

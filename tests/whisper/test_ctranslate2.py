@@ -5,13 +5,17 @@ import shutil
 import struct
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import encdec
+import encdec.models.whisper as whisper_model
 from encdec.checkpoints.ctranslate2 import read_model_bin, read_vocabulary
 from encdec.config import UnsupportedModelError
 from encdec.models.quant import dequantize_params
+from encdec.models.whisper import encode_audio
+from encdec.whisper.serving import whisper_engine
 from encdec.whisper.tokens import WhisperTokens
 from encdec.whisper.transcribe import greedy_decode
 from tests.whisper.tiny_whisper import PROMPT, SUPPRESS, SUPPRESS_BEGIN, VOCABULARY, random_mel, save_ct2
@@ -181,3 +185,22 @@ def test_vocabulary_size_must_match(tiny_ct2_dir, tmp_path):
     (directory / "vocabulary.json").write_text(json.dumps(VOCABULARY[:-1]))
     with pytest.raises(encdec.CheckpointError, match="vocabulary has 95 tokens"):
         encdec.load_pretrained(directory)
+
+
+def test_an_int8_audio_encoder_multiplies_in_bfloat16(tiny_ct2_dir, monkeypatch):
+    """Whisper's int8 encoder rounds ``w * w_scale`` and its activations to bfloat16 (no per-row
+    activation quantization): its states are those of the float model holding those weights,
+    not of the int8 kernel's products; an engine converts its encoder once, not per call."""
+    q = encdec.load_pretrained(tiny_ct2_dir, quantize="int8")
+    cfg = q.config
+    mel = jnp.asarray(random_mel(2, seed=3))
+    floats = dequantize_params(q.params)["encoder"]
+    weights_to_bf16 = lambda path, x: x.astype(jnp.bfloat16) if path[-1].key == "w" else x  # noqa: E731
+    twin = {**q.params, "encoder": jax.tree_util.tree_map_with_path(weights_to_bf16, floats)}
+    got = np.asarray(encode_audio(q.params, cfg, mel))
+    np.testing.assert_allclose(got, np.asarray(encode_audio(twin, cfg, mel)), rtol=1e-5, atol=1e-5)
+    engine = whisper_engine(q, num_slots=2)
+    dtypes = {x.dtype for x in jax.tree.leaves(engine.params["encoder"])}
+    assert jnp.dtype(jnp.int8) not in dtypes and jnp.dtype(jnp.bfloat16) in dtypes
+    monkeypatch.setattr(whisper_model, "encoder_weights", lambda enc: enc)  # int8 products instead
+    assert np.abs(np.asarray(encode_audio(q.params, cfg, mel)) - got).max() > 1e-3
