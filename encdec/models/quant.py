@@ -165,6 +165,12 @@ def _bfloat16_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return jax.tree_util.tree_map_with_path(leaf, dict(params))
 
 
+def _float_weight(node: Mapping[str, Any]) -> jax.Array:
+    """An int8 projection's float32 weight, ``w * w_scale`` (the scale over its output dims)."""
+    w, s = node["w"], node["w_scale"]
+    return w.astype(jnp.float32) * s.reshape((1,) * (w.ndim - s.ndim) + s.shape)
+
+
 def dequantize_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """The float32 weights an int8 tree stands for (``w * w_scale``): the reference that
     :func:`int8_matmul`'s ``weight_only`` method computes exactly."""
@@ -173,10 +179,7 @@ def dequantize_params(params: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(node, Mapping):
             out = {k: walk(v) for k, v in node.items() if k not in ("w_scale", "embedding_scale_V")}
             if "w_scale" in node:
-                s = node["w_scale"]
-                out["w"] = node["w"].astype(jnp.float32) * s.reshape(
-                    (1,) * (node["w"].ndim - s.ndim) + s.shape
-                )
+                out["w"] = _float_weight(node)
             if "embedding_scale_V" in node:
                 out["embedding_VD"] = (
                     node["embedding_VD"].astype(jnp.float32) * node["embedding_scale_V"][:, None]
@@ -199,10 +202,8 @@ def encoder_weights(enc: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(node, Mapping):
             if "w_scale" not in node:
                 return {k: walk(v) for k, v in node.items()}
-            w, s = node["w"], node["w_scale"]
             out = {k: v for k, v in node.items() if k not in ("w", "w_scale", "w_tiles")}
-            full = w.astype(jnp.float32) * s.reshape((1,) * (w.ndim - s.ndim) + s.shape)
-            out["w"] = full.astype(jnp.bfloat16)
+            out["w"] = _float_weight(node).astype(jnp.bfloat16)
             return out
         if isinstance(node, (list, tuple)):
             return type(node)(walk(v) for v in node)
