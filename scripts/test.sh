@@ -16,14 +16,16 @@ ruff check encdec pallas_kernels tests scripts
 # A group written "real: PATHS" runs without FAST_XLA_FLAGS (below): the real Whisper-base tests.
 lane1=(tests/engine/test_engine.py tests/engine/test_engine_whisper.py tests/engine/test_lifecycle.py
        tests/engine/test_memory_policies.py tests/sharding
-       "real: tests/whisper/test_real_longform.py tests/whisper/test_real_whisper.py"
+       "real: tests/whisper/test_real_longform.py tests/whisper/test_real_whisper.py
+        tests/engine/test_engine_whisper_base.py"
        "tests/whisper --ignore=tests/whisper/test_real_longform.py --ignore=tests/whisper/test_real_whisper.py"
-       tests/models tests/checkpoints)
+       tests/models)
 lane2=(tests/engine/test_engine_lora.py tests/engine/test_bad_input.py tests/engine/test_beams.py
        tests/notebooks tests/lora tests/bench tests/serving tests/engine/test_engine_families.py
        # small groups share a process (each process spends ~4 s importing jax, torch, transformers)
        "tests/engine/test_engine_traffic.py tests/engine/test_decoding.py tests/test_*.py tests/cache
-        tests/pallas_kernels tests/engine/test_scheduler_properties.py tests/engine/test_fixtures.py")
+        tests/pallas_kernels tests/engine/test_scheduler_properties.py tests/engine/test_fixtures.py
+        tests/checkpoints")
 
 # Every test file must be in a lane: a new file in tests/engine, or a new folder, goes in one.
 listed=" $(echo ${lane1[*]} ${lane2[*]}) "  # echo: one space between paths

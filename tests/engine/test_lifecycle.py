@@ -1,6 +1,6 @@
 """The engine forgets a request once its output is handed over, so a long run stays flat.
 
-``ENCDEC_LIFECYCLE_REQUESTS`` (default 4,000) requests go through ``generate``, ``stream`` (a
+``ENCDEC_LIFECYCLE_REQUESTS`` (default 2,000) requests go through ``generate``, ``stream`` (a
 third of the streams abandoned after two tokens) and ``submit`` + ``result``; afterwards the
 engine tracks nothing, holds no page, and host memory (tracemalloc, after a warm-up third)
 has not grown with the number of requests served.
@@ -16,7 +16,7 @@ import pytest
 from encdec.engine import Engine, Request
 from tests.engine.test_engine import MAX_IN, MAX_NEW, _config
 
-TOTAL = int(os.environ.get("ENCDEC_LIFECYCLE_REQUESTS", "4000"))
+TOTAL = int(os.environ.get("ENCDEC_LIFECYCLE_REQUESTS", "2000"))
 # Host memory may grow this much per request of the last part (measured: ~20-26 bytes, the
 # tables of the engine's dicts and sets after their peak): a request's output, handle or
 # stream left behind is hundreds of bytes.
