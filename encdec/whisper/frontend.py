@@ -99,10 +99,10 @@ class WhisperFrontEnd:
     """
 
     encode = staticmethod(encode_mel)
-    # The cache's float32 until a bfloat16 window is measured beside the bfloat16 encoder (with
-    # the int8 encoder before it, Whisper-base int8 WER on the 120 espeak clips was 25.8% with a
-    # bfloat16 window, 27.0% without).
-    int8_window_dtype = None
+    # Each decode step reads 1,500 cross positions a layer per slot, more bytes than the int8
+    # weights: bfloat16 K/V made Whisper-base int8 ~1.3x faster at the same WER (360 espeak clips:
+    # 23.6% against 24.1% with a float32 window; docs/PERFORMANCE.md).
+    int8_window_dtype = "bfloat16"
 
     def __init__(
         self, model: Model, tokens: WhisperTokens | None = None, *, max_initial_timestamp: float | None = 1.0

@@ -190,7 +190,8 @@ def test_vocabulary_size_must_match(tiny_ct2_dir, tmp_path):
 def test_an_int8_audio_encoder_multiplies_in_bfloat16(tiny_ct2_dir, monkeypatch):
     """Whisper's int8 encoder rounds ``w * w_scale`` and its activations to bfloat16 (no per-row
     activation quantization): its states are those of the float model holding those weights,
-    not of the int8 kernel's products; an engine converts its encoder once, not per call."""
+    not of the int8 kernel's products; an engine converts its encoder once, not per call, and
+    keeps the K/V its decode attention reads in bfloat16."""
     q = encdec.load_pretrained(tiny_ct2_dir, quantize="int8")
     cfg = q.config
     mel = jnp.asarray(random_mel(2, seed=3))
@@ -202,5 +203,8 @@ def test_an_int8_audio_encoder_multiplies_in_bfloat16(tiny_ct2_dir, monkeypatch)
     engine = whisper_engine(q, num_slots=2)
     dtypes = {x.dtype for x in jax.tree.leaves(engine.params["encoder"])}
     assert jnp.dtype(jnp.int8) not in dtypes and jnp.dtype(jnp.bfloat16) in dtypes
+    # Its decode attention reads bfloat16 K/V (bits in uint16): the cross K/V outweigh the weights.
+    assert engine.window_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(engine.state.window)} == {jnp.dtype(jnp.uint16)}
     monkeypatch.setattr(whisper_model, "encoder_weights", lambda enc: enc)  # int8 products instead
     assert np.abs(np.asarray(encode_audio(q.params, cfg, mel)) - got).max() > 1e-3
