@@ -113,9 +113,8 @@ class EngineConfig:
     """KV cache dtype; None: float32 on CPU (XLA:CPU scatters into bfloat16 slowly), else the model's."""
     window_dtype: str | None = rule(OneOf((None, "float32", "bfloat16")), None)
     """dtype of the dense per-slot copy of the cache that decode attention reads where the engine
-    keeps one (the window path, the CPU default: :mod:`encdec.cache.window_kv`); None: for a
-    model with int8 weights the front end's choice (``FrontEnd.int8_window_dtype``: bfloat16 in
-    both of ours), else the cache's. ``bfloat16`` halves the bytes a decode step's
+    keeps one (the window path, the CPU default: :mod:`encdec.cache.window_kv`); None: bfloat16
+    for a model with int8 weights, else the cache's. ``bfloat16`` halves the bytes a decode step's
     attention reads at bfloat16's rounding of K and V; the pools keep ``cache_dtype``. With int8
     weights those bytes rival the weights' (t5-small at 8 slots of 128 + 64 tokens: as many)."""
     mesh_shape: tuple[int, int] | None = rule(Ints(Int(1), length=2, optional=True), None)

@@ -59,9 +59,6 @@ class FrontEnd(Protocol):
     logits_processor: LogitsHook | None
     """A rule applied on device to every slot's scores before the request's processors (a
     module-level function: part of the compiled step's identity), or None."""
-    int8_window_dtype: str | None
-    """With int8 weights, the dtype of the K/V window decode attention reads on CPU when
-    ``EngineConfig.window_dtype`` is None (None: the cache's)."""
 
     def encoder_buckets(self, config: EngineConfig) -> tuple[int, ...]:
         """Padded encoder lengths, ascending; raises ``ValueError`` if the model cannot take them."""
@@ -97,9 +94,6 @@ class TextFrontEnd:
     default_prefix_len = 1
     masks = None
     logits_processor = None
-    # Half the K/V bytes (at 8 slots of t5-small, 128 + 64 tokens, as many as its int8 weights);
-    # the int8 bench's teacher-forced agreement with float32 is the same either way.
-    int8_window_dtype = "bfloat16"
 
     def __init__(self, model: Model):
         if model.config.is_audio:

@@ -99,10 +99,6 @@ class WhisperFrontEnd:
     """
 
     encode = staticmethod(encode_mel)
-    # Each decode step reads 1,500 cross positions a layer per slot, more bytes than the int8
-    # weights: bfloat16 K/V made Whisper-base int8 ~1.3x faster at the same WER (360 espeak clips:
-    # 23.6% against 24.1% with a float32 window; docs/PERFORMANCE.md).
-    int8_window_dtype = "bfloat16"
 
     def __init__(
         self, model: Model, tokens: WhisperTokens | None = None, *, max_initial_timestamp: float | None = 1.0
