@@ -440,13 +440,30 @@ void TilesPanelAmx(const int8_t* q, int64_t q_stride, const int8_t* panel, int64
   _tile_stored(3, acc + 32, 256); _tile_stored(4, acc + 48, 256);
 }
 
-// The same with VPDPBUSD for R <= 4 rows (the weights flipped to the unsigned side as loaded).
+// How far ahead of its reads the VPDPBUSD path fetches the weight stream into L2, in bytes
+// (ENCDEC_INT8_FETCH_AHEAD; 0: none). At 8 rows VPDPBUSD is compute-bound near the machine's
+// read bandwidth, and without the fetch its loads and its products took turns: a cold
+// 768 x 50265 head at 8 rows, 2 cores, read 12-15 GB/s with none and 18-22 with 32 KB.
+int64_t FetchAhead() {
+  static const int64_t ahead = [] {
+    const char* env = std::getenv("ENCDEC_INT8_FETCH_AHEAD");
+    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) / 64 * 64 : int64_t{32} << 10;
+  }();
+  return ahead;
+}
+
+// The same with VPDPBUSD for R <= 4 rows (the weights flipped to the unsigned side as loaded);
+// `fetch`: the panel's first read (a later row tile reads it again from L2).
 template <int R>
-void TilesPanelVnni(const int8_t* q, int64_t q_stride, const __m512i* panel, int64_t groups, __m512i acc[4][4]) {
+void TilesPanelVnni(const int8_t* q, int64_t q_stride, const __m512i* panel, int64_t groups, __m512i acc[4][4],
+                    bool fetch) {
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   ENCDEC_ZERO4(0) ENCDEC_ZERO4(1) ENCDEC_ZERO4(2) ENCDEC_ZERO4(3)
+  const int64_t ahead = fetch ? FetchAhead() / 64 : 0;  // in vectors
   for (int64_t g = 0; g < groups; ++g) {
     const __m512i* blk = panel + (g >> 4) * 64 + (g & 15);
+    if (ahead)  // the four lines this group reads, `ahead` on: each line of the stream once
+      for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(blk + 16 * i + ahead), _MM_HINT_T1);
     __m512i v[4];
     for (int i = 0; i < 4; ++i) v[i] = _mm512_xor_si512(_mm512_load_si512(blk + 16 * i), flip);
     const int64_t k = 4 * g;
@@ -476,10 +493,10 @@ void TilesPanel(const Quantized& xq, const int8_t* tiles, Columns s, float* y, i
     const int8_t* qt = q + r0 * xq.Kp;
     const __m512i* pv = (const __m512i*)panel;
     switch (r) {
-      case 1: TilesPanelVnni<1>(qt, xq.Kp, pv, 16 * blocks, acc); break;
-      case 2: TilesPanelVnni<2>(qt, xq.Kp, pv, 16 * blocks, acc); break;
-      case 3: TilesPanelVnni<3>(qt, xq.Kp, pv, 16 * blocks, acc); break;
-      default: TilesPanelVnni<4>(qt, xq.Kp, pv, 16 * blocks, acc); break;
+      case 1: TilesPanelVnni<1>(qt, xq.Kp, pv, 16 * blocks, acc, t == 0); break;
+      case 2: TilesPanelVnni<2>(qt, xq.Kp, pv, 16 * blocks, acc, t == 0); break;
+      case 3: TilesPanelVnni<3>(qt, xq.Kp, pv, 16 * blocks, acc, t == 0); break;
+      default: TilesPanelVnni<4>(qt, xq.Kp, pv, 16 * blocks, acc, t == 0); break;
     }
     for (int64_t i = 0; i < r; ++i) {
       const int64_t m = m0 + r0 + i;
