@@ -51,7 +51,7 @@ class CpuKernel:
         """The instruction sets the kernel needs that this CPU lacks (all of them off x86 Linux)."""
         if platform.machine() not in ("x86_64", "AMD64"):
             return list(self.cpu_flags)
-        have = _cpu_flags()
+        have = cpu_flags()
         return [f for f in self.cpu_flags if f not in have]
 
     def library_path(self) -> Path:
@@ -119,7 +119,8 @@ def _register(kernel: CpuKernel) -> str | None:
 
 
 @cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags /proc/cpuinfo lists (none where there is no such file)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

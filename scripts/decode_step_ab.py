@@ -7,8 +7,9 @@ Each setting (``NAME=VALUE[,NAME=VALUE]``, environment variables the engine read
 none) runs in a fresh process per round, in turn, so a neighbour's load on the machine falls on
 every setting alike. A process builds the shape's engine (random weights, as the bench), times
 the step as the bench does (:func:`encdec.bench.systems.decode_step_ms`: every dispatch waited
-on, the fastest of three runs of 8 requests of 64 input and 64 output tokens) ``--probes`` times,
-and prints the fastest with the weight floor at the bandwidth probed beside it.
+on, the fastest of three runs of 8 requests of 64 input and 64 output tokens; ``--lengths`` sets
+those and the engine's limits) ``--probes`` times, and prints the fastest with the weight floor at
+the bandwidth probed beside it.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import subprocess
 import sys
 
 
-def measure(shape: str, quantize: str | None, probes: int) -> dict:
+def measure(shape: str, quantize: str | None, probes: int, lengths: tuple[int, int, int, int]) -> dict:
     import numpy as np
 
     import encdec
@@ -27,13 +28,18 @@ def measure(shape: str, quantize: str | None, probes: int) -> dict:
     from encdec.bench.systems import decode_step_ms
     from encdec.engine import Engine, EngineConfig, Request
 
+    input_len, output_len, max_encoder_len, max_new_tokens = lengths
     model = encdec.load_pretrained(str(write_shape(shape, 0)), quantize=quantize)
-    engine = Engine(model, EngineConfig(num_slots=8, page_size=16, max_encoder_len=64, max_new_tokens=64))
-    engine.warmup(max_input_len=64)
+    limits = {"max_encoder_len": max_encoder_len, "max_new_tokens": max_new_tokens}
+    engine = Engine(model, EngineConfig(num_slots=8, page_size=16, **limits))
+    engine.warmup(max_input_len=max_encoder_len)
     rng = np.random.default_rng(0)
     low, high = 10, min(1000, model.config.vocab_size)
     requests = [
-        Request(inputs=[int(t) for t in rng.integers(low, high, 64)], max_new_tokens=64, min_new_tokens=64)
+        Request(
+            inputs=[int(t) for t in rng.integers(low, high, input_len)],
+            max_new_tokens=output_len, min_new_tokens=output_len,
+        )
         for _ in range(8)
     ]
     best = None
@@ -56,10 +62,17 @@ def main() -> None:
     parser.add_argument("--quantize", default=None, choices=[None, "int8"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--probes", type=int, default=3, help="step timings per process (the fastest)")
+    parser.add_argument(
+        "--lengths", default="64,64,64,64",
+        help="input, output, max_encoder_len, max_new_tokens: the requests' lengths and the engine's",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child's run
     args = parser.parse_args()
+    lengths = tuple(int(x) for x in args.lengths.split(","))
+    if len(lengths) != 4:
+        parser.error(f"--lengths is four integers, not {args.lengths!r}")
     if args.one:
-        print(json.dumps(measure(args.shape, args.quantize, args.probes)))
+        print(json.dumps(measure(args.shape, args.quantize, args.probes, lengths)))
         return
     envs = []
     for setting in args.settings:
@@ -67,7 +80,10 @@ def main() -> None:
         if any(len(p) != 2 or not p[0] for p in pairs):
             parser.error(f"a setting is NAME=VALUE[,NAME=VALUE] or -, not {setting!r}")
         envs.append(dict(pairs))
-    child = [sys.executable, __file__, "-", "--one", "--shape", args.shape, "--probes", str(args.probes)]
+    child = [
+        sys.executable, __file__, "-", "--one", "--shape", args.shape, "--probes", str(args.probes),
+        "--lengths", args.lengths,
+    ]
     if args.quantize:
         child += ["--quantize", args.quantize]
     dtype = args.quantize or "float32"

@@ -28,6 +28,7 @@ def machine_info() -> dict[str, Any]:
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
         "versions": {"jax": jax.__version__},
+        "int8_products": int8_products(),
     }
     for mod in ("torch", "transformers", "ctranslate2"):
         try:
@@ -42,6 +43,23 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def int8_products() -> str:
+    """What an int8 decode product multiplies with here: ``AMX`` tiles, ``VPDPBUSD`` (AVX-512
+    VNNI; at 8 rows it is compute-bound near the read bandwidth, so an int8 step sits further from
+    its floor than with AMX), or ``XLA`` (no CPU kernel). Virtual machines of one CPU model differ:
+    some hide AMX from /proc/cpuinfo, and the kernel then takes VPDPBUSD."""
+    import jax
+
+    from pallas_kernels.cpu_build import cpu_flags
+
+    if jax.default_backend() != "cpu":
+        return "XLA"
+    flags = cpu_flags()
+    if {"amx_tile", "amx_int8"} <= flags and os.environ.get("ENCDEC_INT8_AMX") != "0":
+        return "AMX"
+    return "VPDPBUSD" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags else "XLA"
 
 
 def cpu_threads(n: int) -> int:

@@ -236,7 +236,13 @@ def run_experiment_cli(experiment_path: str, overrides: list[str], out: str | No
     else:
         cfg = load_experiment(experiment_path, overrides)
         out_dir = Path(out) if out else Path("results") / cfg.name
-        table = markdown_table(run_experiment(cfg, out_dir)["runs"])
+        results = run_experiment(cfg, out_dir)
+        m = results["machine"]
+        print(
+            f"machine: {m['cpu']}, {m['usable_cores']} cores, int8 products: {m['int8_products']}, "
+            f"read bandwidth {m['bandwidth']['jax_read_GBps']:.1f} GB/s"
+        )
+        table = markdown_table(results["runs"])
     print(table)
     print(f"\nresults: {out_dir / 'results.json'}")
     return 0

@@ -15,6 +15,7 @@ from encdec.bench.run import markdown_table, memory_maps_share, run_experiment
 from encdec.bench.shapes import get_shape
 from encdec.bench.systems import available_systems
 from encdec.cli import main
+from pallas_kernels.cpu_build import cpu_flags
 
 EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 RUN_KEYS = {
@@ -75,6 +76,10 @@ def test_experiment_smoke_run_writes_results(name, cache, tmp_path, monkeypatch)
     assert saved == json.loads(json.dumps(results))
     assert {"experiment", "config", "machine", "model", "workload", "runs"} <= set(saved)
     assert {"cpu", "cores", "device_kind", "jax_backend"} <= set(saved["machine"])
+    # What int8 products multiply with moves an int8 step's distance from its floor: recorded.
+    flags = cpu_flags()
+    isa = "AMX" if {"amx_tile", "amx_int8"} <= flags else "VPDPBUSD" if "avx512_vnni" in flags else "XLA"
+    assert saved["machine"]["int8_products"] == isa
     expected = len(cfg.models) * len(cfg.workloads) * len(cfg.num_slots) * len(cfg.systems)
     assert len(saved["runs"]) == expected
     for run in saved["runs"]:
