@@ -462,7 +462,7 @@ void TilesPanelVnni(const int8_t* q, int64_t q_stride, const __m512i* panel, int
   const int64_t ahead = fetch ? FetchAhead() / 64 : 0;  // in vectors
   for (int64_t g = 0; g < groups; ++g) {
     const __m512i* blk = panel + (g >> 4) * 64 + (g & 15);
-    if (ahead)  // the four lines this group reads, `ahead` on: each line of the stream once
+    if (ahead)  // the four lines this group reads, `ahead` on: each line once (past the end: no fault)
       for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)(blk + 16 * i + ahead), _MM_HINT_T1);
     __m512i v[4];
     for (int i = 0; i < 4; ++i) v[i] = _mm512_xor_si512(_mm512_load_si512(blk + 16 * i), flip);

@@ -2,8 +2,10 @@
 
 import csv
 import json
+import os
 from pathlib import Path
 
+import jax
 import pytest
 import yaml
 
@@ -77,8 +79,13 @@ def test_experiment_smoke_run_writes_results(name, cache, tmp_path, monkeypatch)
     assert {"experiment", "config", "machine", "model", "workload", "runs"} <= set(saved)
     assert {"cpu", "cores", "device_kind", "jax_backend"} <= set(saved["machine"])
     # What int8 products multiply with moves an int8 step's distance from its floor: recorded.
-    flags = cpu_flags()
-    isa = "AMX" if {"amx_tile", "amx_int8"} <= flags else "VPDPBUSD" if "avx512_vnni" in flags else "XLA"
+    flags, amx_off = cpu_flags(), os.environ.get("ENCDEC_INT8_AMX") == "0"
+    if jax.default_backend() != "cpu":
+        isa = "XLA"
+    elif {"amx_tile", "amx_int8"} <= flags and not amx_off:
+        isa = "AMX"
+    else:
+        isa = "VPDPBUSD" if "avx512_vnni" in flags else "XLA"
     assert saved["machine"]["int8_products"] == isa
     expected = len(cfg.models) * len(cfg.workloads) * len(cfg.num_slots) * len(cfg.systems)
     assert len(saved["runs"]) == expected
