@@ -53,13 +53,12 @@ def int8_products() -> str:
     import jax
 
     from pallas_kernels.cpu_build import cpu_flags
+    from pallas_kernels.int8_matmul.build import cpu_missing
 
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or cpu_missing():
         return "XLA"
-    flags = cpu_flags()
-    if {"amx_tile", "amx_int8"} <= flags and os.environ.get("ENCDEC_INT8_AMX") != "0":
-        return "AMX"
-    return "VPDPBUSD" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags else "XLA"
+    amx = {"amx_tile", "amx_int8"} <= cpu_flags() and os.environ.get("ENCDEC_INT8_AMX") != "0"
+    return "AMX" if amx else "VPDPBUSD"
 
 
 def cpu_threads(n: int) -> int:
