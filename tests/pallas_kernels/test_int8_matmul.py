@@ -59,8 +59,8 @@ def test_the_kernel_builds_where_the_cpu_has_vnni():
         (1, 64, 64),  # one tile, no remainder
         (3, 70, 9),  # K not a multiple of 4 (KN) or 64 (NK); N below one panel / group
         (5, 130, 131),  # row tiles 3 + 2; a column tail in both layouts
-        (8, 512, 200),  # the engine's 8 slots: tiles 4 + 4
-        (13, 96, 66),  # more rows than any tile
+        (8, 512, 200),  # the engine's 8 slots: KN row tiles 4 + 4; tiles: one 8-row tile, two passes
+        (13, 96, 66),  # more rows than any tile (tiles: 6 + 7 rows)
         (4, 512, 1100),  # >= 512 KB of weights: the threaded split
         (16, 1000, 4200),  # decode rows at most: row ranges, a partial block, column chunks of 4096
         (2, 196, 64),  # a block of 64 rows and a partial one (KN: the stream, 3 row groups past K)
