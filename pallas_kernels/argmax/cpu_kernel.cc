@@ -27,33 +27,65 @@ namespace {
 
 constexpr int64_t kParallelElements = 1 << 17;  // below, one thread does every row
 
-int32_t RowArgmax(const float* x, int64_t V) {
-  const __m512i step = _mm512_set1_epi32(16);
-  __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  // Lanes past the row lose every comparison and every tie.
+// One lane set's running (maximum, index) over the vectors it is given, in row order.
+struct LaneMax {
   __m512 best = _mm512_set1_ps(-INFINITY);
-  __m512i best_index = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
-  for (int64_t v = 0; v < V; v += 16) {
+  // Lanes past the row lose every comparison and every tie.
+  __m512i index = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
+
+  void Take(__m512 x, __m512i at, __mmask16 lanes) {
+    // Strictly greater, or the first -inf of a lane still at its start: a lane keeps its first
+    // maximum, and a row of -inf answers 0 as jnp.argmax does.
+    const __mmask16 take = _mm512_mask_cmp_ps_mask(lanes, x, best, _CMP_GT_OQ) |
+                           _mm512_mask_cmp_epi32_mask(lanes, index, _mm512_set1_epi32(
+                               std::numeric_limits<int32_t>::max()), _MM_CMPINT_EQ);
+    best = _mm512_mask_mov_ps(best, take, x);
+    index = _mm512_mask_mov_epi32(index, take, at);
+  }
+
+  // The other's lanes where they hold a greater value, or an equal one earlier in the row.
+  void Merge(const LaneMax& o) {
+    const __mmask16 take = _mm512_cmp_ps_mask(o.best, best, _CMP_GT_OQ) |
+                           (_mm512_cmp_ps_mask(o.best, best, _CMP_EQ_OQ) &
+                            _mm512_cmp_epi32_mask(o.index, index, _MM_CMPINT_LT));
+    best = _mm512_mask_mov_ps(best, take, o.best);
+    index = _mm512_mask_mov_epi32(index, take, o.index);
+  }
+};
+
+// Four lane sets take every fourth vector: one set's compare-and-select chain bounded the loop
+// (8 x 32128 logits took ~70 us with one).
+int32_t RowArgmax(const float* x, int64_t V) {
+  LaneMax m[4];
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t v = 0;
+  for (; v + 64 <= V; v += 64) {
+    __m512 x_vec[4];
+    __mmask16 nan = 0;
+    for (int i = 0; i < 4; ++i) {
+      x_vec[i] = _mm512_loadu_ps(x + v + 16 * i);
+      nan |= _mm512_cmp_ps_mask(x_vec[i], x_vec[i], _CMP_UNORD_Q);
+    }
+    if (nan) break;  // the tail loop below finds the first one
+    for (int i = 0; i < 4; ++i) m[i].Take(x_vec[i], _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)(v + 16 * i))), 0xFFFF);
+  }
+  for (; v < V; v += 16) {
     const __mmask16 lanes = V - v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - v)) - 1);
     const __m512 x_vec = _mm512_maskz_loadu_ps(lanes, x + v);
     const __mmask16 nan = _mm512_mask_cmp_ps_mask(lanes, x_vec, x_vec, _CMP_UNORD_Q);
     if (nan) return (int32_t)(v + __builtin_ctz(nan));
-    // Strictly greater, or the first -inf of a lane still at its start: a lane keeps its first
-    // maximum, and a row of -inf answers 0 as jnp.argmax does.
-    const __mmask16 take = _mm512_mask_cmp_ps_mask(lanes, x_vec, best, _CMP_GT_OQ) |
-                           _mm512_mask_cmp_epi32_mask(lanes, best_index, _mm512_set1_epi32(
-                               std::numeric_limits<int32_t>::max()), _MM_CMPINT_EQ);
-    best = _mm512_mask_mov_ps(best, take, x_vec);
-    best_index = _mm512_mask_mov_epi32(best_index, take, index);
-    index = _mm512_add_epi32(index, step);
+    m[0].Take(x_vec, _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)v)), lanes);
   }
-  const float top = _mm512_reduce_max_ps(best);
-  const __mmask16 at_top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
-  return _mm512_mask_reduce_min_epi32(at_top, best_index);
+  m[0].Merge(m[1]), m[2].Merge(m[3]), m[0].Merge(m[2]);
+  const float top = _mm512_reduce_max_ps(m[0].best);
+  const __mmask16 at_top = _mm512_cmp_ps_mask(m[0].best, _mm512_set1_ps(top), _CMP_EQ_OQ);
+  return _mm512_mask_reduce_min_epi32(at_top, m[0].index);
 }
 
 // Checks that x is [rows, V] with V > 0 (unless there are no rows), then body(r, row r, V) for
-// every row, rows split over threads once rows * V reaches `parallel` elements.
+// every row, rows split over threads once rows * V reaches `parallel` elements: in chunks of
+// a few rows each, claimed as threads free up (8 rows in threads + 1 = 3 chunks left one thread
+// 5 rows to the other's 3).
 template <typename Body>
 ffi::Error ForEachRow(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t parallel, Body body) {
   const auto dims = x.dimensions();
@@ -61,7 +93,7 @@ ffi::Error ForEachRow(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int
   const int64_t rows = dims[0], V = dims[1];
   if (V == 0 && rows) return ffi::Error::InvalidArgument("argmax: empty rows have no maximum");
   const float* xd = x.typed_data();
-  const int64_t chunks = rows * V >= parallel ? std::min<int64_t>(rows, pool.num_threads() + 1) : 1;
+  const int64_t chunks = rows * V >= parallel ? std::min<int64_t>(rows, 4 * (pool.num_threads() + 1)) : 1;
   ParallelFor(pool, chunks, [&](int64_t c) {
     for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) body(r, xd + r * V, V);
   });

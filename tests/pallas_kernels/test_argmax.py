@@ -35,6 +35,19 @@ def _cases():
     nan[3, 5] = np.inf
     yield "NaN", nan
     yield "leading axes", rng.standard_normal((2, 3, 40), np.float32)
+    # Rows of several 64-wide blocks, which the kernel scans as four interleaved lane sets: the
+    # first maximum must win across sets, and a NaN or +inf inside a block must still be found.
+    wide_ties = rng.integers(0, 2, (6, 333)).astype(np.float32)
+    wide_ties[0, :] = 0.0
+    wide_ties[0, [100, 70, 250]] = 1.0  # the first maximum sits in a later lane set than others
+    yield "wide ties", wide_ties
+    wide = rng.standard_normal((5, 300), np.float32)
+    wide[0, 150], wide[0, 290], wide[1, 64] = np.nan, np.nan, np.nan
+    wide[2, :] = -np.inf
+    wide[2, 131] = -1e30
+    wide[3, :] = -np.inf
+    wide[4, 199], wide[4, 7] = np.inf, np.inf
+    yield "wide NaN, -inf and +inf", wide
 
 
 @needs_kernel
