@@ -52,13 +52,11 @@ def int8_products() -> str:
     some hide AMX from /proc/cpuinfo, and the kernel then takes VPDPBUSD."""
     import jax
 
-    from pallas_kernels.cpu_build import cpu_flags
-    from pallas_kernels.int8_matmul.build import cpu_missing
+    from pallas_kernels.int8_matmul import kernel_available, uses_amx
 
-    if jax.default_backend() != "cpu" or cpu_missing():
+    if jax.default_backend() != "cpu" or not kernel_available():
         return "XLA"
-    amx = {"amx_tile", "amx_int8"} <= cpu_flags() and os.environ.get("ENCDEC_INT8_AMX") != "0"
-    return "AMX" if amx else "VPDPBUSD"
+    return "AMX" if uses_amx() else "VPDPBUSD"
 
 
 def cpu_threads(n: int) -> int:

@@ -5,7 +5,7 @@ Not a Pallas kernel: Pallas has no CPU lowering that reaches VNNI, so this op's 
 XLA FFI custom call; it keeps the folder's shape (reference, kernel, api).
 """
 
-from pallas_kernels.int8_matmul.api import int8_matmul, kernel_available
+from pallas_kernels.int8_matmul.api import int8_matmul, kernel_available, uses_amx
 from pallas_kernels.int8_matmul.reference import (
     int8_matmul_reference,
     pack_tiles,
@@ -20,4 +20,5 @@ __all__ = [
     "pack_tiles",
     "quantize_rows",
     "unpack_tiles",
+    "uses_amx",
 ]

@@ -1,10 +1,12 @@
 """``int8_matmul``: the AVX-512 VNNI kernel on CPUs that have it, the XLA reference elsewhere."""
 
+import ctypes
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.int8_matmul.build import TARGET, register
+from pallas_kernels.int8_matmul.build import TARGET, build, register
 from pallas_kernels.int8_matmul.reference import int8_matmul_reference, tiles_shape
 
 IMPLEMENTATIONS = ("auto", "kernel", "xla")
@@ -16,6 +18,14 @@ packed by :func:`~pallas_kernels.int8_matmul.reference.pack_tiles` (the fastest 
 def kernel_available() -> bool:
     """Whether the CPU kernel is built and registered (it is built on the first call)."""
     return register() is None
+
+
+def uses_amx() -> bool:
+    """Whether the CPU kernel multiplies decode rows with AMX tiles in this process (else with
+    VPDPBUSD); False where the kernel does not run."""
+    if not kernel_available():
+        return False
+    return bool(ctypes.cdll.LoadLibrary(str(build())).EncdecInt8UsesAmx())
 
 
 def int8_matmul(

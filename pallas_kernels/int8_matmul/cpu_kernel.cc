@@ -149,14 +149,19 @@ inline void StorePanelRow(const __m512i a[4], int32_t excess, float row_scale, C
   }
 }
 
+// An activation row's 4 bytes of k (unaligned), in every 32-bit lane: VPDPBUSD's signed side.
+inline __m512i Broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
 // Accumulators are named variables, not arrays: GCC keeps arrays of vectors updated by
 // VPDPBUSD on the stack, which halved the kernel's speed.
 #define ENCDEC_ZERO4(r) __m512i a##r##0 = _mm512_setzero_si512(), a##r##1 = a##r##0, a##r##2 = a##r##0, a##r##3 = a##r##0;
 #define ENCDEC_KN_ROW(r)                                                              \
   if constexpr (R > r) {                                                              \
-    int32_t q4;                                                                       \
-    std::memcpy(&q4, q + r * q_stride + k, 4);                                        \
-    const __m512i b = _mm512_set1_epi32(q4);                                          \
+    const __m512i b = Broadcast4(q + r * q_stride + k);                               \
     a##r##0 = _mm512_dpbusd_epi32(a##r##0, v[0], b);                                  \
     a##r##1 = _mm512_dpbusd_epi32(a##r##1, v[1], b);                                  \
     a##r##2 = _mm512_dpbusd_epi32(a##r##2, v[2], b);                                  \
@@ -244,9 +249,7 @@ void PackBlock(const int8_t* w, int64_t K, int64_t N, int64_t k, int64_t c0, int
 
 #define ENCDEC_BLOCK_ROW(r)                                                           \
   if constexpr (R > r) {                                                              \
-    int32_t q4;                                                                       \
-    std::memcpy(&q4, q + r * q_stride + 4 * g, 4);                                    \
-    const __m512i b = _mm512_set1_epi32(q4);                                          \
+    const __m512i b = Broadcast4(q + r * q_stride + 4 * g);                           \
     a##r##0 = _mm512_dpbusd_epi32(a##r##0, blk[g], b);                                \
     a##r##1 = _mm512_dpbusd_epi32(a##r##1, blk[16 + g], b);                           \
     a##r##2 = _mm512_dpbusd_epi32(a##r##2, blk[32 + g], b);                           \
@@ -479,7 +482,7 @@ void TilesPanelVnni(const int8_t* q, int64_t q_stride, const __m512i* panel, int
 // one core this way against 35-38 in two passes). acc[r][c0..c0+1] takes the sums. `fetch`: as
 // TilesPanelVnni's, in the first pass (the second reads the panel again from L2).
 #define ENCDEC_BCAST2(r) \
-  const __m512i b##r = R > r ? _mm512_set1_epi32(Load4(q + r * q_stride + k)) : _mm512_setzero_si512();
+  const __m512i b##r = R > r ? Broadcast4(q + r * q_stride + k) : _mm512_setzero_si512();
 #define ENCDEC_DP2(r)                                        \
   if constexpr (R > r) {                                     \
     a##r##0 = _mm512_dpbusd_epi32(a##r##0, v0, b##r);        \
@@ -488,12 +491,6 @@ void TilesPanelVnni(const int8_t* q, int64_t q_stride, const __m512i* panel, int
 #define ENCDEC_ZERO2(r) __m512i a##r##0 = _mm512_setzero_si512(), a##r##1 = a##r##0;
 #define ENCDEC_STORE2(r) \
   if constexpr (R > r) { acc[r][c0] = a##r##0; acc[r][c0 + 1] = a##r##1; }
-
-inline int32_t Load4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
 
 template <int R>
 void TilesPanelVnniWide(const int8_t* q, int64_t q_stride, const __m512i* panel, int64_t blocks, int c0,
@@ -749,3 +746,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EncdecInt8Matmul, Int8Matmul,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("w_layout"));
 
+
+// Whether the tiles path multiplies with AMX in this process (else VPDPBUSD): what the bench
+// records, asked of the kernel rather than derived again from /proc/cpuinfo (the kernel also
+// needs the Linux tile-state permission, and honours ENCDEC_INT8_AMX=0).
+extern "C" int EncdecInt8UsesAmx() { return AmxUsable() ? 1 : 0; }

@@ -127,7 +127,8 @@ def test_the_vpdpbusd_stream_equals_the_reference_where_amx_is_off(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(
         "import numpy as np, jax.numpy as jnp\n"
-        "from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference, pack_tiles\n"
+        "from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference, pack_tiles, uses_amx\n"
+        "assert not uses_amx()  # what the bench records as the kernel's choice\n"
         "rng = np.random.default_rng(0)\n"
         "for M, K, N in [(1, 64, 64), (8, 512, 2048), (16, 1000, 4200), (5, 70, 9), (40, 130, 200)]:\n"
         "    x = jnp.asarray(rng.standard_normal((M, K), np.float32))\n"
