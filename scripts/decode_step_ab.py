@@ -7,7 +7,7 @@ Each setting (``NAME=VALUE[,NAME=VALUE]``, environment variables the engine read
 none) runs in a fresh process per round, in turn, so a neighbour's load on the machine falls on
 every setting alike. A process builds the shape's engine (random weights, as the bench), times
 the step as the bench does (:func:`encdec.bench.systems.decode_step_ms`: every dispatch waited
-on, the fastest of three runs of 8 requests of 64 input and 64 output tokens; ``--lengths`` sets
+on, the fastest of five runs of 8 requests of 64 input and 64 output tokens; ``--lengths`` sets
 those and the engine's limits) ``--probes`` times, and prints the fastest with the weight floor at
 the bandwidth probed beside it.
 """
@@ -44,9 +44,13 @@ def measure(shape: str, quantize: str | None, probes: int, lengths: tuple[int, i
     ]
     best = None
     for _ in range(probes):
-        before = measure_bandwidth(numpy_copy=False)["jax_read_GBps"]
-        ms = decode_step_ms(engine, requests)
-        bandwidth = max(before, measure_bandwidth(numpy_copy=False)["jax_read_GBps"])
+        reads: list[float] = []
+
+        def read(reads: list[float] = reads) -> None:
+            reads.append(measure_bandwidth(numpy_copy=False)["jax_read_GBps"])
+
+        ms = decode_step_ms(engine, requests, between=read)
+        bandwidth = max(reads)
         if best is None or ms < best["step_ms"]:
             best = {"step_ms": ms, "GBps": bandwidth}
     best["floor_ms"] = floor_ms(decode_weight_bytes(model.params, model.config), best["GBps"])

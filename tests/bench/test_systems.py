@@ -147,6 +147,16 @@ def test_decode_step_ms_waits_for_a_steps_inputs_before_its_clock():
     assert engine._decode == jitted  # the engine's step is put back
 
 
+def test_decode_step_ms_reads_between_its_runs():
+    # The bench reads the machine's bandwidth there: beside every run, never inside one.
+    events: list[str] = []
+    engine = _ToyEngine(events)
+    requests = [Request(inputs=[1], max_new_tokens=4)]
+    decode_step_ms(engine, requests, repeats=2, between=lambda: events.append("read"))
+    run = ["input ready", "step"] * 3
+    assert events == ["read", *run, "read", *run, "read"]
+
+
 def test_static_batches_wait_for_arrivals():
     trace = _toy_trace([1, 1, 1], arrivals=[0.0, 0.05, 0.1])
     start = time.perf_counter()
