@@ -40,6 +40,7 @@ TABLE_COLUMNS = (
     ("token_agreement", "agree"),
     ("teacher_forced_agreement", "TF agree"),
     ("decode_step_ms", "step ms"),
+    ("run_step_ms", "run step ms"),
     ("bandwidth_GBps", "GB/s"),
     ("floor_ms", "floor ms"),
     ("kv_floor_ms", "+KV floor ms"),
@@ -154,6 +155,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, progress: bool
                         bandwidth = row.get("bandwidth_GBps") or run_bandwidth
                         row["floor_ms"] = floor_ms(wb, bandwidth)
                         row["step_over_floor"] = row["decode_step_ms"] / row["floor_ms"]
+                        if row.get("run_step_ms") is not None:
+                            row["run_step_over_floor"] = row["run_step_ms"] / row["floor_ms"]
                         if row.get("kv_bytes_per_step") is not None:
                             row["kv_floor_ms"] = floor_ms(wb + row["kv_bytes_per_step"], bandwidth)
                     if ref is not None and system_model is not None and system_model.quantize is not None:

@@ -253,9 +253,11 @@ class EncdecEngine:
             # The floor's bandwidth, read between the step's probe runs (a neighbour's load moves
             # both): the fastest of those reads, as the step is the fastest of its runs.
             reads: list[float] = []
-            extra["decode_step_ms"] = decode_step_ms(
+            times = decode_step_times(
                 self._engine, probe, between=lambda: reads.append(self._bandwidth_GBps())
             )
+            if times is not None:
+                extra["decode_step_ms"], extra["run_step_ms"] = times.dispatch_ms, times.run_ms
             extra["bandwidth_GBps"] = max(reads, default=None)
         if extra["decode_step_ms"] is not None:
             window = self._engine.state.window  # what attention reads, where the engine keeps one
@@ -277,10 +279,10 @@ class EncdecEngine:
 
 
 PROBE_REPEATS = 5
-"""Times the step probe runs; the bench keeps the fastest (as ``timeit`` advises, and as many
-as its default ``repeat``): the machines here are shared, and a neighbour's burst inflates a
-probe by 10-30% (bart-base float32 at 8 slots: 15.7-20.6 ms in one process, one probe after
-another)."""
+"""Times the step probe runs; the bench keeps each dispatch's fastest (``timeit`` advises the
+fastest, and five is its default ``repeat``): the machines here are shared, and a neighbour's
+burst inflates a probe by 10-30% (bart-base float32 at 8 slots: 15.7-20.6 ms in one process, one
+probe after another)."""
 
 
 def step_probe(trace: Trace, num_slots: int, request_class: type) -> list:
@@ -295,14 +297,28 @@ def step_probe(trace: Trace, num_slots: int, request_class: type) -> list:
     ]
 
 
-def decode_step_ms(
+@dataclasses.dataclass(frozen=True)
+class StepTimes:
+    """One decode step's milliseconds, from :func:`decode_step_times`'s runs.
+
+    ``dispatch_ms``: each dispatch's fastest over the runs (the same requests give every run the
+    same dispatches, step for step), summed, per step. A dispatch lasts ~10-70 ms, near the
+    bandwidth probe's ~9 ms reads, and both keep their fastest: a neighbour's burst that spares
+    some of the probe's reads spares some of a step's dispatches too. ``run_ms``: the fastest
+    whole run (~0.25-2 s), which a burst anywhere in it inflates. ``dispatch_ms <= run_ms``."""
+
+    dispatch_ms: float
+    run_ms: float
+
+
+def decode_step_times(
     engine: Any, requests: list, repeats: int = PROBE_REPEATS, between: Callable[[], Any] | None = None
-) -> float | None:
-    """Milliseconds per decode step, every dispatch waited on, over one batch of ``requests``
-    (at most the engine's slots; of one output length, every step runs full), the fastest of
-    ``repeats`` runs: what the bench prints beside the memory floor. Each dispatch's clock starts
-    once its inputs are ready. ``between`` is called before each run and after the last (the
-    bench reads the machine's bandwidth there). None when the engine has no ``_decode`` to time."""
+) -> StepTimes | None:
+    """One decode step's time, every dispatch waited on, over ``repeats`` runs of one batch of
+    ``requests`` (at most the engine's slots; of one output length, every step runs full): what
+    the bench prints beside the memory floor. Each dispatch's clock starts once its inputs are
+    ready. ``between`` is called before each run and after the last (the bench reads the
+    machine's bandwidth there). None when the engine has no ``_decode`` to time."""
     import jax
 
     jitted = getattr(engine, "_decode", None)
@@ -319,7 +335,7 @@ def decode_step_ms(
         spent.append(time.perf_counter() - start)
         return out
 
-    best = None
+    runs: list[tuple[list[float], int]] = []
     for _ in range(max(1, repeats)):
         if between is not None:
             between()
@@ -332,11 +348,18 @@ def decode_step_ms(
             engine._decode = jitted
         steps = engine.stats().decode_steps - before
         if steps:
-            ms = sum(spent) / steps * 1e3
-            best = ms if best is None else min(best, ms)
+            runs.append((list(spent), steps))
     if between is not None:
         between()
-    return best
+    if not runs:
+        return None
+    run_ms = min(sum(s) / steps for s, steps in runs) * 1e3
+    shapes = {(len(s), steps) for s, steps in runs}
+    if len(shapes) > 1:  # runs that split the steps differently: no dispatch to match
+        return StepTimes(dispatch_ms=run_ms, run_ms=run_ms)
+    (_, steps), = shapes
+    fastest = [min(column) for column in zip(*(s for s, _ in runs), strict=True)]
+    return StepTimes(dispatch_ms=sum(fastest) / steps * 1e3, run_ms=run_ms)
 
 
 def make_system(name: str, spec: ModelSpec, cfg: ExperimentConfig, *, model_dir: Path, model: Any) -> System:

@@ -105,6 +105,8 @@ def test_experiment_smoke_run_writes_results(name, cache, tmp_path, monkeypatch)
             assert run["ttft_p50_s"] is not None and 0 < run["kv_utilization"] <= 1
         if run.get("decode_step_ms") is not None:  # the cache adds to the weights' floor
             assert 0 < run["floor_ms"] < run["kv_floor_ms"]
+            # each dispatch's fastest is no slower than the fastest whole run
+            assert 0 < run["decode_step_ms"] <= run["run_step_ms"]
             # the floor is at the bandwidth probed beside this row's step
             expected_floor = floor_ms(run["weight_bytes_per_step"], run["bandwidth_GBps"])
             assert run["floor_ms"] == pytest.approx(expected_floor)

@@ -21,7 +21,7 @@ from encdec.bench.systems import (
     CT2Translate,
     HFGenerate,
     available_systems,
-    decode_step_ms,
+    decode_step_times,
     run_static_batches,
     step_probe,
 )
@@ -117,44 +117,59 @@ class _Unfinished:
 
 
 class _ToyEngine:
-    """What ``decode_step_ms`` uses of an engine: a ``_decode`` that ``generate`` calls, and the
-    count of steps run."""
+    """What ``decode_step_times`` uses of an engine: a ``_decode`` that ``generate`` calls, and the
+    count of steps run. Each dispatch runs 4 steps and sleeps ``sleeps[run][dispatch]``."""
 
-    def __init__(self, events: list[str]):
-        self.events, self.steps = events, 0
+    def __init__(self, events: list[str], sleeps: list[list[float]] | None = None):
+        self.events, self.steps, self.runs = events, 0, 0
+        self.sleeps = sleeps or [[0.0] * 3] * 8
 
-    def _decode(self, pending):
+    def _decode(self, pending, sleep_s=0.0):
         self.events.append("step")
+        time.sleep(sleep_s)
         return 0
 
     def generate(self, requests):
-        for _ in range(3):
-            self._decode(_Unfinished(self.events))
+        for sleep_s in self.sleeps[self.runs]:
+            self._decode(_Unfinished(self.events), sleep_s)
             self.steps += 4
+        self.runs += 1
 
     def stats(self):
         return type("Stats", (), {"decode_steps": self.steps})
 
 
-def test_decode_step_ms_waits_for_a_steps_inputs_before_its_clock():
+def test_decode_step_times_waits_for_a_steps_inputs_before_its_clock():
     events: list[str] = []
     engine = _ToyEngine(events)
     jitted = engine._decode
-    ms = decode_step_ms(engine, [Request(inputs=[1], max_new_tokens=4)], repeats=2)
-    assert ms is not None and ms >= 0
+    times = decode_step_times(engine, [Request(inputs=[1], max_new_tokens=4)], repeats=2)
+    assert times is not None and 0 <= times.dispatch_ms <= times.run_ms
     # The encoder's unfinished work is not the step's: each input is waited on before its step.
     assert events == ["input ready", "step"] * 6
     assert engine._decode == jitted  # the engine's step is put back
 
 
-def test_decode_step_ms_reads_between_its_runs():
+def test_decode_step_times_reads_between_its_runs():
     # The bench reads the machine's bandwidth there: beside every run, never inside one.
     events: list[str] = []
     engine = _ToyEngine(events)
     requests = [Request(inputs=[1], max_new_tokens=4)]
-    decode_step_ms(engine, requests, repeats=2, between=lambda: events.append("read"))
+    decode_step_times(engine, requests, repeats=2, between=lambda: events.append("read"))
     run = ["input ready", "step"] * 3
     assert events == ["read", *run, "read", *run, "read"]
+
+
+def test_decode_step_times_keeps_each_dispatchs_fastest_and_the_fastest_run():
+    # A burst slows one dispatch of each run, a different one each time: every dispatch has a
+    # quiet run, while no run is quiet throughout.
+    slow, quiet = 0.08, 0.02
+    engine = _ToyEngine([], [[slow, quiet, quiet], [quiet, slow, quiet], [quiet, quiet, slow]])
+    times = decode_step_times(engine, [Request(inputs=[1], max_new_tokens=12)], repeats=3)
+    # 3 dispatches of 4 steps: 3 quiet dispatches over 12 steps against one run's slow + 2 quiet.
+    assert times.dispatch_ms == pytest.approx(3 * quiet / 12 * 1e3, rel=0.25)
+    assert times.run_ms == pytest.approx((slow + 2 * quiet) / 12 * 1e3, rel=0.25)
+    assert times.run_ms > 1.5 * times.dispatch_ms
 
 
 def test_static_batches_wait_for_arrivals():
