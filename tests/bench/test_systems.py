@@ -163,13 +163,14 @@ def test_decode_step_times_reads_between_its_runs():
 def test_decode_step_times_keeps_each_dispatchs_fastest_and_the_fastest_run():
     # A burst slows one dispatch of each run, a different one each time: every dispatch has a
     # quiet run, while no run is quiet throughout.
-    slow, quiet = 0.08, 0.02
+    slow, quiet = 0.1, 0.02
     engine = _ToyEngine([], [[slow, quiet, quiet], [quiet, slow, quiet], [quiet, quiet, slow]])
     times = decode_step_times(engine, [Request(inputs=[1], max_new_tokens=12)], repeats=3)
-    # 3 dispatches of 4 steps: 3 quiet dispatches over 12 steps against one run's slow + 2 quiet.
-    assert times.dispatch_ms == pytest.approx(3 * quiet / 12 * 1e3, rel=0.25)
-    assert times.run_ms == pytest.approx((slow + 2 * quiet) / 12 * 1e3, rel=0.25)
-    assert times.run_ms > 1.5 * times.dispatch_ms
+    # 3 dispatches of 4 steps: 3 quiet dispatches over 12 steps against one run's slow + 2 quiet
+    # (a sleep never ends early; on a busy machine it may end late, in every dispatch alike).
+    assert times.dispatch_ms >= 3 * quiet / 12 * 1e3
+    assert times.run_ms >= (slow + 2 * quiet) / 12 * 1e3
+    assert times.dispatch_ms < 0.75 * times.run_ms
 
 
 def test_static_batches_wait_for_arrivals():
