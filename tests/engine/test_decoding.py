@@ -205,3 +205,21 @@ def test_stop_strings_end_the_request_and_free_its_slot(t5):
     assert (stats.self_pages_used, stats.tracked_requests) == (0, 0)
     with pytest.raises(encdec.engine.RequestError, match="stop strings need text"):
         engine.submit(Request([5, 6], stop=["x"]))
+
+
+@pytest.mark.parametrize("rows", [8, 40])  # one-element slices on CPU; a gather past SLICED_TAKE_MAX
+def test_take_per_row_equals_take_along_axis(rows):
+    import jax
+    import jax.numpy as jnp
+
+    from encdec.engine.steps import SLICED_TAKE_MAX, take_per_row
+
+    rng = np.random.default_rng(rows)
+    V = 300
+    x_BV = jnp.asarray(rng.standard_normal((rows, V)).astype(np.float32))
+    ids_BN = jnp.asarray(rng.integers(-V, V, (rows, 2)).astype(np.int32))  # negatives count from the end
+    got = jax.jit(take_per_row)(x_BV, ids_BN)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.take_along_axis(x_BV, ids_BN, axis=1)))
+    sliced = jax.default_backend() == "cpu" and rows * 2 <= SLICED_TAKE_MAX
+    # XLA:CPU splits a gather over its threads: the sliced form must not be one
+    assert ("gather" in jax.jit(take_per_row).lower(x_BV, ids_BN).as_text()) != sliced
