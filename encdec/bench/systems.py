@@ -251,7 +251,7 @@ class EncdecEngine:
         extra: dict[str, Any] = {"decode_step_ms": None}
         if trace.num_beams == 1:
             # The floor's bandwidth, read between the step's probe runs (a neighbour's load moves
-            # both): the fastest of those reads, as the step is the fastest of its runs.
+            # both): the fastest of those reads, as each of the step's dispatches keeps its fastest.
             reads: list[float] = []
             times = decode_step_times(
                 self._engine, probe, between=lambda: reads.append(self._bandwidth_GBps())
