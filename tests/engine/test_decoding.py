@@ -4,6 +4,8 @@ The processors themselves equal HF's row by row (``tests/test_processors.py``); 
 engine applies them inside its decode step, per request, in greedy, sampling and beam mode.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ import transformers as tf
 
 import encdec
 from encdec.engine import Engine, EngineConfig, Request
+from encdec.engine.steps import SLICED_TAKE_MAX, take_per_row
 from tests.tiny_models import make_hf_model, save_word_tokenizer
 
 MAX_NEW = 10
@@ -209,11 +212,6 @@ def test_stop_strings_end_the_request_and_free_its_slot(t5):
 
 @pytest.mark.parametrize("rows", [8, 40])  # one-element slices on CPU; a gather past SLICED_TAKE_MAX
 def test_take_per_row_equals_take_along_axis(rows):
-    import jax
-    import jax.numpy as jnp
-
-    from encdec.engine.steps import SLICED_TAKE_MAX, take_per_row
-
     rng = np.random.default_rng(rows)
     V = 300
     x_BV = jnp.asarray(rng.standard_normal((rows, V)).astype(np.float32))
